@@ -1,0 +1,26 @@
+"""optimum-superweight: low-bit quantization that keeps a model's super weights bit-exact.
+
+Importing the package registers the ``"superweight"`` quantization method with transformers, so that
+``from_pretrained`` can both quantize (``quantization_config=SuperWeightConfig(...)``) and reload a
+compressed checkpoint with a plain call.
+"""
+
+from .config import SuperWeightConfig
+from .default_model import default_model_path
+from .models import SuperWeightQuantizer, dequantize_model, quantize_model, register
+from .nn.linear import SuperWeightLinear
+from .records import SuperWeight
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "SuperWeight",
+    "SuperWeightConfig",
+    "SuperWeightLinear",
+    "SuperWeightQuantizer",
+    "default_model_path",
+    "quantize_model",
+    "dequantize_model",
+]

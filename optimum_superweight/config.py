@@ -1,0 +1,209 @@
+"""`SuperWeightConfig`: what to quantize, how, and which super weights to keep exact."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .records import SuperWeight
+
+__all__ = ["SuperWeightConfig", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "superweight"
+#: Version of the on-disk layout; a checkpoint written by a newer layout is refused with an upgrade hint.
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+#: Prompt the paper's authors used to find super weights.
+DEFAULT_DETECTION_PROMPT = "Apple Inc. is a worldwide tech company."
+
+
+def _invalid(field: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"SuperWeightConfig.{field}={value!r} is invalid: accepted values are {accepted}.")
+
+
+class SuperWeightConfig(QuantizationConfigMixin):
+    """Low-bit weight quantization that keeps a model's super weights bit-exact.
+
+    Pass it to ``from_pretrained`` to detect the super weights of a full-precision checkpoint and rebuild
+    every targeted ``nn.Linear`` in low bit, or give ``super_weights`` to skip detection:
+
+    >>> import optimum_superweight
+    >>> from transformers import AutoModelForCausalLM
+    >>> config = optimum_superweight.SuperWeightConfig(bits=4, group_size=64)
+    >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)  # doctest: +SKIP
+    >>> model.config.quantization_config.super_weights  # doctest: +SKIP
+    [{'module': 'model.layers.11.mlp.down_proj', 'row': 507, 'col': 1229, 'value': 5.87..., ...}]
+
+    Args:
+        bits: Width of the weight codes: 2, 3, 4 or 8.
+        group_size: Number of consecutive input features sharing one scale, or ``-1`` for one scale per
+            output row. It need not divide ``in_features``: the last group of a row is simply shorter.
+        symmetric: ``True`` for ``w = s * q`` with signed codes, ``False`` for ``w = s * (q - z)`` with an
+            integer zero-point per group.
+        scale_dtype: Storage dtype of scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+        modules_to_not_convert: Module names (or name suffixes) kept in full precision. Default: the output
+            embedding (``lm_head``) and anything tied to it; embeddings are never converted.
+        super_weights: Coordinates to keep exact, as dicts (``module``, ``row``, ``col``, optional ``value``)
+            or :class:`SuperWeight` records. When given, detection is skipped.
+        detect: Run detection at load time when ``super_weights`` is empty.
+        detection_prompts: Calibration prompts for detection (default: the paper's prompt).
+        detection_threshold: Minimum absolute activation of a spike, in the paper's sense (authors: 50).
+        detection_min_ratio: Minimum ratio of a spike to the median |activation| of the same layer.
+        detection_layers: Decoder-layer indices to search (default: all).
+        max_super_weights: Upper bound on the number of super weights kept.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 64,
+        symmetric: bool = True,
+        scale_dtype: str = "float16",
+        modules_to_not_convert: list[str] | None = None,
+        super_weights: Sequence[dict[str, Any] | SuperWeight] | None = None,
+        detect: bool = True,
+        detection_prompts: list[str] | None = None,
+        detection_threshold: float = 50.0,
+        detection_min_ratio: float = 100.0,
+        detection_layers: list[int] | None = None,
+        max_super_weights: int = 16,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.scale_dtype = scale_dtype
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.super_weights = [
+            sw.to_dict() if isinstance(sw, SuperWeight) else dict(sw) for sw in (super_weights or [])
+        ]
+        self.detect = detect
+        self.detection_prompts = None if detection_prompts is None else list(detection_prompts)
+        self.detection_threshold = detection_threshold
+        self.detection_min_ratio = detection_min_ratio
+        self.detection_layers = None if detection_layers is None else list(detection_layers)
+        self.max_super_weights = max_super_weights
+        self.format_version = format_version
+        if quant_method != QUANT_METHOD:
+            raise _invalid("quant_method", quant_method, repr(QUANT_METHOD))
+        # Keys that `to_dict` never writes and transformers' own loading attributes are harmless.
+        ignorable = {"dequantize"}
+        unknown = sorted(set(kwargs) - ignorable)
+        if unknown:
+            logger.warning("SuperWeightConfig ignores unknown keys %s.", ", ".join(unknown))
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raise `ValueError` naming the field, the value and what is accepted."""
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise _invalid("bits", self.bits, ", ".join(map(str, SUPPORTED_BITS)))
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
+            self.group_size == -1 or self.group_size >= 8
+        ):
+            raise _invalid("group_size", self.group_size, "an integer >= 8, or -1 for one group per output row")
+        if not isinstance(self.symmetric, bool):
+            raise _invalid("symmetric", self.symmetric, "True or False")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise _invalid("scale_dtype", self.scale_dtype, ", ".join(repr(d) for d in SCALE_DTYPES))
+        if self.modules_to_not_convert is not None and not all(
+            isinstance(m, str) and m for m in self.modules_to_not_convert
+        ):
+            raise _invalid("modules_to_not_convert", self.modules_to_not_convert, "a list of module names")
+        if not isinstance(self.detect, bool):
+            raise _invalid("detect", self.detect, "True or False")
+        if self.detection_prompts is not None and (
+            not self.detection_prompts or not all(isinstance(p, str) and p.strip() for p in self.detection_prompts)
+        ):
+            raise _invalid("detection_prompts", self.detection_prompts, "a non-empty list of non-empty strings, or None")
+        for name in ("detection_threshold", "detection_min_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise _invalid(name, value, "a finite number > 0")
+        if self.detection_layers is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.detection_layers
+        ):
+            raise _invalid("detection_layers", self.detection_layers, "a list of layer indices >= 0, or None")
+        if isinstance(self.max_super_weights, bool) or not isinstance(self.max_super_weights, int) or self.max_super_weights < 0:
+            raise _invalid("max_super_weights", self.max_super_weights, "an integer >= 0")
+        if not isinstance(self.format_version, int) or self.format_version < 1:
+            raise _invalid("format_version", self.format_version, f"an integer between 1 and {FORMAT_VERSION}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses optimum-superweight format {self.format_version}, newer than this installed "
+                f"version understands ({FORMAT_VERSION}). Upgrade: pip install -U optimum-superweight."
+            )
+        records = self.get_super_weights()  # validates every entry
+        seen: set[tuple[str, int, int]] = set()
+        for sw in records:
+            key = (sw.module, sw.row, sw.col)
+            if key in seen:
+                raise _invalid("super_weights", sw.to_dict(), "distinct (module, row, col) entries; this one is repeated")
+            seen.add(key)
+
+    # -- super weights --------------------------------------------------------------------------------
+    def get_super_weights(self) -> list[SuperWeight]:
+        """The configured super weights as typed records.
+
+        >>> SuperWeightConfig(super_weights=[{"module": "model.layers.2.mlp.down_proj", "row": 3968, "col": 7003}]).get_super_weights()[0].layer
+        2
+        """
+        records = []
+        for index, entry in enumerate(self.super_weights):
+            try:
+                records.append(SuperWeight.from_dict(entry))
+            except ValueError as error:
+                raise ValueError(f"SuperWeightConfig.super_weights[{index}] is invalid: {error}") from None
+        return records
+
+    def set_super_weights(self, records: Iterable[SuperWeight]) -> None:
+        """Replace the configured super weights (stored as JSON-ready dicts)."""
+        self.super_weights = [sw.to_dict() for sw in records]
+
+    def super_weights_by_module(self) -> dict[str, list[SuperWeight]]:
+        """The super weights grouped by module name, in configured order."""
+        grouped: dict[str, list[SuperWeight]] = {}
+        for sw in self.get_super_weights():
+            grouped.setdefault(sw.module, []).append(sw)
+        return grouped
+
+    # -- serialization ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict written into ``config.json["quantization_config"]``."""
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "scale_dtype": self.scale_dtype,
+            "modules_to_not_convert": None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
+            "super_weights": [dict(sw) for sw in self.super_weights],
+            "detect": self.detect,
+            "detection_prompts": None if self.detection_prompts is None else list(self.detection_prompts),
+            "detection_threshold": self.detection_threshold,
+            "detection_min_ratio": self.detection_min_ratio,
+            "detection_layers": None if self.detection_layers is None else list(self.detection_layers),
+            "max_super_weights": self.max_super_weights,
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point)."""
+        if self.group_size == -1:
+            return float(self.bits)
+        scale_bits = 32 if self.scale_dtype == "float32" else 16
+        zero_bits = 0 if self.symmetric else 8
+        return self.bits + (scale_bits + zero_bits) / self.group_size

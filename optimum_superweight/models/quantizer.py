@@ -1,0 +1,125 @@
+"""transformers glue: the ``"superweight"`` quantizer, registered when the package is imported.
+
+The quantizer only wires hooks. Detection lives in :mod:`..detection`, module replacement and checks in
+:mod:`.replace`, quantization math in :mod:`..tensor`.
+
+- Full-precision checkpoint + ``SuperWeightConfig``: weights load as usual; the after-load hook detects
+  the super weights (unless given), then swaps every targeted linear layer for a low-bit one.
+- Compressed checkpoint (``config.json`` carries the method): the before-load hook builds the low-bit
+  modules with the checkpoint's names and shapes, so loading is plain assignment (and the reloaded
+  model can be saved again); the after-load hook verifies the super weights against ``config.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..config import QUANT_METHOD, SuperWeightConfig
+from .replace import build_quantized_skeleton, dequantize_model, quantize_model, verify_quantized_model
+
+__all__ = ["SuperWeightQuantizer", "register"]
+
+logger = logging.getLogger(__name__)
+
+
+def _load_tokenizer(model: Any):
+    """The checkpoint's own tokenizer, or ``None`` (detection then uses fixed token ids)."""
+    source = getattr(model.config, "name_or_path", None) or getattr(model, "name_or_path", None)
+    if not source:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # any failure only downgrades the calibration prompt
+        logger.info("No tokenizer for %s (%s); detection uses fixed token ids.", source, error)
+        return None
+
+
+class SuperWeightQuantizer(HfQuantizer):
+    """Quantizer behind ``SuperWeightConfig``; created by transformers, not by users."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: SuperWeightConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.quantization_config: SuperWeightConfig = quantization_config
+
+    # -- environment --------------------------------------------------------------------------------------
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict):
+            devices = {str(d) for d in device_map.values()}
+            accelerators = devices - {"cpu", "disk"}
+            if "disk" in devices or ("cpu" in devices and accelerators):
+                raise ValueError(
+                    f"device_map={device_map!r} offloads modules to {'disk' if 'disk' in devices else 'CPU'}: "
+                    "offloaded modules are empty (meta) when optimum-superweight builds its low-bit layers, which "
+                    "would give a model that silently outputs NaN. Use a map that places every module on a real "
+                    "device (e.g. device_map='cpu', or 'auto' with enough max_memory), or quantize first and load "
+                    "the smaller compressed checkpoint."
+                )
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        if self.pre_quantized:
+            build_quantized_skeleton(model, self.quantization_config)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        config = self.quantization_config
+        if self.pre_quantized:
+            verify_quantized_model(model, config)
+            return model
+        with torch.no_grad():
+            records = config.get_super_weights()
+            if not records and config.detect:
+                from ..detection import detect_super_weights
+
+                report = detect_super_weights(
+                    model,
+                    _load_tokenizer(model),
+                    prompts=config.detection_prompts,
+                    threshold=config.detection_threshold,
+                    min_ratio=config.detection_min_ratio,
+                    layers=config.detection_layers,
+                    max_super_weights=config.max_super_weights,
+                )
+                # A few exact scalars cost nothing: keep weak candidates as well as confirmed ones.
+                records = [c for c in report.candidates if c.classification in ("super", "weak")]
+                logger.info("optimum-superweight detected %d super weight(s).", len(records))
+            quantize_model(model, config, records)
+        model.config.quantization_config = config
+        return model
+
+    # -- capabilities ---------------------------------------------------------------------------------------
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype: torch.dtype | None = None):
+        return dequantize_model(model, dtype)
+
+
+def register() -> None:
+    """Register the method with transformers; a second call (or a second import) is a no-op."""
+    for mapping, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, SuperWeightConfig), (AUTO_QUANTIZER_MAPPING, SuperWeightQuantizer)):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is None or existing.__qualname__ == cls.__qualname__:
+            mapping[QUANT_METHOD] = cls
+        else:
+            raise ValueError(
+                f"The quantization method '{QUANT_METHOD}' is already registered by {existing.__module__}."
+                f"{existing.__qualname__}; uninstall the conflicting package."
+            )
+

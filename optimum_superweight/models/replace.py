@@ -1,0 +1,279 @@
+"""Model-level operations: pick the linear layers to convert, check super weights, swap modules.
+
+These functions work on any ``torch.nn.Module`` and need none of transformers' loading machinery; the
+quantizer in :mod:`.quantizer` only wires them into ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..config import SuperWeightConfig
+from ..nn.linear import SuperWeightLinear
+from ..records import SuperWeight
+
+__all__ = [
+    "resolve_modules_to_not_convert",
+    "modules_to_convert",
+    "check_super_weights",
+    "quantize_model",
+    "build_quantized_skeleton",
+    "verify_quantized_model",
+    "dequantize_model",
+    "compressed_size_bytes",
+]
+
+try:  # GPT-2 style layers store their weight transposed ([in, out]).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out_features, in_features]`` whatever the module's storage layout."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.t()
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape
+    return in_features, out_features
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+
+def resolve_modules_to_not_convert(model: nn.Module, config: SuperWeightConfig) -> list[str]:
+    """The configured exclusions, or by default the output embedding and what is tied to it."""
+    if config.modules_to_not_convert is not None:
+        return list(config.modules_to_not_convert)
+    skipped: set[str] = set()
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if output_embeddings is not None and module is output_embeddings:
+            skipped.add(name)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for key in list(tied.keys()) + list(tied.values()):
+        skipped.add(key.removesuffix(".weight"))
+    if not skipped:
+        skipped.add("lm_head")
+    return sorted(skipped)
+
+
+def modules_to_convert(model: nn.Module, skip: Iterable[str]) -> dict[str, nn.Module]:
+    """``nn.Linear`` (and transformers ``Conv1D``) modules that will be quantized, by name."""
+    skip = list(skip)
+    selected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, SuperWeightLinear) and not _matches(name, skip):
+            selected[name] = module
+    return selected
+
+
+def check_super_weights(
+    model: nn.Module, records: Iterable[SuperWeight], targets: dict[str, nn.Module]
+) -> list[SuperWeight]:
+    """Validate coordinates against the model and return the records with their exact ``value`` filled in.
+
+    Raises ``ValueError`` when a module does not exist, is not a linear layer, a coordinate lies outside
+    the matrix, or a recorded value does not match the weight in the checkpoint.
+    """
+    all_modules = dict(model.named_modules())
+    checked = []
+    for sw in records:
+        module = all_modules.get(sw.module)
+        if module is None:
+            examples = [n for n in targets][:3]
+            raise ValueError(
+                f"Super weight module '{sw.module}' does not exist in this {type(model).__name__}; "
+                f"linear modules are named like {examples}."
+            )
+        if not isinstance(module, (nn.Linear, Conv1D, SuperWeightLinear)):
+            raise ValueError(
+                f"Super weight module '{sw.module}' is a {type(module).__name__}, not a linear layer; "
+                "super weights live in linear layers such as 'model.layers.2.mlp.down_proj'."
+            )
+        if isinstance(module, SuperWeightLinear):
+            raise ValueError(f"Module '{sw.module}' is already quantized; load the full-precision checkpoint instead.")
+        in_features, out_features = _features(module)
+        if not (0 <= sw.row < out_features and 0 <= sw.col < in_features):
+            raise ValueError(
+                f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] lies outside the matrix: "
+                f"row must be in [0, {out_features}) and col in [0, {in_features}) (paper convention: "
+                "row = output channel, col = input channel)."
+            )
+        found = float(_dense_weight(module)[sw.row, sw.col].item())
+        if sw.value is not None and not math.isclose(found, sw.value, rel_tol=1e-3, abs_tol=1e-6):
+            raise ValueError(
+                f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] is recorded as {sw.value!r} but the checkpoint "
+                f"holds {found!r}: the coordinates were made for another model or revision."
+            )
+        checked.append(sw.with_updates(value=found))
+    return checked
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _coordinates_by_module(records: Iterable[SuperWeight]) -> dict[str, list[tuple[int, int]]]:
+    grouped: dict[str, list[tuple[int, int]]] = {}
+    for sw in records:
+        grouped.setdefault(sw.module, []).append((sw.row, sw.col))
+    return grouped
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, config: SuperWeightConfig, super_weights: Iterable[SuperWeight] | None = None
+) -> nn.Module:
+    """Replace every targeted linear layer of ``model`` in place by a :class:`SuperWeightLinear`.
+
+    ``super_weights`` default to ``config.get_super_weights()``; they are validated, their exact values
+    recorded, and written back into ``config`` (together with the resolved exclusions) so the checkpoint's
+    ``config.json`` describes the model completely.
+
+    >>> config = SuperWeightConfig(bits=4, super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
+    >>> quantize_model(model, config)  # doctest: +SKIP
+    """
+    skip = resolve_modules_to_not_convert(model, config)
+    targets = modules_to_convert(model, skip)
+    records = check_super_weights(model, config.get_super_weights() if super_weights is None else super_weights, targets)
+    config.modules_to_not_convert = skip
+    config.set_super_weights(records)
+    coordinates = _coordinates_by_module(r for r in records if r.module in targets)
+    for name, module in targets.items():
+        if isinstance(module, nn.Linear):
+            dense = module
+        else:  # Conv1D: present the transposed weight as a Linear
+            dense = nn.Linear(*_features(module), bias=module.bias is not None, device="meta")
+            dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
+            dense.bias = module.bias
+        quantized = SuperWeightLinear.from_linear(
+            dense,
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            scale_dtype=config.scale_dtype,
+            super_weights=coordinates.get(name, ()),
+        )
+        _set_module(model, name, quantized)
+    return model
+
+
+def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.Module:
+    """Swap targeted layers for empty :class:`SuperWeightLinear` modules shaped like a saved checkpoint.
+
+    Called on the meta-device model before weights load, so loading is plain assignment by name.
+    """
+    if config.modules_to_not_convert is None:
+        raise ValueError(
+            "This superweight checkpoint's config lacks 'modules_to_not_convert'; it was not written by "
+            "optimum-superweight's save_pretrained. Re-quantize the full-precision model."
+        )
+    targets = modules_to_convert(model, config.modules_to_not_convert)
+    counts: dict[str, int] = {}
+    for sw in config.get_super_weights():
+        if sw.module in targets:
+            counts[sw.module] = counts.get(sw.module, 0) + 1
+        elif sw.module not in dict(model.named_modules()):
+            raise ValueError(
+                f"The checkpoint's config names super weight module '{sw.module}', which this model does not have."
+            )
+    for name, module in targets.items():
+        in_features, out_features = _features(module)
+        bias = module.bias
+        skeleton = SuperWeightLinear(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            scale_dtype=config.scale_dtype,
+            num_super_weights=counts.get(name, 0),
+            dtype=bias.dtype if bias is not None else None,
+            device=module.weight.device,
+        )
+        _set_module(model, name, skeleton)
+    return model
+
+
+def verify_quantized_model(model: nn.Module, config: SuperWeightConfig) -> None:
+    """Check a loaded compressed model against its config; raise ``ValueError`` naming the module on mismatch.
+
+    Guards against checkpoints whose super-weight tensors are missing, mis-shaped, out of range or
+    disagree with ``config.json``: such a model must never run with a wrong weight.
+    """
+    expected = config.super_weights_by_module()
+    for name, module in model.named_modules():
+        if not isinstance(module, SuperWeightLinear):
+            continue
+        for tensor_name, tensor in module.named_parameters(recurse=False):
+            if tensor.is_meta:
+                raise ValueError(
+                    f"{name}.{tensor_name} was not loaded (it is still on the meta device): the checkpoint lacks it, "
+                    "or the module was offloaded. Load the checkpoint without disk/CPU offload."
+                )
+        records = expected.get(name, [])
+        if module.num_super_weights != len(records):
+            raise ValueError(
+                f"{name}: the module holds {module.num_super_weights} super weights, but config.json lists "
+                f"{len(records)} for it; the checkpoint is corrupt."
+            )
+        if not records:
+            continue
+        indices = module.super_weight_indices
+        values = module.super_weight_values
+        for i, sw in enumerate(records):
+            row, col = (int(v) for v in indices[i].tolist())
+            if not (0 <= row < module.out_features and 0 <= col < module.in_features):
+                raise ValueError(
+                    f"{name}: super weight #{i} at ({row}, {col}) is outside the "
+                    f"{module.out_features}x{module.in_features} matrix; the checkpoint is corrupt."
+                )
+            if (row, col) != (sw.row, sw.col):
+                raise ValueError(
+                    f"{name}: super weight #{i} is stored at ({row}, {col}) but config.json says ({sw.row}, {sw.col}); "
+                    "the checkpoint is corrupt or was edited by hand."
+                )
+            stored = float(values[i].item())
+            if not math.isfinite(stored) or (sw.value is not None and stored != float(torch.tensor(sw.value, dtype=torch.float32))):
+                raise ValueError(
+                    f"{name}: super weight ({row}, {col}) holds {stored!r} in the checkpoint but config.json records "
+                    f"{sw.value!r}; the checkpoint is corrupt (a tensor missing or overwritten)."
+                )
+        scale = module.weight_scale.to(torch.float32)
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise ValueError(f"{name}.weight_scale holds non-finite or non-positive values; the checkpoint is corrupt.")
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every :class:`SuperWeightLinear` by a dense ``nn.Linear`` (super weights exact)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SuperWeightLinear):
+            _set_module(model, name, module.to_linear(dtype))
+    return model
+
+
+def compressed_size_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (codes count as packed bytes)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,187 @@
+"""`SuperWeightLinear`: a low-bit linear layer whose super weights stay exact.
+
+State (all saved, all loaded by name, so a reload is plain assignment and re-saving works):
+
+========================  ===========================  ===============================================
+name                      dtype / shape                meaning
+========================  ===========================  ===============================================
+``weight``                uint8 ``[out, groups, B]``   packed codes (see :mod:`..tensor.packing`)
+``weight_scale``          scale dtype ``[out, groups]`` one scale per group
+``weight_zero_point``     uint8 ``[out, groups]``      asymmetric layouts only
+``super_weight_indices``  int32 ``[k, 2]``             ``(row, col)`` of each exact weight
+``super_weight_values``   float32 ``[k]``              their exact values (lossless for fp32/fp16/bf16)
+``bias``                  model dtype ``[out]``        when the original layer had one
+========================  ===========================  ===============================================
+
+``weight`` is 3-D on purpose: loading such a checkpoint without this package fails with a shape error
+instead of silently producing a model with random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..records import SuperWeight
+from ..tensor.quantize import GroupLayout, dequantize_weight, quantize_weight, restore_exact
+
+__all__ = ["SuperWeightLinear"]
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class SuperWeightLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` holding group-quantized codes and exact super weights.
+
+    Build one from a dense layer:
+
+    >>> dense = nn.Linear(256, 64)
+    >>> layer = SuperWeightLinear.from_linear(dense, bits=4, group_size=64, super_weights=[(3, 17)])
+    >>> layer(torch.randn(2, 256)).shape
+    torch.Size([2, 64])
+    >>> bool(layer.dequantize_weight()[3, 17] == dense.weight[3, 17])
+    True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        scale_dtype: str = "float16",
+        num_super_weights: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.scale_dtype = scale_dtype
+        self.layout = GroupLayout(out_features, in_features, bits, group_size)
+        self.weight = _frozen(torch.zeros(self.layout.packed_shape, dtype=torch.uint8, device=device))
+        self.weight_scale = _frozen(torch.ones(self.layout.scale_shape, dtype=_SCALE_DTYPES[scale_dtype], device=device))
+        if symmetric:
+            self.weight_zero_point = None
+        else:
+            self.weight_zero_point = _frozen(torch.zeros(self.layout.scale_shape, dtype=torch.uint8, device=device))
+        # Only layers that hold super weights carry the two extra tensors.
+        if num_super_weights:
+            self.super_weight_indices = _frozen(torch.zeros((num_super_weights, 2), dtype=torch.int32, device=device))
+            self.super_weight_values = _frozen(torch.zeros(num_super_weights, dtype=torch.float32, device=device))
+        else:
+            self.super_weight_indices = None
+            self.super_weight_values = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.bias = None
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        bits: int,
+        group_size: int,
+        symmetric: bool = True,
+        scale_dtype: str = "float16",
+        super_weights: Sequence[tuple[int, int]] | Sequence[SuperWeight] = (),
+    ) -> "SuperWeightLinear":
+        """Quantize a dense ``nn.Linear``; ``super_weights`` are ``(row, col)`` pairs or records kept exact."""
+        weight = linear.weight.detach()
+        coordinates = [(sw.row, sw.col) if isinstance(sw, SuperWeight) else (int(sw[0]), int(sw[1])) for sw in super_weights]
+        out_features, in_features = weight.shape
+        for row, col in coordinates:
+            if not (0 <= row < out_features and 0 <= col < in_features):
+                raise ValueError(
+                    f"Super weight ({row}, {col}) lies outside the {out_features}x{in_features} weight: "
+                    f"rows must be in [0, {out_features}) and cols in [0, {in_features})."
+                )
+        module = cls(
+            in_features,
+            out_features,
+            bias=linear.bias is not None,
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+            num_super_weights=len(coordinates),
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        indices = torch.tensor(coordinates, dtype=torch.int32, device=weight.device).reshape(-1, 2)
+        quantized = quantize_weight(
+            weight,
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            scale_dtype=_SCALE_DTYPES[scale_dtype],
+            holdout=indices,
+        )
+        module.weight.data = quantized.packed
+        module.weight_scale.data = quantized.scale
+        if quantized.zero_point is not None:
+            module.weight_zero_point.data = quantized.zero_point
+        if coordinates:
+            module.super_weight_indices.data = indices
+            module.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().clone()
+        return module
+
+    # -- inference --------------------------------------------------------------------------------------
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight, with every super weight at its exact value."""
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else torch.float32
+        weight = dequantize_weight(
+            self.weight, self.weight_scale, self.weight_zero_point, self.layout, symmetric=self.symmetric, dtype=dtype
+        )
+        if self.super_weight_indices is not None:
+            restore_exact(weight, self.super_weight_indices, self.super_weight_values)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantize_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, weight, bias)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (super weights exact)."""
+        weight = self.dequantize_weight(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.to(weight.dtype))
+        return linear
+
+    @property
+    def num_super_weights(self) -> int:
+        return 0 if self.super_weight_indices is None else int(self.super_weight_indices.shape[0])
+
+    def storage_bytes(self) -> int:
+        """Bytes of the compressed state (codes, scales, zero-points, super weights; bias excluded)."""
+        tensors = [self.weight, self.weight_scale, self.weight_zero_point, self.super_weight_indices, self.super_weight_values]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}, {kind}, super_weights={self.num_super_weights}"
+        )
