@@ -7,6 +7,7 @@ compressed checkpoint with a plain call.
 
 from .config import SuperWeightConfig
 from .default_model import default_model_path
+from .evaluation import PerplexityResult, builtin_text, load_text, perplexity
 from .models import SuperWeightQuantizer, dequantize_model, quantize_model, register
 from .nn.linear import SuperWeightLinear
 from .records import SuperWeight
@@ -23,4 +24,8 @@ __all__ = [
     "default_model_path",
     "quantize_model",
     "dequantize_model",
+    "perplexity",
+    "PerplexityResult",
+    "builtin_text",
+    "load_text",
 ]
