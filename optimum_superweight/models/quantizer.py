@@ -76,7 +76,7 @@ class SuperWeightQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config
         if self.pre_quantized:
-            verify_quantized_model(model, config)
+            verify_quantized_model(model, config, loaded_by_transformers=True)
             return model
         with torch.no_grad():
             records = config.get_super_weights()

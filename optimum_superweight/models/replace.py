@@ -209,11 +209,13 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
     return model
 
 
-def verify_quantized_model(model: nn.Module, config: SuperWeightConfig) -> None:
+def verify_quantized_model(model: nn.Module, config: SuperWeightConfig, *, loaded_by_transformers: bool = False) -> None:
     """Check a loaded compressed model against its config; raise ``ValueError`` naming the module on mismatch.
 
-    Guards against checkpoints whose super-weight tensors are missing, mis-shaped, out of range or
-    disagree with ``config.json``: such a model must never run with a wrong weight.
+    Guards against checkpoints whose tensors are missing, mis-shaped, out of range or disagree with
+    ``config.json``: such a model must never run with a wrong weight. With ``loaded_by_transformers``,
+    every tensor must carry transformers' loaded flag (a tensor missing from the checkpoint does not: it
+    would otherwise be left as uninitialized memory).
     """
     expected = config.super_weights_by_module()
     for name, module in model.named_modules():
@@ -225,18 +227,22 @@ def verify_quantized_model(model: nn.Module, config: SuperWeightConfig) -> None:
                     f"{name}.{tensor_name} was not loaded (it is still on the meta device): the checkpoint lacks it, "
                     "or the module was offloaded. Load the checkpoint without disk/CPU offload."
                 )
+            if loaded_by_transformers and not getattr(tensor, "_is_hf_initialized", False):
+                raise ValueError(
+                    f"{name}.{tensor_name} is missing from the checkpoint: the compressed checkpoint is incomplete. "
+                    "Re-save it with save_pretrained, or re-quantize the full-precision model."
+                )
+        scale = module.weight_scale.to(torch.float32)
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise ValueError(f"{name}.weight_scale holds non-finite or non-positive values; the checkpoint is corrupt.")
         records = expected.get(name, [])
         if module.num_super_weights != len(records):
             raise ValueError(
                 f"{name}: the module holds {module.num_super_weights} super weights, but config.json lists "
                 f"{len(records)} for it; the checkpoint is corrupt."
             )
-        if not records:
-            continue
-        indices = module.super_weight_indices
-        values = module.super_weight_values
         for i, sw in enumerate(records):
-            row, col = (int(v) for v in indices[i].tolist())
+            row, col = (int(v) for v in module.super_weight_indices[i].tolist())
             if not (0 <= row < module.out_features and 0 <= col < module.in_features):
                 raise ValueError(
                     f"{name}: super weight #{i} at ({row}, {col}) is outside the "
@@ -247,15 +253,13 @@ def verify_quantized_model(model: nn.Module, config: SuperWeightConfig) -> None:
                     f"{name}: super weight #{i} is stored at ({row}, {col}) but config.json says ({sw.row}, {sw.col}); "
                     "the checkpoint is corrupt or was edited by hand."
                 )
-            stored = float(values[i].item())
-            if not math.isfinite(stored) or (sw.value is not None and stored != float(torch.tensor(sw.value, dtype=torch.float32))):
+            stored = float(module.super_weight_values[i].item())
+            recorded = None if sw.value is None else float(torch.tensor(sw.value, dtype=torch.float32))
+            if not math.isfinite(stored) or (recorded is not None and stored != recorded):
                 raise ValueError(
                     f"{name}: super weight ({row}, {col}) holds {stored!r} in the checkpoint but config.json records "
-                    f"{sw.value!r}; the checkpoint is corrupt (a tensor missing or overwritten)."
+                    f"{sw.value!r}; the checkpoint is corrupt."
                 )
-        scale = module.weight_scale.to(torch.float32)
-        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-            raise ValueError(f"{name}.weight_scale holds non-finite or non-positive values; the checkpoint is corrupt.")
 
 
 @torch.no_grad()

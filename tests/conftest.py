@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny planted models (fast) and the embedded SmolLM2 (slow tests)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+PLANTED = ("model.layers.1.mlp.down_proj", 5, 7)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from optimum_superweight.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture()
+def tiny_llama():
+    from optimum_superweight.testing import build_tiny_model
+
+    return build_tiny_model("llama", super_weights=[(1, 5, 7)])
+
+
+@pytest.fixture()
+def tiny_llama_dir(tiny_llama, tmp_path):
+    path = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(path)
+    return path
