@@ -5,8 +5,11 @@ Importing the package registers the ``"superweight"`` quantization method with t
 compressed checkpoint with a plain call.
 """
 
+from .cards import build_model_card, read_super_weights
 from .config import SuperWeightConfig
 from .default_model import default_model_path
+from .hub import attach_card_hook, push_to_hub
+from .known import known_super_weights
 from .evaluation import PerplexityResult, builtin_text, load_text, perplexity
 from .models import SuperWeightQuantizer, dequantize_model, quantize_model, register
 from .nn.linear import SuperWeightLinear
@@ -28,4 +31,9 @@ __all__ = [
     "PerplexityResult",
     "builtin_text",
     "load_text",
+    "build_model_card",
+    "read_super_weights",
+    "known_super_weights",
+    "push_to_hub",
+    "attach_card_hook",
 ]

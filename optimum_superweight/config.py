@@ -169,6 +169,38 @@ class SuperWeightConfig(QuantizationConfigMixin):
         """Replace the configured super weights (stored as JSON-ready dicts)."""
         self.super_weights = [sw.to_dict() for sw in records]
 
+    @classmethod
+    def from_model_card(cls, source: Any, **kwargs: Any) -> "SuperWeightConfig":
+        """A config whose super weights come from a model card, so detection is skipped.
+
+        ``source`` is whatever :func:`optimum_superweight.read_super_weights` accepts: a Hub repo id, a local
+        model folder, a README path or a ``ModelCard``. ``kwargs`` set the other fields (``bits=4``, ...).
+
+        >>> config = SuperWeightConfig.from_model_card("model_cards/huggyllama--llama-7b.md", bits=4)  # doctest: +SKIP
+        """
+        from .cards import read_super_weights  # lazy: cards imports huggingface_hub
+
+        return cls._with_super_weights(read_super_weights(source), "card", kwargs)
+
+    @classmethod
+    def from_known(cls, model_id: str, **kwargs: Any) -> "SuperWeightConfig":
+        """A config with the super weights of a model in the shipped index (``model_cards/``), so detection is skipped.
+
+        >>> SuperWeightConfig.from_known("huggyllama/llama-7b", bits=4).get_super_weights()[0].paper_notation()
+        'layers[2].mlp.down_proj.weight[3968, 7003]'
+        """
+        from .known import known_super_weights
+
+        return cls._with_super_weights(known_super_weights(model_id), "index", kwargs)
+
+    @classmethod
+    def _with_super_weights(cls, records: list[SuperWeight], source: str, kwargs: dict[str, Any]) -> "SuperWeightConfig":
+        if "super_weights" in kwargs:
+            raise ValueError(
+                f"super_weights=... cannot be combined with coordinates from the {source}: pass one or the other."
+            )
+        return cls(super_weights=[sw.with_updates(source=source) for sw in records], **kwargs)
+
     def super_weights_by_module(self) -> dict[str, list[SuperWeight]]:
         """The super weights grouped by module name, in configured order."""
         grouped: dict[str, list[SuperWeight]] = {}

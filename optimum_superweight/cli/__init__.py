@@ -17,6 +17,7 @@ __all__ = ["main", "build_parser", "SUBCOMMAND_MODULES"]
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "optimum_superweight.cli.demo",
     "optimum_superweight.cli.quantize",
+    "optimum_superweight.cli.hub",
 )
 
 

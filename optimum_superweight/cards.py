@@ -1,0 +1,916 @@
+"""Model cards that carry super weights: build one for a quantized checkpoint, read coordinates from any card.
+
+A card written by :func:`build_model_card` holds the super weights twice: machine-readable in the YAML
+metadata (key ``superweight``, one entry per weight, ``SuperWeight.to_dict()`` fields) next to the
+quantization settings, and human-readable as a table in the text. :func:`read_super_weights` reads that
+block back, and also understands coordinates written by hand in the paper's notation anywhere in a card's
+text (``layers[2].mlp.down_proj.weight[3968, 7003]``), so a card that only mentions the coordinates is
+enough to quantize without running detection:
+
+    >>> from huggingface_hub import ModelCard
+    >>> card = ModelCard("The super weight is `layers[2].mlp.down_proj.weight[3968, 7003]`.")
+    >>> [(sw.module, sw.row, sw.col) for sw in read_super_weights(card)]
+    [('model.layers.2.mlp.down_proj', 3968, 7003)]
+
+Untrusted input is checked before it is parsed: a size cap on the card and on its YAML block, YAML
+aliases refused (they are how "billion laughs" bombs multiply), a cap on the number of YAML nodes and on
+nesting, and ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .records import SuperWeight, layer_index_from_module_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import ModelCard
+
+    from .config import SuperWeightConfig
+
+__all__ = [
+    "CARD_KEY",
+    "CARD_VERSION",
+    "MAX_CARD_BYTES",
+    "MAX_YAML_BYTES",
+    "MAX_YAML_NODES",
+    "MAX_SUPER_WEIGHTS",
+    "GENERATED_BEGIN",
+    "GENERATED_END",
+    "build_model_card",
+    "build_index_card",
+    "read_super_weights",
+    "super_weights_from_text",
+    "load_card",
+    "parse_card",
+    "merge_cards",
+    "card_metadata_block",
+    "normalize_perplexity",
+]
+
+#: Top-level YAML key of the machine-readable block.
+CARD_KEY = "superweight"
+#: Version of the block's layout; a newer one is refused with an upgrade hint.
+CARD_VERSION = 1
+#: Largest card (README) accepted, in bytes. Real cards are a few kB; the Hub itself caps far lower than this.
+MAX_CARD_BYTES = 1 << 20
+#: Largest YAML metadata block accepted, in bytes.
+MAX_YAML_BYTES = 256 << 10
+#: Most YAML nodes (scalars, lists, mappings) accepted in the metadata block.
+MAX_YAML_NODES = 50_000
+#: Deepest nesting accepted in the metadata block.
+MAX_YAML_DEPTH = 32
+#: Most super weights one card may list (models have a handful; this only bounds hostile input).
+MAX_SUPER_WEIGHTS = 4096
+
+#: Markers around the generated part of a card text, so that a re-push replaces it and keeps the rest.
+GENERATED_BEGIN = "<!-- optimum-superweight:begin (generated; edits inside are replaced on the next push) -->"
+GENERATED_END = "<!-- optimum-superweight:end -->"
+_GENERATED_BEGIN_PREFIX = "<!-- optimum-superweight:begin"
+
+#: The text transformers writes when a repo has no README (``create_and_tag_model_card``).
+_TRANSFORMERS_DEFAULT_CARD_MARK = "This is the model card of a 🤗 transformers model that has been pushed on the Hub."
+
+PAPER_URL = "https://arxiv.org/abs/2411.07191"
+PAPER_CODE_URL = "https://github.com/mengxiayu/LLMSuperWeight"
+PACKAGE_URL = "https://pypi.org/project/optimum-superweight/"
+
+# Same regex as huggingface_hub (and the Hub server) use to find the metadata block.
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+# Anchor of a coordinate in the paper's notation; the module path in front of it is read backwards (bounded),
+# which keeps the scan linear on hostile text (a forward regex over long dotted chains would be quadratic).
+_COORD_ANCHOR = re.compile(r"\.weight\s*\[\s*(\d{1,9})\s*,\s*(\d{1,9})\s*\]")
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.[]")
+_MAX_PATH_CHARS = 256
+_MODULE_PATH = re.compile(r"[A-Za-z_]\w*(?:\.(?:\d+|[A-Za-z_]\w*))*")
+# Module roots that already name the model's base module; anything else is relative to ``model.`` like the paper's.
+_MODULE_ROOTS = ("model.", "transformer.", "gpt_neox.", "base_model.")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(?:/[A-Za-z0-9][\w.\-]{0,95})?$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe parsing
+# ---------------------------------------------------------------------------------------------------------------
+def _what(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def _check_yaml_events(block: str, what: str) -> None:
+    """Refuse aliases, too many nodes and too deep nesting by scanning parser events (nothing is built)."""
+    nodes = depth = 0
+    for event in yaml.parse(block, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ValueError(
+                f"{what}: the YAML metadata uses an alias (*{event.anchor}); aliases and anchors are not accepted "
+                "in model cards (they are how YAML bombs multiply). Write the values out."
+            )
+        if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            nodes += 1
+            if nodes > MAX_YAML_NODES:
+                raise ValueError(
+                    f"{what}: the YAML metadata has more than {MAX_YAML_NODES} nodes; accepted are metadata blocks "
+                    f"of at most {MAX_YAML_NODES} nodes and {MAX_YAML_BYTES} bytes."
+                )
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ValueError(
+                    f"{what}: the YAML metadata nests deeper than {MAX_YAML_DEPTH} levels; accepted are blocks nested "
+                    f"at most {MAX_YAML_DEPTH} levels deep."
+                )
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
+def _safe_yaml_mapping(block: str, what: str) -> dict[str, Any]:
+    size = len(block.encode("utf-8"))
+    if size > MAX_YAML_BYTES:
+        raise ValueError(
+            f"{what}: the YAML metadata block is {size} bytes; accepted are blocks of at most {MAX_YAML_BYTES} bytes."
+        )
+    try:
+        _check_yaml_events(block, what)
+        data = yaml.safe_load(block)
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"{what}: the YAML metadata between the '---' lines is malformed ({_yaml_error_summary(error)}); "
+            "accepted is a YAML mapping parsed with yaml.safe_load (plain scalars, lists and mappings, no tags)."
+        ) from None
+    except ValueError as error:  # e.g. an integer literal longer than Python converts
+        if str(error).startswith(what):
+            raise
+        raise ValueError(f"{what}: the YAML metadata holds a value that cannot be read ({error}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{what}: the YAML metadata is a {type(data).__name__}, not a mapping; accepted is a mapping of keys "
+            "such as 'library_name', 'base_model' and 'superweight'."
+        )
+    return data
+
+
+def _yaml_error_summary(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1} of the block" if mark is not None else problem
+
+
+def parse_card(content: str, what: str = "model card") -> tuple[dict[str, Any], str]:
+    """Split a card into ``(metadata, text)`` with every safety check; raise ``ValueError`` naming the problem.
+
+    >>> parse_card("---\\nlibrary_name: transformers\\n---\\n# Hello\\n")
+    ({'library_name': 'transformers'}, '# Hello\\n')
+    """
+    if not isinstance(content, str):
+        raise ValueError(f"{what}: expected the card's text as a str, got {type(content).__name__}.")
+    size = len(content.encode("utf-8"))
+    if size > MAX_CARD_BYTES:
+        raise ValueError(f"{what} is {size} bytes; accepted are cards of at most {MAX_CARD_BYTES} bytes.")
+    match = _YAML_BLOCK.search(content)
+    if match is None:
+        if content.lstrip().startswith("---"):
+            raise ValueError(
+                f"{what}: the card starts a YAML metadata block with '---' but never closes it; accepted is a block "
+                "between two '---' lines at the top of the card."
+            )
+        return {}, content
+    return _safe_yaml_mapping(match.group(2), what), content[match.end() :]
+
+
+def _read_text_file(path: Path, what: str) -> str:
+    size = path.stat().st_size
+    if size > MAX_CARD_BYTES:
+        raise ValueError(f"{what} is {size} bytes; accepted are cards of at most {MAX_CARD_BYTES} bytes.")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} is not UTF-8 text ({error}); accepted are UTF-8 Markdown files.") from None
+
+
+def load_card(source: "str | os.PathLike[str] | ModelCard") -> "ModelCard":
+    """A ``huggingface_hub.ModelCard`` from a README path or card text, parsed with the safety checks of this module.
+
+    >>> card = load_card("---\\nlicense: mit\\n---\\nhi")
+    >>> card.data.license
+    'mit'
+    """
+    from huggingface_hub import ModelCard
+
+    if isinstance(source, ModelCard):
+        return source
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and Path(source).is_file()):
+        path = Path(source)
+        content = _read_text_file(path, f"Model card {path}")
+    elif isinstance(source, str):
+        content = source
+    else:
+        raise ValueError(f"load_card expects a README path, card text or a ModelCard, got {type(source).__name__}.")
+    parse_card(content, "model card")  # all checks before huggingface_hub parses it again
+    return ModelCard(content)
+
+
+def _bounded_copy(value: Any, what: str, budget: list[int], depth: int = 0) -> Any:
+    """A plain copy of already-parsed metadata, refusing shared or oversized structures (an alias bomb's shape)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(
+            f"{what}: the card metadata has more than {MAX_YAML_NODES} nodes (or repeats structures the way a YAML "
+            f"bomb does); accepted are metadata blocks of at most {MAX_YAML_NODES} nodes."
+        )
+    if depth > MAX_YAML_DEPTH:
+        raise ValueError(f"{what}: the card metadata nests deeper than {MAX_YAML_DEPTH} levels.")
+    if isinstance(value, Mapping):
+        return {k: _bounded_copy(v, what, budget, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_bounded_copy(v, what, budget, depth + 1) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading super weights
+# ---------------------------------------------------------------------------------------------------------------
+def card_metadata_block(metadata: Mapping[str, Any], what: str = "model card") -> dict[str, Any] | None:
+    """The ``superweight`` block of card metadata, validated; ``None`` when the card has none.
+
+    Also accepts a bare top-level ``super_weights:`` list (hand-written cards) as ``{"super_weights": [...]}``.
+    """
+    if CARD_KEY in metadata:
+        block = metadata[CARD_KEY]
+        if not isinstance(block, Mapping):
+            raise ValueError(
+                f"{what}: metadata key '{CARD_KEY}' is a {type(block).__name__}; accepted is a mapping with a "
+                "'super_weights' list (entries with 'module', 'row', 'col' and optionally 'value', 'layer', "
+                "'classification', 'impact')."
+            )
+        block = dict(block)
+        version = block.get("card_version", CARD_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"{what}: {CARD_KEY}.card_version={version!r} is invalid; accepted is an integer >= 1.")
+        if version > CARD_VERSION:
+            raise ValueError(
+                f"{what}: {CARD_KEY}.card_version={version} is newer than this optimum-superweight understands "
+                f"({CARD_VERSION}). Upgrade: pip install -U optimum-superweight."
+            )
+        if "super_weights" not in block:
+            raise ValueError(
+                f"{what}: metadata key '{CARD_KEY}' has no 'super_weights' list; accepted is "
+                f"'{CARD_KEY}: {{super_weights: [{{module: ..., row: ..., col: ...}}, ...]}}'."
+            )
+        return block
+    if "super_weights" in metadata:
+        return {"super_weights": metadata["super_weights"]}
+    return None
+
+
+def _records_from_entries(entries: Any, what: str, where: str, source_label: str) -> list[SuperWeight]:
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(
+            f"{what}: '{where}' is a {type(entries).__name__}; accepted is a list of mappings with 'module', 'row', "
+            "'col' (and optionally 'value', 'layer', 'classification', 'impact')."
+        )
+    if len(entries) > MAX_SUPER_WEIGHTS:
+        raise ValueError(f"{what}: '{where}' lists {len(entries)} entries; at most {MAX_SUPER_WEIGHTS} are accepted.")
+    records: list[SuperWeight] = []
+    seen: set[tuple[str, int, int]] = set()
+    for index, entry in enumerate(entries):
+        try:
+            record = SuperWeight.from_dict(dict(entry) if isinstance(entry, Mapping) else entry)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{what}: '{where}[{index}]' is invalid: {error}") from None
+        key = (record.module, record.row, record.col)
+        if key in seen:
+            raise ValueError(f"{what}: '{where}[{index}]' repeats {record.paper_notation()}; entries must be distinct.")
+        seen.add(key)
+        records.append(record.with_updates(source=source_label))
+    return records
+
+
+def _module_from_notation(path: str) -> str | None:
+    path = re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+    if not _MODULE_PATH.fullmatch(path):
+        return None
+    if layer_index_from_module_name(path) is None:
+        return None  # not a decoder-layer weight: prose like `embed.weight[0, 1]` is not a super weight
+    if not path.startswith(_MODULE_ROOTS):
+        path = "model." + path  # the paper drops the base-model prefix: layers[2] is model.layers.2
+    return path
+
+
+def super_weights_from_text(text: str, source_label: str = "card") -> list[SuperWeight]:
+    """Coordinates written in the paper's notation anywhere in ``text`` (first occurrence of each wins).
+
+    ``layers[2].mlp.down_proj.weight[3968, 7003]`` and ``model.layers.2.mlp.down_proj.weight[3968, 7003]`` both
+    give module ``model.layers.2.mlp.down_proj``, row 3968, col 7003 (row = hidden/output channel). A path
+    without a ``model.``/``transformer.`` root is taken relative to ``model.``, as in the paper; the path must
+    name a decoder layer.
+
+    >>> [sw.paper_notation() for sw in super_weights_from_text("W = layers[1].mlp.down_proj.weight[2070, 7310]")]
+    ['layers[1].mlp.down_proj.weight[2070, 7310]']
+    """
+    records: list[SuperWeight] = []
+    seen: set[tuple[str, int, int]] = set()
+    for match in _COORD_ANCHOR.finditer(text):
+        start = match.start()
+        begin = start
+        while begin > 0 and start - begin < _MAX_PATH_CHARS and text[begin - 1] in _PATH_CHARS:
+            begin -= 1
+        module = _module_from_notation(text[begin:start])
+        if module is None:
+            continue
+        row, col = int(match.group(1)), int(match.group(2))
+        key = (module, row, col)
+        if key in seen:
+            continue
+        seen.add(key)
+        records.append(SuperWeight(module=module, row=row, col=col, source=source_label))
+        if len(records) > MAX_SUPER_WEIGHTS:
+            raise ValueError(f"The card text holds more than {MAX_SUPER_WEIGHTS} coordinates; that many are not accepted.")
+    return records
+
+
+def _records_from_card(metadata: Mapping[str, Any], text: str, what: str, source_label: str) -> list[SuperWeight] | None:
+    block = card_metadata_block(metadata, what)
+    if block is not None:
+        where = f"{CARD_KEY}.super_weights" if CARD_KEY in metadata else "super_weights"
+        return _records_from_entries(block["super_weights"], what, where, source_label)
+    found = super_weights_from_text(text, source_label)
+    return found or None
+
+
+def _records_from_config_json(path: Path, what: str) -> list[SuperWeight] | None:
+    size = path.stat().st_size
+    if size > MAX_CARD_BYTES * 16:
+        raise ValueError(f"{what} is {size} bytes; accepted are config files of at most {MAX_CARD_BYTES * 16} bytes.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} is not valid JSON ({error}).") from None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "superweight":
+        return None
+    return _records_from_entries(
+        quantization.get("super_weights", []), what, "quantization_config.super_weights", "card"
+    )
+
+
+def _no_super_weights(what: str) -> ValueError:
+    return ValueError(
+        f"{what}: no super weights found. Accepted are a card whose YAML metadata has "
+        f"'{CARD_KEY}: {{super_weights: [{{module, row, col, value}}, ...]}}' (as written by "
+        "optimum_superweight.build_model_card), or a card whose text gives coordinates in the paper's notation, "
+        "e.g. `layers[2].mlp.down_proj.weight[3968, 7003]`, or a folder whose config.json was written by an "
+        "optimum-superweight quantized model."
+    )
+
+
+def _read_folder(folder: Path) -> list[SuperWeight]:
+    readme = folder / "README.md"
+    config = folder / "config.json"
+    metadata: dict[str, Any] = {}
+    text = ""
+    if readme.is_file():
+        what = f"Model card {readme}"
+        metadata, text = parse_card(_read_text_file(readme, what), what)
+        block = card_metadata_block(metadata, what)
+        if block is not None:
+            return _records_from_card(metadata, text, what, "card") or []
+    if config.is_file():
+        records = _records_from_config_json(config, f"{config}")
+        if records is not None:
+            return records
+    if text:
+        records = super_weights_from_text(text)
+        if records:
+            return records
+    if not readme.is_file() and not config.is_file():
+        raise ValueError(f"Folder {folder} has neither README.md nor config.json: it is not a model folder.")
+    raise _no_super_weights(f"Model folder {folder}")
+
+
+def _read_hub(repo_id: str, revision: str | None, token: str | bool | None) -> list[SuperWeight]:
+    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.file_download import get_hf_file_metadata
+
+    what = f"Hub repo {repo_id}"
+
+    def fetch(filename: str, cap: int) -> Path | None:
+        try:
+            metadata = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token)
+        except EntryNotFoundError:
+            return None
+        except RevisionNotFoundError:
+            raise ValueError(f"{what} has no revision {revision!r}.") from None
+        except RepositoryNotFoundError:
+            raise ValueError(
+                f"{what} was not found (or is private/gated without a token): expected a model repo id such as "
+                "'user/model', a local folder, a README path or a ModelCard."
+            ) from None
+        if metadata.size is not None and metadata.size > cap:
+            raise ValueError(f"{what}: {filename} is {metadata.size} bytes; accepted are files of at most {cap} bytes.")
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
+
+    readme = fetch("README.md", MAX_CARD_BYTES)
+    metadata: dict[str, Any] = {}
+    text = ""
+    if readme is not None:
+        card_what = f"Model card of {repo_id}"
+        metadata, text = parse_card(_read_text_file(readme, card_what), card_what)
+        if card_metadata_block(metadata, card_what) is not None:
+            return _records_from_card(metadata, text, card_what, "card") or []
+    config = fetch("config.json", MAX_CARD_BYTES * 16)
+    if config is not None:
+        records = _records_from_config_json(config, f"config.json of {repo_id}")
+        if records is not None:
+            return records
+    records = super_weights_from_text(text) if text else []
+    if records:
+        return records
+    raise _no_super_weights(what)
+
+
+def read_super_weights(
+    source: "str | os.PathLike[str] | ModelCard",
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> list[SuperWeight]:
+    """The super weights recorded in a model card, as :class:`SuperWeight` records with ``source="card"``.
+
+    Args:
+        source: A Hub repo id (``"user/model"``: its README.md, then its config.json), a local model folder
+            (README.md, then config.json), a README path, or a ``huggingface_hub.ModelCard``.
+        revision: Hub revision, for a repo id.
+        token: Hub token, for a repo id.
+
+    The YAML block written by :func:`build_model_card` wins; without it, a quantized checkpoint's
+    ``config.json``; without either, coordinates in the paper's notation in the card text.
+
+    Raises:
+        ValueError: malformed or unsafe YAML (aliases, too large, too deep), a card over
+            :data:`MAX_CARD_BYTES`, invalid entries, or no super weights anywhere in the card.
+
+    >>> read_super_weights("model_cards/huggyllama--llama-7b.md")[0].paper_notation()  # doctest: +SKIP
+    'layers[2].mlp.down_proj.weight[3968, 7003]'
+    """
+    from huggingface_hub import RepoCard
+
+    if isinstance(source, RepoCard):
+        what = "ModelCard"
+        text = source.text if isinstance(source.text, str) else ""
+        if len(text.encode("utf-8")) > MAX_CARD_BYTES:
+            raise ValueError(f"{what} text is over {MAX_CARD_BYTES} bytes; accepted are cards of at most that size.")
+        metadata = _bounded_copy(source.data.to_dict(), what, [MAX_YAML_NODES])
+        records = _records_from_card(metadata, text, what, "card")
+        if records is None:
+            raise _no_super_weights(what)
+        return records
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"read_super_weights: source={source!r} is invalid; accepted are a Hub repo id, a local model folder, a "
+            "README path or a huggingface_hub.ModelCard."
+        )
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path)
+    if path.is_file():
+        what = f"Model card {path}"
+        metadata, text = parse_card(_read_text_file(path, what), what)
+        records = _records_from_card(metadata, text, what, "card")
+        if records is None:
+            raise _no_super_weights(what)
+        return records
+    if isinstance(source, str) and _REPO_ID.match(source) and not source.endswith((".md", ".json")):
+        return _read_hub(source, revision, token)
+    raise ValueError(
+        f"read_super_weights: {str(source)!r} is not an existing file or folder, nor a Hub repo id ('user/model'); "
+        "accepted are a Hub repo id, a local model folder, a README path or a huggingface_hub.ModelCard."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building cards
+# ---------------------------------------------------------------------------------------------------------------
+def normalize_perplexity(perplexity: Any) -> dict[str, Any] | None:
+    """Validate perplexity numbers for a card: ``{"before": 14.99, "after": 15.8}`` (+ optional ``text``, ``tokens``).
+
+    A ``(before, after)`` pair is accepted too; ``after`` alone is allowed (``before`` unknown).
+
+    >>> normalize_perplexity((14.99, 15.8))
+    {'before': 14.99, 'after': 15.8}
+    """
+    if perplexity is None:
+        return None
+    if isinstance(perplexity, (tuple, list)) and len(perplexity) == 2:
+        perplexity = {"before": perplexity[0], "after": perplexity[1]}
+    if not isinstance(perplexity, Mapping):
+        raise ValueError(
+            f"perplexity={perplexity!r} is invalid: accepted are a (before, after) pair or a mapping with 'after' "
+            "and optionally 'before', 'text' (what was scored), 'tokens'."
+        )
+    allowed = {"before", "after", "text", "tokens", "window"}
+    unknown = sorted(set(perplexity) - allowed)
+    if unknown:
+        raise ValueError(f"perplexity has unknown keys {unknown}: accepted keys are {sorted(allowed)}.")
+    result: dict[str, Any] = {}
+    for key in ("before", "after"):
+        value = perplexity.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "ppl"):  # an evaluation.PerplexityResult
+            value = value.ppl
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"perplexity['{key}']={value!r} is invalid: accepted is a finite number > 0.")
+        result[key] = float(value)
+    if "after" not in result:
+        raise ValueError("perplexity needs at least 'after' (the quantized model's perplexity).")
+    if perplexity.get("text") is not None:
+        text = perplexity["text"]
+        if not isinstance(text, str) or not text.strip() or len(text) > 500 or "\n" in text:
+            raise ValueError(f"perplexity['text']={text!r} is invalid: accepted is a one-line description (<= 500 chars).")
+        result["text"] = text.strip()
+    for key in ("tokens", "window"):
+        if perplexity.get(key) is not None:
+            value = perplexity[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"perplexity['{key}']={value!r} is invalid: accepted is an integer > 0.")
+            result[key] = value
+    return result
+
+
+def _check_repo_id(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _REPO_ID.match(value) or ".." in value or "--" in value:
+        raise ValueError(
+            f"{name}={value!r} is invalid: accepted is a Hub repo id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+        )
+    return value
+
+
+def _human_bytes(size: int) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} B"
+
+
+def _format_value(value: float | None) -> str:
+    return "–" if value is None else f"{value:.6g}"
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _resolve_quantization(source: Any) -> tuple[dict[str, Any], list[SuperWeight]]:
+    """Quantization settings (without super weights) and super weights from a config, a dict or a model."""
+    from .config import SuperWeightConfig
+
+    config = source
+    if not isinstance(source, (SuperWeightConfig, Mapping)):
+        model_config = getattr(source, "config", None)
+        config = getattr(model_config, "quantization_config", None)
+        if config is None:
+            raise ValueError(
+                f"{type(source).__name__} is not quantized with optimum-superweight (its config has no "
+                "quantization_config); quantize it first: from_pretrained(..., quantization_config=SuperWeightConfig(bits=4))."
+            )
+    if isinstance(config, Mapping):
+        if config.get("quant_method") != "superweight":
+            raise ValueError(
+                f"quantization_config.quant_method={config.get('quant_method')!r}: expected 'superweight' (a model "
+                "quantized with optimum-superweight)."
+            )
+        config = SuperWeightConfig.from_dict(dict(config))
+    elif not isinstance(config, SuperWeightConfig):
+        method = getattr(config, "quant_method", None)
+        raise ValueError(
+            f"The model's quantization_config.quant_method is {getattr(method, 'value', method)!r}: expected "
+            "'superweight' (a model quantized with optimum-superweight)."
+        )
+    settings = config.to_dict()
+    settings.pop("super_weights", None)
+    return settings, config.get_super_weights()
+
+
+def _coordinates_table(records: Sequence[SuperWeight]) -> list[str]:
+    lines = [
+        "| # | module | layer | row | col | paper notation | value | class | impact |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, sw in enumerate(records, 1):
+        impact = "–" if sw.impact is None else f"×{sw.impact:.3g}"
+        lines.append(
+            f"| {i} | `{_md_cell(sw.module)}` | {'–' if sw.layer is None else sw.layer} | {sw.row} | {sw.col} | "
+            f"`{_md_cell(sw.paper_notation())}` | {_format_value(sw.value)} | {sw.classification or '–'} | {impact} |"
+        )
+    return lines
+
+
+_SUPER_WEIGHTS_EXPLAINED = (
+    "Super weights are a handful of scalar weights, usually in an early layer's MLP down-projection, whose "
+    "removal breaks a large language model: zeroing a single one can raise perplexity by orders of magnitude "
+    f"and push zero-shot accuracy to chance ([Yu et al., 2024]({PAPER_URL})). They produce a massive "
+    "\"super activation\" that persists through the residual stream, so a quantizer must keep them exact."
+)
+
+
+def build_model_card(
+    source: "SuperWeightConfig | Mapping[str, Any] | Any",
+    *,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    perplexity: Mapping[str, Any] | tuple[float, float] | None = None,
+    checkpoint_bytes: int | None = None,
+    dense_bytes: int | None = None,
+    license: str | None = None,
+    tags: Iterable[str] = (),
+) -> "ModelCard":
+    """The model card of a checkpoint quantized with optimum-superweight.
+
+    Args:
+        source: The quantized model, its ``SuperWeightConfig``, or the ``quantization_config`` dict of its
+            ``config.json``. The super weights and settings come from there.
+        base_model: Hub id of the full-precision model (``base_model`` + ``base_model_relation: quantized``).
+        repo_id: Where the checkpoint is (or will be) on the Hub; used in the loading snippet and the title.
+        perplexity: ``{"before": ..., "after": ..., "text": ..., "tokens": ...}`` or ``(before, after)``.
+        checkpoint_bytes: Size of the checkpoint's weight files.
+        dense_bytes: Size of the same weights in 16-bit, for comparison.
+        license: SPDX-like license id for the metadata (``"apache-2.0"``).
+        tags: Extra Hub tags.
+
+    >>> from optimum_superweight import SuperWeightConfig
+    >>> config = SuperWeightConfig(bits=4, super_weights=[{"module": "model.layers.2.mlp.down_proj", "row": 3968, "col": 7003}])
+    >>> card = build_model_card(config, base_model="huggyllama/llama-7b")
+    >>> card.data.base_model_relation, card.data.superweight["super_weights"][0]["row"]
+    ('quantized', 3968)
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    settings, records = _resolve_quantization(source)
+    base_model = _check_repo_id("base_model", base_model)
+    repo_id = _check_repo_id("repo_id", repo_id)
+    ppl = normalize_perplexity(perplexity)
+    for name, value in (("checkpoint_bytes", checkpoint_bytes), ("dense_bytes", dense_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{name}={value!r} is invalid: accepted is a positive integer (bytes) or None.")
+    if license is not None and (not isinstance(license, str) or not re.fullmatch(r"[\w.\-+]{1,64}", license)):
+        raise ValueError(f"license={license!r} is invalid: accepted is a license id such as 'apache-2.0'.")
+    extra_tags = list(tags)
+    if not all(isinstance(t, str) and re.fullmatch(r"[\w.\-:+]{1,64}", t) for t in extra_tags):
+        raise ValueError(f"tags={extra_tags!r} is invalid: accepted are short tags of letters, digits and -_.:+")
+
+    bits = settings["bits"]
+    tag_list = ["superweight", "optimum-superweight", f"{bits}-bit", "quantized"]
+    tag_list += [t for t in extra_tags if t not in tag_list]
+    block: dict[str, Any] = {
+        "card_version": CARD_VERSION,
+        "super_weights": [sw.with_updates(source=None).to_dict() for sw in records],
+        "quantization": settings,
+    }
+    if ppl is not None:
+        block["perplexity"] = ppl
+    if checkpoint_bytes is not None:
+        block["checkpoint_bytes"] = checkpoint_bytes
+    if dense_bytes is not None:
+        block["dense_16bit_bytes"] = dense_bytes
+
+    card_fields: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tag_list}
+    if license is not None:
+        card_fields["license"] = license
+    if base_model is not None:
+        card_fields["base_model"] = base_model
+        card_fields["base_model_relation"] = "quantized"
+    data = ModelCardData(**card_fields, **{CARD_KEY: block})
+
+    body = _generated_body(records, settings, base_model=base_model, repo_id=repo_id, ppl=ppl,
+                           checkpoint_bytes=checkpoint_bytes, dense_bytes=dense_bytes)
+    content = f"---\n{data.to_yaml()}\n---\n{body}"
+    parse_card(content, "generated model card")  # the card we write must pass our own reader's checks
+    return ModelCard(content)
+
+
+def _generated_body(
+    records: Sequence[SuperWeight],
+    settings: Mapping[str, Any],
+    *,
+    base_model: str | None,
+    repo_id: str | None,
+    ppl: Mapping[str, Any] | None,
+    checkpoint_bytes: int | None,
+    dense_bytes: int | None,
+) -> str:
+    bits = settings["bits"]
+    group = settings["group_size"]
+    title_name = (repo_id or base_model or "Model").split("/")[-1]
+    lines = [GENERATED_BEGIN, f"# {title_name} ({bits}-bit, optimum-superweight)", ""]
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "This model"
+    lines += [
+        f"{base_link} quantized to {bits} bits with [optimum-superweight]({PACKAGE_URL}), which finds the model's "
+        "super weights and keeps them exact while every other weight of the converted layers is stored in low bit.",
+        "",
+        "## Super weights",
+        "",
+        _SUPER_WEIGHTS_EXPLAINED,
+        "",
+    ]
+    if records:
+        lines += _coordinates_table(records)
+        lines += [
+            "",
+            "`row` is the hidden (output) channel and `col` the intermediate (input) channel: the weight is "
+            "`<module>.weight[row, col]` of the `[out_features, in_features]` matrix. The same list is in this "
+            f"card's YAML metadata under `{CARD_KEY}.super_weights`; "
+            f"`optimum_superweight.read_super_weights(\"{repo_id or 'REPO_ID'}\")` reads it back.",
+        ]
+    else:
+        lines += ["No super weight was found in this model, so none is held out of quantization."]
+    load_id = repo_id or "REPO_ID"
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```bash",
+        "pip install optimum-superweight",
+        "```",
+        "",
+        "```python",
+        "import optimum_superweight  # first: registers the \"superweight\" quantization method with transformers",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained(\"{load_id}\")",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{load_id}\")",
+        "```",
+        "",
+        "Without `import optimum_superweight`, transformers does not know the `superweight` method and cannot "
+        "load the packed weights.",
+        "",
+        "## Quantization",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| bits | {bits} |",
+        f"| group size | {'one group per output row' if group == -1 else group} |",
+        f"| scheme | {'symmetric' if settings.get('symmetric', True) else 'asymmetric (zero-point per group)'} |",
+        f"| scale dtype | {settings.get('scale_dtype')} |",
+        f"| modules kept in full precision | {_md_cell(', '.join(settings.get('modules_to_not_convert') or []) or 'output embedding (default)')} |",
+        f"| super weights kept exact | {len(records)} |",
+        f"| format version | {settings.get('format_version')} |",
+    ]
+    if ppl is not None:
+        lines += ["", "## Perplexity", "", "| model | perplexity |", "|---|---|"]
+        if "before" in ppl:
+            lines.append(f"| original{f' ({base_model})' if base_model else ''} | {ppl['before']:.4g} |")
+        ratio = f" (×{ppl['after'] / ppl['before']:.3f})" if "before" in ppl else ""
+        lines.append(f"| this checkpoint | {ppl['after']:.4g}{ratio} |")
+        detail = ", ".join(
+            part for part in (
+                ppl.get("text"),
+                f"{ppl['tokens']} tokens" if "tokens" in ppl else None,
+                f"windows of {ppl['window']}" if "window" in ppl else None,
+            ) if part
+        )
+        if detail:
+            lines += ["", f"Measured on {_md_cell(detail)}."]
+    if checkpoint_bytes is not None or dense_bytes is not None:
+        lines += ["", "## Size", "", "| | size |", "|---|---|"]
+        if checkpoint_bytes is not None:
+            lines.append(f"| this checkpoint (weight files) | {_human_bytes(checkpoint_bytes)} |")
+        if dense_bytes is not None:
+            lines.append(f"| same weights in 16-bit | {_human_bytes(dense_bytes)} |")
+        if checkpoint_bytes is not None and dense_bytes is not None:
+            lines.append(f"| ratio | {checkpoint_bytes / dense_bytes:.2f} |")
+    lines += [
+        "",
+        f"Super weights: Yu, Wang, Shan, Reed, Wan, *The Super Weight in Large Language Models*, 2024, {PAPER_URL}.",
+        GENERATED_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_index_card(
+    model_id: str,
+    super_weights: Sequence[SuperWeight],
+    *,
+    source: str,
+    references: Sequence[str] = (),
+    variants: Sequence[str] = (),
+    notes: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> "ModelCard":
+    """A card of the known-super-weights index (``model_cards/``): one full-precision model's coordinates.
+
+    >>> sw = SuperWeight(module="model.layers.1.mlp.down_proj", row=2070, col=7310)
+    >>> card = build_index_card("mistralai/Mistral-7B-v0.1", [sw], source="paper")
+    >>> card.data.superweight["model"]
+    'mistralai/Mistral-7B-v0.1'
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    _check_repo_id("model_id", model_id)
+    for variant in variants:
+        _check_repo_id("variants[]", variant)
+    if not super_weights:
+        raise ValueError(f"build_index_card({model_id!r}): an index card needs at least one super weight.")
+    block: dict[str, Any] = {
+        "card_version": CARD_VERSION,
+        "model": model_id,
+        "variants": list(variants),
+        "source": source,
+        "references": list(references),
+        "super_weights": [sw.with_updates(source=None).to_dict() for sw in super_weights],
+    }
+    if extra:
+        block.update(extra)
+    data = ModelCardData(library_name="transformers", tags=["superweight", "super-weight-index"], **{CARD_KEY: block})
+    lines = [
+        f"# Super weights of {model_id}",
+        "",
+        _SUPER_WEIGHTS_EXPLAINED,
+        "",
+        *_coordinates_table(super_weights),
+        "",
+        "`row` is the hidden (output) channel and `col` the intermediate (input) channel.",
+        "",
+        f"**Source:** {source}",
+    ]
+    if references:
+        lines += ["", "**References:** " + ", ".join(f"<{ref}>" for ref in references)]
+    if variants:
+        lines += ["", "**Shared by:** " + ", ".join(f"`{v}`" for v in variants) + " (same coordinates)."]
+    if notes:
+        lines += ["", notes.strip()]
+    lines += [
+        "",
+        "Quantize with these coordinates instead of running detection:",
+        "",
+        "```python",
+        "import optimum_superweight",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"config = optimum_superweight.SuperWeightConfig.from_known(\"{model_id}\", bits=4)",
+        f"model = AutoModelForCausalLM.from_pretrained(\"{model_id}\", quantization_config=config)",
+        "```",
+        "",
+    ]
+    content = f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines)
+    parse_card(content, "generated index card")
+    return ModelCard(content)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merging a generated card into an existing one
+# ---------------------------------------------------------------------------------------------------------------
+def merge_cards(existing: "str | ModelCard | None", generated: "ModelCard") -> "ModelCard":
+    """Put a generated card into an existing one: metadata merged (generated keys win, tags united), the
+    generated section replacing the previous one, or replacing the whole text when the existing card is
+    transformers' default template or has no content of its own. Human text outside the markers is kept.
+
+    An existing card that cannot be parsed safely is replaced entirely (never half-merged).
+    """
+    from huggingface_hub import ModelCard
+
+    if existing is None:
+        return generated
+    try:
+        if isinstance(existing, ModelCard):
+            old_meta = _bounded_copy(existing.data.to_dict(), "existing model card", [MAX_YAML_NODES])
+            old_text = existing.text
+        else:
+            old_meta, old_text = parse_card(existing, "existing model card")
+    except ValueError:
+        return generated
+    new_meta, new_text = parse_card(str(generated), "generated model card")
+
+    merged_meta = dict(old_meta)
+    old_tags = old_meta.get("tags") if isinstance(old_meta.get("tags"), list) else []
+    merged_meta.update(new_meta)
+    merged_meta["tags"] = list(dict.fromkeys([*new_meta.get("tags", []), *[t for t in old_tags if isinstance(t, str)]]))
+
+    begin = old_text.find(_GENERATED_BEGIN_PREFIX)
+    end = old_text.find(GENERATED_END)
+    if begin != -1 and end > begin:
+        text = old_text[:begin] + new_text.strip("\n") + old_text[end + len(GENERATED_END) :]
+    elif _TRANSFORMERS_DEFAULT_CARD_MARK in old_text or not old_text.strip():
+        text = new_text
+    else:
+        text = new_text.rstrip("\n") + "\n\n" + old_text.lstrip("\n")
+
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(**merged_meta)
+    content = f"---\n{data.to_yaml()}\n---\n{text}"
+    parse_card(content, "merged model card")
+    return ModelCard(content)
