@@ -1,0 +1,65 @@
+"""``optimum-cli superweight detect|quantize|push|card ...``: optimum-superweight's commands inside optimum-cli.
+
+optimum-cli imports every module of the ``optimum.commands.register`` namespace package (no ``__init__.py``
+anywhere on this path, PEP 420) and registers the commands listed in ``REGISTER_COMMANDS``. This module
+stays light: optimum-cli imports it on every start, so the package (torch, transformers) is only imported
+when a ``superweight`` command actually runs (or its help is shown). The sub-commands are the ones of
+``optimum-superweight``, built by :func:`optimum_superweight.cli.add_subcommands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+__all__ = ["SuperWeightCommand", "REGISTER_COMMANDS"]
+
+_PROG = "optimum-cli superweight"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from optimum_superweight.cli import add_subcommands
+
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Find a model's super weights, keep them exact, and quantize the rest to low bit "
+        "(optimum-superweight).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    add_subcommands(subparsers)
+    return parser
+
+
+class SuperWeightCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(
+        name="superweight",
+        help="optimum-superweight: detect super weights, quantize keeping them exact, push/read model cards",
+    )
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        # Everything after "superweight" goes to optimum-superweight's own parser, built only when needed.
+        parser.add_argument("superweight_args", nargs=argparse.REMAINDER, help="COMMAND and its arguments")
+        # `optimum-cli superweight --help` shows the real commands (imports the package only then).
+        parser.print_help = lambda file=None: _build_parser().print_help(file)  # type: ignore[method-assign]
+
+    def run(self) -> None:
+        argv = list(getattr(self.args, "superweight_args", None) or [])
+        parser = _build_parser()
+        if not argv:
+            parser.print_help()
+            sys.exit(1)
+        args = parser.parse_args(argv)
+        try:
+            code = int(args.func(args) or 0)
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
+            print(f"{_PROG} {args.command}: error: {error}", file=sys.stderr)
+            code = 2
+        if code:
+            sys.exit(code)
+
+
+REGISTER_COMMANDS = [SuperWeightCommand]
