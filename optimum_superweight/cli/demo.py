@@ -1,0 +1,133 @@
+"""``optimum-superweight demo``: the main job end to end on a model (the embedded SmolLM2 by default).
+
+Detect the super weights while quantizing on load, save the compressed checkpoint, reload it with a
+plain ``from_pretrained``, and report coordinates, perplexity, sizes, timings and a short generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+__all__ = ["register", "run", "folder_size"]
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="detect, quantize, save, reload and evaluate a model (default: the embedded SmolLM2-135M-Instruct)",
+        description=__doc__,
+    )
+    parser.add_argument("--model", default=None, help="local model folder or Hub id (default: embedded SmolLM2)")
+    parser.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default: 4)")
+    parser.add_argument("--group-size", type=int, default=64, help="inputs per scale, -1 per row (default: 64)")
+    parser.add_argument("--asymmetric", action="store_true", help="use zero-points (default: symmetric)")
+    parser.add_argument("--output", default="out/superweight-demo", help="where to save the compressed checkpoint")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of built-in text for perplexity")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the short generation")
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate")
+    parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    parser.set_defaults(func=run)
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the weight files (safetensors) in a model folder."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .. import SuperWeightConfig, default_model_path
+    from ..evaluation import perplexity
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    source = args.model or str(default_model_path())
+    output = Path(args.output)
+    report: dict = {"model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"}
+    print(f"model: {report['model']}")
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    start = time.perf_counter()
+    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    report["load_full_precision_s"] = time.perf_counter() - start
+    full_ppl = float(perplexity(full, tokenizer, max_tokens=args.max_tokens))
+    full_text = _generate(full, tokenizer, args.prompt, args.new_tokens)
+    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    del full
+
+    config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    start = time.perf_counter()
+    quantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=config)
+    report["quantize_on_load_s"] = time.perf_counter() - start
+    found = quantized.config.quantization_config.get_super_weights()
+
+    output.mkdir(parents=True, exist_ok=True)
+    quantized.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        before = quantized(ids).logits
+    del quantized
+    start = time.perf_counter()
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    report["reload_s"] = time.perf_counter() - start
+    with torch.no_grad():
+        identical = bool(torch.equal(reloaded(ids).logits, before))
+    quant_ppl = float(perplexity(reloaded, tokenizer, max_tokens=args.max_tokens))
+    quant_text = _generate(reloaded, tokenizer, args.prompt, args.new_tokens)
+
+    report.update(
+        super_weights=[sw.to_dict() for sw in found],
+        settings={"bits": args.bits, "group_size": args.group_size, "symmetric": not args.asymmetric},
+        bits_per_weight=config.bits_per_weight,
+        perplexity={"full_precision": full_ppl, "quantized": quant_ppl, "ratio": quant_ppl / full_ppl},
+        size_bytes={"full_precision_fp32": full_bytes, "checkpoint": folder_size(output)},
+        reload_identical_logits=identical,
+        generation={"prompt": args.prompt, "full_precision": full_text, "quantized": quant_text},
+        checkpoint=str(output),
+    )
+
+    print(f"\nsuper weights found ({len(found)}):")
+    for sw in found:
+        extra = f", {sw.classification}" if sw.classification else ""
+        impact = f", zeroing it: loss x{sw.impact:.2f}" if sw.impact else ""
+        print(f"  {sw.paper_notation():<45} value {sw.value:+.4f}{extra}{impact}")
+    settings = "symmetric" if not args.asymmetric else "asymmetric"
+    print(f"\nquantized: {args.bits}-bit, group {args.group_size}, {settings}, {config.bits_per_weight:.3f} bits/weight")
+    print(f"perplexity ({args.max_tokens} tokens of built-in text, windows of 512):")
+    print(f"  full precision  {full_ppl:8.3f}")
+    print(f"  quantized       {quant_ppl:8.3f}   (x{quant_ppl / full_ppl:.3f})")
+    fp_mb, ck_mb = full_bytes / 2**20, report["size_bytes"]["checkpoint"] / 2**20
+    print(f"size: full precision {fp_mb:.1f} MiB (fp32), compressed checkpoint {ck_mb:.1f} MiB (x{fp_mb / ck_mb:.2f} smaller)")
+    print(
+        f"time: load fp {report['load_full_precision_s']:.1f}s, quantize on load (incl. detection) "
+        f"{report['quantize_on_load_s']:.1f}s, reload {report['reload_s']:.1f}s; reload logits identical: {identical}"
+    )
+    print(f"\nprompt: {args.prompt}")
+    print(f"  full precision: {full_text}")
+    print(f"  quantized:      {quant_text}")
+    print(f"\ncompressed checkpoint saved in {output}/ (reload: import optimum_superweight; AutoModelForCausalLM.from_pretrained)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if identical and found else 1
