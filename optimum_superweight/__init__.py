@@ -8,6 +8,7 @@ compressed checkpoint with a plain call.
 from .cards import build_model_card, read_super_weights
 from .config import SuperWeightConfig
 from .default_model import default_model_path
+from .detection import DetectionReport, detect_super_weights
 from .hub import attach_card_hook, push_to_hub
 from .known import known_super_weights
 from .evaluation import PerplexityResult, builtin_text, load_text, perplexity
@@ -36,4 +37,6 @@ __all__ = [
     "known_super_weights",
     "push_to_hub",
     "attach_card_hook",
+    "detect_super_weights",
+    "DetectionReport",
 ]

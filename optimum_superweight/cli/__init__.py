@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "optimum_superweight.cli.demo",
     "optimum_superweight.cli.quantize",
     "optimum_superweight.cli.hub",
+    "optimum_superweight.cli.detect",
 )
 
 

@@ -1,0 +1,88 @@
+"""``optimum-superweight detect MODEL``: find a model's super weights, confirm them and print the report.
+
+Example::
+
+    optimum-superweight detect ./SmolLM2-135M-Instruct --json report.json --plot report.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        help="find a model's super weights, confirm them by ablation, and print the report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="local model folder or Hub id (loaded with AutoModelForCausalLM)")
+    parser.add_argument("--prompt", action="append", default=None, help="detection prompt (repeatable; default: built-in)")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the report as JSON")
+    parser.add_argument("--plot", dest="plot_path", default=None, metavar="FILE", help="save the plot (PNG, PDF, SVG)")
+    parser.add_argument(
+        "--projection",
+        default=None,
+        metavar="NAME",
+        help="MLP output projection relative to a decoder layer (e.g. mlp.down_proj); needed for "
+        "architectures outside the built-in table",
+    )
+    parser.add_argument("--no-confirm", action="store_true", help="skip confirmation by ablation (report raw spikes)")
+    parser.add_argument("--threshold", type=float, default=50.0, help="absolute spike threshold (default: 50)")
+    parser.add_argument("--min-ratio", type=float, default=100.0, help="spike / layer median (default: 100)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, metavar="N", help="decoder layers to search (default: all)"
+    )
+    parser.add_argument("--max-super-weights", type=int, default=16, help="most candidates kept (default: 16)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype (default: float32)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..detection import detect_super_weights
+
+    start = time.perf_counter()
+    if not args.quiet:
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = None
+        if args.prompt:
+            raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")
+        print("note: no tokenizer found; fixed token ids stand in for the prompts", file=sys.stderr)
+    if not args.quiet:
+        print(f"loaded in {time.perf_counter() - start:.1f}s; detecting ...", file=sys.stderr, flush=True)
+    report = detect_super_weights(
+        model,
+        tokenizer,
+        prompts=args.prompt,
+        threshold=args.threshold,
+        min_ratio=args.min_ratio,
+        layers=args.layers,
+        max_super_weights=args.max_super_weights,
+        confirm=not args.no_confirm,
+        projection=args.projection,
+        progress=not args.quiet,
+    )
+    print(report.to_text())
+    if args.json_path:
+        report.to_json(args.json_path)
+        print(f"JSON report written to {args.json_path}")
+    if args.plot_path:
+        report.plot(args.plot_path)
+        print(f"plot saved to {args.plot_path}")
+    return 0
