@@ -171,6 +171,11 @@ class LocalHub(ThreadingHTTPServer):
             commit = self._repos[repo_id].at(revision)
             return dict(commit.files) if commit else {}
 
+    def head_oid(self, repo_id: str) -> str:
+        """The commit id of ``main``."""
+        with self._lock:
+            return self._repos[repo_id].head.oid
+
     def commits(self, repo_id: str) -> list[str]:
         """Commit summaries, oldest first (the repo's creation commit included)."""
         with self._lock:
