@@ -39,6 +39,19 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+def _dense_bytes(model) -> int:
+    """Bytes of the floating-point tensors that were not quantized (embeddings, norms, lm_head)."""
+    from ..nn.linear import SuperWeightLinear
+
+    quantized = {id(p) for m in model.modules() if isinstance(m, SuperWeightLinear) for p in m.parameters()}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in quantized and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
 def _generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
     import torch
 
@@ -102,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
         settings={"bits": args.bits, "group_size": args.group_size, "symmetric": not args.asymmetric},
         bits_per_weight=config.bits_per_weight,
         perplexity={"full_precision": full_ppl, "quantized": quant_ppl, "ratio": quant_ppl / full_ppl},
-        size_bytes={"full_precision_fp32": full_bytes, "checkpoint": folder_size(output)},
+        size_bytes={
+            "full_precision_fp32": full_bytes,
+            "checkpoint": folder_size(output),
+            "kept_full_precision": _dense_bytes(reloaded),
+        },
         reload_identical_logits=identical,
         generation={"prompt": args.prompt, "full_precision": full_text, "quantized": quant_text},
         checkpoint=str(output),
@@ -111,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nsuper weights found ({len(found)}):")
     for sw in found:
         extra = f", {sw.classification}" if sw.classification else ""
-        impact = f", zeroing it: loss x{sw.impact:.2f}" if sw.impact else ""
+        impact = f", zeroing it: perplexity x{sw.impact:.2f}" if sw.impact else ""
         print(f"  {sw.paper_notation():<45} value {sw.value:+.4f}{extra}{impact}")
     settings = "symmetric" if not args.asymmetric else "asymmetric"
     print(f"\nquantized: {args.bits}-bit, group {args.group_size}, {settings}, {config.bits_per_weight:.3f} bits/weight")
@@ -119,7 +136,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"  full precision  {full_ppl:8.3f}")
     print(f"  quantized       {quant_ppl:8.3f}   (x{quant_ppl / full_ppl:.3f})")
     fp_mb, ck_mb = full_bytes / 2**20, report["size_bytes"]["checkpoint"] / 2**20
-    print(f"size: full precision {fp_mb:.1f} MiB (fp32), compressed checkpoint {ck_mb:.1f} MiB (x{fp_mb / ck_mb:.2f} smaller)")
+    dense_mb = report["size_bytes"]["kept_full_precision"] / 2**20
+    print(
+        f"size: full precision {fp_mb:.1f} MiB (fp32), compressed checkpoint {ck_mb:.1f} MiB (x{fp_mb / ck_mb:.2f} smaller;"
+        f" {dense_mb:.1f} MiB of it is embeddings and norms kept in full precision)"
+    )
     print(
         f"time: load fp {report['load_full_precision_s']:.1f}s, quantize on load (incl. detection) "
         f"{report['quantize_on_load_s']:.1f}s, reload {report['reload_s']:.1f}s; reload logits identical: {identical}"
