@@ -636,6 +636,7 @@ def build_model_card(
     dense_bytes: int | None = None,
     license: str | None = None,
     tags: Iterable[str] = (),
+    tokenizer: bool = True,
 ) -> "ModelCard":
     """The model card of a checkpoint quantized with optimum-superweight.
 
@@ -649,6 +650,7 @@ def build_model_card(
         dense_bytes: Size of the same weights in 16-bit, for comparison.
         license: SPDX-like license id for the metadata (``"apache-2.0"``).
         tags: Extra Hub tags.
+        tokenizer: Whether the repo ships the tokenizer (else the loading snippet takes it from ``base_model``).
 
     >>> from optimum_superweight import SuperWeightConfig
     >>> config = SuperWeightConfig(bits=4, super_weights=[{"module": "model.layers.2.mlp.down_proj", "row": 3968, "col": 7003}])
@@ -695,7 +697,7 @@ def build_model_card(
     data = ModelCardData(**card_fields, **{CARD_KEY: block})
 
     body = _generated_body(records, settings, base_model=base_model, repo_id=repo_id, ppl=ppl,
-                           checkpoint_bytes=checkpoint_bytes, dense_bytes=dense_bytes)
+                           checkpoint_bytes=checkpoint_bytes, dense_bytes=dense_bytes, tokenizer=bool(tokenizer))
     content = f"---\n{data.to_yaml()}\n---\n{body}"
     parse_card(content, "generated model card")  # the card we write must pass our own reader's checks
     return ModelCard(content)
@@ -710,6 +712,7 @@ def _generated_body(
     ppl: Mapping[str, Any] | None,
     checkpoint_bytes: int | None,
     dense_bytes: int | None,
+    tokenizer: bool = True,
 ) -> str:
     bits = settings["bits"]
     group = settings["group_size"]
@@ -750,7 +753,8 @@ def _generated_body(
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f"model = AutoModelForCausalLM.from_pretrained(\"{load_id}\")",
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{load_id}\")",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{load_id if tokenizer or not base_model else base_model}\")"
+        + ("" if tokenizer or not base_model else "  # this repo ships no tokenizer: the base model's"),
         "```",
         "",
         "Without `import optimum_superweight`, transformers does not know the `superweight` method and cannot "

@@ -119,6 +119,13 @@ def _infer_base_model(name_or_path: str | None) -> str | None:
     return None
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def _checkpoint_bytes(folder: Path) -> int | None:
     total = sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
     return total or None
@@ -258,6 +265,7 @@ def card_for_folder(
         dense_bytes=dense_bytes,
         license=license,
         tags=tags,
+        tokenizer=_has_tokenizer(folder),
     )
     merged = merge_cards(existing_card, card)
     _check_card_round_trip(merged, records)
@@ -275,7 +283,8 @@ def card_for_model(model: Any, *, repo_id: str | None = None, folder: str | os.P
         kwargs["base_model"] = _infer_base_model(getattr(model.config, "name_or_path", None) or getattr(model, "name_or_path", None))
     kwargs.setdefault("dense_bytes", _dense_16bit_bytes(model))
     checkpoint_bytes = _checkpoint_bytes(Path(folder)) if folder is not None else None
-    card = build_model_card(model, repo_id=repo_id, checkpoint_bytes=checkpoint_bytes, **kwargs)
+    tokenizer = _has_tokenizer(Path(folder)) if folder is not None else False
+    card = build_model_card(model, repo_id=repo_id, checkpoint_bytes=checkpoint_bytes, tokenizer=tokenizer, **kwargs)
     return card
 
 
@@ -398,8 +407,9 @@ def push_to_hub(
     max_shard_size: int | str = "5GB",
     license: str | None = None,
     tags: Iterable[str] = (),
+    tokenizer: Any = None,
 ):
-    """Save a superweight-quantized model and upload it with its model card to ``repo_id``, in one commit.
+    """Save a superweight-quantized model (and its tokenizer) and upload them with the model card, in one commit.
 
     Args:
         model: A model loaded with ``quantization_config=SuperWeightConfig(...)`` (or a reloaded checkpoint).
@@ -410,6 +420,7 @@ def push_to_hub(
         perplexity: ``{"before": ..., "after": ..., "text": ..., "tokens": ...}`` or ``(before, after)``.
         max_shard_size: Passed to ``save_pretrained``.
         license, tags: Card metadata.
+        tokenizer: A tokenizer to save and upload with the model (recommended: the card's snippet loads it).
 
     Returns:
         The ``huggingface_hub.CommitInfo`` of the commit.
@@ -418,7 +429,7 @@ def push_to_hub(
         ValueError: invalid arguments, or a model not quantized with optimum-superweight; nothing is uploaded.
 
     >>> import optimum_superweight
-    >>> optimum_superweight.push_to_hub(model, "user/tiny-sw4", perplexity=(14.99, 15.9))  # doctest: +SKIP
+    >>> optimum_superweight.push_to_hub(model, "user/tiny-sw4", tokenizer=tokenizer, perplexity=(14.99, 15.9))  # doctest: +SKIP
     """
     _check_repo_id(repo_id)
     _check_commit_message(commit_message)
@@ -433,6 +444,8 @@ def push_to_hub(
         perplexity = card_kwargs.get("perplexity")
     with tempfile.TemporaryDirectory(prefix="optimum-superweight-push-") as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         readme = Path(tmp) / "README.md"
         if readme.exists():  # save_pretrained never writes one; a hook of a subclass might
             readme.unlink()

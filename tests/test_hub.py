@@ -49,7 +49,9 @@ def test_push_then_pull_into_empty_cache_gives_identical_logits(hub_env, quantiz
     from transformers import AutoModelForCausalLM
 
     hub = hub_env.hub
-    info = push_to_hub(quantized, "test-user/tiny-sw4", base_model="test-org/tiny-llama",
+    from optimum_superweight.testing import tiny_tokenizer
+
+    info = push_to_hub(quantized, "test-user/tiny-sw4", base_model="test-org/tiny-llama", tokenizer=tiny_tokenizer(),
                        perplexity={"before": 10.0, "after": 10.5}, commit_message="Add 4-bit checkpoint")
     assert info.oid == hub.head_oid("test-user/tiny-sw4")
     assert hub.commits("test-user/tiny-sw4") == ["initial commit", "Add 4-bit checkpoint"]  # exactly one commit
@@ -58,12 +60,15 @@ def test_push_then_pull_into_empty_cache_gives_identical_logits(hub_env, quantiz
     metadata, text = parse_card(files["README.md"].decode())
     assert metadata["base_model"] == "test-org/tiny-llama" and metadata["base_model_relation"] == "quantized"
     assert "`layers[1].mlp.down_proj.weight[5, 7]`" in text and "| this checkpoint | 10.5 (×1.050) |" in text
-    assert "## Size" in text
+    assert "## Size" in text and 'AutoTokenizer.from_pretrained("test-user/tiny-sw4")' in text
 
     assert not any(hub_env.cache_dir.iterdir())  # the pull starts from an empty cache
     reloaded = AutoModelForCausalLM.from_pretrained("test-user/tiny-sw4")
     assert torch.equal(_logits(reloaded), _logits(quantized))
     assert any(m == "GET" and p.endswith("/model.safetensors") for m, p in hub.requests)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained("test-user/tiny-sw4")("hi").input_ids == tiny_tokenizer()("hi").input_ids
     assert any(hub_env.cache_dir.iterdir())
 
     records = read_super_weights("test-user/tiny-sw4")  # from the Hub card
@@ -83,6 +88,7 @@ def test_model_push_to_hub_ends_with_the_card(hub_env, quantized):
     assert hub.commits("test-user/tiny-hook") == ["initial commit", "via transformers"]
     readme = _readme(hub, "test-user/tiny-hook")
     assert readme.count(GENERATED_BEGIN) == 1 and "More Information Needed" not in readme
+    assert 'AutoTokenizer.from_pretrained("test-org/tiny-llama")' in readme  # no tokenizer pushed: the base model's
     assert [(sw.row, sw.col) for sw in read_super_weights("test-user/tiny-hook")] == [(5, 7)]
     reloaded = AutoModelForCausalLM.from_pretrained("test-user/tiny-hook")
     assert torch.equal(_logits(reloaded), _logits(quantized))
@@ -94,8 +100,6 @@ def test_model_push_to_hub_ends_with_the_card(hub_env, quantized):
     assert readme.count(GENERATED_BEGIN) == 1 and "10.2 (×1.020)" in readme
 
 
-@pytest.mark.xfail(strict=True, reason="until the quantizer's after-load hook calls attach_card_hook(model): "
-                   "then delete this marker")
 def test_quantizer_attaches_the_card_hook(quantized, tmp_path):
     """Every model the quantizer loads (fresh quantization and reloaded checkpoint) gets the card hook."""
     from transformers import AutoModelForCausalLM
@@ -258,3 +262,28 @@ def test_optimum_cli_exposes_the_commands():
     assert all(f" {c} " in result.stdout for c in ("quantize", "push", "card"))  # the real sub-commands in the help
     assert "CODES 0 0 2" in result.stdout and "No known super weights" in result.stderr
     assert not (REPO / "optimum" / "__init__.py").exists() and not (REPO / "optimum" / "commands" / "__init__.py").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_from_index_push_and_pull(hub_env, smollm2_path):
+    """The embedded SmolLM2, quantized with the index's coordinates (no detection), pushed and pulled back."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hub = hub_env.hub
+    config = SuperWeightConfig.from_known("HuggingFaceTB/SmolLM2-135M-Instruct", bits=4, group_size=64)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, quantization_config=config)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    push_to_hub(model, "test-user/SmolLM2-135M-Instruct-sw4", tokenizer=tokenizer)
+    metadata, text = parse_card(_readme(hub, "test-user/SmolLM2-135M-Instruct-sw4"))
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # inferred from the index
+    (entry,) = metadata["superweight"]["super_weights"]
+    assert (entry["module"], entry["row"], entry["col"], entry["value"]) == (
+        "model.layers.11.mlp.down_proj", 507, 1229, 5.875732421875
+    )
+    assert "`layers[11].mlp.down_proj.weight[507, 1229]`" in text
+    reloaded = AutoModelForCausalLM.from_pretrained("test-user/SmolLM2-135M-Instruct-sw4")
+    ids = AutoTokenizer.from_pretrained("test-user/SmolLM2-135M-Instruct-sw4")(
+        "Apple Inc. is a worldwide tech company.", return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
