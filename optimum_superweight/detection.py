@@ -189,6 +189,28 @@ class DetectionReport:
             "timings": dict(self.timings),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DetectionReport":
+        """Rebuild a report from :meth:`to_dict` output (e.g. a saved JSON file), to re-plot or re-print it."""
+        if not isinstance(data, dict) or "candidates" not in data or "projection" not in data:
+            raise ValueError("DetectionReport.from_dict expects the dict written by DetectionReport.to_dict().")
+        spike_fields = {f for f in LayerSpikes.__dataclass_fields__}
+        return cls(
+            model_type=data.get("model_type"),
+            projection=data["projection"],
+            prompts=list(data.get("prompts", [])),
+            threshold=float(data.get("threshold", 50.0)),
+            min_ratio=float(data.get("min_ratio", 100.0)),
+            iterations=int(data.get("iterations", 0)),
+            candidates=[SuperWeight.from_dict(c) for c in data["candidates"]],
+            super_activations=[SuperActivation(**a) for a in data.get("super_activations", [])],
+            layer_spikes=[
+                LayerSpikes(**{k: v for k, v in s.items() if k in spike_fields}) for s in data.get("layer_spikes", [])
+            ],
+            confirmation=data.get("confirmation"),
+            timings=dict(data.get("timings", {})),
+        )
+
     def to_json(self, path: str | os.PathLike[str] | None = None, indent: int = 2) -> str:
         """The report as JSON; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent)
@@ -277,11 +299,18 @@ class DetectionReport:
                         f"L{c.layer} [{c.row}, {c.col}]",
                         (c.layer, c.output_spike or self.threshold),
                         textcoords="offset points",
-                        xytext=(6, 4),
+                        xytext=(8, -10),
                         color="red",
                         fontsize=8,
                     )
                     marked.add(c.layer)
+        # Every confirmed candidate at its output spike, coloured by class.
+        styles = {"super": ("red", "*", 160), "weak": ("tab:purple", "^", 70), "no_effect": ("grey", "v", 50)}
+        for name, (color, marker, size) in styles.items():
+            points = [(c.layer, c.output_spike) for c in self.candidates if c.classification == name and c.output_spike]
+            if points:
+                xs, ys = zip(*points)
+                ax.scatter(xs, ys, color=color, marker=marker, s=size, zorder=5, label=f"candidate: {name}")
         ax.set_yscale("log")
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("|activation|")
@@ -528,20 +557,29 @@ class _LayerSkip:
 
     def __init__(self, layers: list[torch.nn.Module], cache: dict[int, Any], start: int):
         self.layers, self.cache, self.start = layers, cache, start
+        self.saved: list[tuple[torch.nn.Module, Any]] = []
 
     def __enter__(self):
         if self.start > 0:
             cached = self.cache[self.start - 1]
             for layer in self.layers[: self.start]:
+                # Keep an instance-level forward (accelerate's device hooks put one there) to put back.
+                self.saved.append((layer, layer.__dict__.get("forward", _MISSING)))
                 # A clone: a later layer may update its input in place.
                 layer.forward = lambda *args, _c=cached, **kwargs: _clone_output(_c)
         return self
 
     def __exit__(self, *exc):
-        for layer in self.layers[: self.start]:
-            if "forward" in layer.__dict__:
+        for layer, forward in self.saved:
+            if forward is _MISSING:
                 del layer.forward
+            else:
+                layer.forward = forward
+        self.saved.clear()
         return False
+
+
+_MISSING = object()
 
 
 def _clone_output(output: Any) -> Any:
@@ -756,7 +794,9 @@ def detect_super_weights(
                 # the decoder-layer list), so that each ablation starts at the candidate's layer.
                 cache: dict[int, Any] = {}
                 position = {site.layer: i for i, site in enumerate(sites)}
-                skippable = _layers_are_contiguous(model, sites)
+                # Skip only where the layout is known: an unlisted architecture may pass state between
+                # layers outside their outputs (shared KV, per-layer inputs), where skipping is unsafe.
+                skippable = projection is None and _layers_are_contiguous(model, sites)
                 needed = {position[c["site"].layer] - 1 for c in found if skippable and position[c["site"].layer] > 0}
                 cache_handles = [
                     decoder_layers[i].register_forward_hook(
@@ -769,7 +809,11 @@ def detect_super_weights(
                 finally:
                     for handle in cache_handles:
                         handle.remove()
-                base_p = base_logp.exp()
+                base_p = base_logp.exp().reshape(-1)
+                # KL(p || q) summed over positions = sum p log p - sum p log q: the first term once, the
+                # second as one dot product per ablation (no [tokens, vocab] temporaries).
+                base_plogp = float(torch.dot(base_p, base_logp.reshape(-1)))
+                n_positions = base_logp.shape[0]
                 def ablate(keys: list[tuple[int, int, int]]) -> tuple[float, float, float]:
                     start = min(position[k[0]] for k in keys) if skippable else 0
                     for key in keys:
@@ -779,7 +823,7 @@ def detect_super_weights(
                             nll, logp = _nll_and_logprobs(model, text_ids)
                     finally:
                         restore(keys)
-                    kl = float((base_p * (base_logp - logp)).sum(-1).mean())
+                    kl = (base_plogp - float(torch.dot(base_p, logp.reshape(-1)))) / n_positions
                     return nll, max(kl, 0.0), math.exp(nll - base_nll)
 
                 for i, c in enumerate(found):

@@ -255,3 +255,48 @@ def test_smollm2_layer_11_is_the_super_weight(smollm2_path, tmp_path):
     assert act.channel == 507 and act.token_index == 0
     assert min(act.magnitudes[11:28]) > 10_000
     report.plot(tmp_path / "smollm2.png")
+
+
+def test_report_round_trips_through_json(tmp_path):
+    report = detect_super_weights(build_tiny_model("olmo", super_weights=[(1, 2, 3)]))
+    again = DetectionReport.from_dict(json.loads(report.to_json()))
+    assert again.to_dict() == report.to_dict()
+    assert again.to_text() == report.to_text()
+    again.plot(tmp_path / "again.png")
+    with pytest.raises(ValueError, match="to_dict"):
+        DetectionReport.from_dict({"nothing": 1})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "falcon", "opt", "gemma3_text"])
+def test_layer_skipping_ablation_equals_a_full_forward(model_type):
+    """Confirmation re-runs only the layers from the candidate's on; it must match a full pass exactly."""
+    model = build_tiny_model(model_type, super_weights=[(2, 5, 7)])
+    sites = projection_sites(model)
+    layers = [model.get_submodule(s.layer_name) for s in sites]
+    ids = torch.tensor([list(range(3, 60))])
+    cache = {}
+    handle = layers[1].register_forward_hook(lambda _m, _a, out: cache.__setitem__(1, detection_module._clone_output(out)))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    site = sites[2]
+    index = weight_index(site, 5, 7)
+    with torch.no_grad():
+        site.module.weight[index] = 0.0
+        full = model(input_ids=ids, use_cache=False).logits
+        with detection_module._LayerSkip(layers, cache, 2):
+            skipped = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(full, skipped)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_layer_skipping_puts_back_instance_forwards():
+    # accelerate's device hooks replace module.forward on the instance: it must survive an ablation.
+    model = build_tiny_model("llama", super_weights=None)
+    layers = list(model.model.layers)
+    wrapper = layers[0].forward
+    layers[0].forward = wrapper
+    with detection_module._LayerSkip(layers, {2: torch.zeros(1)}, 3):
+        assert layers[0].forward is not wrapper
+    assert layers[0].__dict__["forward"] is wrapper
+    assert "forward" not in layers[1].__dict__ and "forward" not in layers[2].__dict__
