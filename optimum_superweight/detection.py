@@ -640,8 +640,10 @@ def detect_super_weights(
     ``confirm_tokens`` tokens of built-in text (``pydoc_data.topics``); the perplexity ratio (``impact``)
     and the KL divergence of next-token distributions from the original (``extra["kl"]``) classify it
     ``super`` (KL >= :data:`SUPER_KL` or ppl x >= :data:`SUPER_PPL_RATIO`), ``weak`` (KL >=
-    :data:`WEAK_KL` or ppl changed >= :data:`WEAK_PPL_RATIO` x) or ``no_effect``. Each ablation re-runs
-    only the layers from the candidate's on (earlier hidden states are cached).
+    :data:`WEAK_KL` or ppl changed >= :data:`WEAK_PPL_RATIO` x) or ``no_effect``. Candidates sharing a
+    layer and row are also zeroed together; when the group reaches a class none of them reaches alone
+    (two halves of one activation), each member gets the group's class (``extra["group_kl"]``). Each
+    ablation re-runs only the layers from the candidate's on (earlier hidden states are cached).
 
     The model's weights are always restored bit-exactly, whatever happens.
 
