@@ -60,7 +60,7 @@ class SuperWeight:
         input_spike: Largest ``|input|`` of the module at ``col`` seen during detection.
         output_spike: Largest ``|output|`` of the module at ``row`` seen during detection.
         classification: ``"super"``, ``"weak"`` or ``"no_effect"`` once confirmed by ablation.
-        impact: Loss ratio (ablated / original) measured when the weight is zeroed.
+        impact: Perplexity ratio (ablated / original) on the confirmation text when the weight is zeroed.
         source: Where the coordinates came from (``"detected"``, ``"user"``, ``"card"``, ``"index"``, ...).
     """
 

@@ -221,6 +221,22 @@ def test_cli_push_and_card_in_a_subprocess_via_hf_endpoint(hub_env, quantized, t
     assert "10.4 (×1.040)" in _readme(hub_env.hub, "test-user/cli-sw4")
 
 
+def test_cli_push_dry_run_uploads_nothing(hub_env, quantized, tmp_path, capsys):
+    from optimum_superweight.cli import main
+
+    folder = tmp_path / "ckpt"
+    quantized.save_pretrained(folder)
+    assert main(["push", str(folder), "test-user/dry", "--dry-run", "--base-model", "test-org/tiny-llama",
+                 "--ppl-after", "10.3", "--tag", "tiny"]) == 0
+    out, err = capsys.readouterr()
+    metadata, _ = parse_card(out)
+    assert metadata["base_model"] == "test-org/tiny-llama" and "tiny" in metadata["tags"]
+    assert "would upload config.json" in err and "model.safetensors" in err
+    assert hub_env.hub.requests == []
+    assert main(["push", str(folder), "test-user/dry", "--ppl-before", "10"]) == 2
+    assert "need --ppl-after" in capsys.readouterr().err and hub_env.hub.requests == []
+
+
 def test_cli_card_reads_files_and_index(tmp_path, capsys):
     from optimum_superweight.cli import main
 
