@@ -914,7 +914,10 @@ def merge_cards(existing: "str | ModelCard | None", generated: "ModelCard") -> "
 
     from huggingface_hub import ModelCardData
 
-    data = ModelCardData(**merged_meta)
+    try:
+        data = ModelCardData(**merged_meta)
+    except (ValueError, TypeError, KeyError):  # e.g. a malformed model-index in the old card: start over
+        return generated
     content = f"---\n{data.to_yaml()}\n---\n{text}"
     parse_card(content, "merged model card")
     return ModelCard(content)

@@ -283,3 +283,8 @@ def test_merge_replaces_unsafe_existing_card():
 def test_parse_card_returns_metadata_and_text():
     assert parse_card("---\na: 1\n---\nbody") == ({"a": 1}, "body")
     assert parse_card("no metadata") == ({}, "no metadata")
+
+
+def test_merge_with_invalid_hub_metadata_starts_over():
+    merged = merge_cards("---\nmodel-index: 5\n---\nuser text\n", _card())
+    assert merged.text.startswith(GENERATED_BEGIN) and len(read_super_weights(merged)) == 2
