@@ -11,6 +11,7 @@ from .default_model import default_model_path
 from .detection import DetectionReport, detect_super_weights
 from .hub import attach_card_hook, push_to_hub
 from .known import known_super_weights
+from .ablation import AblationReport, ablate
 from .evaluation import PerplexityResult, builtin_text, load_text, perplexity
 from .models import SuperWeightQuantizer, dequantize_model, quantize_model, register
 from .nn.linear import SuperWeightLinear
@@ -29,6 +30,8 @@ __all__ = [
     "quantize_model",
     "dequantize_model",
     "perplexity",
+    "ablate",
+    "AblationReport",
     "PerplexityResult",
     "builtin_text",
     "load_text",

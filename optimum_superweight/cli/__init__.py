@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "optimum_superweight.cli.quantize",
     "optimum_superweight.cli.hub",
     "optimum_superweight.cli.detect",
+    "optimum_superweight.cli.evaluate",
 )
 
 
