@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..kernels import kernel_label, linear_forward
 from ..records import SuperWeight
 from ..tensor.quantize import GroupLayout, dequantize_weight, quantize_weight, restore_exact
 
@@ -156,9 +157,14 @@ class SuperWeightLinear(nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize_weight(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, weight, bias)
+        # Dispatch to a fast kernel when one fits (see optimum_superweight.kernels); the reference is
+        # dequantize_weight() + F.linear.
+        return linear_forward(self, x)
+
+    @property
+    def kernel(self) -> str:
+        """Kernel of the latest forward (before any: the one a bfloat16 token would use), e.g. ``'cpu-int4'``."""
+        return kernel_label(self)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight (super weights exact)."""
@@ -183,5 +189,6 @@ class SuperWeightLinear(nn.Module):
         kind = "symmetric" if self.symmetric else "asymmetric"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={self.bits}, group_size={self.group_size}, {kind}, super_weights={self.num_super_weights}"
+            f"bits={self.bits}, group_size={self.group_size}, {kind}, super_weights={self.num_super_weights}, "
+            f"kernel={self.kernel}"
         )

@@ -1,0 +1,310 @@
+"""Kernel dispatch for :class:`~optimum_superweight.nn.linear.SuperWeightLinear`.
+
+One operation — ``y = x @ W^T + b`` with ``W`` group-quantized and its super weights exact — and several
+implementations registered in order of preference (bitsandbytes-backends style). For each call the first
+kernel that supports the module (bits, group size, shape), the input (dtype, device) and the token count
+runs; the reference kernel (dequantize + ``F.linear``) supports everything and closes the list.
+
+================  ===========================================================================================
+kernel            when
+================  ===========================================================================================
+``cpu-int4``      CPU, bfloat16 input, bits <= 4, group size a multiple of 32, out_features % 16 == 0,
+                  fewer than ``dense_threshold`` tokens (decode)
+``cpu-int8``      CPU, bfloat16 input, bits 5-8, one scale per row, fewer than ``dense_threshold`` tokens
+``cpu-dense``     CPU, bfloat16/float16 input otherwise (prefill, or shapes the int kernels refuse):
+                  dequantize in the input dtype per call, dense GEMM
+``reference``     everything else: float32 input (unless cast, below), CUDA and other devices
+================  ===========================================================================================
+
+CUDA stays on the reference path for now: torch's CUDA int4 kernel was not wired because no GPU was
+available to test its (different) packing.
+
+**Float32 inputs.** The int kernels are fast only with bfloat16 activations. A float32 model therefore
+runs the reference path (exact float32 arithmetic, but a full dequantization per call: slow), and says so
+once in the log. Opt in to casting the activations of the quantized layers to bfloat16 (outputs are cast
+back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
+environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16``; or load the model with
+``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
+``OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD`` (default 32) sets the token count from which ``cpu-dense`` wins.
+
+Kernel layouts are built on first use and cached on the module as plain attributes — never in the
+``state_dict``, so the on-disk format stays the plain packed one — and rebuilt whenever the packed weight,
+its scales, zero-points or super weights are replaced or modified in place, or the device changes.
+They cost about as much memory as the packed weight again; no dense copy is kept.
+
+>>> import torch
+>>> from optimum_superweight.nn.linear import SuperWeightLinear
+>>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(128, 64), bits=4, group_size=64)
+>>> _ = layer(torch.randn(1, 128, dtype=torch.bfloat16)); layer.kernel
+'cpu-int4'
+>>> select_kernel(layer, torch.float32, torch.device("cpu"), tokens=1).label
+'reference'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cpu import DenseCpuKernel, Int4CpuKernel, Int8CpuKernel
+from .reference import ReferenceKernel
+
+__all__ = [
+    "KernelSelection",
+    "register_kernel",
+    "registered_kernels",
+    "select_kernel",
+    "linear_forward",
+    "kernel_summary",
+    "prepare_kernels",
+    "set_float32_policy",
+    "float32_policy",
+    "set_dense_threshold",
+    "dense_threshold",
+]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT32_POLICIES = ("reference", "bfloat16")
+REFERENCE = ReferenceKernel()
+_KERNELS: list[Any] = [Int4CpuKernel(), Int8CpuKernel(), DenseCpuKernel(), REFERENCE]
+# Kernels worth running per token; the others are only chosen for many tokens at once or as fallbacks.
+_DECODE_KERNELS = {"cpu-int4", "cpu-int8"}
+
+
+def _env_policy() -> str:
+    value = os.environ.get("OPTIMUM_SUPERWEIGHT_FLOAT32", "reference").strip().lower()
+    if value not in _FLOAT32_POLICIES:
+        raise ValueError(f"OPTIMUM_SUPERWEIGHT_FLOAT32={value!r} is invalid: use one of {_FLOAT32_POLICIES}.")
+    return value
+
+
+def _env_threshold() -> int:
+    value = os.environ.get("OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD", "32")
+    try:
+        threshold = int(value)
+    except ValueError:
+        threshold = -1
+    if threshold < 1:
+        raise ValueError(f"OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD={value!r} is invalid: use a positive integer.")
+    return threshold
+
+
+_settings = {
+    "float32": _env_policy(),
+    "threshold": _env_threshold(),
+    "reference_only": os.environ.get("OPTIMUM_SUPERWEIGHT_KERNELS", "").strip().lower() == "reference",
+    "generation": 0,  # bumped on every settings change: invalidates cached selections
+}
+_announced: set[str] = set()
+
+
+def set_float32_policy(policy: str) -> None:
+    """What float32 inputs do: ``"reference"`` (default: exact, slow) or ``"bfloat16"`` (cast, fast kernels).
+
+    >>> set_float32_policy("bfloat16"); float32_policy()
+    'bfloat16'
+    >>> set_float32_policy("reference")
+    """
+    if policy not in _FLOAT32_POLICIES:
+        raise ValueError(f"float32 policy {policy!r} is invalid: use one of {_FLOAT32_POLICIES}.")
+    _settings["float32"] = policy
+    _settings["generation"] += 1
+
+
+def float32_policy() -> str:
+    return _settings["float32"]
+
+
+def set_dense_threshold(tokens: int) -> None:
+    """Token count per call from which the dequantize + dense GEMM path replaces the int kernels."""
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"dense threshold {tokens!r} is invalid: use a positive integer.")
+    _settings["threshold"] = tokens
+    _settings["generation"] += 1
+
+
+def dense_threshold() -> int:
+    return _settings["threshold"]
+
+
+def register_kernel(kernel: Any, *, before: str = "reference") -> None:
+    """Add a kernel (``name``, ``unsupported(module, dtype, device, tokens)``, ``prepare``, ``run``) before another."""
+    for attribute in ("name", "unsupported", "prepare", "run"):
+        if not hasattr(kernel, attribute):
+            raise TypeError(f"kernel {kernel!r} lacks {attribute!r}: kernels need name, unsupported, prepare and run.")
+    names = [k.name for k in _KERNELS]
+    if kernel.name in names:
+        raise ValueError(f"a kernel named {kernel.name!r} is already registered ({names}).")
+    if before not in names:
+        raise ValueError(f"before={before!r} is not a registered kernel: choose one of {names}.")
+    _KERNELS.insert(names.index(before), kernel)
+    _settings["generation"] += 1
+
+
+def registered_kernels() -> list[str]:
+    return [k.name for k in _KERNELS]
+
+
+@dataclass(frozen=True)
+class KernelSelection:
+    """The kernel a call runs, the dtype it computes in, and why faster kernels were passed over."""
+
+    kernel: Any
+    compute_dtype: torch.dtype
+    cast: bool  # float32 input cast to bfloat16 (and the output back)
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return self.kernel.name + ("+bf16-cast" if self.cast else "")
+
+
+def select_kernel(module: nn.Module, dtype: torch.dtype, device: torch.device | str, tokens: int = 1) -> KernelSelection:
+    """The kernel ``module`` uses for ``tokens`` rows of ``dtype`` input on ``device``."""
+    device = torch.device(device)
+    compute_dtype, cast = dtype, False
+    if dtype == torch.float32 and device.type == "cpu" and _settings["float32"] == "bfloat16":
+        compute_dtype, cast = torch.bfloat16, True
+    if _settings["reference_only"]:
+        return KernelSelection(REFERENCE, dtype, False, "OPTIMUM_SUPERWEIGHT_KERNELS=reference")
+    many = tokens >= _settings["threshold"]
+    passed = []
+    for kernel in _KERNELS:
+        if many and kernel.name in _DECODE_KERNELS:
+            passed.append(f"{kernel.name}: {tokens} tokens >= dense threshold {_settings['threshold']}")
+            continue
+        why = kernel.unsupported(module, compute_dtype, device, tokens)
+        if why is None:
+            if kernel is REFERENCE:
+                return KernelSelection(REFERENCE, dtype, False, "; ".join(passed))
+            return KernelSelection(kernel, compute_dtype, cast, "; ".join(passed))
+        passed.append(f"{kernel.name}: {why}")
+    raise RuntimeError("no kernel accepted the call; the reference kernel must close the list")  # unreachable
+
+
+def _state_key(module: nn.Module, device: torch.device) -> tuple:
+    key: list[Any] = [device]
+    for tensor in (module.weight, module.weight_scale, module.weight_zero_point, module.super_weight_indices, module.super_weight_values):
+        key.append(None if tensor is None else (tensor.data_ptr(), tensor._version))
+    return tuple(key)
+
+
+def _state(module: nn.Module, selection: KernelSelection, device: torch.device) -> Any:
+    # Plain attributes, not buffers: never saved, never moved by .to() (a moved CPU layout is useless).
+    cache = module.__dict__.setdefault("_kernel_states", {})
+    slot = (selection.kernel.name, selection.compute_dtype)
+    key = _state_key(module, device)
+    entry = cache.get(slot)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = (key, selection.kernel.prepare(module, device, selection.compute_dtype))
+        cache[slot] = entry
+    return entry[1]
+
+
+def _announce(selection: KernelSelection, dtype: torch.dtype) -> None:
+    message = f"optimum-superweight: {dtype} input -> kernel {selection.label}"
+    if selection.reason:
+        message += f" (passed over: {selection.reason})"
+    if message in _announced:
+        return
+    _announced.add(message)
+    if selection.kernel is REFERENCE and dtype == torch.float32:
+        logger.warning(
+            "%s. The reference kernel dequantizes the whole weight on every call (slow). Load the model with "
+            "dtype=torch.bfloat16, or opt in to bfloat16 activations in the quantized layers with "
+            "optimum_superweight.kernels.set_float32_policy('bfloat16') / OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16.",
+            message,
+        )
+    else:
+        logger.info("%s.", message)
+
+
+def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``SuperWeightLinear.forward``: pick the kernel for this call, build its layout if needed, run it."""
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+    many = tokens >= _settings["threshold"]
+    selections = module.__dict__.setdefault("_kernel_selections", {})
+    slot = (x.dtype, x.device, many, _settings["generation"])
+    selection = selections.get(slot)
+    if selection is None:
+        selection = select_kernel(module, x.dtype, x.device, tokens)
+        selections[slot] = selection
+        _announce(selection, x.dtype)
+    module.__dict__["_last_kernel"] = selection.label
+    if selection.kernel is REFERENCE:
+        return REFERENCE.run(module, None, x)
+    state = _state(module, selection, x.device)
+    if selection.cast:
+        return selection.kernel.run(module, state, x.to(selection.compute_dtype)).to(x.dtype)
+    return selection.kernel.run(module, state, x)
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from ..nn.linear import SuperWeightLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, SuperWeightLinear)}
+
+
+def kernel_summary(model: nn.Module, dtype: torch.dtype | None = None, tokens: int = 1) -> dict[str, int]:
+    """How many quantized layers of ``model`` run each kernel for ``tokens`` rows of ``dtype`` (default: the
+    model's dtype) on their own device.
+
+    >>> from optimum_superweight.nn.linear import SuperWeightLinear
+    >>> model = torch.nn.Sequential(SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32))
+    >>> kernel_summary(model, torch.bfloat16), kernel_summary(model, torch.bfloat16, tokens=512)
+    ({'cpu-int4': 1}, {'cpu-dense': 1})
+    """
+    modules = _quantized_modules(model)
+    if dtype is None:
+        dtype = _model_dtype(model)
+    counts = Counter(select_kernel(m, dtype, m.weight.device, tokens).label for m in modules.values())
+    return dict(counts)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dim() >= 2:
+            return parameter.dtype
+    return torch.float32
+
+
+def prepare_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, dict[str, int]]:
+    """Build every quantized layer's kernel layouts now (instead of at the first call) and log which kernels
+    run for single-token decode and for prefill; returns that summary.
+
+    >>> from optimum_superweight.nn.linear import SuperWeightLinear
+    >>> model = torch.nn.Sequential(SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32))
+    >>> prepare_kernels(model, torch.bfloat16)
+    {'decode': {'cpu-int4': 1}, 'prefill': {'cpu-dense': 1}}
+    """
+    if dtype is None:
+        dtype = _model_dtype(model)
+    prefill_tokens = max(_settings["threshold"], 1)
+    for module in _quantized_modules(model).values():
+        device = module.weight.device
+        for tokens in (1, prefill_tokens):
+            selection = select_kernel(module, dtype, device, tokens)
+            if selection.kernel is not REFERENCE:
+                _state(module, selection, device)
+    summary = {"decode": kernel_summary(model, dtype, 1), "prefill": kernel_summary(model, dtype, prefill_tokens)}
+    logger.info("optimum-superweight kernels for %s input: decode %s, prefill %s", dtype, summary["decode"], summary["prefill"])
+    return summary
+
+
+def kernel_label(module: nn.Module) -> str:
+    """The kernel of the module's latest call; before any call, the one a bfloat16 token would use."""
+    last = module.__dict__.get("_last_kernel")
+    if last is not None:
+        return last
+    return select_kernel(module, torch.bfloat16, module.weight.device, 1).label
