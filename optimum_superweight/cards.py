@@ -605,6 +605,7 @@ def _resolve_quantization(source: Any) -> tuple[dict[str, Any], list[SuperWeight
 
 
 def _coordinates_table(records: Sequence[SuperWeight]) -> list[str]:
+    """The coordinates as a Markdown table (+ a note on ``impact`` when any record has one)."""
     lines = [
         "| # | module | layer | row | col | paper notation | value | class | impact |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -615,6 +616,8 @@ def _coordinates_table(records: Sequence[SuperWeight]) -> list[str]:
             f"| {i} | `{_md_cell(sw.module)}` | {'–' if sw.layer is None else sw.layer} | {sw.row} | {sw.col} | "
             f"`{_md_cell(sw.paper_notation())}` | {_format_value(sw.value)} | {sw.classification or '–'} | {impact} |"
         )
+    if any(sw.impact is not None for sw in records):
+        lines += ["", "`impact`: perplexity with that weight alone zeroed, divided by the original perplexity."]
     return lines
 
 

@@ -100,7 +100,7 @@ def measure_smollm2() -> tuple[SuperWeight, dict]:
         after = perplexity(model, tokenizer)
     record = SuperWeight(
         module=module_name, row=row, col=col, value=value, input_spike=round(spikes["in"], 1),
-        output_spike=round(spikes["out"], 1), classification="super", impact=round(after.nll / before.nll, 4),
+        output_spike=round(spikes["out"], 1), classification="super", impact=round(after.ppl / before.ppl, 4),
     )
     facts = {
         "measured": {
@@ -136,8 +136,8 @@ def main() -> int:
             f"Measured on the embedded default model ({m['checkpoint']}). On the prompt \"{m['prompt']}\" the "
             f"down_proj input at channel {record.col} reaches {record.input_spike:g} and its output at channel "
             f"{record.row} {record.output_spike:g}. Zeroing this one weight raises perplexity from "
-            f"{m['perplexity_before']} to {m['perplexity_zeroed']} ({m['perplexity_text']}); `impact` is the ratio "
-            "of the mean token loss, zeroed over original. Channel 507 also spikes in layers 1-2, 8-10, 28 and 29; "
+            f"{m['perplexity_before']} to {m['perplexity_zeroed']} ({m['perplexity_text']}); `impact` is that "
+            "perplexity ratio, zeroed over original. Channel 507 also spikes in layers 1-2, 8-10, 28 and 29; "
             "the weights behind those spikes are decoys (zeroing one changes perplexity by under 20%), which is why "
             "detection confirms candidates by ablation."
         )

@@ -21,7 +21,7 @@ from optimum_superweight.cards import (
 
 SMOL = SuperWeight(
     module="model.layers.11.mlp.down_proj", row=507, col=1229, value=5.875732421875, input_spike=2996.0,
-    output_spike=24021.9, classification="super", impact=1.5811, source="detected",
+    output_spike=24021.9, classification="super", impact=4.8226, source="detected",
 )
 WEAK = SuperWeight(module="model.layers.2.mlp.down_proj", row=507, col=90, value=-0.8125, classification="weak",
                    impact=1.05, source="detected")
@@ -59,7 +59,7 @@ def test_card_metadata_follows_hub_conventions():
 def test_card_human_section():
     text = _card().text
     assert "Super weights are" in text and "arxiv.org/abs/2411.07191" in text
-    assert "`layers[11].mlp.down_proj.weight[507, 1229]`" in text and "| 5.87573 | super | ×1.58 |" in text
+    assert "`layers[11].mlp.down_proj.weight[507, 1229]`" in text and "| 5.87573 | super | ×4.82 |" in text
     assert text.index("import optimum_superweight") < text.index('from_pretrained("user/SmolLM2-135M-Instruct-sw4")')
     assert "| this checkpoint | 16.2 (×1.081) |" in text and "| original (HuggingFaceTB/SmolLM2-135M-Instruct) | 14.99 |" in text
     assert "| this checkpoint (weight files) | 95.0 MB |" in text and "| same weights in 16-bit | 269.0 MB |" in text

@@ -275,7 +275,7 @@ def test_optimum_cli_exposes_the_commands():
     result = subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "layers[2].mlp.down_proj.weight[3968, 7003]" in result.stdout
-    assert all(f" {c} " in result.stdout for c in ("quantize", "push", "card"))  # the real sub-commands in the help
+    assert all(f" {c} " in result.stdout for c in ("detect", "quantize", "push", "card"))  # the real sub-commands in the help
     assert "CODES 0 0 2" in result.stdout and "No known super weights" in result.stderr
     assert not (REPO / "optimum" / "__init__.py").exists() and not (REPO / "optimum" / "commands" / "__init__.py").exists()
 

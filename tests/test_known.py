@@ -100,7 +100,7 @@ def test_cards_folder_is_the_repo_folder_in_a_source_checkout():
 
 def test_smollm2_entry_records_the_measured_value():
     (sw,) = known_super_weights("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert sw.value == pytest.approx(5.876, abs=1e-3) and sw.classification == "super" and sw.impact > 1.3
+    assert sw.value == pytest.approx(5.876, abs=1e-3) and sw.classification == "super" and sw.impact > 3  # ppl ratio when zeroed (~4.8)
 
 
 @pytest.mark.slow
