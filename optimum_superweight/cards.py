@@ -771,6 +771,8 @@ def _generated_body(
         f"| group size | {'one group per output row' if group == -1 else group} |",
         f"| scheme | {'symmetric' if settings.get('symmetric', True) else 'asymmetric (zero-point per group)'} |",
         f"| scale dtype | {settings.get('scale_dtype')} |",
+        *([f"| method | {settings['method']}{' + per-group clip search' if settings.get('clip_search') else ''} |"]
+          if settings.get("method") else []),
         f"| modules kept in full precision | {_md_cell(', '.join(settings.get('modules_to_not_convert') or []) or 'output embedding (default)')} |",
         f"| super weights kept exact | {len(records)} |",
         f"| format version | {settings.get('format_version')} |",
