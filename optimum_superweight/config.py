@@ -20,6 +20,9 @@ QUANT_METHOD = "superweight"
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+#: How codes and scales are chosen (the on-disk format is the same for all): round-to-nearest, or GPTQ
+#: error feedback on built-in calibration text (see :mod:`optimum_superweight.tensor.gptq`).
+METHODS = ("rtn", "gptq")
 #: Prompt the paper's authors used to find super weights.
 DEFAULT_DETECTION_PROMPT = "Apple Inc. is a worldwide tech company."
 
@@ -58,6 +61,13 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_min_ratio: Minimum ratio of a spike to the median |activation| of the same layer.
         detection_layers: Decoder-layer indices to search (default: all).
         max_super_weights: Upper bound on the number of super weights kept.
+        method: ``"rtn"`` (round-to-nearest, data-free) or ``"gptq"`` (error feedback using the layers' input
+            statistics on built-in calibration text, disjoint from the evaluation text). Same file format.
+        clip_search: Per group, search the scale (range x 1.0 ... 0.5) that minimises the reconstruction error
+            (weighted by input energy with ``"gptq"``), super weights held out.
+        calibration_tokens: Tokens of calibration text for ``"gptq"``.
+        damp: ``"gptq"`` dampening, a fraction of the mean Hessian diagonal added to it.
+        act_order: ``"gptq"`` quantizes input columns by decreasing activation energy.
     """
 
     def __init__(
@@ -74,6 +84,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_min_ratio: float = 100.0,
         detection_layers: list[int] | None = None,
         max_super_weights: int = 16,
+        method: str = "rtn",
+        clip_search: bool = False,
+        calibration_tokens: int = 8192,
+        damp: float = 0.01,
+        act_order: bool = True,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -93,6 +108,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self.detection_min_ratio = detection_min_ratio
         self.detection_layers = None if detection_layers is None else list(detection_layers)
         self.max_super_weights = max_super_weights
+        self.method = method
+        self.clip_search = clip_search
+        self.calibration_tokens = calibration_tokens
+        self.damp = damp
+        self.act_order = act_order
         self.format_version = format_version
         if quant_method != QUANT_METHOD:
             raise _invalid("quant_method", quant_method, repr(QUANT_METHOD))
@@ -135,6 +155,17 @@ class SuperWeightConfig(QuantizationConfigMixin):
             raise _invalid("detection_layers", self.detection_layers, "a list of layer indices >= 0, or None")
         if isinstance(self.max_super_weights, bool) or not isinstance(self.max_super_weights, int) or self.max_super_weights < 0:
             raise _invalid("max_super_weights", self.max_super_weights, "an integer >= 0")
+        if self.method not in METHODS:
+            raise _invalid("method", self.method, ", ".join(repr(m) for m in METHODS))
+        for name in ("clip_search", "act_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(name, getattr(self, name), "True or False")
+        if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) or not (
+            64 <= self.calibration_tokens <= 32768
+        ):
+            raise _invalid("calibration_tokens", self.calibration_tokens, "an integer from 64 to 32768")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not (0 < self.damp < 1):
+            raise _invalid("damp", self.damp, "a number in (0, 1), typically 0.01")
         if not isinstance(self.format_version, int) or self.format_version < 1:
             raise _invalid("format_version", self.format_version, f"an integer between 1 and {FORMAT_VERSION}")
         if self.format_version > FORMAT_VERSION:
@@ -226,6 +257,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
             "detection_min_ratio": self.detection_min_ratio,
             "detection_layers": None if self.detection_layers is None else list(self.detection_layers),
             "max_super_weights": self.max_super_weights,
+            "method": self.method,
+            "clip_search": self.clip_search,
+            "calibration_tokens": self.calibration_tokens,
+            "damp": self.damp,
+            "act_order": self.act_order,
         }
 
     def __iter__(self):

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def _load_tokenizer(model: Any):
-    """The checkpoint's own tokenizer, or ``None`` (detection then uses fixed token ids)."""
+    """The checkpoint's own tokenizer, or ``None`` (detection and calibration then use fixed token ids)."""
     source = getattr(model.config, "name_or_path", None) or getattr(model, "name_or_path", None)
     if not source:
         return None
@@ -80,12 +80,13 @@ class SuperWeightQuantizer(HfQuantizer):
             return model
         with torch.no_grad():
             records = config.get_super_weights()
+            tokenizer = _load_tokenizer(model) if (config.method == "gptq" or (not records and config.detect)) else None
             if not records and config.detect:
                 from ..detection import detect_super_weights
 
                 report = detect_super_weights(
                     model,
-                    _load_tokenizer(model),
+                    tokenizer,
                     prompts=config.detection_prompts,
                     threshold=config.detection_threshold,
                     min_ratio=config.detection_min_ratio,
@@ -95,7 +96,8 @@ class SuperWeightQuantizer(HfQuantizer):
                 # A few exact scalars cost nothing: keep weak candidates as well as confirmed ones.
                 records = [c for c in report.candidates if c.classification in ("super", "weak")]
                 logger.info("optimum-superweight detected %d super weight(s).", len(records))
-            quantize_model(model, config, records)
+            # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.
+            quantize_model(model, config, records, tokenizer=tokenizer)
         model.config.quantization_config = config
         return model
 

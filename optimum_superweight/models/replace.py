@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,15 +134,74 @@ def _coordinates_by_module(records: Iterable[SuperWeight]) -> dict[str, list[tup
     return grouped
 
 
+def _quantized_layer(
+    dense: nn.Linear,
+    coordinates: list[tuple[int, int]],
+    config: SuperWeightConfig,
+    hessian: torch.Tensor | None,
+) -> SuperWeightLinear:
+    """One low-bit layer: plain RTN, RTN with clip search, or GPTQ (same on-disk format for all)."""
+    if config.method == "rtn" and not config.clip_search:
+        return SuperWeightLinear.from_linear(
+            dense,
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            scale_dtype=config.scale_dtype,
+            super_weights=coordinates,
+        )
+    from ..tensor.gptq import DEFAULT_CLIP_GRID, clip_quantize_weight, gptq_quantize_weight
+
+    weight = dense.weight.detach()
+    indices = torch.tensor(coordinates, dtype=torch.int32, device=weight.device).reshape(-1, 2)
+    scale_dtype = getattr(torch, config.scale_dtype)  # validated by the config: float16/bfloat16/float32
+    grid = DEFAULT_CLIP_GRID if config.clip_search else None
+    if config.method == "gptq":
+        quantized = gptq_quantize_weight(
+            weight, hessian, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+            scale_dtype=scale_dtype, holdout=indices, damp=config.damp, act_order=config.act_order, clip_grid=grid,
+        )
+    else:
+        quantized = clip_quantize_weight(
+            weight, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+            scale_dtype=scale_dtype, holdout=indices, grid=grid,
+        )
+    # Built exactly like a checkpoint being loaded: the skeleton, then its tensors assigned.
+    module = SuperWeightLinear(
+        dense.in_features, dense.out_features, bias=dense.bias is not None, bits=config.bits,
+        group_size=config.group_size, symmetric=config.symmetric, scale_dtype=config.scale_dtype,
+        num_super_weights=len(coordinates), dtype=weight.dtype, device=weight.device,
+    )
+    module.weight.data = quantized.packed
+    module.weight_scale.data = quantized.scale
+    if quantized.zero_point is not None:
+        module.weight_zero_point.data = quantized.zero_point
+    if coordinates:
+        module.super_weight_indices.data = indices
+        module.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
+    if dense.bias is not None:
+        module.bias.data = dense.bias.detach().clone()
+    return module
+
+
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, config: SuperWeightConfig, super_weights: Iterable[SuperWeight] | None = None
+    model: nn.Module,
+    config: SuperWeightConfig,
+    super_weights: Iterable[SuperWeight] | None = None,
+    *,
+    tokenizer: Any = None,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Replace every targeted linear layer of ``model`` in place by a :class:`SuperWeightLinear`.
 
     ``super_weights`` default to ``config.get_super_weights()``; they are validated, their exact values
     recorded, and written back into ``config`` (together with the resolved exclusions) so the checkpoint's
     ``config.json`` describes the model completely.
+
+    With ``config.method == "gptq"`` the layers' input statistics are first collected on built-in
+    calibration text (:mod:`.calibration`; ``tokenizer`` encodes it, fixed token ids are used without one),
+    unless precomputed ``hessians`` (module name -> ``E[x xᵀ]``) are given.
 
     >>> config = SuperWeightConfig(bits=4, super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
     >>> quantize_model(model, config)  # doctest: +SKIP
@@ -152,6 +212,13 @@ def quantize_model(
     config.modules_to_not_convert = skip
     config.set_super_weights(records)
     coordinates = _coordinates_by_module(r for r in records if r.module in targets)
+    if config.method == "gptq" and hessians is None:
+        from .calibration import calibration_token_ids, collect_hessians
+
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        ids = calibration_token_ids(tokenizer, config.calibration_tokens, vocab_size=vocab)
+        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
     for name, module in targets.items():
         if isinstance(module, nn.Linear):
             dense = module
@@ -159,15 +226,10 @@ def quantize_model(
             dense = nn.Linear(*_features(module), bias=module.bias is not None, device="meta")
             dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
             dense.bias = module.bias
-        quantized = SuperWeightLinear.from_linear(
-            dense,
-            bits=config.bits,
-            group_size=config.group_size,
-            symmetric=config.symmetric,
-            scale_dtype=config.scale_dtype,
-            super_weights=coordinates.get(name, ()),
-        )
-        _set_module(model, name, quantized)
+        hessian = None if hessians is None else hessians.get(name)
+        if config.method == "gptq" and hessian is None:
+            raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
+        _set_module(model, name, _quantized_layer(dense, coordinates.get(name, []), config, hessian))
     return model
 
 

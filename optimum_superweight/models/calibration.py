@@ -1,0 +1,170 @@
+"""Calibration for data-aware quantization: built-in text and per-layer input second moments.
+
+GPTQ (:mod:`optimum_superweight.tensor.gptq`) needs, for every linear layer, ``H = E[x xᵀ]`` of the layer's
+inputs. :func:`collect_hessians` runs the full-precision model once over calibration windows and
+accumulates ``H`` with forward hooks; layers that read the same input tensor (q/k/v, gate/up) share one
+matrix, which halves time and memory.
+
+The calibration text is the *end* of :func:`~optimum_superweight.evaluation.builtin_text`, while the
+package's perplexity protocol scores its *first* 4096 tokens: calibration and evaluation are disjoint, so
+quality numbers are not measured on the text the codes were tuned on. Without a tokenizer, fixed
+pseudo-random token ids (seeded) are used. Everything is deterministic.
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    >>> ids = calibration_token_ids(None, 256, vocab_size=260)
+    >>> hessians = collect_hessians(model, ["model.layers.0.mlp.down_proj"], ids, window=128)
+    >>> hessians["model.layers.0.mlp.down_proj"].shape
+    torch.Size([128, 128])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
+
+__all__ = ["calibration_token_ids", "collect_hessians", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION_TOKENS = 8192
+DEFAULT_CALIBRATION_WINDOW = 512
+# Characters per token are ~3-5 on English/code; taking 8x the token count of characters from the end of
+# the text is always enough, and tokenizing only that tail keeps calibration fast.
+_CHARS_PER_TOKEN_BOUND = 8
+_FALLBACK_SEED = 1234
+
+
+def calibration_token_ids(
+    tokenizer: Any, n_tokens: int = DEFAULT_CALIBRATION_TOKENS, *, vocab_size: int | None = None
+) -> list[int]:
+    """``n_tokens`` token ids from the end of the built-in text (disjoint from the evaluation tokens).
+
+    Without a tokenizer, ``vocab_size`` is required and seeded pseudo-random ids are returned.
+
+    >>> calibration_token_ids(None, 4, vocab_size=100)
+    [46, 45, 88, 79]
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens!r} is invalid: expected a positive integer.")
+    if tokenizer is None:
+        if not vocab_size or vocab_size < 2:
+            raise ValueError("calibration_token_ids needs a tokenizer or vocab_size >= 2 for fixed token ids.")
+        generator = torch.Generator().manual_seed(_FALLBACK_SEED)
+        # Skip the lowest ids, which are usually special tokens.
+        low = min(4, vocab_size - 1)
+        return torch.randint(low, vocab_size, (n_tokens,), generator=generator).tolist()
+    text = builtin_text()
+    tail_start = max(0, len(text) - n_tokens * _CHARS_PER_TOKEN_BOUND)
+    # The evaluation's first DEFAULT_MAX_TOKENS tokens span far fewer characters than this bound.
+    evaluation_chars = DEFAULT_MAX_TOKENS * _CHARS_PER_TOKEN_BOUND
+    if tail_start < evaluation_chars:
+        raise ValueError(
+            f"n_tokens={n_tokens} is too many: calibration text would overlap the evaluation text; "
+            f"use at most {(len(text) - evaluation_chars) // _CHARS_PER_TOKEN_BOUND}."
+        )
+    # Start at a paragraph boundary so the first window begins with a whole word.
+    boundary = text.find("\n\n", tail_start)
+    tail = text[boundary + 2 if boundary >= 0 else tail_start :]
+    ids = tokenize_text(tokenizer, tail, max_tokens=None)
+    return ids[-n_tokens:]
+
+
+def _windows(token_ids: Sequence[int], window: int, bos_id: int | None) -> torch.Tensor:
+    ids = torch.tensor(list(token_ids), dtype=torch.long)
+    n = (len(ids) // window) * window
+    if n == 0:
+        raise ValueError(f"{len(ids)} calibration tokens are fewer than one window of {window}.")
+    rows = ids[:n].reshape(-1, window)
+    if bos_id is not None:
+        # Like the evaluation protocol: each window starts with BOS, which is also where super activations live.
+        rows = torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+def _device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    module_names: Iterable[str],
+    token_ids: Sequence[int],
+    *,
+    window: int = DEFAULT_CALIBRATION_WINDOW,
+    batch_size: int = 4,
+    bos_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``E[x xᵀ]`` (float32 ``[in, in]``) of the inputs of each named linear layer over the calibration tokens.
+
+    The tokens are cut into windows of ``window`` (a trailing partial window is dropped), each optionally
+    preceded by ``bos_id``. Modules reading the same input tensor get the same (shared) matrix object.
+    Conv1D-style layers work too: their input's last dimension is ``in_features`` either way.
+    """
+    names = list(module_names)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"collect_hessians: no module named {missing[:3]} in {type(model).__name__}.")
+    batches = _windows(token_ids, window, bos_id).split(batch_size)
+    device = _device(model)
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    alias: dict[str, str] = {}  # module -> module whose accumulator it shares
+    # The previous hooked call's input and module. q/k/v (and gate/up) are called one after the other on
+    # the very same tensor object; identity (not data_ptr, which the allocator reuses) detects that.
+    last: list[Any] = [None, None]
+    first_batch = [True]
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if name in alias:
+                return
+            if first_batch[0] and last[0] is x:
+                alias[name] = last[1]
+                return
+            last[0], last[1] = x, name
+            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            if name not in sums:
+                sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
+                counts[name] = 0
+            sums[name].addmm_(flat.T, flat)
+            counts[name] += flat.shape[0]
+
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(input_ids=batch.to(device), use_cache=False)
+            first_batch[0] = False
+            last[0] = last[1] = None
+    finally:
+        for handle in handles:
+            handle.remove()
+        if was_training:
+            model.train()
+
+    hessians: dict[str, torch.Tensor] = {}
+    for name, total in sums.items():
+        total.div_(max(counts[name], 1))
+        hessians[name] = total
+    for name, owner in alias.items():
+        hessians[name] = hessians[owner]
+    never = [n for n in names if n not in hessians]
+    if never:
+        raise ValueError(f"collect_hessians: modules {never[:3]} never ran during the calibration forward pass.")
+    return hessians
