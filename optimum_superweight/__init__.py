@@ -10,6 +10,7 @@ from .config import SuperWeightConfig
 from .default_model import default_model_path
 from .detection import DetectionReport, detect_super_weights
 from .hub import attach_card_hook, push_to_hub
+from .kernels import kernel_summary, prepare_kernels, set_float32_policy
 from .known import known_super_weights
 from .ablation import AblationReport, ablate
 from .evaluation import PerplexityResult, builtin_text, load_text, perplexity
@@ -42,4 +43,7 @@ __all__ = [
     "attach_card_hook",
     "detect_super_weights",
     "DetectionReport",
+    "prepare_kernels",
+    "kernel_summary",
+    "set_float32_policy",
 ]

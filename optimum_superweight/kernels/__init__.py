@@ -67,6 +67,7 @@ __all__ = [
     "float32_policy",
     "set_dense_threshold",
     "dense_threshold",
+    "force_reference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,13 @@ def set_dense_threshold(tokens: int) -> None:
 
 def dense_threshold() -> int:
     return _settings["threshold"]
+
+
+def force_reference(enabled: bool = True) -> None:
+    """Run every layer on the reference kernel (tests, benchmarks, debugging); same as
+    ``OPTIMUM_SUPERWEIGHT_KERNELS=reference``."""
+    _settings["reference_only"] = bool(enabled)
+    _settings["generation"] += 1
 
 
 def register_kernel(kernel: Any, *, before: str = "reference") -> None:
