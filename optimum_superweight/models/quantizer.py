@@ -74,10 +74,13 @@ class SuperWeightQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        from ..hub import attach_card_hook
+
         config = self.quantization_config
         if self.pre_quantized:
             verify_quantized_model(model, config, loaded_by_transformers=True)
-            return model
+            # model.push_to_hub() must publish the coordinates, not transformers' default card.
+            return attach_card_hook(model)
         with torch.no_grad():
             records = config.get_super_weights()
             tokenizer = _load_tokenizer(model) if (config.method == "gptq" or (not records and config.detect)) else None
@@ -99,7 +102,7 @@ class SuperWeightQuantizer(HfQuantizer):
             # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.
             quantize_model(model, config, records, tokenizer=tokenizer)
         model.config.quantization_config = config
-        return model
+        return attach_card_hook(model)
 
     # -- capabilities ---------------------------------------------------------------------------------------
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
