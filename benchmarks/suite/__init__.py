@@ -1,0 +1,1 @@
+"""The benchmark suite behind ``python3 benchmarks/run.py``: quality, speed, memory, report."""

@@ -1,0 +1,267 @@
+"""Quality: perplexity ratio to full precision and effective bits per weight, side by side.
+
+Every method quantizes the same matrices: the decoder linear layers this package converts (the tied
+``lm_head``/embeddings stay in full precision for all of them). Bits per weight count everything stored
+per quantized matrix (codes, scales, zero-points, exact super weights and their indices) over the number
+of weights of those matrices.
+
+- ``superweight``: this package, ``quantize_model`` with ``SuperWeightConfig(bits, group_size)`` defaults
+  and the detected super weights (the real ``SuperWeightLinear`` modules are evaluated).
+- ``rtn``: the same group quantization (``optimum_superweight.tensor.quantize``) with no held-out
+  coordinates, dequantized into the dense model (simulated): plain RTN without super-weight handling.
+- ``flat``: the paper's weight-quantization setting, simulated: asymmetric min-max RTN over flat 1-D blocks
+  of the row-major matrix (fp16 scale and offset per block), with and without the super weight held out
+  of the block statistics and restored exactly.
+- ``bnb``: bitsandbytes NF4 / FP4 (``quantize_4bit``/``dequantize_4bit``, blocksize 64, absmax fp32) and
+  int8 (``int8_vectorwise_quant``: per-row absmax; the LLM.int8() fp16 path for activation outliers is a
+  runtime feature and is not simulated), quantize -> dequantize into the dense model (simulated).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from optimum_superweight import SuperWeightConfig
+from optimum_superweight.evaluation import perplexity
+from optimum_superweight.models.replace import modules_to_convert, quantize_model, resolve_modules_to_not_convert
+from optimum_superweight.nn.linear import SuperWeightLinear
+from optimum_superweight.records import SuperWeight
+from optimum_superweight.tensor.quantize import dequantize_weight, quantize_weight
+
+#: (bits, group_size) settings of the default run; -1 = one group per output row (per channel).
+FULL_SETTINGS: tuple[tuple[int, int], ...] = ((8, -1), (8, 128), (4, 64), (4, 128), (4, -1), (3, 64), (3, 128))
+QUICK_SETTINGS: tuple[tuple[int, int], ...] = ((8, -1), (4, 32), (4, -1), (3, 32))
+#: The paper's smallest flat block (128 x 128 elements) at 4 bits.
+FULL_FLAT_BLOCKS: tuple[int, ...] = (16384,)
+QUICK_FLAT_BLOCKS: tuple[int, ...] = (1024,)
+
+
+@dataclass
+class QualityRow:
+    method: str
+    setting: str
+    bits: float | None
+    group_size: int | None
+    bits_per_weight: float
+    ppl: float
+    ratio: float
+    seconds: float
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def target_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The matrices this package converts, so every method quantizes exactly the same weights."""
+    config = SuperWeightConfig(bits=4)
+    return modules_to_convert(model, resolve_modules_to_not_convert(model, config))
+
+
+@contextmanager
+def replaced_weights(modules: dict[str, torch.nn.Module], transform: Callable[[str, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Swap each module's weight for ``transform(name, weight)`` and put the original tensors back afterwards."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, module in modules.items():
+                saved[name] = module.weight.data
+                module.weight.data = transform(name, module.weight.data).to(saved[name].dtype)
+        yield
+    finally:
+        for name, tensor in saved.items():
+            modules[name].weight.data = tensor
+
+
+def _bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# ---- simulated quantizers (return the dequantized weight and the bytes they would store) ----------------
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, int]:
+    q = quantize_weight(weight, bits=bits, group_size=group_size, symmetric=True)
+    dense = dequantize_weight(q.packed, q.scale, q.zero_point, q.layout, symmetric=True, dtype=torch.float32)
+    return dense, _bytes(q.packed, q.scale, q.zero_point)
+
+
+def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple[int, int]]) -> tuple[torch.Tensor, int]:
+    """Asymmetric min-max RTN over flat 1-D blocks of the row-major matrix (the authors' simulated setting)."""
+    flat = weight.detach().to(torch.float32).flatten()
+    n = flat.numel()
+    pad = (-n) % block
+    values = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
+    excluded = torch.zeros_like(values, dtype=torch.bool)
+    excluded.view(-1)[n:] = True
+    cols = weight.shape[1]
+    for row, col in holdout:
+        excluded.view(-1)[row * cols + col] = True
+    lo = torch.where(excluded, torch.inf, values).amin(dim=1, keepdim=True)
+    hi = torch.where(excluded, -torch.inf, values).amax(dim=1, keepdim=True)
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).to(torch.float16).to(torch.float32).clamp(min=1e-8)
+    lo = lo.to(torch.float16).to(torch.float32)
+    codes = torch.round((values - lo) / scale).clamp(0, qmax)
+    dense = (codes * scale + lo).flatten()[:n].reshape(weight.shape)
+    for row, col in holdout:
+        dense[row, col] = weight[row, col].float()
+    stored = math.ceil(n * bits / 8) + values.shape[0] * 4 + len(holdout) * 12
+    return dense, stored
+
+
+def bnb_4bit(weight: torch.Tensor, quant_type: str, blocksize: int = 64) -> tuple[torch.Tensor, int]:
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(weight.detach().to(torch.float32).contiguous(), blocksize=blocksize, quant_type=quant_type)
+    dense = F.dequantize_4bit(packed, state).to(torch.float32)
+    return dense, _bytes(packed, state.absmax)
+
+
+def bnb_int8(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    import bitsandbytes.functional as F
+
+    codes, row_stats, _ = F.int8_vectorwise_quant(weight.detach().to(torch.float16).contiguous())
+    dense = F.int8_vectorwise_dequant(codes, row_stats).to(torch.float32)
+    return dense, _bytes(codes, row_stats)
+
+
+# ---- the sweep ------------------------------------------------------------------------------------------
+
+
+class QualitySweep:
+    """Runs every quality row on one full-precision model, restoring it after each simulated method."""
+
+    def __init__(self, model, tokenizer, super_weights: list[SuperWeight], *, max_tokens: int, window: int,
+                 batch_size: int, log: Callable[[str], None] = print) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.super_weights = super_weights
+        self.eval_kwargs = dict(max_tokens=max_tokens, window=window, batch_size=batch_size)
+        self.log = log
+        self.modules = target_modules(model)
+        self.n_weights = sum(m.weight.numel() for m in self.modules.values())
+        self.rows: list[QualityRow] = []
+        self.reference_ppl: float | None = None
+
+    def _ppl(self, model) -> float:
+        return perplexity(model, self.tokenizer, **self.eval_kwargs).ppl
+
+    def _add(self, method: str, setting: str, bits: float | None, group_size: int | None, stored_bits: float,
+             ppl: float, seconds: float, note: str = "", **extra: Any) -> QualityRow:
+        ratio = ppl / self.reference_ppl if self.reference_ppl else 1.0
+        row = QualityRow(method=method, setting=setting, bits=bits, group_size=group_size,
+                         bits_per_weight=stored_bits, ppl=ppl, ratio=ratio, seconds=seconds, note=note, extra=extra)
+        self.rows.append(row)
+        self.log(f"  {method:<12} {setting:<28} {stored_bits:6.3f} bpw  ppl {ppl:10.3f}  x{ratio:.3f}  ({seconds:.0f} s)")
+        return row
+
+    def reference(self) -> None:
+        start = time.perf_counter()
+        self.reference_ppl = self._ppl(self.model)
+        self._add("float32", "full precision", 32, None, 32.0, self.reference_ppl, time.perf_counter() - start)
+        start = time.perf_counter()
+        bf16 = copy.deepcopy(self.model).to(torch.bfloat16)
+        ppl = self._ppl(bf16)
+        del bf16
+        self._add("bfloat16", "cast", 16, None, 16.0, ppl, time.perf_counter() - start)
+
+    def zeroed_super_weight(self) -> None:
+        """The super weights zeroed and nothing else: the damage the package prevents (paper Table 1)."""
+        by_module: dict[str, list[tuple[int, int]]] = {}
+        for sw in self.super_weights:
+            by_module.setdefault(sw.module, []).append((sw.row, sw.col))
+        modules = {name: self.model.get_submodule(name) for name in by_module}
+
+        def zero(name: str, weight: torch.Tensor) -> torch.Tensor:
+            out = weight.clone()
+            for row, col in by_module[name]:
+                out[row, col] = 0.0
+            return out
+
+        start = time.perf_counter()
+        with replaced_weights(modules, zero):
+            ppl = self._ppl(self.model)
+        self._add("ablation", "super weights zeroed", 32, None, 32.0, ppl, time.perf_counter() - start,
+                  note="nothing quantized")
+
+    def superweight(self, bits: int, group_size: int) -> None:
+        start = time.perf_counter()
+        config = SuperWeightConfig(bits=bits, group_size=group_size, super_weights=[sw.to_dict() for sw in self.super_weights])
+        quantized = quantize_model(copy.deepcopy(self.model), config)
+        layers = [m for m in quantized.modules() if isinstance(m, SuperWeightLinear)]
+        stored = sum(m.storage_bytes() for m in layers)
+        n_weights = sum(m.in_features * m.out_features for m in layers)
+        ppl = self._ppl(quantized)
+        del quantized
+        label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'}"
+        method_note = config.method + ("+clip" if getattr(config, "clip_search", False) else "")
+        self._add("superweight", label, bits, group_size, 8 * stored / n_weights, ppl, time.perf_counter() - start,
+                  note=f"package ({method_note}), {len(self.super_weights)} super weight(s) exact", layers=len(layers))
+
+    def _simulated(self, method: str, label: str, bits: float, group_size: int | None,
+                   quantizer: Callable[[str, torch.Tensor], tuple[torch.Tensor, int]], note: str) -> None:
+        start = time.perf_counter()
+        stored = [0]
+
+        def transform(name: str, weight: torch.Tensor) -> torch.Tensor:
+            dense, nbytes = quantizer(name, weight)
+            stored[0] += nbytes
+            return dense
+
+        with replaced_weights(self.modules, transform):
+            ppl = self._ppl(self.model)
+        self._add(method, label, bits, group_size, 8 * stored[0] / self.n_weights, ppl, time.perf_counter() - start, note=note)
+
+    def plain_rtn(self, bits: int, group_size: int) -> None:
+        label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'}"
+        self._simulated("rtn", label, bits, group_size, lambda name, w: rtn(w, bits, group_size),
+                        "plain RTN, no super-weight handling (simulated)")
+
+    def flat(self, bits: int, block: int, hold_out: bool) -> None:
+        holdouts: dict[str, list[tuple[int, int]]] = {}
+        if hold_out:
+            for sw in self.super_weights:
+                holdouts.setdefault(sw.module, []).append((sw.row, sw.col))
+        label = f"int{bits} asym flat block {block}" + (" SW out" if hold_out else "")
+        note = "paper's 1-D blocks, simulated" + ("; super weight held out and restored" if hold_out else "; plain")
+        self._simulated("flat", label, bits, block, lambda name, w: flat_blocks(w, bits, block, holdouts.get(name, [])), note)
+
+    def bnb(self) -> None:
+        for quant_type in ("nf4", "fp4"):
+            self._simulated("bnb", f"{quant_type.upper()} blocksize 64", 4, 64, lambda name, w, q=quant_type: bnb_4bit(w, q),
+                            "bitsandbytes quantize_4bit -> dequantize_4bit (simulated)")
+        self._simulated("bnb", "int8 per-row absmax", 8, -1, lambda name, w: bnb_int8(w),
+                        "bitsandbytes int8_vectorwise_quant -> dequant (simulated; LLM.int8 outlier path not modelled)")
+
+
+def run_quality(model, tokenizer, super_weights: list[SuperWeight], *, quick: bool, max_tokens: int, window: int,
+                batch_size: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    sweep = QualitySweep(model, tokenizer, super_weights, max_tokens=max_tokens, window=window, batch_size=batch_size, log=log)
+    settings = QUICK_SETTINGS if quick else FULL_SETTINGS
+    blocks = QUICK_FLAT_BLOCKS if quick else FULL_FLAT_BLOCKS
+    sweep.reference()
+    sweep.zeroed_super_weight()
+    for bits, group_size in settings:
+        sweep.superweight(bits, group_size)
+        sweep.plain_rtn(bits, group_size)
+    for block in blocks:
+        sweep.flat(4, block, hold_out=False)
+        sweep.flat(4, block, hold_out=True)
+    sweep.bnb()
+    return {
+        "protocol": {**sweep.eval_kwargs, "text": "pydoc_data.topics (built-in)", "bos": True},
+        "quantized_matrices": len(sweep.modules),
+        "quantized_weights": sweep.n_weights,
+        "reference_ppl": sweep.reference_ppl,
+        "rows": [row.to_dict() for row in sweep.rows],
+    }

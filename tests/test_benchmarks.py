@@ -1,0 +1,111 @@
+"""The benchmark suite: its simulated quantizers, and an end-to-end ``--quick`` run (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from suite.quality import bnb_4bit, bnb_int8, flat_blocks, replaced_weights, rtn  # noqa: E402
+
+
+def test_flat_blocks_hold_out_and_restore_the_super_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64) * 0.02
+    weight[3, 5] = 4.0  # a super weight that would stretch its block's range
+    plain, plain_bytes = flat_blocks(weight, 4, 256, holdout=[])
+    held, held_bytes = flat_blocks(weight, 4, 256, holdout=[(3, 5)])
+    assert held[3, 5] == weight[3, 5]
+    # The block holding the super weight (elements 0..255 = rows 0..3) is far better without it in its range.
+    block = slice(0, 4)
+    err_plain = (plain[block] - weight[block]).abs().mean()
+    err_held = (held[block] - weight[block]).abs().mean()
+    assert err_held < err_plain / 5
+    # Other blocks are untouched by the hold-out.
+    assert torch.equal(plain[4:], held[4:])
+    # 4 bits per weight + fp16 scale and offset per 256-weight block (+ 12 bytes per held-out weight).
+    assert plain_bytes == 16 * 64 // 2 + 4 * 4
+    assert held_bytes == plain_bytes + 12
+
+
+def test_rtn_matches_a_direct_symmetric_absmax_quantization():
+    torch.manual_seed(1)
+    weight = torch.randn(8, 128)
+    dense, nbytes = rtn(weight, 4, 64)
+    groups = weight.reshape(8, 2, 64)
+    scale = (groups.abs().amax(-1, keepdim=True) / 7).half().float()
+    expected = (torch.round(groups / scale).clamp(-8, 7) * scale).reshape(8, 128)
+    assert torch.allclose(dense, expected, atol=1e-6)
+    assert nbytes == 8 * 128 // 2 + 8 * 2 * 2  # codes + fp16 scales
+
+
+def test_bitsandbytes_simulations_are_close_and_counted():
+    torch.manual_seed(2)
+    weight = torch.randn(64, 128) * 0.05
+    for quant_type in ("nf4", "fp4"):
+        dense, nbytes = bnb_4bit(weight, quant_type)
+        assert dense.shape == weight.shape
+        assert (dense - weight).abs().mean() < 0.01
+        assert nbytes * 8 / weight.numel() == pytest.approx(4.5)  # 4-bit codes + fp32 absmax per 64
+    dense, nbytes = bnb_int8(weight)
+    assert (dense - weight).abs().max() < weight.abs().max() / 100
+    assert nbytes == weight.numel() + 64 * 4
+
+
+def test_replaced_weights_restores_the_original_tensors():
+    layer = torch.nn.Linear(4, 4)
+    original = layer.weight.detach().clone()
+    pointer = layer.weight.data_ptr()
+    with replaced_weights({"layer": layer}, lambda name, w: torch.zeros_like(w)):
+        assert float(layer.weight.abs().sum()) == 0.0
+    assert layer.weight.data_ptr() == pointer and torch.equal(layer.weight.detach(), original)
+
+
+def test_quick_benchmark_runs_end_to_end(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert set(results) >= {"meta", "quality", "speed", "memory"}
+    rows = results["quality"]["rows"]
+    methods = {row["method"] for row in rows}
+    assert methods >= {"float32", "bfloat16", "ablation", "superweight", "rtn", "flat", "bnb"}
+    for row in rows:
+        assert math.isfinite(row["ppl"]) and row["ppl"] > 1
+        if row["method"] in ("superweight", "rtn"):
+            # Codes plus at least one fp16 scale per group.
+            assert row["bits"] < row["bits_per_weight"] < row["bits"] + 1
+    superweight = {r["setting"]: r for r in rows if r["method"] == "superweight"}
+    plain = {r["setting"]: r for r in rows if r["method"] == "rtn"}
+    assert set(superweight) == set(plain)
+    # The package stores the exact super weight on top of the same codes and scales.
+    assert all(superweight[s]["bits_per_weight"] > plain[s]["bits_per_weight"] for s in superweight)
+    # The planted super weight of the tiny model is found, and zeroing it hurts.
+    detected = results["speed"]["detection"]["super_weights"]
+    assert [(d["module"], d["row"], d["col"]) for d in detected] == [("model.layers.1.mlp.down_proj", 5, 7)]
+    assert next(r for r in rows if r["method"] == "ablation")["ratio"] > 1.05
+    speed_models = [row["model"] for row in results["speed"]["rows"]]
+    assert speed_models[:2] == ["float32", "bfloat16"] and any("superweight" in m for m in speed_models)
+    assert any("NF4" in m for m in speed_models)
+    for row in results["speed"]["rows"]:
+        assert row["generation"]["new_tokens"] == results["meta"]["settings"]["new_tokens"]
+        assert row["generation"]["tokens_per_s"] > 0 and row["prefill"]["tokens_per_s"] > 0
+    loads = results["memory"]["loads"]
+    assert loads["quantize_on_load"]["detected"] is True
+    assert [sw["row"] for sw in loads["quantize_on_load"]["super_weights"]] == [5]
+    assert all(loads[k]["finite_logits"] and loads[k]["peak_rss_mb"] > 0 for k in loads)
+    sizes = results["memory"]["checkpoint_bytes"]
+    assert sizes["superweight int4 g64"] < sizes["bfloat16"] < sizes["float32"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Quality" in text and "## Speed" in text and "## Loading and memory" in text
+    assert (tmp_path / "results" / "quality.png").is_file()
