@@ -11,7 +11,8 @@ kernel            when
 ``cpu-int4``      CPU, bfloat16 input, bits <= 4, group size a multiple of 32, out_features % 16 == 0,
                   fewer than ``dense_threshold`` tokens (decode)
 ``cpu-int8``      CPU, bfloat16 input, bits 5-8, one scale per row, fewer than ``dense_threshold`` tokens
-``cpu-dense``     CPU, bfloat16/float16 input otherwise (prefill, or shapes the int kernels refuse):
+``cpu-dense``     CPU, bfloat16/float16 input otherwise (prefill, shapes the int kernels refuse, inputs that
+                  need a gradient):
                   dequantize in the input dtype per call, dense GEMM
 ``reference``     everything else: float32 input (unless cast, below), CUDA and other devices
 ================  ===========================================================================================
@@ -25,7 +26,7 @@ once in the log. Opt in to casting the activations of the quantized layers to bf
 back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
 environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16``; or load the model with
 ``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
-``OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD`` (default 32) sets the token count from which ``cpu-dense`` wins.
+``OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD`` (default 64) sets the token count from which ``cpu-dense`` wins.
 
 Kernel layouts are built on first use and cached on the module as plain attributes — never in the
 ``state_dict``, so the on-disk format stays the plain packed one — and rebuilt whenever the packed weight,
@@ -87,7 +88,7 @@ def _env_policy() -> str:
 
 
 def _env_threshold() -> int:
-    value = os.environ.get("OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD", "32")
+    value = os.environ.get("OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD", "64")
     try:
         threshold = int(value)
     except ValueError:
@@ -174,8 +175,11 @@ class KernelSelection:
         return self.kernel.name + ("+bf16-cast" if self.cast else "")
 
 
-def select_kernel(module: nn.Module, dtype: torch.dtype, device: torch.device | str, tokens: int = 1) -> KernelSelection:
-    """The kernel ``module`` uses for ``tokens`` rows of ``dtype`` input on ``device``."""
+def select_kernel(
+    module: nn.Module, dtype: torch.dtype, device: torch.device | str, tokens: int = 1, requires_grad: bool = False
+) -> KernelSelection:
+    """The kernel ``module`` uses for ``tokens`` rows of ``dtype`` input on ``device`` (``requires_grad``: the
+    input needs a gradient, which the int kernels cannot give)."""
     device = torch.device(device)
     compute_dtype, cast = dtype, False
     if dtype == torch.float32 and device.type == "cpu" and _settings["float32"] == "bfloat16":
@@ -187,6 +191,9 @@ def select_kernel(module: nn.Module, dtype: torch.dtype, device: torch.device | 
     for kernel in _KERNELS:
         if many and kernel.name in _DECODE_KERNELS:
             passed.append(f"{kernel.name}: {tokens} tokens >= dense threshold {_settings['threshold']}")
+            continue
+        if requires_grad and kernel.name in _DECODE_KERNELS:
+            passed.append(f"{kernel.name}: input requires grad (no backward)")
             continue
         why = kernel.unsupported(module, compute_dtype, device, tokens)
         if why is None:
@@ -239,11 +246,12 @@ def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``SuperWeightLinear.forward``: pick the kernel for this call, build its layout if needed, run it."""
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
     many = tokens >= _settings["threshold"]
+    grad = x.requires_grad and torch.is_grad_enabled()
     selections = module.__dict__.setdefault("_kernel_selections", {})
-    slot = (x.dtype, x.device, many, _settings["generation"])
+    slot = (x.dtype, x.device, many, grad, _settings["generation"])
     selection = selections.get(slot)
     if selection is None:
-        selection = select_kernel(module, x.dtype, x.device, tokens)
+        selection = select_kernel(module, x.dtype, x.device, tokens, grad)
         selections[slot] = selection
         _announce(selection, x.dtype)
     module.__dict__["_last_kernel"] = selection.label

@@ -110,7 +110,7 @@ def test_int8_kernel_matches_reference(out_features, in_features, bits, symmetri
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, True), (4, 128, False), (8, 128, True), (3, 48, False), (8, -1, False)])
 def test_dense_prefill_kernel_matches_reference(out_features, in_features, bits, group_size, symmetric):
     layer = _layer(out_features, in_features, bits=bits, group_size=group_size, symmetric=symmetric, super_weights=[(2, 3)])
-    x = torch.randn(8, 16, in_features)  # 128 tokens >= the default threshold of 32
+    x = torch.randn(8, 16, in_features)  # 128 tokens >= the default threshold of 64
     out = layer(x.bfloat16())
     assert layer.kernel == "cpu-dense"
     assert _rel(out, _exact(layer, x)) < BF16_BOUND
@@ -217,3 +217,16 @@ def test_summary_and_prepare():
     summary = prepare_kernels(model, torch.bfloat16)
     assert summary == {"decode": {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}, "prefill": {"cpu-dense": 3}}
     assert kernel_summary(model, torch.float32) == {"reference": 3}
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, -1)])
+def test_inputs_that_need_gradients_avoid_the_int_kernels(bits, group_size):
+    layer = _layer(64, 128, bits=bits, group_size=group_size)
+    x = torch.randn(1, 128, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert layer.kernel == "cpu-dense"
+    expected = layer.dequantize_weight(torch.float32).sum(0)  # d(sum y)/dx
+    assert _rel(x.grad[0], expected) < BF16_BOUND
+    with torch.no_grad():
+        layer(x)
+    assert layer.kernel in ("cpu-int4", "cpu-int8")
