@@ -93,6 +93,8 @@ def main() -> int:
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--no-nf4", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--hessian-cache", type=Path, default=None,
+                        help="safetensors file to reuse calibration statistics across runs (written if missing)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -117,9 +119,19 @@ def main() -> int:
     hessians = None
     if any(kwargs.get("method") == "gptq" for kwargs, _ in selected.values()):
         t0 = time.time()
-        ids = calibration_token_ids(tokenizer, args.calibration_tokens)
-        hessians = collect_hessians(base, targets, ids, bos_id=tokenizer.bos_token_id)
-        print(f"calibration: {len(ids)} tokens, {len(targets)} layers ({time.time() - t0:.0f}s)", flush=True)
+        if args.hessian_cache is not None and args.hessian_cache.exists():
+            from safetensors.torch import load_file
+
+            hessians = load_file(args.hessian_cache)
+            print(f"calibration statistics read from {args.hessian_cache}", flush=True)
+        else:
+            ids = calibration_token_ids(tokenizer, args.calibration_tokens)
+            hessians = collect_hessians(base, targets, ids, bos_id=tokenizer.bos_token_id)
+            print(f"calibration: {len(ids)} tokens, {len(targets)} layers ({time.time() - t0:.0f}s)", flush=True)
+            if args.hessian_cache is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.clone().contiguous() for k, v in hessians.items()}, args.hessian_cache)
 
     if not args.no_nf4 and (not args.only or any(o in "bnb nf4 blocksize 64" for o in args.only)):
         t0 = time.time()

@@ -138,10 +138,10 @@ def _quantized_layer(
     dense: nn.Linear,
     coordinates: list[tuple[int, int]],
     config: SuperWeightConfig,
-    hessian: torch.Tensor | None,
+    quantized: Any = None,
 ) -> SuperWeightLinear:
-    """One low-bit layer: plain RTN, RTN with clip search, or GPTQ (same on-disk format for all)."""
-    if config.method == "rtn" and not config.clip_search:
+    """One low-bit layer: plain RTN, RTN with clip search, or given (GPTQ) codes; same on-disk format for all."""
+    if quantized is None and not config.clip_search:
         return SuperWeightLinear.from_linear(
             dense,
             bits=config.bits,
@@ -150,21 +150,14 @@ def _quantized_layer(
             scale_dtype=config.scale_dtype,
             super_weights=coordinates,
         )
-    from ..tensor.gptq import DEFAULT_CLIP_GRID, clip_quantize_weight, gptq_quantize_weight
+    from ..tensor.gptq import clip_quantize_weight
 
     weight = dense.weight.detach()
     indices = torch.tensor(coordinates, dtype=torch.int32, device=weight.device).reshape(-1, 2)
-    scale_dtype = getattr(torch, config.scale_dtype)  # validated by the config: float16/bfloat16/float32
-    grid = DEFAULT_CLIP_GRID if config.clip_search else None
-    if config.method == "gptq":
-        quantized = gptq_quantize_weight(
-            weight, hessian, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
-            scale_dtype=scale_dtype, holdout=indices, damp=config.damp, act_order=config.act_order, clip_grid=grid,
-        )
-    else:
+    if quantized is None:
         quantized = clip_quantize_weight(
             weight, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
-            scale_dtype=scale_dtype, holdout=indices, grid=grid,
+            scale_dtype=getattr(torch, config.scale_dtype), holdout=indices,
         )
     # Built exactly like a checkpoint being loaded: the skeleton, then its tensors assigned.
     module = SuperWeightLinear(
@@ -219,18 +212,41 @@ def quantize_model(
         ids = calibration_token_ids(tokenizer, config.calibration_tokens, vocab_size=vocab)
         bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
+    denses = {}
     for name, module in targets.items():
         if isinstance(module, nn.Linear):
-            dense = module
+            denses[name] = module
         else:  # Conv1D: present the transposed weight as a Linear
             dense = nn.Linear(*_features(module), bias=module.bias is not None, device="meta")
             dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
             dense.bias = module.bias
-        hessian = None if hessians is None else hessians.get(name)
-        if config.method == "gptq" and hessian is None:
-            raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
-        _set_module(model, name, _quantized_layer(dense, coordinates.get(name, []), config, hessian))
+            denses[name] = dense
+    # Layers reading the same input (q/k/v, gate/up) share one Hessian: one GPTQ sweep for all of them.
+    shared: dict[int, list[str]] = {}
+    if config.method == "gptq":
+        for name in targets:
+            if hessians.get(name) is None:
+                raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
+            shared.setdefault(id(hessians[name]), []).append(name)
+    for names in shared.values() or [[name] for name in targets]:
+        precomputed = [None] * len(names)
+        if config.method == "gptq":
+            precomputed = _gptq_group(names, denses, coordinates, hessians[names[0]], config)
+        for name, quantized in zip(names, precomputed):
+            _set_module(model, name, _quantized_layer(denses[name], coordinates.get(name, []), config, quantized))
     return model
+
+
+def _gptq_group(names, denses, coordinates, hessian, config):
+    from ..tensor.gptq import DEFAULT_CLIP_GRID, gptq_quantize_weights
+
+    weights = [denses[n].weight.detach() for n in names]
+    holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]
+    return gptq_quantize_weights(
+        weights, hessian, holdouts=holdouts, bits=config.bits, group_size=config.group_size,
+        symmetric=config.symmetric, scale_dtype=getattr(torch, config.scale_dtype), damp=config.damp,
+        act_order=config.act_order, clip_grid=DEFAULT_CLIP_GRID if config.clip_search else None,
+    )
 
 
 def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.Module:
