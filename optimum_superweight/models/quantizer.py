@@ -20,6 +20,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import QUANT_METHOD, SuperWeightConfig
+from ..kernels import prepare_kernels
 from .replace import build_quantized_skeleton, dequantize_model, quantize_model, verify_quantized_model
 
 __all__ = ["SuperWeightQuantizer", "register"]
@@ -79,6 +80,7 @@ class SuperWeightQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             verify_quantized_model(model, config, loaded_by_transformers=True)
+            prepare_kernels(model)  # build kernel layouts now and log which kernel each layer uses
             # model.push_to_hub() must publish the coordinates, not transformers' default card.
             return attach_card_hook(model)
         with torch.no_grad():
@@ -102,6 +104,7 @@ class SuperWeightQuantizer(HfQuantizer):
             # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.
             quantize_model(model, config, records, tokenizer=tokenizer)
         model.config.quantization_config = config
+        prepare_kernels(model)
         return attach_card_hook(model)
 
     # -- capabilities ---------------------------------------------------------------------------------------
