@@ -68,6 +68,10 @@ class SuperWeightConfig(QuantizationConfigMixin):
         calibration_tokens: Tokens of calibration text for ``"gptq"``.
         damp: ``"gptq"`` dampening, a fraction of the mean Hessian diagonal added to it.
         act_order: ``"gptq"`` quantizes input columns by decreasing activation energy.
+        low_memory: Quantize while loading: each full-precision weight is quantized as it arrives, so the
+            whole full-precision model is never in memory; missing coordinates are found by streaming
+            detection layer by layer from the shards (:mod:`optimum_superweight.streaming`, unconfirmed
+            spikes). ``method="rtn"`` only: GPTQ needs every layer's calibration activations.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         calibration_tokens: int = 8192,
         damp: float = 0.01,
         act_order: bool = True,
+        low_memory: bool = False,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -113,6 +118,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self.calibration_tokens = calibration_tokens
         self.damp = damp
         self.act_order = act_order
+        self.low_memory = low_memory
         self.format_version = format_version
         if quant_method != QUANT_METHOD:
             raise _invalid("quant_method", quant_method, repr(QUANT_METHOD))
@@ -157,9 +163,15 @@ class SuperWeightConfig(QuantizationConfigMixin):
             raise _invalid("max_super_weights", self.max_super_weights, "an integer >= 0")
         if self.method not in METHODS:
             raise _invalid("method", self.method, ", ".join(repr(m) for m in METHODS))
-        for name in ("clip_search", "act_order"):
+        for name in ("clip_search", "act_order", "low_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, getattr(self, name), "True or False")
+        if self.low_memory and self.method == "gptq":
+            raise ValueError(
+                "SuperWeightConfig.low_memory=True is invalid with method='gptq': GPTQ needs every layer's "
+                "calibration activations while quantizing, so the full-precision model must be in memory. Use "
+                "method='rtn' (optionally clip_search=True) to quantize while loading, or low_memory=False."
+            )
         if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) or not (
             64 <= self.calibration_tokens <= 32768
         ):
@@ -262,6 +274,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
             "calibration_tokens": self.calibration_tokens,
             "damp": self.damp,
             "act_order": self.act_order,
+            "low_memory": self.low_memory,
         }
 
     def __iter__(self):

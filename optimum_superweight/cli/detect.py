@@ -40,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype (default: float32)"
     )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="local folder only: load one decoder layer at a time from the safetensors shards (models larger "
+        "than RAM); reports unconfirmed spikes (implies --no-confirm)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.set_defaults(func=run)
 
@@ -53,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..detection import detect_super_weights
 
+    if args.streaming:
+        return _run_streaming(args)
     start = time.perf_counter()
     if not args.quiet:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -85,4 +93,44 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_path:
         report.plot(args.plot_path)
         print(f"plot saved to {args.plot_path}")
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..streaming import detect_super_weights_streaming
+
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--streaming reads a local model folder; {args.model!r} is not one.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = None
+        if args.prompt:
+            raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")
+    report = detect_super_weights_streaming(
+        args.model,
+        tokenizer,
+        prompts=args.prompt,
+        threshold=args.threshold,
+        min_ratio=args.min_ratio,
+        layers=args.layers,
+        max_super_weights=args.max_super_weights,
+        projection=args.projection,
+        dtype=getattr(torch, args.dtype),
+        progress=not args.quiet,
+    )
+    print(report.to_text())
+    if args.json_path:
+        report.to_json(args.json_path)
+        print(f"JSON report written to {args.json_path}")
+    if args.plot_path:
+        report.plot(args.plot_path)
+        print(f"plot saved to {args.plot_path}")
+    print("note: streaming detection reports unconfirmed spikes (no ablation).", file=sys.stderr)
     return 0

@@ -50,6 +50,7 @@ class SuperWeightQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SuperWeightConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.quantization_config: SuperWeightConfig = quantization_config
+        self._low_memory = None  # LowMemoryPlan while quantizing on load (see .loading)
 
     # -- environment --------------------------------------------------------------------------------------
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
@@ -72,12 +73,42 @@ class SuperWeightQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
             build_quantized_skeleton(model, self.quantization_config)
+        elif self.quantization_config.low_memory:
+            from .loading import plan_low_memory
+
+            self._low_memory = plan_low_memory(model, self.quantization_config, kwargs.get("checkpoint_files"))
         return model
+
+    # -- quantize while loading (low_memory=True): each full-precision weight is quantized as it arrives -----
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return self._low_memory is not None and param_name in self._low_memory.weights
+
+    def get_quantize_ops(self):
+        from .loading import SuperWeightQuantize
+
+        return SuperWeightQuantize(self._low_memory)
+
+    def _finish_low_memory(self, model):
+        from ..hub import attach_card_hook
+
+        plan, self._low_memory = self._low_memory, None
+        missing = sorted(set(plan.weights) - plan.done)
+        if plan.errors or missing:
+            raise ValueError(
+                "Quantizing while loading failed: " + "; ".join(plan.errors or [f"never received {missing[:3]}"])
+            )
+        plan.config.set_super_weights(plan.finished_records())
+        verify_quantized_model(model, plan.config, loaded_by_transformers=True)
+        model.config.quantization_config = plan.config
+        prepare_kernels(model)
+        return attach_card_hook(model)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         from ..hub import attach_card_hook
 
         config = self.quantization_config
+        if self._low_memory is not None:
+            return self._finish_low_memory(model)
         if self.pre_quantized:
             verify_quantized_model(model, config, loaded_by_transformers=True)
             prepare_kernels(model)  # build kernel layouts now and log which kernel each layer uses

@@ -1,0 +1,181 @@
+"""Quantize while loading (``SuperWeightConfig(low_memory=True)``): the full-precision model never exists.
+
+transformers loads a checkpoint one tensor at a time and, for each parameter the quantizer claims
+(``param_needs_quantization``), hands the full-precision tensor to the quantizer's op
+(``get_quantize_ops``) before it is assigned. The plan built here, before weights load:
+
+1. super weights: the configured coordinates, or (``detect=True``) streaming detection straight from
+   the shards (:mod:`optimum_superweight.streaming`: one decoder layer in memory at a time, raw spikes
+   kept without ablation confirmation);
+2. the targeted linear layers are swapped for empty :class:`SuperWeightLinear` skeletons, exactly as for
+   a compressed checkpoint;
+3. each arriving ``<module>.weight`` is quantized by :class:`SuperWeightQuantize` with the very code of
+   the in-memory path (:func:`.replace._quantized_layer`), so the result is bit-identical to
+   ``quantize_model`` on the loaded model, and only the packed tensors are kept.
+
+Peak memory: the compressed model + one full-precision weight (+ its quantization temporaries) + during
+detection one full-precision decoder layer and the prompts' activations. Trade-off: GPTQ is refused
+(it needs every layer's calibration activations), and detection is unconfirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+
+from ..config import SuperWeightConfig
+from ..records import SuperWeight
+from .replace import (
+    Conv1D,
+    _features,
+    _quantized_layer,
+    build_quantized_skeleton,
+    modules_to_convert,
+    resolve_modules_to_not_convert,
+)
+
+__all__ = ["LowMemoryPlan", "plan_low_memory", "SuperWeightQuantize"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LowMemoryPlan:
+    """What quantize-on-load needs per weight: coordinates, layout, and the records to complete."""
+
+    config: SuperWeightConfig
+    # "<module>.weight" -> (module name, in_features, out_features, transposed in the checkpoint)
+    weights: dict[str, tuple[str, int, int, bool]]
+    records: dict[str, list[SuperWeight]]
+    check_values: bool
+    done: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+
+    def finished_records(self) -> list[SuperWeight]:
+        return [sw for module_records in self.records.values() for sw in module_records]
+
+
+def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) -> list[SuperWeight]:
+    from ..streaming import detect_super_weights_streaming
+
+    files = [str(f) for f in (checkpoint_files or [])]
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        raise ValueError(
+            "SuperWeightConfig(low_memory=True) detects super weights from the checkpoint's safetensors shards, but "
+            f"this checkpoint is {files or 'unknown'}. Give the coordinates (super_weights=... or "
+            "SuperWeightConfig.from_known(...)), or convert the checkpoint to safetensors."
+        )
+    tokenizer = None
+    if config.detection_prompts is not None:
+        from .quantizer import _load_tokenizer
+
+        tokenizer = _load_tokenizer(model)
+    report = detect_super_weights_streaming(
+        config=model.config,
+        files=files,
+        tokenizer=tokenizer,
+        prompts=config.detection_prompts,
+        threshold=config.detection_threshold,
+        min_ratio=config.detection_min_ratio,
+        layers=config.detection_layers,
+        max_super_weights=config.max_super_weights,
+    )
+    logger.info("optimum-superweight streaming detection: %d candidate(s).", len(report.candidates))
+    return list(report.candidates)
+
+
+def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any = None) -> LowMemoryPlan:
+    """Before weights load (model on ``meta``): fix the super weights and swap in low-bit skeletons."""
+    if getattr(config, "activation_bits", None) is not None:
+        raise ValueError(
+            f"SuperWeightConfig.low_memory=True is not available with activation_bits={config.activation_bits!r} "
+            "(W8A8): quantize with low_memory=False."
+        )
+    records = config.get_super_weights()
+    check_values = bool(records)
+    if not records and config.detect:
+        records = _detect(model, config, checkpoint_files)
+    skip = resolve_modules_to_not_convert(model, config)
+    targets = modules_to_convert(model, skip)
+    all_modules = dict(model.named_modules())
+    by_module: dict[str, list[SuperWeight]] = {}
+    for sw in records:
+        module = all_modules.get(sw.module)
+        if module is None or not isinstance(module, (nn.Linear, Conv1D)):
+            raise ValueError(
+                f"Super weight module '{sw.module}' is not a linear layer of this {type(model).__name__}; "
+                f"linear modules are named like {list(targets)[:3]}."
+            )
+        in_features, out_features = _features(module)
+        if not (0 <= sw.row < out_features and 0 <= sw.col < in_features):
+            raise ValueError(
+                f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] lies outside the matrix: row must be in "
+                f"[0, {out_features}) and col in [0, {in_features}) (paper convention)."
+            )
+        by_module.setdefault(sw.module, []).append(sw)
+    weights = {}
+    for name, module in targets.items():
+        in_features, out_features = _features(module)
+        weights[f"{name}.weight"] = (name, in_features, out_features, not isinstance(module, nn.Linear))
+    config.modules_to_not_convert = skip
+    config.set_super_weights(records)
+    build_quantized_skeleton(model, config)
+    return LowMemoryPlan(config=config, weights=weights, records=by_module, check_values=check_values)
+
+
+class SuperWeightQuantize(ConversionOps):
+    """transformers conversion op: one full-precision ``<module>.weight`` in, its packed tensors out."""
+
+    def __init__(self, plan: LowMemoryPlan) -> None:
+        self.plan = plan
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: Any = None, target_patterns: Any = None, **kwargs: Any):
+        plan = self.plan
+        (key, tensors), = input_dict.items()
+        tensor = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
+        target = kwargs.get("full_layer_name") or key
+        module_name, in_features, out_features, transposed = plan.weights[target]
+        weight = tensor.t() if transposed else tensor
+        if tuple(weight.shape) != (out_features, in_features):
+            message = (
+                f"{target}: the checkpoint holds a {tuple(tensor.shape)} weight, the model expects "
+                f"{(out_features, in_features)}; the config does not match the checkpoint."
+            )
+            plan.errors.append(message)
+            raise ValueError(message)
+        records = plan.records.get(module_name, [])
+        completed = []
+        for sw in records:
+            found = float(weight[sw.row, sw.col].item())
+            if plan.check_values and sw.value is not None and not math.isclose(found, sw.value, rel_tol=1e-3, abs_tol=1e-6):
+                message = (
+                    f"Super weight {module_name}.weight[{sw.row}, {sw.col}] is recorded as {sw.value!r} but the "
+                    f"checkpoint holds {found!r}: the coordinates were made for another model or revision."
+                )
+                plan.errors.append(message)
+                raise ValueError(message)
+            completed.append(sw.with_updates(value=found))
+        plan.records[module_name] = completed
+        # The in-memory path's own code on a weight-only stand-in: bit-identical results.
+        dense = nn.Linear(in_features, out_features, bias=False, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        layer = _quantized_layer(dense, [(sw.row, sw.col) for sw in completed], plan.config)
+        out = {f"{module_name}.weight": layer.weight.data, f"{module_name}.weight_scale": layer.weight_scale.data}
+        if layer.weight_zero_point is not None:
+            out[f"{module_name}.weight_zero_point"] = layer.weight_zero_point.data
+        if layer.super_weight_indices is not None:
+            out[f"{module_name}.super_weight_indices"] = layer.super_weight_indices.data
+            out[f"{module_name}.super_weight_values"] = layer.super_weight_values.data
+        plan.done.add(target)
+        return out
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        raise NotImplementedError("A quantized weight cannot be turned back into the full-precision checkpoint tensor.")
