@@ -41,7 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=SECTIONS, default=None, help="run only this section (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=None, help="perplexity tokens (default 4096; quick 256)")
     parser.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward (default 4)")
+    parser.add_argument(
+        "--variants", action="append", choices=("clip", "gptq"), default=None,
+        help="also evaluate the package with clip search or GPTQ at int4/int3 g64/g128 (repeatable; slower)",
+    )
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes rows")
+    parser.add_argument(
+        "--update", action="store_true",
+        help="keep the other sections of an existing OUT/results/results.json (rerun only the --only sections)",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the saved checkpoints (in OUT/checkpoints)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -95,12 +103,14 @@ def main(argv=None) -> int:
         model = load_model(source, dtype=torch.float32)
         tokenizer = load_tokenizer(source)
 
-        log("[detection] super weights and detection time")
-        detection = detection_vs_forward(model, tokenizer, forward_tokens=settings["forward_tokens"])
-        report = detection.pop("report")
-        super_weights = list(report.super_weights)
-        log(f"  found {[sw.paper_notation() for sw in super_weights]} in {detection['detection_seconds']:.1f} s "
-            f"({detection['detection_over_forward']:.1f}x a {detection['forward_tokens']}-token forward)")
+        detection, super_weights = None, []
+        if "quality" in sections or "speed" in sections:
+            log("[detection] super weights and detection time")
+            detection = detection_vs_forward(model, tokenizer, forward_tokens=settings["forward_tokens"])
+            report = detection.pop("report")
+            super_weights = list(report.super_weights)
+            log(f"  found {[sw.paper_notation() for sw in super_weights]} in {detection['detection_seconds']:.1f} s "
+                f"({detection['detection_over_forward']:.1f}x a {detection['forward_tokens']}-token forward)")
 
         compressed = None
         if "memory" in sections:
@@ -119,13 +129,13 @@ def main(argv=None) -> int:
             log("[quality] perplexity per method")
             results["quality"] = run_quality(
                 model, tokenizer, super_weights, quick=args.quick, max_tokens=settings["max_tokens"],
-                window=settings["window"], batch_size=args.batch_size, log=log,
+                window=settings["window"], batch_size=args.batch_size, variants=tuple(args.variants or ()), log=log,
             )
             if args.no_bnb:
                 results["quality"]["rows"] = [r for r in results["quality"]["rows"] if r["method"] != "bnb"]
 
         if "speed" in sections:
-            if compressed is None:
+            if compressed is None and super_weights:
                 from optimum_superweight import SuperWeightConfig
                 from optimum_superweight.models.replace import quantize_model
 
@@ -145,7 +155,7 @@ def main(argv=None) -> int:
             results["speed"] = speed
             if "memory" in results and speed.get("bnb_checkpoint_bytes") is not None:
                 results["memory"]["checkpoint_bytes"]["bitsandbytes NF4"] = speed["bnb_checkpoint_bytes"]
-        else:
+        elif detection is not None:
             results["detection"] = detection
     finally:
         if args.keep_checkpoints and work.exists():
@@ -156,6 +166,18 @@ def main(argv=None) -> int:
     results["meta"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     data_dir = out / "results"
     data_dir.mkdir(parents=True, exist_ok=True)
+    previous_file = data_dir / "results.json"
+    if args.update and previous_file.is_file():
+        previous = json.loads(previous_file.read_text(encoding="utf-8"))
+        for section in SECTIONS:
+            if section not in sections and section in previous:
+                results[section] = previous[section]
+        # The bitsandbytes checkpoint is saved by the speed section: keep its size when only memory reran.
+        old_sizes = (previous.get("memory") or {}).get("checkpoint_bytes", {})
+        if "memory" in results and "speed" not in sections and "bitsandbytes NF4" in old_sizes:
+            results["memory"]["checkpoint_bytes"].setdefault("bitsandbytes NF4", old_sizes["bitsandbytes NF4"])
+        results["meta"]["updated_sections"] = list(sections)
+        results["meta"]["previous_run"] = {k: previous["meta"].get(k) for k in ("command", "date", "total_seconds", "machine")}
     (data_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     made = plots(results, data_dir)
     (out / "RESULTS.md").write_text(markdown(results, made), encoding="utf-8")

@@ -152,3 +152,50 @@ def test_training_mode_is_restored(tokenizer):
     model.train()
     perplexity(model, tokenizer, TEXT, max_tokens=64, window=32)
     assert model.training
+
+
+def _quantized_tiny():
+    from optimum_superweight import SuperWeightConfig
+    from optimum_superweight.models.replace import quantize_model
+
+    model = build_tiny_model("llama", super_weights=[(1, 5, 7)], seed=0)
+    config = SuperWeightConfig(bits=4, group_size=32, super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
+    return quantize_model(model, config)
+
+
+def test_lm_eval_harness_scores_a_quantized_model_like_perplexity(tokenizer):
+    """lm-evaluation-harness (optional, offline) wraps the loaded model object; its rolling log-likelihood of a
+    document equals this package's perplexity computed on the same tokens."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model = _quantized_tiny()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, device="cpu")
+    document = TEXT[:400]
+    (loglikelihood,) = lm.loglikelihood_rolling(
+        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(document,), idx=0)]
+    )
+    ids = lm.tok_encode(document)
+    # lm-eval predicts the first token from its prefix token, exactly as our windows predict it from BOS.
+    assert lm.prefix_token_id == tokenizer.bos_token_id
+    ours = perplexity(model, tokenizer, token_ids=ids, max_tokens=None, window=len(ids))
+    assert -loglikelihood == pytest.approx(ours.nll * ours.n_tokens, rel=1e-5)
+
+
+def test_lm_eval_local_tasks_run_offline(tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.modules.pop("lm_eval_harness", None)
+    from lm_eval_harness import CHOICE_TASK, ROLLING_TASK, evaluate, write_local_tasks
+
+    folder = write_local_tasks(tmp_path / "tasks", documents=2, questions=8)
+    results = evaluate(_quantized_tiny(), tokenizer, [ROLLING_TASK, CHOICE_TASK], include_path=str(folder), limit=4)
+    rolling, choice = results[ROLLING_TASK], results[CHOICE_TASK]
+    assert math.isfinite(rolling["byte_perplexity,none"]) and rolling["byte_perplexity,none"] > 1
+    assert 0.0 <= choice["acc,none"] <= 1.0
+    assert choice["sample_len"] == 4

@@ -1,6 +1,6 @@
 """Load time, peak memory and checkpoint size; each load runs in a fresh subprocess.
 
-Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child at the end of ``from_pretrained``;
+Peak RSS is the child's high-water mark (``VmHWM``; see :func:`.common.peak_rss_mb`) at the end of ``from_pretrained``;
 ``after_imports_mb`` is the same figure right after importing torch, transformers and this package, so the
 difference is what loading the model cost.
 """

@@ -194,10 +194,11 @@ class QualitySweep:
         self._add("ablation", "super weights zeroed", 32, None, 32.0, ppl, time.perf_counter() - start,
                   note="nothing quantized")
 
-    def superweight(self, bits: int, group_size: int) -> None:
+    def superweight(self, bits: int, group_size: int, **options: Any) -> None:
         start = time.perf_counter()
-        config = SuperWeightConfig(bits=bits, group_size=group_size, super_weights=[sw.to_dict() for sw in self.super_weights])
-        quantized = quantize_model(copy.deepcopy(self.model), config)
+        config = SuperWeightConfig(bits=bits, group_size=group_size, super_weights=[sw.to_dict() for sw in self.super_weights],
+                                   **options)
+        quantized = quantize_model(copy.deepcopy(self.model), config, tokenizer=self.tokenizer)
         layers = [m for m in quantized.modules() if isinstance(m, SuperWeightLinear)]
         stored = sum(m.storage_bytes() for m in layers)
         n_weights = sum(m.in_features * m.out_features for m in layers)
@@ -205,6 +206,8 @@ class QualitySweep:
         del quantized
         label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'}"
         method_note = config.method + ("+clip" if getattr(config, "clip_search", False) else "")
+        if options:
+            label += f" ({method_note})"
         self._add("superweight", label, bits, group_size, 8 * stored / n_weights, ppl, time.perf_counter() - start,
                   note=f"package ({method_note}), {len(self.super_weights)} super weight(s) exact", layers=len(layers))
 
@@ -244,8 +247,16 @@ class QualitySweep:
                         "bitsandbytes int8_vectorwise_quant -> dequant (simulated; LLM.int8 outlier path not modelled)")
 
 
+#: ``--variants``: extra package rows with non-default ``SuperWeightConfig`` options, at these settings.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "clip": {"clip_search": True},
+    "gptq": {"method": "gptq", "clip_search": True},
+}
+VARIANT_SETTINGS: tuple[tuple[int, int], ...] = ((4, 64), (4, 128), (3, 64), (3, 128))
+
+
 def run_quality(model, tokenizer, super_weights: list[SuperWeight], *, quick: bool, max_tokens: int, window: int,
-                batch_size: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+                batch_size: int, variants: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     sweep = QualitySweep(model, tokenizer, super_weights, max_tokens=max_tokens, window=window, batch_size=batch_size, log=log)
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     blocks = QUICK_FLAT_BLOCKS if quick else FULL_FLAT_BLOCKS
@@ -254,6 +265,9 @@ def run_quality(model, tokenizer, super_weights: list[SuperWeight], *, quick: bo
     for bits, group_size in settings:
         sweep.superweight(bits, group_size)
         sweep.plain_rtn(bits, group_size)
+    for variant in variants:
+        for bits, group_size in (QUICK_SETTINGS[1:2] if quick else VARIANT_SETTINGS):
+            sweep.superweight(bits, group_size, **VARIANTS[variant])
     for block in blocks:
         sweep.flat(4, block, hold_out=False)
         sweep.flat(4, block, hold_out=True)

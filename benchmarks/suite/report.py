@@ -27,6 +27,14 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         "Timings on a shared machine vary from run to run; compare rows of the same run.",
         "",
     ]
+    if meta.get("updated_sections"):
+        prev = meta.get("previous_run") or {}
+        minutes = (prev.get("total_seconds") or 0) / 60
+        lines[2:3] = [
+            f"Sections {', '.join(meta['updated_sections'])} produced by `{meta['command']}` on {meta['date']} "
+            f"({meta['total_seconds'] / 60:.1f} min); the other sections by `{prev.get('command')}` on {prev.get('date')} "
+            f"({minutes:.1f} min)."
+        ]
     quality = results.get("quality")
     if quality:
         p = quality["protocol"]
@@ -83,7 +91,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                     lines.append(f"| {row['model']}: load in the main process (warm file cache) | {row['load_seconds_in_process']:.2f} s | – | – | – |")
         lines += [
             "",
-            "Each from_pretrained above the in-process rows ran in a fresh subprocess; peak RSS is `ru_maxrss` at the end "
+            "Each from_pretrained above the in-process rows ran in a fresh subprocess; peak RSS is the child's high-water mark (`VmHWM`) at the end "
             "of loading, \"RSS for the model\" subtracts the peak after importing torch, transformers and the package.",
             "",
         ]
