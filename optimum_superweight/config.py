@@ -23,6 +23,9 @@ SCALE_DTYPES = ("float16", "bfloat16", "float32")
 #: How codes and scales are chosen (the on-disk format is the same for all): round-to-nearest, or GPTQ
 #: error feedback on built-in calibration text (see :mod:`optimum_superweight.tensor.gptq`).
 METHODS = ("rtn", "gptq")
+#: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
+ACTIVATION_BITS = (None, 8)
+ACTIVATION_SCALES = ("per_tensor", "per_token")
 #: Prompt the paper's authors used to find super weights.
 DEFAULT_DETECTION_PROMPT = "Apple Inc. is a worldwide tech company."
 
@@ -72,6 +75,14 @@ class SuperWeightConfig(QuantizationConfigMixin):
             whole full-precision model is never in memory; missing coordinates are found by streaming
             detection layer by layer from the shards (:mod:`optimum_superweight.streaming`, unconfirmed
             spikes). ``method="rtn"`` only: GPTQ needs every layer's calibration activations.
+        activation_bits: ``None`` (default: weight-only) or ``8`` for W8A8: int8 activations x int8 weights on
+            ``torch._int_mm``; then ``bits=8``, ``group_size=-1`` and ``symmetric=True`` are required (8-bit
+            symmetric weights, one scale per output row) with ``method="rtn"``, no clip search, no low_memory.
+        activation_scale: W8A8 dynamic activation scale: ``"per_tensor"`` or ``"per_token"``.
+        hold_out_super_activation: W8A8: keep the super-activation channels out of the activation scale and
+            add their contribution back exactly (the paper's section 4.1); ``False`` is naive W8A8.
+        super_activation_channels: Hidden channels held out (default: the rows of the super weights, recorded
+            at quantization). The super weights' own input columns are held out in their layer as well.
     """
 
     def __init__(
@@ -94,6 +105,10 @@ class SuperWeightConfig(QuantizationConfigMixin):
         damp: float = 0.01,
         act_order: bool = True,
         low_memory: bool = False,
+        activation_bits: int | None = None,
+        activation_scale: str = "per_token",
+        hold_out_super_activation: bool = True,
+        super_activation_channels: list[int] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -119,6 +134,10 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self.damp = damp
         self.act_order = act_order
         self.low_memory = low_memory
+        self.activation_bits = activation_bits
+        self.activation_scale = activation_scale
+        self.hold_out_super_activation = hold_out_super_activation
+        self.super_activation_channels = None if super_activation_channels is None else list(super_activation_channels)
         self.format_version = format_version
         if quant_method != QUANT_METHOD:
             raise _invalid("quant_method", quant_method, repr(QUANT_METHOD))
@@ -178,6 +197,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
             raise _invalid("calibration_tokens", self.calibration_tokens, "an integer from 64 to 32768")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not (0 < self.damp < 1):
             raise _invalid("damp", self.damp, "a number in (0, 1), typically 0.01")
+        self._validate_activation_fields()
         if not isinstance(self.format_version, int) or self.format_version < 1:
             raise _invalid("format_version", self.format_version, f"an integer between 1 and {FORMAT_VERSION}")
         if self.format_version > FORMAT_VERSION:
@@ -192,6 +212,28 @@ class SuperWeightConfig(QuantizationConfigMixin):
             if key in seen:
                 raise _invalid("super_weights", sw.to_dict(), "distinct (module, row, col) entries; this one is repeated")
             seen.add(key)
+
+    def _validate_activation_fields(self) -> None:
+        if self.activation_bits not in ACTIVATION_BITS or isinstance(self.activation_bits, bool):
+            raise _invalid("activation_bits", self.activation_bits, "None (weight-only) or 8 (W8A8)")
+        if self.activation_scale not in ACTIVATION_SCALES:
+            raise _invalid("activation_scale", self.activation_scale, ", ".join(repr(m) for m in ACTIVATION_SCALES))
+        if not isinstance(self.hold_out_super_activation, bool):
+            raise _invalid("hold_out_super_activation", self.hold_out_super_activation, "True or False")
+        if self.super_activation_channels is not None and not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.super_activation_channels
+        ):
+            raise _invalid("super_activation_channels", self.super_activation_channels, "a list of channel indices >= 0, or None")
+        if self.activation_bits is None:
+            return
+        # W8A8 weights: 8-bit symmetric, one scale per output row (what the int8 x int8 kernel multiplies).
+        required = {"bits": 8, "group_size": -1, "symmetric": True, "method": "rtn", "clip_search": False, "low_memory": False}
+        for name, value in required.items():
+            if getattr(self, name, value) != value:
+                raise _invalid(
+                    name, getattr(self, name),
+                    f"{value!r} with activation_bits=8 (W8A8 uses 8-bit symmetric per-row round-to-nearest weights)",
+                )
 
     # -- super weights --------------------------------------------------------------------------------
     def get_super_weights(self) -> list[SuperWeight]:
@@ -275,6 +317,10 @@ class SuperWeightConfig(QuantizationConfigMixin):
             "damp": self.damp,
             "act_order": self.act_order,
             "low_memory": self.low_memory,
+            "activation_bits": self.activation_bits,
+            "activation_scale": self.activation_scale,
+            "hold_out_super_activation": self.hold_out_super_activation,
+            "super_activation_channels": None if self.super_activation_channels is None else list(self.super_activation_channels),
         }
 
     def __iter__(self):

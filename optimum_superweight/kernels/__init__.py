@@ -181,6 +181,9 @@ def select_kernel(
     """The kernel ``module`` uses for ``tokens`` rows of ``dtype`` input on ``device`` (``requires_grad``: the
     input needs a gradient, which the int kernels cannot give)."""
     device = torch.device(device)
+    own = getattr(module, "select_own_kernel", None)
+    if own is not None:  # modules with other semantics (W8A8: kernels/w8a8.py) choose among their own kernels
+        return own(dtype, device, tokens, requires_grad, _settings["reference_only"])
     compute_dtype, cast = dtype, False
     if dtype == torch.float32 and device.type == "cpu" and _settings["float32"] == "bfloat16":
         compute_dtype, cast = torch.bfloat16, True

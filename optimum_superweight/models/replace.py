@@ -205,6 +205,10 @@ def quantize_model(
     config.modules_to_not_convert = skip
     config.set_super_weights(records)
     coordinates = _coordinates_by_module(r for r in records if r.module in targets)
+    if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
+        from .w8a8 import quantize_model_w8a8
+
+        return quantize_model_w8a8(model, config, targets, records, coordinates)
     if config.method == "gptq" and hessians is None:
         from .calibration import calibration_token_ids, collect_hessians
 
@@ -268,6 +272,10 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             raise ValueError(
                 f"The checkpoint's config names super weight module '{sw.module}', which this model does not have."
             )
+    if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
+        from .w8a8 import build_w8a8_skeleton
+
+        return build_w8a8_skeleton(model, config, targets, counts)
     for name, module in targets.items():
         in_features, out_features = _features(module)
         bias = module.bias

@@ -1,0 +1,171 @@
+"""W8A8 (int8 activations x int8 weights, ``torch._int_mm``) on SmolLM2-135M, with and without the super
+activation held out of the activation quantization (the paper's section 4.1).
+
+Quality: perplexity ratio (ppl / full-precision ppl) on ``--tokens`` tokens of the built-in text, windows of
+512 with BOS, float32 model, for full precision, naive W8A8 (same kernels, no hold-out) and W8A8 with the
+hold-out, per-tensor and per-token activation scales; "recovered" = share of naive W8A8's perplexity loss the
+hold-out removes. Speed: prefill (``--prefill-batch`` x ``--prefill-len``) and batch-1 greedy decode tokens/s
+of the bfloat16 W8A8 model against the bfloat16 dense model, interleaved in one process, medians (the CPU is
+shared: ratios are more meaningful than absolute numbers).
+
+    python3 benchmarks/w8a8.py            # writes benchmarks/results/w8a8.json
+    python3 benchmarks/w8a8.py --no-speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from optimum_superweight import SuperWeightConfig  # noqa: E402
+from optimum_superweight.default_model import default_model_path  # noqa: E402
+from optimum_superweight.evaluation import perplexity  # noqa: E402
+from optimum_superweight.kernels import kernel_summary  # noqa: E402
+
+SUPER_WEIGHT = {"module": "model.layers.11.mlp.down_proj", "row": 507, "col": 1229}
+
+
+def w8a8_config(scale: str, holdout: bool) -> SuperWeightConfig:
+    return SuperWeightConfig(
+        bits=8, group_size=-1, activation_bits=8, activation_scale=scale, hold_out_super_activation=holdout,
+        super_weights=[SUPER_WEIGHT],
+    )
+
+
+def load(path: str, dtype: torch.dtype, config: SuperWeightConfig | None = None):
+    kwargs = {} if config is None else {"quantization_config": config}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+
+
+def quality(path: str, tokenizer, tokens: int) -> dict:
+    rows = {}
+    model = load(path, torch.float32)
+    with torch.no_grad():
+        fp = float(perplexity(model, tokenizer, max_tokens=tokens, window=512))
+    rows["full precision"] = {"ppl": fp, "ratio": 1.0}
+    print(f"full precision: ppl {fp:.3f}", flush=True)
+    for scale in ("per_tensor", "per_token"):
+        for holdout in (False, True):
+            model = load(path, torch.float32, w8a8_config(scale, holdout))
+            with torch.no_grad():
+                ppl = float(perplexity(model, tokenizer, max_tokens=tokens, window=512))
+            name = f"W8A8 {scale}, " + ("super activation held out" if holdout else "naive")
+            rows[name] = {"ppl": ppl, "ratio": ppl / fp, "kernels": kernel_summary(model, torch.float32, 512)}
+            print(f"{name}: ppl {ppl:.3f} (x{ppl / fp:.4f})", flush=True)
+    for scale in ("per_tensor", "per_token"):
+        naive = rows[f"W8A8 {scale}, naive"]["ppl"]
+        held = rows[f"W8A8 {scale}, super activation held out"]["ppl"]
+        rows[f"W8A8 {scale}, super activation held out"]["recovered"] = (naive - held) / (naive - fp) if naive > fp else None
+    return rows
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def speed(path: str, batch: int, length: int, decode_tokens: int, repeats: int) -> dict:
+    models = {
+        "bf16 dense": load(path, torch.bfloat16),
+        "W8A8 per_token, held out": load(path, torch.bfloat16, w8a8_config("per_token", True)),
+        "W8A8 per_tensor, held out": load(path, torch.bfloat16, w8a8_config("per_tensor", True)),
+    }
+    ids = torch.randint(100, 10000, (batch, length))
+    prompt = torch.randint(100, 10000, (1, 16))
+    results = {name: {"prefill_s": [], "decode_s": []} for name in models}
+
+    def prefill(model):
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+
+    def decode(model):
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+                           pad_token_id=0)
+
+    for model in models.values():  # warm-up: kernel layouts, allocator
+        prefill(model)
+        decode(model)
+    for _ in range(repeats):  # interleaved: every variant sees the same machine load
+        for name, model in models.items():
+            results[name]["prefill_s"].append(_median_time(lambda: prefill(model), 1))
+            results[name]["decode_s"].append(_median_time(lambda: decode(model), 1))
+    out = {}
+    base = None
+    for name, r in results.items():
+        prefill_tps = batch * length / statistics.median(r["prefill_s"])
+        decode_tps = decode_tokens / statistics.median(r["decode_s"])
+        if base is None:
+            base = (prefill_tps, decode_tps)
+        out[name] = {
+            "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps,
+            "prefill_vs_bf16": prefill_tps / base[0], "decode_vs_bf16": decode_tps / base[1],
+            "kernels": kernel_summary(models[name], torch.bfloat16, 1) if name != "bf16 dense" else None,
+        }
+        print(f"{name}: prefill {prefill_tps:.0f} tok/s (x{prefill_tps / base[0]:.2f}), "
+              f"decode {decode_tps:.1f} tok/s (x{decode_tps / base[1]:.2f})", flush=True)
+    return {"prefill": f"{batch}x{length}", "decode_tokens": decode_tokens, "repeats": repeats, "rows": out}
+
+
+def table(result: dict) -> str:
+    lines = ["| setting | ppl | ratio | recovered |", "|---|---|---|---|"]
+    for name, row in result.get("quality", {}).items():
+        rec = row.get("recovered")
+        lines.append(f"| {name} | {row['ppl']:.3f} | x{row['ratio']:.4f} | {'' if rec is None else f'{rec:.0%}'} |")
+    if "speed" in result:
+        s = result["speed"]
+        lines += ["", f"| model (bfloat16) | prefill {s['prefill']} tok/s | vs bf16 | decode b1 tok/s | vs bf16 |",
+                  "|---|---|---|---|---|"]
+        for name, row in s["rows"].items():
+            lines.append(f"| {name} | {row['prefill_tokens_per_s']:.0f} | x{row['prefill_vs_bf16']:.2f} | "
+                         f"{row['decode_tokens_per_s']:.1f} | x{row['decode_vs_bf16']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--prefill-batch", type=int, default=8)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--output", default=str(ROOT / "results" / "w8a8.json"))
+    args = parser.parse_args()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    result = {"model": "SmolLM2-135M-Instruct", "super_weight": SUPER_WEIGHT, "tokens": args.tokens, "window": 512,
+              "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    if not args.no_quality:
+        result["quality"] = quality(path, tokenizer, args.tokens)
+    if not args.no_speed:
+        result["speed"] = speed(path, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
+    print(table(result))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""Kernels for :class:`~optimum_superweight.nn.w8a8.SuperWeightW8A8Linear` (8-bit weights, 8-bit activations).
+
+One operation, with the super activation held out of the activation quantization::
+
+    x' = x with the held-out channels H set to 0          # equivalent to the paper's "median": see below
+    s  = absmax(x') / 127        (per tensor, or per token = per row of x)
+    q  = clamp(round(x' / s), -127, 127)                  # int8
+    x~ = s * q ;  x~[..., H] = x[..., H]                  # held-out channels stay exact
+    y  = x~ @ W^T + b                                     # W: int8 codes per output row, super weights exact
+
+Replacing the held-out values by the median instead of 0 gives the same scale (the median's magnitude never
+exceeds the absmax of the remaining values) and the same output once the exact values are restored, so 0 is used.
+
+================  ===========================================================================================
+kernel            when
+================  ===========================================================================================
+``cpu-w8a8``      CPU, any float input, no gradient needed: ``torch._int_mm`` (int8 x int8 -> int32), then
+                  ``y = acc * s_x * s_w`` + held-out columns ``x[:, H] @ W[:, H]^T`` in float32 + sparse
+                  super-weight correction. ``_int_mm`` takes any shape on CPU (checked: M=1, K=70, N=5).
+``cuda-w8a8``     CUDA: the same with ``torch._int_mm`` on CUDA, whose shape rules (M > 16, K and N multiples
+                  of 8) are met by zero padding. **Untested: no GPU was available when it was written.**
+``w8a8-reference``  everything else and ``force_reference()``: fake quantization in float32 (the exact
+                  semantics above, written out).
+================  ===========================================================================================
+
+Both int8 kernels equal the reference up to float32 summation order (the int32 accumulation is exact; the
+reference sums ``s*q`` products in float32).
+
+>>> import torch
+>>> from optimum_superweight.nn.w8a8 import SuperWeightW8A8Linear
+>>> layer = SuperWeightW8A8Linear.from_linear(torch.nn.Linear(64, 32), holdout_channels=[5])
+>>> _ = layer(torch.randn(3, 64)); layer.kernel
+'cpu-w8a8'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..tensor.packing import unpack_codes
+from . import KernelSelection
+
+__all__ = [
+    "ACTIVATION_SCALES",
+    "quantize_activations",
+    "fake_quantize_activations",
+    "select_w8a8_kernel",
+    "register_w8a8_kernel",
+    "registered_w8a8_kernels",
+    "W8A8ReferenceKernel",
+    "W8A8Int8Kernel",
+]
+
+#: How the activation scale is computed: one for the whole call, or one per token (row of the input).
+ACTIVATION_SCALES = ("per_tensor", "per_token")
+_QMAX = 127.0
+
+
+def quantize_activations(
+    x2: torch.Tensor, holdout: torch.Tensor | None, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes ``[T, K]`` and float32 scales (``[T, 1]`` per token, ``[1, 1]`` per tensor) of a 2-D input,
+    the ``holdout`` channels (long indices) set to 0 first so they neither set the scale nor get codes.
+
+    >>> q, s = quantize_activations(torch.tensor([[1.0, -2.0, 1000.0]]), torch.tensor([2]), "per_tensor")
+    >>> q.tolist(), round(s.item() * 127, 4)
+    ([[64, -127, 0]], 2.0)
+    """
+    if mode not in ACTIVATION_SCALES:
+        raise ValueError(f"activation scale mode {mode!r} is invalid: accepted values are {ACTIVATION_SCALES}.")
+    xf = x2.to(torch.float32)
+    if holdout is not None and holdout.numel():
+        xf = xf.index_fill(1, holdout, 0.0)
+    if mode == "per_token":
+        absmax = xf.abs().amax(dim=-1, keepdim=True)
+    else:
+        absmax = xf.abs().amax().reshape(1, 1)
+    # An all-zero input gets scale 1 (codes 0): avoids 0/0.
+    scale = torch.where(absmax > 0, absmax / _QMAX, torch.ones_like(absmax))
+    codes = torch.round(xf / scale).clamp_(-_QMAX, _QMAX).to(torch.int8)
+    return codes, scale
+
+
+def fake_quantize_activations(x2: torch.Tensor, holdout: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """float32 ``s * q`` with the held-out channels restored to their exact values (the reference semantics)."""
+    codes, scale = quantize_activations(x2, holdout, mode)
+    out = codes.to(torch.float32) * scale
+    if holdout is not None and holdout.numel():
+        out[:, holdout] = x2[:, holdout].to(torch.float32)
+    return out
+
+
+def _holdout(module: nn.Module, device: torch.device) -> torch.Tensor | None:
+    channels = module.holdout_channels
+    return torch.tensor(channels, dtype=torch.long, device=device) if channels else None
+
+
+def _bias_and_shape(module: nn.Module, y: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    if module.bias is not None:
+        y = y + module.bias.to(torch.float32)
+    return y.to(dtype).reshape(*shape[:-1], module.out_features)
+
+
+class W8A8ReferenceKernel:
+    """Fake quantization in float32: the exact semantics of the module docstring."""
+
+    name = "w8a8-reference"
+
+    def unsupported(self, module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> str | None:
+        return None
+
+    def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        return None
+
+    def run(self, module: nn.Module, state: None, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq = fake_quantize_activations(x2, _holdout(module, x.device), module.activation_scale)
+        y = nn.functional.linear(xq, module.dequantize_weight(torch.float32))
+        return _bias_and_shape(module, y, shape, x.dtype)
+
+
+@dataclass
+class W8A8State:
+    weight_t: torch.Tensor  # int8 [padded_in, padded_out]: codes - 128, transposed for _int_mm
+    scale: torch.Tensor  # float32 [out]
+    holdout: torch.Tensor | None  # long [k]
+    holdout_weight_t: torch.Tensor | None  # float32 [k, out]: dequantized codes of the held-out columns
+    sparse: tuple | None  # (rows, cols, values, held-out mask of cols)
+    padded_in: int
+    min_rows: int
+
+
+class W8A8Int8Kernel:
+    """``torch._int_mm`` on int8 activations and int8 weights with int32 accumulation (CPU or CUDA)."""
+
+    def __init__(self, device_type: str, k_multiple: int = 1, n_multiple: int = 1, min_rows: int = 1) -> None:
+        self.device_type = device_type
+        self.name = f"{device_type}-w8a8"
+        self.k_multiple, self.n_multiple, self.min_rows = k_multiple, n_multiple, min_rows
+
+    def unsupported(self, module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> str | None:
+        if device.type != self.device_type:
+            return f"device {device.type}"
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{dtype} input"
+        return None
+
+    def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> W8A8State:
+        layout = module.layout
+        in_features, out_features = module.in_features, module.out_features
+        codes = unpack_codes(module.weight.detach(), 8, layout.effective_group_size)[:, 0, :in_features]
+        codes = codes.to(torch.int16) - 128  # symmetric 8-bit: w = s * (q - 128)
+        padded_in = -(-in_features // self.k_multiple) * self.k_multiple
+        padded_out = -(-out_features // self.n_multiple) * self.n_multiple
+        codes = nn.functional.pad(codes, (0, padded_in - in_features, 0, padded_out - out_features))
+        weight_t = codes.to(torch.int8).t().contiguous()
+        scale = module.weight_scale.detach().to(torch.float32)[:, 0]
+        holdout = _holdout(module, device)
+        holdout_weight_t = None
+        if holdout is not None:
+            # Super weights inside held-out columns decode to 0 here; the sparse correction adds them.
+            holdout_weight_t = (codes[:out_features, holdout].to(torch.float32) * scale[:, None]).t().contiguous()
+        sparse = None
+        if module.super_weight_indices is not None and module.super_weight_indices.numel():
+            indices = module.super_weight_indices.detach().long()
+            cols = indices[:, 1]
+            held = torch.zeros_like(cols, dtype=torch.bool)
+            if holdout is not None:
+                held = (cols[:, None] == holdout[None, :]).any(dim=1)
+            sparse = (indices[:, 0], cols, module.super_weight_values.detach().to(torch.float32), held)
+        return W8A8State(weight_t, scale, holdout, holdout_weight_t, sparse, padded_in, self.min_rows)
+
+    def run(self, module: nn.Module, state: W8A8State, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        tokens = x2.shape[0]
+        codes, scale = quantize_activations(x2, state.holdout, module.activation_scale)
+        pad_rows = max(state.min_rows - tokens, 0)
+        if pad_rows or state.padded_in != shape[-1]:
+            codes = nn.functional.pad(codes, (0, state.padded_in - shape[-1], 0, pad_rows))
+        acc = torch._int_mm(codes, state.weight_t)[:tokens, : module.out_features]
+        y = acc.to(torch.float32).mul_(scale).mul_(state.scale)
+        if state.holdout is not None:
+            y.addmm_(x2[:, state.holdout].to(torch.float32), state.holdout_weight_t)
+        if state.sparse is not None:
+            rows, cols, values, held = state.sparse
+            # The super weight multiplies the activation the matmul sees: exact if held out, else s * q.
+            xs = torch.where(held, x2[:, cols].to(torch.float32), codes[:tokens, cols].to(torch.float32) * scale)
+            y.index_add_(1, rows, xs * values)
+        return _bias_and_shape(module, y, shape, x.dtype)
+
+
+W8A8_REFERENCE = W8A8ReferenceKernel()
+_W8A8_KERNELS: list = [
+    W8A8Int8Kernel("cpu"),
+    # torch._int_mm on CUDA: M > 16, K and N multiples of 8 (padded here). Untested (no GPU when written).
+    W8A8Int8Kernel("cuda", k_multiple=8, n_multiple=8, min_rows=17),
+    W8A8_REFERENCE,
+]
+
+
+def register_w8a8_kernel(kernel, *, before: str = "w8a8-reference") -> None:
+    """Add a W8A8 kernel (``name``, ``unsupported``, ``prepare``, ``run``) before another."""
+    for attribute in ("name", "unsupported", "prepare", "run"):
+        if not hasattr(kernel, attribute):
+            raise TypeError(f"kernel {kernel!r} lacks {attribute!r}: kernels need name, unsupported, prepare and run.")
+    names = registered_w8a8_kernels()
+    if kernel.name in names:
+        raise ValueError(f"a W8A8 kernel named {kernel.name!r} is already registered ({names}).")
+    if before not in names:
+        raise ValueError(f"before={before!r} is not a registered W8A8 kernel: choose one of {names}.")
+    _W8A8_KERNELS.insert(names.index(before), kernel)
+
+
+def registered_w8a8_kernels() -> list[str]:
+    return [k.name for k in _W8A8_KERNELS]
+
+
+def select_w8a8_kernel(
+    module: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    tokens: int,
+    requires_grad: bool,
+    reference_only: bool,
+) -> KernelSelection:
+    """The W8A8 kernel for a call (called by :func:`optimum_superweight.kernels.select_kernel`)."""
+    if reference_only:
+        return KernelSelection(W8A8_REFERENCE, dtype, False, "OPTIMUM_SUPERWEIGHT_KERNELS=reference")
+    passed = []
+    for kernel in _W8A8_KERNELS:
+        if requires_grad and kernel is not W8A8_REFERENCE:
+            passed.append(f"{kernel.name}: input requires grad (no backward)")
+            continue
+        why = kernel.unsupported(module, dtype, device, tokens)
+        if why is None:
+            return KernelSelection(kernel, dtype, False, "; ".join(passed))
+        passed.append(f"{kernel.name}: {why}")
+    raise RuntimeError("no W8A8 kernel accepted the call; the reference must close the list")  # unreachable
