@@ -37,8 +37,9 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
         kwargs["dtype"] = getattr(torch, spec.get("dtype", "float32"))
     elif kind == "quantize_on_load":
         kwargs["dtype"] = torch.float32
+        options = {"low_memory": True} if spec.get("low_memory") else {}
         kwargs["quantization_config"] = SuperWeightConfig(
-            bits=spec["bits"], group_size=spec["group_size"], super_weights=spec.get("super_weights")
+            bits=spec["bits"], group_size=spec["group_size"], super_weights=spec.get("super_weights"), **options
         )
     elif kind == "reload":
         pass
@@ -110,6 +111,17 @@ def run_memory(source: str, work: Path, *, super_weights: list[dict] | None, log
     r = rows["quantize_on_load"]
     log(f"  superweight quantize-on-load      {r['from_pretrained_seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MiB"
         f"  ({'with' if r['detected'] else 'without'} detection)")
+    import inspect
+
+    from optimum_superweight import SuperWeightConfig
+
+    if "low_memory" in inspect.signature(SuperWeightConfig).parameters:
+        rows["quantize_on_load_low_memory"] = run_child({
+            "kind": "quantize_on_load", "path": source, "bits": 4, "group_size": 64,
+            "super_weights": super_weights, "low_memory": True,
+        })
+        r = rows["quantize_on_load_low_memory"]
+        log(f"  superweight quantize-on-load, low_memory {r['from_pretrained_seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MiB")
     rows["reload"] = run_child({"kind": "reload", "path": str(compressed)})
     r = rows["reload"]
     log(f"  superweight reload                {r['from_pretrained_seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MiB")

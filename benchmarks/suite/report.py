@@ -73,14 +73,17 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         if memory:
             loads, sizes = memory["loads"], memory["checkpoint_bytes"]
             names = {"float32": "float32 (plain load)", "quantize_on_load": "superweight int4 g64, quantize-on-load",
+                     "quantize_on_load_low_memory": "superweight int4 g64, quantize-on-load, `low_memory=True`",
                      "reload": "superweight int4 g64, reload of the saved checkpoint"}
-            size_of = {"float32": sizes.get("float32"), "quantize_on_load": None, "reload": sizes.get("superweight int4 g64")}
+            size_of = {"reload": sizes.get("superweight int4 g64"), "float32": sizes.get("float32")}
             for key, label in names.items():
+                if key not in loads:
+                    continue
                 r = loads[key]
                 extra = " (incl. detection)" if r.get("detected") else ""
                 lines.append(
                     f"| {label}{extra} | {r['from_pretrained_seconds']:.2f} s | {r['peak_rss_mb']:,.0f} MiB | "
-                    f"{r['load_rss_mb']:,.0f} MiB | {_mb(size_of[key])} |"
+                    f"{r['load_rss_mb']:,.0f} MiB | {_mb(size_of.get(key))} |"
                 )
             for key in ("bfloat16", "bitsandbytes NF4"):
                 if key in sizes:
