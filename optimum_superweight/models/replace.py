@@ -141,40 +141,23 @@ def _quantized_layer(
     quantized: Any = None,
 ) -> SuperWeightLinear:
     """One low-bit layer: plain RTN, RTN with clip search, or given (GPTQ) codes; same on-disk format for all."""
-    if quantized is None and not config.clip_search:
-        return SuperWeightLinear.from_linear(
-            dense,
-            bits=config.bits,
-            group_size=config.group_size,
-            symmetric=config.symmetric,
-            scale_dtype=config.scale_dtype,
-            super_weights=coordinates,
-        )
-    from ..tensor.gptq import clip_quantize_weight
+    if quantized is None and config.clip_search:
+        from ..tensor.gptq import clip_quantize_weight
 
-    weight = dense.weight.detach()
-    indices = torch.tensor(coordinates, dtype=torch.int32, device=weight.device).reshape(-1, 2)
-    if quantized is None:
         quantized = clip_quantize_weight(
-            weight, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
-            scale_dtype=getattr(torch, config.scale_dtype), holdout=indices,
+            dense.weight.detach(), bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+            scale_dtype=getattr(torch, config.scale_dtype),
+            holdout=torch.tensor(coordinates, dtype=torch.int32, device=dense.weight.device).reshape(-1, 2),
         )
-    # Built exactly like a checkpoint being loaded: the skeleton, then its tensors assigned.
-    module = SuperWeightLinear(
-        dense.in_features, dense.out_features, bias=dense.bias is not None, bits=config.bits,
-        group_size=config.group_size, symmetric=config.symmetric, scale_dtype=config.scale_dtype,
-        num_super_weights=len(coordinates), dtype=weight.dtype, device=weight.device,
+    return SuperWeightLinear.from_linear(
+        dense,
+        bits=config.bits,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        scale_dtype=config.scale_dtype,
+        super_weights=coordinates,
+        quantized=quantized,
     )
-    module.weight.data = quantized.packed
-    module.weight_scale.data = quantized.scale
-    if quantized.zero_point is not None:
-        module.weight_zero_point.data = quantized.zero_point
-    if coordinates:
-        module.super_weight_indices.data = indices
-        module.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
-    if dense.bias is not None:
-        module.bias.data = dense.bias.detach().clone()
-    return module
 
 
 @torch.no_grad()

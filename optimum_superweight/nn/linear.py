@@ -26,7 +26,7 @@ from torch import nn
 
 from ..kernels import kernel_label, linear_forward
 from ..records import SuperWeight
-from ..tensor.quantize import GroupLayout, dequantize_weight, quantize_weight, restore_exact
+from ..tensor.quantize import GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
 
 __all__ = ["SuperWeightLinear"]
 
@@ -101,8 +101,13 @@ class SuperWeightLinear(nn.Module):
         symmetric: bool = True,
         scale_dtype: str = "float16",
         super_weights: Sequence[tuple[int, int]] | Sequence[SuperWeight] = (),
+        quantized: QuantizedWeight | None = None,
     ) -> "SuperWeightLinear":
-        """Quantize a dense ``nn.Linear``; ``super_weights`` are ``(row, col)`` pairs or records kept exact."""
+        """Quantize a dense ``nn.Linear``; ``super_weights`` are ``(row, col)`` pairs or records kept exact.
+
+        ``quantized`` takes codes computed elsewhere (clip search, GPTQ) for the same layout, with the super
+        weights held out; by default the weight is quantized here with round-to-nearest.
+        """
         weight = linear.weight.detach()
         coordinates = [(sw.row, sw.col) if isinstance(sw, SuperWeight) else (int(sw[0]), int(sw[1])) for sw in super_weights]
         out_features, in_features = weight.shape
@@ -125,14 +130,20 @@ class SuperWeightLinear(nn.Module):
             device=weight.device,
         )
         indices = torch.tensor(coordinates, dtype=torch.int32, device=weight.device).reshape(-1, 2)
-        quantized = quantize_weight(
-            weight,
-            bits=bits,
-            group_size=group_size,
-            symmetric=symmetric,
-            scale_dtype=_SCALE_DTYPES[scale_dtype],
-            holdout=indices,
-        )
+        if quantized is None:
+            quantized = quantize_weight(
+                weight,
+                bits=bits,
+                group_size=group_size,
+                symmetric=symmetric,
+                scale_dtype=_SCALE_DTYPES[scale_dtype],
+                holdout=indices,
+            )
+        if tuple(quantized.packed.shape) != module.layout.packed_shape or quantized.symmetric != symmetric:
+            raise ValueError(
+                f"Precomputed codes of shape {tuple(quantized.packed.shape)} do not match this layer's layout "
+                f"{module.layout.packed_shape} (bits={bits}, group_size={group_size}, symmetric={symmetric})."
+            )
         module.weight.data = quantized.packed
         module.weight_scale.data = quantized.scale
         if quantized.zero_point is not None:
