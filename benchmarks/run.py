@@ -45,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--variants", action="append", choices=("clip", "gptq"), default=None,
         help="also evaluate the package with clip search or GPTQ at int4/int3 g64/g128 (repeatable; slower)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads in every process (default: torch's default). On a shared, oversubscribed machine 1 thread "
+        "avoids OpenMP barrier stalls that make multi-threaded timings meaningless",
+    )
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes rows")
     parser.add_argument(
         "--update", action="store_true",
@@ -65,6 +70,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["BENCHMARK_TORCH_THREADS"] = str(args.threads)  # read by the subprocess loads
     from suite.common import build_quick_model, folder_size, load_model, load_tokenizer, machine_info
     from suite.memory import run_memory
     from suite.quality import run_quality

@@ -109,3 +109,19 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Quality" in text and "## Speed" in text and "## Loading and memory" in text
     assert (tmp_path / "results" / "quality.png").is_file()
+
+
+def test_flat_block_clipping_never_increases_the_block_error():
+    torch.manual_seed(3)
+    weight = torch.randn(32, 64) * 0.02
+    weight[0, :4] = torch.tensor([0.5, -0.4, 0.45, -0.5])  # outliers that stretch the first block's range
+    weight[3, 5] = 4.0
+    held, _ = flat_blocks(weight, 4, 256, holdout=[(3, 5)])
+    clipped, _ = flat_blocks(weight, 4, 256, holdout=[(3, 5)], clip=True)
+    assert clipped[3, 5] == weight[3, 5]
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    mask[3, 5] = False
+    for rows in (slice(0, 4), slice(4, 8)):
+        err_held = ((held[rows] - weight[rows])[mask[rows]] ** 2).sum()
+        err_clip = ((clipped[rows] - weight[rows])[mask[rows]] ** 2).sum()
+        assert err_clip <= err_held + 1e-9

@@ -27,6 +27,9 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if os.environ.get("BENCHMARK_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCHMARK_TORCH_THREADS"]))
+
     import optimum_superweight
     from optimum_superweight import SuperWeightConfig
 
