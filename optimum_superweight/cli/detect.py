@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
         projection=args.projection,
         progress=not args.quiet,
     )
+    _emit(report, args)
+    return 0
+
+
+def _emit(report, args: argparse.Namespace) -> None:
+    """Print the table and write the JSON report and plot the user asked for."""
     print(report.to_text())
     if args.json_path:
         report.to_json(args.json_path)
@@ -93,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_path:
         report.plot(args.plot_path)
         print(f"plot saved to {args.plot_path}")
-    return 0
 
 
 def _run_streaming(args: argparse.Namespace) -> int:
@@ -125,12 +130,6 @@ def _run_streaming(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         progress=not args.quiet,
     )
-    print(report.to_text())
-    if args.json_path:
-        report.to_json(args.json_path)
-        print(f"JSON report written to {args.json_path}")
-    if args.plot_path:
-        report.plot(args.plot_path)
-        print(f"plot saved to {args.plot_path}")
+    _emit(report, args)
     print("note: streaming detection reports unconfirmed spikes (no ablation).", file=sys.stderr)
     return 0
