@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward (default 4)")
     parser.add_argument(
         "--variants", action="append", choices=("clip", "gptq"), default=None,
-        help="also evaluate the package with clip search or GPTQ at int4/int3 g64/g128 (repeatable; slower)",
+        help="package rows with clip search / GPTQ at int4/int3 g64/g128 (repeatable; default: both)",
     )
+    parser.add_argument("--no-variants", action="store_true", help="only the package's default configuration")
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch threads in every process (default: torch's default). On a shared, oversubscribed machine 1 thread "
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="keep the other sections of an existing OUT/results/results.json (rerun only the --only sections)",
     )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the saved checkpoints (in OUT/checkpoints)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and plots from OUT/results/results.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -66,6 +68,15 @@ def main(argv=None) -> int:
         from suite.memory import child_main, print_child_result
 
         print_child_result(child_main(json.loads(args.child)))
+        return 0
+
+    if args.report_only:
+        from suite.report import markdown, plots
+
+        out = Path(args.out) if args.out else HERE
+        results = json.loads((out / "results" / "results.json").read_text(encoding="utf-8"))
+        (out / "RESULTS.md").write_text(markdown(results, plots(results, out / "results")), encoding="utf-8")
+        print(f"wrote {out / 'RESULTS.md'}")
         return 0
 
     import torch
@@ -137,7 +148,7 @@ def main(argv=None) -> int:
             log("[quality] perplexity per method")
             results["quality"] = run_quality(
                 model, tokenizer, super_weights, quick=args.quick, max_tokens=settings["max_tokens"],
-                window=settings["window"], batch_size=args.batch_size, variants=tuple(args.variants or ()), log=log,
+                window=settings["window"], batch_size=args.batch_size, variants=() if args.no_variants else tuple(args.variants or ("clip", "gptq")), log=log,
             )
             if args.no_bnb:
                 results["quality"]["rows"] = [r for r in results["quality"]["rows"] if r["method"] != "bnb"]

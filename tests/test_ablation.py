@@ -198,7 +198,7 @@ def test_outlier_pruning_keeps_super_and_protected_weights(tokenizer, monkeypatc
     real = ablation_module.perplexity
 
     def spy(*args, **kwargs):
-        seen.append((float(down[5, 7]), float(down[3, 4]), int((down == 0).sum())))
+        seen.append((float(down[5, 7].detach()), float(down[3, 4].detach()), int((down.detach() == 0).sum())))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ablation_module, "perplexity", spy)
@@ -209,4 +209,33 @@ def test_outlier_pruning_keeps_super_and_protected_weights(tokenizer, monkeypatc
     assert sw_value == 2.5 and protected_value == 9.0
     assert zeros >= math.ceil(1e-2 * down.numel())
     assert [p.row for p in report.protected] == [3]
-    assert float(down[3, 4]) == 9.0 and float(down[5, 7]) == 2.5
+    assert down[3, 4].item() == 9.0 and down[5, 7].item() == 2.5
+
+
+def test_cli_perplexity_and_ablate(tmp_path, tokenizer, capsys):
+    from optimum_superweight.cli import main
+
+    model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+
+    out_json = tmp_path / "ppl.json"
+    assert main(["perplexity", str(folder), "--text", str(text), "--max-tokens", "256", "--window", "64",
+                 "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    direct = __import__("optimum_superweight").perplexity(model, tokenizer, TEXT, max_tokens=256, window=64)
+    assert data["ppl"] == pytest.approx(direct.ppl, rel=1e-5) and data["n_tokens"] == 256
+
+    ablate_json = tmp_path / "ablate.json"
+    assert main(["ablate", str(folder), "--text", str(text), "--max-tokens", "256", "--window", "64",
+                 "--super-weight", "model.layers.1.mlp.down_proj:5,7", "--scale", "2", "--outlier-fraction", "0",
+                 "--quiet", "--json", str(ablate_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "super weights zeroed" in printed and "scaled x2" in printed
+    rows = [r["name"] for r in json.loads(ablate_json.read_text())["rows"]]
+    assert rows == ["original", "zero_sw", "zero_sw_restore_sa", "scale_sw_x2"]
+    assert main(["ablate", str(folder), "--super-weight", "model.layers.9.mlp.down_proj:5,7", "--quiet",
+                 "--max-tokens", "64", "--window", "32"]) == 2

@@ -85,7 +85,9 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
         if row["method"] in ("superweight", "rtn"):
             # Codes plus at least one fp16 scale per group.
             assert row["bits"] < row["bits_per_weight"] < row["bits"] + 1
-    superweight = {r["setting"]: r for r in rows if r["method"] == "superweight"}
+    variants = [r for r in rows if r["method"] == "superweight" and "(" in r["setting"]]
+    assert sorted(r["setting"] for r in variants) == ["int4 sym g32 (gptq+clip)", "int4 sym g32 (rtn+clip)"]
+    superweight = {r["setting"]: r for r in rows if r["method"] == "superweight" and r not in variants}
     plain = {r["setting"]: r for r in rows if r["method"] == "rtn"}
     assert set(superweight) == set(plain)
     # The package stores the exact super weight on top of the same codes and scales.

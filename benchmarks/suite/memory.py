@@ -68,9 +68,10 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
         model.save_pretrained(spec["save_to"])
         AutoTokenizer.from_pretrained(spec["path"]).save_pretrained(spec["save_to"])
         result["save_seconds"] = time.perf_counter() - start
-    with torch.no_grad():  # the loaded model works
+    with torch.no_grad():  # the loaded model works; a forward also touches every (memory-mapped) weight
         logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     result["finite_logits"] = bool(torch.isfinite(logits).all())
+    result["peak_rss_after_forward_mb"] = peak_rss_mb()
     del optimum_superweight
     return result
 

@@ -69,7 +69,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     memory = results.get("memory")
     speed = results.get("speed")
     if memory or speed:
-        lines += ["## Loading and memory", "", "| what | from_pretrained | peak RSS | RSS for the model | checkpoint on disk |", "|---|---:|---:|---:|---:|"]
+        lines += ["## Loading and memory", "",
+                  "| what | from_pretrained | peak RSS | RSS for the model | peak RSS after a forward | checkpoint on disk |",
+                  "|---|---:|---:|---:|---:|---:|"]
         if memory:
             loads, sizes = memory["loads"], memory["checkpoint_bytes"]
             names = {"float32": "float32 (plain load)", "quantize_on_load": "superweight int4 g64, quantize-on-load",
@@ -83,19 +85,24 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                 extra = " (incl. detection)" if r.get("detected") else ""
                 lines.append(
                     f"| {label}{extra} | {r['from_pretrained_seconds']:.2f} s | {r['peak_rss_mb']:,.0f} MiB | "
-                    f"{r['load_rss_mb']:,.0f} MiB | {_mb(size_of.get(key))} |"
+                    f"{r['load_rss_mb']:,.0f} MiB | {_f(r.get('peak_rss_after_forward_mb'), ',.0f')} MiB | {_mb(size_of.get(key))} |"
                 )
             for key in ("bfloat16", "bitsandbytes NF4"):
                 if key in sizes:
-                    lines.append(f"| {key} checkpoint (saved in-process) | – | – | – | {_mb(sizes[key])} |")
+                    lines.append(f"| {key} checkpoint (saved in-process) | – | – | – | – | {_mb(sizes[key])} |")
         if speed:
             for row in speed["rows"]:
                 if "load_seconds_in_process" in row:
-                    lines.append(f"| {row['model']}: load in the main process (warm file cache) | {row['load_seconds_in_process']:.2f} s | – | – | – |")
+                    lines.append(f"| {row['model']}: load in the main process (warm file cache) | {row['load_seconds_in_process']:.2f} s | – | – | – | – |")
         lines += [
             "",
             "Each from_pretrained above the in-process rows ran in a fresh subprocess; peak RSS is the child's high-water mark (`VmHWM`) at the end "
-            "of loading, \"RSS for the model\" subtracts the peak after importing torch, transformers and the package.",
+            "of loading, \"RSS for the model\" subtracts the peak after importing torch, transformers and the package. "
+            "Weights are memory-mapped from safetensors, so a plain load touches few pages until the first forward: "
+            "\"peak RSS after a forward\" is the high-water mark once every weight has been used. Checkpoint sizes "
+            "count the weight files only and include the unquantized embeddings in the dtype the model was loaded "
+            "with: float32 for the superweight checkpoint (quantized from the float32 model), bfloat16 for the "
+            "bitsandbytes one (bitsandbytes needs a 16-bit load).",
             "",
         ]
     if speed:
@@ -148,15 +155,20 @@ def plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(8, 5))
         colors = {"superweight": "tab:green", "rtn": "tab:orange", "flat": "tab:purple", "bnb": "tab:blue",
                   "bfloat16": "tab:gray", "float32": "black", "ablation": "tab:red"}
+        # Plain RTN often lands on the package's point: draw the package as rings, RTN as crosses inside.
+        markers = {"superweight": dict(marker="o", s=90, facecolors="none", linewidths=1.5), "rtn": dict(marker="x", s=30)}
         seen = set()
         for row in quality["rows"]:
             if row["method"] == "ablation":
                 continue
             label = row["method"] if row["method"] not in seen else None
             seen.add(row["method"])
-            ax.scatter(row["bits_per_weight"], row["ratio"], color=colors.get(row["method"], "k"), label=label, s=30)
-            ax.annotate(row["setting"], (row["bits_per_weight"], row["ratio"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            style = markers.get(row["method"], dict(marker="o", s=30))
+            color_key = "edgecolors" if style.get("facecolors") == "none" else "color"
+            ax.scatter(row["bits_per_weight"], row["ratio"], label=label, **{color_key: colors.get(row["method"], "k")}, **style)
+            if row["method"] != "rtn":
+                ax.annotate(row["setting"], (row["bits_per_weight"], row["ratio"]), fontsize=6, xytext=(4, 3),
+                            textcoords="offset points")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight (codes + scales + zeros + exact super weights)")
