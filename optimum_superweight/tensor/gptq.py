@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from .packing import pack_codes
-from .quantize import GroupLayout, QuantizedWeight
+from .quantize import GroupLayout, QuantizedWeight, store_scale
 
 __all__ = ["gptq_quantize_weight", "gptq_quantize_weights", "clip_quantize_weight", "search_group_params", "DEFAULT_CLIP_GRID"]
 
@@ -63,12 +63,6 @@ def _holdout_dense(shape: tuple[int, int], holdout: torch.Tensor | None, device:
     return mask
 
 
-def _store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """The scale as stored (rounded to ``scale_dtype``); zero or underflowed scales become 1, as in RTN."""
-    stored = scale.clamp(max=torch.finfo(scale_dtype).max).to(scale_dtype)
-    return torch.where(stored.to(torch.float32) > 0, stored, torch.ones_like(stored))
-
-
 def _params_for_ratio(
     w: torch.Tensor, excluded: torch.Tensor, bits: int, symmetric: bool, ratio: float, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,12 +72,12 @@ def _params_for_ratio(
     """
     if symmetric:
         absmax = torch.where(excluded, 0.0, w.abs()).amax(dim=-1) * ratio
-        stored = _store_scale(absmax / (2 ** (bits - 1) - 1), scale_dtype)
+        stored = store_scale(absmax / (2 ** (bits - 1) - 1), scale_dtype)
         return stored, None
     qmax = 2**bits - 1
     wmin = torch.where(excluded, torch.inf, w).amin(dim=-1).clamp(max=0.0) * ratio
     wmax = torch.where(excluded, -torch.inf, w).amax(dim=-1).clamp(min=0.0) * ratio
-    stored = _store_scale((wmax - wmin) / qmax, scale_dtype)
+    stored = store_scale((wmax - wmin) / qmax, scale_dtype)
     zero = torch.round(-wmin / stored.to(torch.float32)).clamp(0, qmax)
     return stored, zero
 

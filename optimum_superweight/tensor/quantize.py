@@ -20,6 +20,7 @@ __all__ = [
     "GroupLayout",
     "QuantizedWeight",
     "quantize_weight",
+    "store_scale",
     "dequantize_weight",
     "restore_exact",
 ]
@@ -100,6 +101,15 @@ def _holdout_mask(layout: GroupLayout, holdout: torch.Tensor | None, device: tor
     return mask.reshape(layout.out_features, layout.num_groups, group)
 
 
+def store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The scale as stored: rounded to ``scale_dtype``, clamped to its range.
+
+    A group of zeros (or one whose scale underflows) gets scale 1: every code then rounds to the zero code.
+    """
+    stored = scale.clamp(max=torch.finfo(scale_dtype).max).to(scale_dtype)
+    return torch.where(stored.to(torch.float32) > 0, stored, torch.ones_like(stored))
+
+
 def quantize_weight(
     weight: torch.Tensor,
     *,
@@ -144,10 +154,7 @@ def quantize_weight(
         wmax = torch.where(excluded, -torch.inf, w).amax(dim=-1).clamp(min=0.0)
         scale = (wmax - wmin) / qmax
 
-    finfo = torch.finfo(scale_dtype)
-    stored_scale = scale.clamp(max=finfo.max).to(scale_dtype)
-    # A group of zeros (or one whose scale underflows) gets scale 1: every code then rounds to the zero code.
-    stored_scale = torch.where(stored_scale.to(torch.float32) > 0, stored_scale, torch.ones_like(stored_scale))
+    stored_scale = store_scale(scale, scale_dtype)
     s = stored_scale.to(torch.float32).unsqueeze(-1)
 
     if symmetric:
