@@ -303,3 +303,25 @@ def test_smollm2_from_index_push_and_pull(hub_env, smollm2_path):
     ).input_ids
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_sharded_checkpoint_pushes_and_reloads_from_the_repo_id(hub_env, quantized):
+    """A compressed checkpoint cut into shards (with its index) goes up in one commit and reloads identically,
+    through our push_to_hub and through transformers' model.push_to_hub."""
+    from transformers import AutoModelForCausalLM
+
+    hub = hub_env.hub
+    push_to_hub(quantized, "test-user/tiny-sharded", max_shard_size="60KB", commit_message="sharded")
+    attach_card_hook(quantized)
+    quantized.push_to_hub("test-user/tiny-sharded-hook", max_shard_size="60KB", commit_message="sharded via transformers")
+    for repo_id, message in (("test-user/tiny-sharded", "sharded"), ("test-user/tiny-sharded-hook", "sharded via transformers")):
+        assert hub.commits(repo_id) == ["initial commit", message]
+        files = hub.files(repo_id)
+        shards = sorted(name for name in files if name.startswith("model-") and name.endswith(".safetensors"))
+        assert len(shards) > 1 and "model.safetensors" not in files
+        index = json.loads(files["model.safetensors.index.json"])
+        assert sorted(set(index["weight_map"].values())) == shards
+        assert f"{PLANTED['module']}.super_weight_values" in index["weight_map"]
+        reloaded = AutoModelForCausalLM.from_pretrained(repo_id)
+        assert torch.equal(_logits(reloaded), _logits(quantized))
+        assert [(sw.row, sw.col) for sw in read_super_weights(repo_id)] == [(5, 7)]
