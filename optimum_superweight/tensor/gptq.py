@@ -41,10 +41,25 @@ import torch
 from .packing import pack_codes
 from .quantize import GroupLayout, QuantizedWeight, store_scale
 
-__all__ = ["gptq_quantize_weight", "gptq_quantize_weights", "clip_quantize_weight", "search_group_params", "DEFAULT_CLIP_GRID"]
+__all__ = [
+    "gptq_quantize_weight",
+    "gptq_quantize_weights",
+    "clip_quantize_weight",
+    "search_group_params",
+    "hessian_group_blocks",
+    "CLIP_OBJECTIVES",
+    "DEFAULT_CLIP_GRID",
+]
 
 #: Shrink factors tried by the clip search: the group's range (absmax, or min and max) times each factor.
 DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 ... 0.5
+
+
+#: What the clip search minimises per group (see :func:`search_group_params`):
+#: ``"diagonal"``: ``Σ_j H_jj (w_j - q_j)²`` (uniform weights without a Hessian: plain weight MSE);
+#: ``"hessian"``: ``(w - q)ᵀ H_g (w - q)`` with ``H_g`` the group's diagonal block of the calibration second
+#: moment — the exact output error ``E‖(w - q)·x‖²`` of a per-channel layer, the within-group part otherwise.
+CLIP_OBJECTIVES: tuple[str, ...] = ("diagonal", "hessian")
 
 
 def _check_hessian(hessian: torch.Tensor, in_features: int) -> None:
@@ -102,15 +117,23 @@ def search_group_params(
     symmetric: bool,
     scale_dtype: torch.dtype = torch.float16,
     importance: torch.Tensor | None = None,
+    hessian_blocks: torch.Tensor | None = None,
     grid: Sequence[float] = DEFAULT_CLIP_GRID,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-group scale (and zero-point) minimising ``Σ importance·(w - Q(w))²`` over clip ratios in ``grid``.
+    """Per-group scale (and zero-point) minimising the group's error over clip ratios in ``grid``.
+
+    The error is ``Σ importance·(w - Q(w))²`` or, with ``hessian_blocks``, ``eᵀ H_g e`` with ``e = w - Q(w)``:
+    the output error the group causes when the layer's inputs have second moment ``H`` (activation-aware
+    clipping; weight MSE ignores that a few input channels carry most of the signal, which is why it hurts
+    coarse groups). Held-out coordinates count as exact (``e = 0``) and never set the range.
 
     Args:
         w: Grouped weight ``[out, G, group]`` (float32).
         excluded: Bool mask broadcastable to ``w``: padding and held-out coordinates, ignored by the
             range and by the error (held-out weights are kept exact, so their error is zero anyway).
         importance: Per-input weights ``[G, group]`` (e.g. the Hessian diagonal); ``None`` = uniform.
+        hessian_blocks: ``[G, group, group]`` diagonal blocks of the inputs' second moment (zero on padding,
+            see :func:`hessian_group_blocks`); replaces ``importance``.
         grid: Clip ratios to try; ``(1.0,)`` is plain absmax / min-max.
 
     Returns ``(stored_scale [out, G] in scale_dtype, zero [out, G] float or None)``.
@@ -121,14 +144,30 @@ def search_group_params(
     (torch.Size([4, 2]), True)
     """
     excluded = excluded.expand_as(w)
-    weight = torch.ones_like(w) if importance is None else importance.to(w).expand_as(w)
-    weight = torch.where(excluded, 0.0, weight)
+    if importance is not None and hessian_blocks is not None:
+        raise ValueError("search_group_params takes importance or hessian_blocks, not both.")
+    if hessian_blocks is not None:
+        if hessian_blocks.shape != (w.shape[-2], w.shape[-1], w.shape[-1]):
+            raise ValueError(
+                f"hessian_blocks has shape {tuple(hessian_blocks.shape)}; expected "
+                f"{(w.shape[-2], w.shape[-1], w.shape[-1])} = (groups, group, group)."
+            )
+        blocks = hessian_blocks.to(w)
+        weight = None
+    else:
+        weight = torch.ones_like(w) if importance is None else importance.to(w).expand_as(w)
+        weight = torch.where(excluded, 0.0, weight)
     best_scale, best_zero, best_err = None, None, None
     for ratio in grid:
         scale, zero = _params_for_ratio(w, excluded, bits, symmetric, float(ratio), scale_dtype)
         s = scale.to(torch.float32).unsqueeze(-1)
         _, deq = _fake_quant(w, s, None if zero is None else zero.unsqueeze(-1), bits)
-        err = ((w - deq) ** 2 * weight).sum(dim=-1)
+        if weight is None:
+            e = torch.where(excluded, 0.0, w - deq)
+            # eᵀ H_g e per (row, group): one batched matmul per group, no [out, G, group, group] temporary.
+            err = (torch.einsum("...gi,gij->...gj", e, blocks) * e).sum(dim=-1)
+        else:
+            err = ((w - deq) ** 2 * weight).sum(dim=-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
             continue
@@ -138,6 +177,25 @@ def search_group_params(
         if zero is not None:
             best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def hessian_group_blocks(hessian: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The ``[G, group, group]`` diagonal blocks of an ``[in, in]`` second moment, zero-padded like the groups.
+
+    ``group_size=-1`` gives the whole matrix as one block (per-channel quantization).
+
+    >>> hessian_group_blocks(torch.eye(5), 2).shape
+    torch.Size([3, 2, 2])
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}; expected a square (in_features, in_features) matrix.")
+    in_features = hessian.shape[0]
+    layout = GroupLayout(1, in_features, 8, group_size)
+    group, groups = layout.effective_group_size, layout.num_groups
+    pad = groups * group - in_features
+    H = torch.nn.functional.pad(hessian.to(torch.float32), (0, pad, 0, pad))
+    index = torch.arange(groups, device=H.device)
+    return H.reshape(groups, group, groups, group)[index, :, index, :]
 
 
 @torch.no_grad()
@@ -150,14 +208,22 @@ def clip_quantize_weight(
     scale_dtype: torch.dtype = torch.float16,
     holdout: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
     grid: Sequence[float] | None = DEFAULT_CLIP_GRID,
 ) -> QuantizedWeight:
-    """Round-to-nearest with a per-group clip search (data-free unless ``importance`` ``[in]`` is given).
+    """Round-to-nearest with a per-group clip search.
 
-    Same layout and encoding as :func:`~.quantize.quantize_weight`; ``grid=None`` reproduces it exactly.
+    Data-free (weight MSE) by default; ``importance`` ``[in]`` weights the error per input (e.g. the
+    calibration Hessian's diagonal); ``hessian`` ``[in, in]`` (the layer inputs' ``E[x xᵀ]``) makes the search
+    minimise the output error ``(w - q)ᵀ H_g (w - q)`` of each group (activation-aware clipping: exact for
+    ``group_size=-1``). Held-out coordinates never set a range and count as exact. Same layout and encoding
+    as :func:`~.quantize.quantize_weight`; ``grid=None`` reproduces it exactly.
 
     >>> clip_quantize_weight(torch.randn(4, 16), bits=4, group_size=8).scale.shape
     torch.Size([4, 2])
+    >>> x = torch.randn(64, 16)
+    >>> clip_quantize_weight(torch.randn(4, 16), bits=4, group_size=-1, hessian=x.T @ x / 64).scale.shape
+    torch.Size([4, 1])
     """
     if weight.dim() != 2:
         raise ValueError(f"clip_quantize_weight expects a 2-D weight, got shape {tuple(weight.shape)}.")
@@ -173,9 +239,15 @@ def clip_quantize_weight(
         if importance.shape != (in_features,):
             raise ValueError(f"importance has shape {tuple(importance.shape)}; expected ({in_features},) = (in_features,).")
         importance = torch.nn.functional.pad(importance.to(torch.float32), (0, pad)).reshape(layout.num_groups, group)
+    blocks = None
+    if hessian is not None:
+        if importance is not None:
+            raise ValueError("clip_quantize_weight takes importance or hessian, not both.")
+        _check_hessian(hessian, in_features)
+        blocks = hessian_group_blocks(hessian.to(weight.device), group_size)
     stored_scale, zero = search_group_params(
         w, excluded, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype, importance=importance,
-        grid=(1.0,) if not grid else tuple(grid),
+        hessian_blocks=blocks, grid=(1.0,) if not grid else tuple(grid),
     )
     codes, _ = _fake_quant(
         w, stored_scale.to(torch.float32).unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits
@@ -198,6 +270,7 @@ def gptq_quantize_weight(
     block_size: int = 128,
     act_order: bool = True,
     clip_grid: Sequence[float] | None = DEFAULT_CLIP_GRID,
+    clip_objective: str = "diagonal",
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` with GPTQ error feedback under the input second moment ``hessian`` ``[in, in]``.
 
@@ -211,7 +284,10 @@ def gptq_quantize_weight(
         damp: Added to the diagonal, as a fraction of its mean, so ``hessian`` is safely invertible.
         block_size: Columns updated together (lazy batch updates; a speed knob, same result up to rounding).
         act_order: Quantize columns by decreasing input energy (``diag(hessian)``) first.
-        clip_grid: Clip ratios searched per group (Hessian-diagonal-weighted error); ``None`` = plain range.
+        clip_grid: Clip ratios searched per group; ``None`` = plain range.
+        clip_objective: Error the clip search minimises, one of :data:`CLIP_OBJECTIVES`: ``"diagonal"``
+            (Hessian-diagonal-weighted weight error) or ``"hessian"`` (the group's output error ``eᵀ H_g e``,
+            measured on the undamped ``hessian``).
 
     >>> h = torch.eye(16)
     >>> gptq_quantize_weight(torch.randn(4, 16), h, bits=4, group_size=8).packed.shape
@@ -225,6 +301,8 @@ def gptq_quantize_weight(
         raise ValueError(f"damp={damp!r} is invalid: expected a number >= 0 (typically 0.01).")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} is invalid: expected a positive integer.")
+    if clip_objective not in CLIP_OBJECTIVES:
+        raise ValueError(f"clip_objective={clip_objective!r} is invalid: expected one of {', '.join(map(repr, CLIP_OBJECTIVES))}.")
     layout = GroupLayout(out_features, in_features, bits, group_size)
     group = layout.effective_group_size
     device = weight.device
@@ -242,10 +320,15 @@ def gptq_quantize_weight(
     pad = padded_in - in_features
     w_grouped = torch.nn.functional.pad(original, (0, pad)).reshape(out_features, layout.num_groups, group)
     excluded = torch.nn.functional.pad(held, (0, pad), value=True).reshape(out_features, layout.num_groups, group)
-    importance = torch.nn.functional.pad(torch.diagonal(H).clone(), (0, pad)).reshape(layout.num_groups, group)
     grid = (1.0,) if not clip_grid else tuple(clip_grid)
+    importance = blocks = None
+    if len(grid) > 1 and clip_objective == "hessian":
+        blocks = hessian_group_blocks(H, group_size)
+    else:
+        importance = torch.nn.functional.pad(torch.diagonal(H).clone(), (0, pad)).reshape(layout.num_groups, group)
     stored_scale, zero = search_group_params(
-        w_grouped, excluded, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype, importance=importance, grid=grid
+        w_grouped, excluded, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype, importance=importance,
+        hessian_blocks=blocks, grid=grid,
     )
     col_group = torch.arange(in_features, device=device) // group
     scale_cols = stored_scale.to(torch.float32)[:, col_group]  # [out, in]
