@@ -38,10 +38,18 @@ from optimum_superweight.kernels import kernel_summary  # noqa: E402
 SUPER_WEIGHT = {"module": "model.layers.11.mlp.down_proj", "row": 507, "col": 1229}
 
 
-def w8a8_config(scale: str, holdout: bool) -> SuperWeightConfig:
+#: Hold-out variants: (row label, hold_out_super_activation, massive_activation_ratio).
+VARIANTS = (
+    ("naive", False, None),
+    ("super activation held out", True, None),
+    ("super + massive activations held out", True, 20.0),
+)
+
+
+def w8a8_config(scale: str, holdout: bool, massive: float | None = 20.0) -> SuperWeightConfig:
     return SuperWeightConfig(
         bits=8, group_size=-1, activation_bits=8, activation_scale=scale, hold_out_super_activation=holdout,
-        super_weights=[SUPER_WEIGHT],
+        massive_activation_ratio=massive, super_weights=[SUPER_WEIGHT],
     )
 
 
@@ -58,17 +66,21 @@ def quality(path: str, tokenizer, tokens: int) -> dict:
     rows["full precision"] = {"ppl": fp, "ratio": 1.0}
     print(f"full precision: ppl {fp:.3f}", flush=True)
     for scale in ("per_tensor", "per_token"):
-        for holdout in (False, True):
-            model = load(path, torch.float32, w8a8_config(scale, holdout))
+        naive = None
+        for label, holdout, massive in VARIANTS:
+            model = load(path, torch.float32, w8a8_config(scale, holdout, massive))
             with torch.no_grad():
                 ppl = float(perplexity(model, tokenizer, max_tokens=tokens, window=512))
-            name = f"W8A8 {scale}, " + ("super activation held out" if holdout else "naive")
-            rows[name] = {"ppl": ppl, "ratio": ppl / fp, "kernels": kernel_summary(model, torch.float32, 512)}
+            name = f"W8A8 {scale}, {label}"
+            held = model.config.quantization_config.activation_holdout or {}
+            row = {"ppl": ppl, "ratio": ppl / fp, "kernels": kernel_summary(model, torch.float32, 512),
+                   "held_out_channels": sum(len(c) for c in held.values()), "layers_holding_out": len(held)}
+            if naive is None:
+                naive = ppl
+            else:
+                row["recovered"] = (naive - ppl) / (naive - fp) if naive > fp else None
+            rows[name] = row
             print(f"{name}: ppl {ppl:.3f} (x{ppl / fp:.4f})", flush=True)
-    for scale in ("per_tensor", "per_token"):
-        naive = rows[f"W8A8 {scale}, naive"]["ppl"]
-        held = rows[f"W8A8 {scale}, super activation held out"]["ppl"]
-        rows[f"W8A8 {scale}, super activation held out"]["recovered"] = (naive - held) / (naive - fp) if naive > fp else None
     return rows
 
 
@@ -82,23 +94,38 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def speed(path: str, batch: int, length: int, decode_tokens: int, repeats: int) -> dict:
+    from optimum_superweight.kernels import w8a8 as w8a8_kernels
+
     models = {
         "bf16 dense": load(path, torch.bfloat16),
         "W8A8 per_token, held out": load(path, torch.bfloat16, w8a8_config("per_token", True)),
         "W8A8 per_tensor, held out": load(path, torch.bfloat16, w8a8_config("per_tensor", True)),
+        "W8A8 per_tensor, held out, torch._int_mm kernel": load(path, torch.bfloat16, w8a8_config("per_tensor", True)),
     }
+    # The last row runs the portable kernel: every other int8 kernel taken out of its registry while it runs.
+    only_int_mm = [k for k in w8a8_kernels._W8A8_KERNELS if k.name in ("cpu-w8a8", "w8a8-reference")]
     ids = torch.randint(100, 10000, (batch, length))
     prompt = torch.randint(100, 10000, (1, 16))
     results = {name: {"prefill_s": [], "decode_s": []} for name in models}
 
+    def kernels_for(model):
+        portable = model is models["W8A8 per_tensor, held out, torch._int_mm kernel"]
+        return only_int_mm if portable else list(registered)
+
+    registered = list(w8a8_kernels._W8A8_KERNELS)
+
     def prefill(model):
+        w8a8_kernels._W8A8_KERNELS[:] = kernels_for(model)
         with torch.no_grad():
             model(input_ids=ids, logits_to_keep=1)
+        w8a8_kernels._W8A8_KERNELS[:] = registered
 
     def decode(model):
+        w8a8_kernels._W8A8_KERNELS[:] = kernels_for(model)
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
                            pad_token_id=0)
+        w8a8_kernels._W8A8_KERNELS[:] = registered
 
     for model in models.values():  # warm-up: kernel layouts, allocator
         prefill(model)
@@ -117,18 +144,23 @@ def speed(path: str, batch: int, length: int, decode_tokens: int, repeats: int) 
         out[name] = {
             "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps,
             "prefill_vs_bf16": prefill_tps / base[0], "decode_vs_bf16": decode_tps / base[1],
-            "kernels": kernel_summary(models[name], torch.bfloat16, 1) if name != "bf16 dense" else None,
+            "kernels": None,
         }
+        if name != "bf16 dense":
+            w8a8_kernels._W8A8_KERNELS[:] = kernels_for(models[name])
+            out[name]["kernels"] = kernel_summary(models[name], torch.bfloat16, 512)
+            w8a8_kernels._W8A8_KERNELS[:] = registered
         print(f"{name}: prefill {prefill_tps:.0f} tok/s (x{prefill_tps / base[0]:.2f}), "
               f"decode {decode_tps:.1f} tok/s (x{decode_tps / base[1]:.2f})", flush=True)
     return {"prefill": f"{batch}x{length}", "decode_tokens": decode_tokens, "repeats": repeats, "rows": out}
 
 
 def table(result: dict) -> str:
-    lines = ["| setting | ppl | ratio | recovered |", "|---|---|---|---|"]
+    lines = ["| setting | held-out channels (layers) | ppl | ratio | recovered |", "|---|---:|---:|---:|---:|"]
     for name, row in result.get("quality", {}).items():
         rec = row.get("recovered")
-        lines.append(f"| {name} | {row['ppl']:.3f} | x{row['ratio']:.4f} | {'' if rec is None else f'{rec:.0%}'} |")
+        held = f"{row['held_out_channels']} ({row['layers_holding_out']})" if "held_out_channels" in row else ""
+        lines.append(f"| {name} | {held} | {row['ppl']:.3f} | x{row['ratio']:.4f} | {'' if rec is None else f'{rec:.0%}'} |")
     if "speed" in result:
         s = result["speed"]
         lines += ["", f"| model (bfloat16) | prefill {s['prefill']} tok/s | vs bf16 | decode b1 tok/s | vs bf16 |",

@@ -68,7 +68,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
             statistics on built-in calibration text, disjoint from the evaluation text). Same file format.
         clip_search: Per group, search the scale (range x 1.0 ... 0.5) that minimises the reconstruction error
             (weighted by input energy with ``"gptq"``), super weights held out.
-        calibration_tokens: Tokens of calibration text for ``"gptq"``.
+        calibration_tokens: Tokens of calibration text for ``"gptq"`` (and, up to 2048, for the W8A8 scan for
+            massive activations).
         damp: ``"gptq"`` dampening, a fraction of the mean Hessian diagonal added to it.
         act_order: ``"gptq"`` quantizes input columns by decreasing activation energy.
         low_memory: Quantize while loading: each full-precision weight is quantized as it arrives, so the
@@ -83,6 +84,13 @@ class SuperWeightConfig(QuantizationConfigMixin):
             add their contribution back exactly (the paper's section 4.1); ``False`` is naive W8A8.
         super_activation_channels: Hidden channels held out (default: the rows of the super weights, recorded
             at quantization). The super weights' own input columns are held out in their layer as well.
+        massive_activation_ratio: W8A8 with the hold-out: also hold out, per layer, the input channels whose
+            largest magnitude on the calibration text (``calibration_tokens``) reaches this multiple of the
+            median channel's — the massive activations that travel with the super activation (Sun et al.,
+            2024). ``None``: only the super activation. Measured on SmolLM2 per-tensor: see the README.
+        max_holdout_channels: W8A8: at most this many held-out input channels per layer (the largest first).
+        activation_holdout: W8A8: the held-out input channels of each layer (module name -> channels), recorded
+            at quantization so a saved checkpoint reloads with the same ones. Leave ``None`` to compute them.
     """
 
     def __init__(
@@ -109,6 +117,9 @@ class SuperWeightConfig(QuantizationConfigMixin):
         activation_scale: str = "per_token",
         hold_out_super_activation: bool = True,
         super_activation_channels: list[int] | None = None,
+        massive_activation_ratio: float | None = 20.0,
+        max_holdout_channels: int = 8,
+        activation_holdout: dict[str, list[int]] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -138,6 +149,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self.activation_scale = activation_scale
         self.hold_out_super_activation = hold_out_super_activation
         self.super_activation_channels = None if super_activation_channels is None else list(super_activation_channels)
+        self.massive_activation_ratio = massive_activation_ratio
+        self.max_holdout_channels = max_holdout_channels
+        self.activation_holdout = activation_holdout
+        if isinstance(activation_holdout, dict):  # a copy; tuples become lists (what config.json holds)
+            self.activation_holdout = {k: list(v) if isinstance(v, tuple) else v for k, v in activation_holdout.items()}
         self.format_version = format_version
         if quant_method != QUANT_METHOD:
             raise _invalid("quant_method", quant_method, repr(QUANT_METHOD))
@@ -224,6 +240,22 @@ class SuperWeightConfig(QuantizationConfigMixin):
             isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.super_activation_channels
         ):
             raise _invalid("super_activation_channels", self.super_activation_channels, "a list of channel indices >= 0, or None")
+        ratio = self.massive_activation_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1):
+            raise _invalid("massive_activation_ratio", ratio, "a number > 1 (typically 20), or None")
+        limit = self.max_holdout_channels
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 256:
+            raise _invalid("max_holdout_channels", limit, "an integer from 0 to 256")
+        holdout = self.activation_holdout
+        if holdout is not None and not (
+            isinstance(holdout, dict)
+            and all(
+                isinstance(name, str) and isinstance(channels, list)
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)
+                for name, channels in holdout.items()
+            )
+        ):
+            raise _invalid("activation_holdout", holdout, "a mapping of module names to lists of channel indices >= 0, or None")
         if self.activation_bits is None:
             return
         # W8A8 weights: 8-bit symmetric, one scale per output row (what the int8 x int8 kernel multiplies).
@@ -321,6 +353,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
             "activation_scale": self.activation_scale,
             "hold_out_super_activation": self.hold_out_super_activation,
             "super_activation_channels": None if self.super_activation_channels is None else list(self.super_activation_channels),
+            "massive_activation_ratio": self.massive_activation_ratio,
+            "max_holdout_channels": self.max_holdout_channels,
+            "activation_holdout": None
+            if self.activation_holdout is None
+            else {name: list(channels) for name, channels in self.activation_holdout.items()},
         }
 
     def __iter__(self):

@@ -14,6 +14,10 @@ exceeds the absmax of the remaining values) and the same output once the exact v
 ================  ===========================================================================================
 kernel            when
 ================  ===========================================================================================
+``cpu-onednn-w8a8``  CPU with oneDNN (``torch.ops.onednn.qlinear_pointwise``, AMX/VNNI int8 where the CPU has
+                  them): activations quantized by ``torch.quantize_per_tensor`` / ``quantize_per_channel`` (one
+                  fused pass each), the int8 matmul with both scales applied inside, then the same corrections
+                  in float32. About 1.7x faster than ``cpu-w8a8`` at 4096 tokens on a 2-core AMX Xeon.
 ``cpu-w8a8``      CPU, any float input, no gradient needed: ``torch._int_mm`` (int8 x int8 -> int32), then
                   ``y = acc * s_x * s_w`` + held-out columns ``x[:, H] @ W[:, H]^T`` in float32 + sparse
                   super-weight correction. ``_int_mm`` takes any shape on CPU (checked: M=1, K=70, N=5).
@@ -35,6 +39,7 @@ reference sums ``s*q`` products in float32).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +57,7 @@ __all__ = [
     "registered_w8a8_kernels",
     "W8A8ReferenceKernel",
     "W8A8Int8Kernel",
+    "W8A8OneDNNKernel",
 ]
 
 #: How the activation scale is computed: one for the whole call, or one per token (row of the input).
@@ -194,8 +200,86 @@ class W8A8Int8Kernel:
         return _bias_and_shape(module, y, shape, x.dtype)
 
 
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass
+class OneDNNState:
+    packed: torch.Tensor  # oneDNN's int8 weight layout (kernel-specific, never saved)
+    scale: torch.Tensor  # float32 [out]
+    zero_points: torch.Tensor  # int64 [out] zeros (symmetric weights)
+    holdout: torch.Tensor | None
+    holdout_weight_t: torch.Tensor | None  # float32 [k, out]
+    sparse: tuple | None  # (rows, cols, values, held-out mask of cols)
+
+
+class W8A8OneDNNKernel:
+    """oneDNN int8 linear (``torch.ops.onednn.qlinear_pointwise``) on CPU; same semantics as the reference."""
+
+    name = "cpu-onednn-w8a8"
+
+    def unsupported(self, module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> str | None:
+        if device.type != "cpu":
+            return f"device {device.type}"
+        if not _onednn_available():
+            return "torch built without oneDNN"
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{dtype} input"
+        return None
+
+    def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> OneDNNState:
+        # The _int_mm layout gives the int8 codes, held-out columns and sparse correction; oneDNN repacks codes.
+        base = W8A8Int8Kernel("cpu").prepare(module, device, dtype)
+        codes = base.weight_t.t().contiguous()  # int8 [out, in]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            packed = torch.ops.onednn.qlinear_prepack(codes, None)
+        zero_points = torch.zeros(module.out_features, dtype=torch.int64)
+        return OneDNNState(packed, base.scale, zero_points, base.holdout, base.holdout_weight_t, base.sparse)
+
+    def run(self, module: nn.Module, state: OneDNNState, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xf = x2.to(torch.float32)
+        if state.holdout is not None:
+            # In place only on a copy: the caller's tensor (shared by q/k/v, the residual, ...) stays intact.
+            xf = xf.index_fill_(1, state.holdout, 0.0) if xf is not x2 else xf.index_fill(1, state.holdout, 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized-tensor constructors are deprecated; no fused replacement yet
+            if module.activation_scale == "per_tensor":
+                low, high = torch.aminmax(xf)
+                absmax = torch.maximum(-low, high)  # float32 arithmetic, as in the reference
+                x_scale = float(absmax / _QMAX) if absmax > 0 else 1.0
+                codes = torch.quantize_per_tensor(xf, x_scale, 0, torch.qint8).int_repr()
+                token_scale = None
+            else:
+                absmax = xf.abs().amax(dim=-1)
+                token_scale = torch.where(absmax > 0, absmax / _QMAX, torch.ones_like(absmax))
+                zeros = torch.zeros(token_scale.shape, dtype=torch.int64)
+                codes = torch.quantize_per_channel(xf, token_scale, zeros, 0, torch.qint8).int_repr()
+                x_scale = 1.0
+        y = torch.ops.onednn.qlinear_pointwise(
+            codes, x_scale, 0, state.packed, state.scale, state.zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+        scale = torch.tensor([[x_scale]]) if token_scale is None else token_scale[:, None]
+        if token_scale is not None:
+            y.mul_(scale)
+        if state.holdout is not None:
+            y.addmm_(x2[:, state.holdout].to(torch.float32), state.holdout_weight_t)
+        if state.sparse is not None:
+            rows, cols, values, held = state.sparse
+            xs = torch.where(held, x2[:, cols].to(torch.float32), codes[:, cols].to(torch.float32) * scale)
+            y.index_add_(1, rows, xs * values)
+        return _bias_and_shape(module, y, shape, x.dtype)
+
+
 W8A8_REFERENCE = W8A8ReferenceKernel()
 _W8A8_KERNELS: list = [
+    W8A8OneDNNKernel(),
     W8A8Int8Kernel("cpu"),
     # torch._int_mm on CUDA: M > 16, K and N multiples of 8 (padded here). Untested (no GPU when written).
     W8A8Int8Kernel("cuda", k_multiple=8, n_multiple=8, min_rows=17),

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
 
-__all__ = ["calibration_token_ids", "collect_hessians", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]
+__all__ = ["calibration_token_ids", "collect_hessians", "collect_input_absmax", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def calibration_token_ids(
     Without a tokenizer, ``vocab_size`` is required and seeded pseudo-random ids are returned.
 
     >>> calibration_token_ids(None, 4, vocab_size=100)
-    [46, 45, 88, 79]
+    [19, 55, 10, 57]
     """
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens={n_tokens!r} is invalid: expected a positive integer.")
@@ -94,6 +94,65 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _run_with_input_hooks(
+    model: nn.Module,
+    names: list[str],
+    token_ids: Sequence[int],
+    *,
+    window: int,
+    batch_size: int,
+    bos_id: int | None,
+    accumulate: Any,
+    caller: str,
+) -> dict[str, str]:
+    """Run the model over the calibration windows, calling ``accumulate(name, flat_float32_input)`` for each
+    named layer; returns ``{module: module whose input it shares}`` for layers reading another's input."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"{caller}: no module named {missing[:3]} in {type(model).__name__}.")
+    batches = _windows(token_ids, window, bos_id).split(batch_size)
+    device = _device(model)
+    alias: dict[str, str] = {}  # module -> module whose accumulator it shares
+    # The previous hooked call's input and module. q/k/v (and gate/up) are called one after the other on
+    # the very same tensor object; identity (not data_ptr, which the allocator reuses) detects that.
+    last: list[Any] = [None, None]
+    first_batch = [True]
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if name in alias:
+                return
+            if first_batch[0] and last[0] is x:
+                alias[name] = last[1]
+                return
+            last[0], last[1] = x, name
+            seen.add(name)
+            accumulate(name, x.detach().reshape(-1, x.shape[-1]).to(torch.float32))
+
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(input_ids=batch.to(device), use_cache=False)
+            first_batch[0] = False
+            last[0] = last[1] = None
+    finally:
+        for handle in handles:
+            handle.remove()
+        if was_training:
+            model.train()
+    never = [n for n in names if n not in seen and n not in alias]
+    if never:
+        raise ValueError(f"{caller}: modules {never[:3]} never ran during the calibration forward pass.")
+    return alias
+
+
 @torch.no_grad()
 def collect_hessians(
     model: nn.Module,
@@ -111,60 +170,59 @@ def collect_hessians(
     Conv1D-style layers work too: their input's last dimension is ``in_features`` either way.
     """
     names = list(module_names)
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(f"collect_hessians: no module named {missing[:3]} in {type(model).__name__}.")
-    batches = _windows(token_ids, window, bos_id).split(batch_size)
-    device = _device(model)
-
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    alias: dict[str, str] = {}  # module -> module whose accumulator it shares
-    # The previous hooked call's input and module. q/k/v (and gate/up) are called one after the other on
-    # the very same tensor object; identity (not data_ptr, which the allocator reuses) detects that.
-    last: list[Any] = [None, None]
-    first_batch = [True]
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            if name in alias:
-                return
-            if first_batch[0] and last[0] is x:
-                alias[name] = last[1]
-                return
-            last[0], last[1] = x, name
-            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            if name not in sums:
-                sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
-                counts[name] = 0
-            sums[name].addmm_(flat.T, flat)
-            counts[name] += flat.shape[0]
+    def accumulate(name: str, flat: torch.Tensor) -> None:
+        if name not in sums:
+            sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
+            counts[name] = 0
+        sums[name].addmm_(flat.T, flat)
+        counts[name] += flat.shape[0]
 
-        return record
-
-    handles = [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(input_ids=batch.to(device), use_cache=False)
-            first_batch[0] = False
-            last[0] = last[1] = None
-    finally:
-        for handle in handles:
-            handle.remove()
-        if was_training:
-            model.train()
-
+    alias = _run_with_input_hooks(
+        model, names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id, accumulate=accumulate,
+        caller="collect_hessians",
+    )
     hessians: dict[str, torch.Tensor] = {}
     for name, total in sums.items():
         total.div_(max(counts[name], 1))
         hessians[name] = total
     for name, owner in alias.items():
         hessians[name] = hessians[owner]
-    never = [n for n in names if n not in hessians]
-    if never:
-        raise ValueError(f"collect_hessians: modules {never[:3]} never ran during the calibration forward pass.")
     return hessians
+
+
+@torch.no_grad()
+def collect_input_absmax(
+    model: nn.Module,
+    module_names: Iterable[str],
+    token_ids: Sequence[int],
+    *,
+    window: int = DEFAULT_CALIBRATION_WINDOW,
+    batch_size: int = 4,
+    bos_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Largest ``|x|`` (float32 ``[in]``) of each input channel of each named linear layer over the calibration
+    tokens (windows as in :func:`collect_hessians`; layers reading the same input share one tensor).
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    >>> ids = calibration_token_ids(None, 256, vocab_size=260)
+    >>> collect_input_absmax(model, ["model.layers.1.mlp.down_proj"], ids, window=128)["model.layers.1.mlp.down_proj"].shape
+    torch.Size([128])
+    """
+    names = list(module_names)
+    peaks: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, flat: torch.Tensor) -> None:
+        peak = flat.abs().amax(dim=0)
+        peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+
+    alias = _run_with_input_hooks(
+        model, names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id, accumulate=accumulate,
+        caller="collect_input_absmax",
+    )
+    for name, owner in alias.items():
+        peaks[name] = peaks[owner]
+    return peaks

@@ -191,7 +191,7 @@ def quantize_model(
     if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
         from .w8a8 import quantize_model_w8a8
 
-        return quantize_model_w8a8(model, config, targets, records, coordinates)
+        return quantize_model_w8a8(model, config, targets, records, coordinates, tokenizer=tokenizer)
     if config.method == "gptq" and hessians is None:
         from .calibration import calibration_token_ids, collect_hessians
 

@@ -6,9 +6,14 @@ A layer holds out of its activation quantization:
 * the super-activation channels (``config.super_activation_channels``; default the super weights' rows) when
   its input is the hidden size (q/k/v/o, gate/up: the residual stream after a norm carries the super
   activation, from the super weight's layer on; earlier layers lose nothing by holding the channel out);
-* the input columns of its own super weights (the down_proj input spike that creates the super activation).
+* the input columns of its own super weights (the down_proj input spike that creates the super activation);
+* with ``config.massive_activation_ratio`` (default 20): the input channels whose largest magnitude over the
+  calibration text is at least that multiple of the layer's median channel — the other massive activations
+  (on SmolLM2, down_proj inputs of layers 11, 28 and 29 spike on the first token as well; with per-tensor scales
+  each of them alone sets the scale of its layer). At most ``config.max_holdout_channels`` per layer.
 
-Both quantizing and loading derive the same lists from ``config.json``, so the checkpoint needs no extra tensor.
+The lists are recorded in ``config.activation_holdout`` (``config.json``) while quantizing, so loading rebuilds
+the same modules and the checkpoint needs no extra tensor.
 """
 
 from __future__ import annotations
@@ -18,11 +23,24 @@ from typing import Any
 
 from torch import nn
 
+import torch
+
 from ..config import SuperWeightConfig
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
 
-__all__ = ["super_activation_channels", "holdout_channels_for", "quantize_model_w8a8", "build_w8a8_skeleton"]
+__all__ = [
+    "super_activation_channels",
+    "holdout_channels_for",
+    "massive_channels",
+    "plan_activation_holdout",
+    "quantize_model_w8a8",
+    "build_w8a8_skeleton",
+]
+
+
+#: Calibration tokens scanned for massive activations (at most; ``config.calibration_tokens`` if smaller).
+MASSIVE_SCAN_TOKENS = 2048
 
 
 def super_activation_channels(source: Any) -> list[int]:
@@ -80,24 +98,78 @@ def _dense(module: nn.Module) -> nn.Linear:
     return dense
 
 
+def massive_channels(peaks: torch.Tensor, ratio: float, limit: int) -> list[int]:
+    """Channels whose peak ``|x|`` is at least ``ratio`` x the median channel's, largest first, at most ``limit``.
+
+    >>> massive_channels(torch.tensor([1.0, 1.0, 500.0, 1.0, 30.0]), 20.0, 8)
+    [2, 4]
+    """
+    median = peaks.median()
+    if limit <= 0 or not median > 0:
+        return []
+    order = torch.argsort(peaks, descending=True)[:limit]
+    return [int(c) for c in order if peaks[c] >= ratio * median]
+
+
+def plan_activation_holdout(
+    model: nn.Module,
+    config: SuperWeightConfig,
+    targets: dict[str, nn.Module],
+    coordinates: dict[str, list[tuple[int, int]]],
+    *,
+    tokenizer: Any = None,
+) -> dict[str, list[int]]:
+    """Held-out input channels per layer (only layers holding some out): the super activation and the layer's
+    own super-weight columns, plus its massive activations measured on the calibration text when
+    ``config.massive_activation_ratio`` is set. ``model`` must still be in full precision.
+    """
+    if not config.hold_out_super_activation:
+        return {}
+    hidden = _hidden_size(model, config.get_super_weights())
+    plan = {
+        name: holdout_channels_for(_dense_features(module)[0], coordinates.get(name, []), config, hidden)
+        for name, module in targets.items()
+    }
+    if config.massive_activation_ratio is not None and config.max_holdout_channels > 0 and targets:
+        from .calibration import calibration_token_ids, collect_input_absmax
+
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        # Peaks need far fewer tokens than GPTQ's second moments: massive activations sit on the first token
+        # of every window and on frequent delimiters.
+        ids = calibration_token_ids(tokenizer, min(config.calibration_tokens, MASSIVE_SCAN_TOKENS), vocab_size=vocab)
+        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        window = min(512, len(ids))
+        peaks = collect_input_absmax(model, list(targets), ids, window=window, bos_id=bos)
+        for name, channels in plan.items():
+            room = max(config.max_holdout_channels - len(channels), 0)
+            extra = [c for c in massive_channels(peaks[name], config.massive_activation_ratio, room + len(channels))
+                     if c not in channels]
+            plan[name] = sorted(channels + extra[:room])
+    return {name: channels for name, channels in plan.items() if channels}
+
+
 def quantize_model_w8a8(
     model: nn.Module,
     config: SuperWeightConfig,
     targets: dict[str, nn.Module],
     records: list[SuperWeight],
     coordinates: dict[str, list[tuple[int, int]]],
+    *,
+    tokenizer: Any = None,
 ) -> nn.Module:
-    """Swap every target for a :class:`SuperWeightW8A8Linear`; records the channels in ``config``."""
+    """Swap every target for a :class:`SuperWeightW8A8Linear`; records the held-out channels in ``config``."""
     if config.super_activation_channels is None:
         config.super_activation_channels = super_activation_channels(records)
-    hidden = _hidden_size(model, records)
+    if config.activation_holdout is None:
+        config.activation_holdout = plan_activation_holdout(model, config, targets, coordinates, tokenizer=tokenizer)
+    _check_holdout_names(config, targets)
     for name, module in targets.items():
         dense = _dense(module)
         own = coordinates.get(name, [])
         layer = SuperWeightW8A8Linear.from_linear(
             dense,
             activation_scale=config.activation_scale,
-            holdout_channels=holdout_channels_for(dense.in_features, own, config, hidden),
+            holdout_channels=_holdout_of(name, dense.in_features, config),
             scale_dtype=config.scale_dtype,
             super_weights=own,
         )
@@ -105,27 +177,52 @@ def quantize_model_w8a8(
     return model
 
 
+def _check_holdout_names(config: SuperWeightConfig, targets: dict[str, nn.Module]) -> None:
+    unknown = sorted(set(config.activation_holdout or {}) - set(targets))
+    if unknown:
+        raise ValueError(
+            f"SuperWeightConfig.activation_holdout names modules that are not quantized layers of this model: "
+            f"{unknown[:3]}. Accepted: names of quantized linear layers (e.g. {next(iter(targets), '-')!r}); "
+            "leave activation_holdout=None to compute it."
+        )
+
+
+def _holdout_of(name: str, in_features: int, config: SuperWeightConfig) -> list[int]:
+    channels = (config.activation_holdout or {}).get(name, [])
+    bad = [c for c in channels if c >= in_features]
+    if bad:
+        raise ValueError(
+            f"SuperWeightConfig.activation_holdout[{name!r}]={channels} is invalid: channels must lie in "
+            f"[0, {in_features}) for this layer; the checkpoint's config.json does not match its weights."
+        )
+    return channels
+
+
 def build_w8a8_skeleton(
     model: nn.Module, config: SuperWeightConfig, targets: dict[str, nn.Module], counts: dict[str, int]
 ) -> nn.Module:
     """Empty :class:`SuperWeightW8A8Linear` modules shaped like a saved checkpoint (meta device, before loading)."""
     records = config.get_super_weights()
-    hidden = _hidden_size(model, records)
-    by_module: dict[str, list[tuple[int, int]]] = {}
-    for sw in records:
-        by_module.setdefault(sw.module, []).append((sw.row, sw.col))
+    if config.activation_holdout is None:  # a checkpoint written before the channels were recorded
+        hidden = _hidden_size(model, records)
+        by_module: dict[str, list[tuple[int, int]]] = {}
+        for sw in records:
+            by_module.setdefault(sw.module, []).append((sw.row, sw.col))
+        config.activation_holdout = {
+            name: channels
+            for name, module in targets.items()
+            if (channels := holdout_channels_for(_dense_features(module)[0], by_module.get(name, []), config, hidden))
+        }
+    _check_holdout_names(config, targets)
     for name, module in targets.items():
-        if isinstance(module, nn.Linear):
-            in_features, out_features = module.in_features, module.out_features
-        else:
-            in_features, out_features = module.weight.shape
+        in_features, out_features = _dense_features(module)
         bias = module.bias
         skeleton = SuperWeightW8A8Linear(
             in_features,
             out_features,
             bias=bias is not None,
             activation_scale=config.activation_scale,
-            holdout_channels=holdout_channels_for(in_features, by_module.get(name, []), config, hidden),
+            holdout_channels=_holdout_of(name, in_features, config),
             scale_dtype=config.scale_dtype,
             num_super_weights=counts.get(name, 0),
             dtype=bias.dtype if bias is not None else None,
@@ -133,3 +230,10 @@ def build_w8a8_skeleton(
         )
         _set_module(model, name, skeleton)
     return model
+
+
+def _dense_features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape  # transformers Conv1D stores [in, out]
+    return in_features, out_features

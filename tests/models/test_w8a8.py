@@ -18,9 +18,11 @@ from optimum_superweight.records import SuperWeight
 MODULE, ROW, COL = "model.layers.1.mlp.down_proj", 5, 7
 
 
-def _config(scale="per_tensor", holdout=True):
+def _config(scale="per_tensor", holdout=True, massive=None, **kwargs):
+    """Without the massive-activation scan by default: the channels then follow from the coordinates alone."""
     return SuperWeightConfig(bits=8, group_size=-1, activation_bits=8, activation_scale=scale,
-                             hold_out_super_activation=holdout, super_weights=[{"module": MODULE, "row": ROW, "col": COL}])
+                             hold_out_super_activation=holdout, massive_activation_ratio=massive,
+                             super_weights=[{"module": MODULE, "row": ROW, "col": COL}], **kwargs)
 
 
 def _logits(model, seed=0):
@@ -41,7 +43,8 @@ def test_quantize_model_records_channels_and_holds_them_out(tiny_llama):
     assert layers[1].mlp.down_proj.holdout_channels == [COL]  # its own super weight's input spike
     assert layers[2].mlp.down_proj.holdout_channels == []  # intermediate-size input
     assert not isinstance(tiny_llama.lm_head, SuperWeightW8A8Linear)
-    assert kernel_summary(tiny_llama, torch.float32) == {"cpu-w8a8": 28}
+    summary = kernel_summary(tiny_llama, torch.float32)
+    assert set(summary) <= {"cpu-onednn-w8a8", "cpu-w8a8"} and sum(summary.values()) == 28
     fast = _logits(tiny_llama)
     force_reference(True)
     try:
@@ -50,6 +53,27 @@ def test_quantize_model_records_channels_and_holds_them_out(tiny_llama):
         force_reference(False)
     assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_massive_activation_scan_finds_the_super_activation_and_respects_the_cap(tiny_llama):
+    # No channel given: the calibration scan alone must find the residual channel the super weight inflates.
+    config = _config(massive=20.0, super_activation_channels=[], max_holdout_channels=2)
+    quantize_model(tiny_llama, config)
+    layers = tiny_llama.model.layers
+    assert ROW in layers[2].self_attn.q_proj.holdout_channels
+    assert ROW in layers[3].mlp.gate_proj.holdout_channels
+    assert COL in layers[1].mlp.down_proj.holdout_channels  # its own super weight's column, always
+    modules = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, SuperWeightW8A8Linear)}
+    assert all(len(m.holdout_channels) <= 2 for m in modules.values())
+    # what the modules hold out is what config.json records
+    assert config.activation_holdout == {n: m.holdout_channels for n, m in modules.items() if m.holdout_channels}
+
+
+def test_recorded_holdout_is_validated_against_the_model(tiny_llama):
+    with pytest.raises(ValueError, match="activation_holdout names modules"):
+        quantize_model(tiny_llama, _config(activation_holdout={"model.layers.9.mlp.nope": [1]}))
+    with pytest.raises(ValueError, match=r"activation_holdout\['model.layers.0.mlp.down_proj'\].*\[0, 128\)"):
+        quantize_model(tiny_llama, _config(activation_holdout={"model.layers.0.mlp.down_proj": [4096]}))
 
 
 def test_naive_config_holds_nothing_out(tiny_llama):
@@ -66,6 +90,8 @@ def test_save_reload_resave_identical_logits(tiny_llama_dir, tmp_path, scale):
     config = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
     assert config["activation_bits"] == 8 and config["activation_scale"] == scale
     assert config["super_activation_channels"] == [ROW]
+    assert config["activation_holdout"][MODULE] == [COL]
+    assert config["activation_holdout"]["model.layers.3.mlp.up_proj"] == [ROW]
     tensors = load_file(tmp_path / "a" / "model.safetensors")  # the plain weight-only 8-bit layout
     assert tensors[f"{MODULE}.weight"].dtype == torch.uint8 and tensors[f"{MODULE}.weight"].dim() == 3
     assert not any("holdout" in key for key in tensors)
@@ -86,10 +112,10 @@ def test_super_activation_channels_sources():
 
 @pytest.mark.slow
 def test_smollm2_holdout_recovers_naive_w8a8_loss(smollm2_path):
-    """Per-tensor W8A8, 1024 tokens. Measured on 4096 tokens (benchmarks/w8a8.py): full precision 14.99, naive
-    x2.10, super activation held out x1.96 (13% of the loss recovered: SmolLM2's per-tensor loss comes mostly
-    from other massive down_proj inputs on the first token, e.g. L28 ch 678 ~2400, L11 ch 1487 ~1100). The test
-    checks the direction with margin, not the issue's 75% goal, which this model does not reach."""
+    """Per-tensor W8A8, 1024 tokens; the issue's goal is 75% of naive W8A8's loss recovered. On 4096 tokens
+    (benchmarks/w8a8.py): full precision 14.99, naive x2.10, super activation alone held out x1.96 (13%:
+    other massive down_proj inputs on the first token, e.g. L28 ch 678, L11 ch 1487, also set the scale),
+    with the massive-activation scan (ratio 20, <= 8 channels per layer) x1.13 (88%)."""
     from transformers import AutoTokenizer
 
     from optimum_superweight.evaluation import perplexity
@@ -110,4 +136,4 @@ def test_smollm2_holdout_recovers_naive_w8a8_loss(smollm2_path):
             ppl[name] = float(perplexity(model, tokenizer, max_tokens=1024, window=512))
     recovered = (ppl["naive"] - ppl["held"]) / (ppl["naive"] - ppl["fp"])
     assert ppl["naive"] > 1.3 * ppl["fp"]
-    assert recovered > 0.03, ppl
+    assert recovered >= 0.75, ppl

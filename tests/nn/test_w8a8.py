@@ -6,6 +6,7 @@ from torch import nn
 
 from optimum_superweight import SuperWeightConfig
 from optimum_superweight.kernels import force_reference
+from optimum_superweight.kernels import w8a8 as w8a8_kernels
 from optimum_superweight.kernels.w8a8 import fake_quantize_activations, quantize_activations
 from optimum_superweight.nn.w8a8 import SuperWeightW8A8Linear
 
@@ -31,9 +32,19 @@ def _run(layer, x, reference):
         force_reference(False)
 
 
+@pytest.fixture(params=["cpu-onednn-w8a8", "cpu-w8a8"])
+def int8_kernel(request, monkeypatch):
+    """Each CPU int8 kernel alone before the reference (the others are taken out of the registry)."""
+    kept = [k for k in w8a8_kernels._W8A8_KERNELS if k.name in (request.param, "w8a8-reference")]
+    monkeypatch.setattr(w8a8_kernels, "_W8A8_KERNELS", kept)
+    if request.param == "cpu-onednn-w8a8" and not w8a8_kernels._onednn_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    return request.param
+
+
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_matches_reference(scale, dtype):
+def test_int8_kernel_matches_reference(scale, dtype, int8_kernel):
     dense, layer = _layer(scale)
     for seed, tokens in ((1, 1), (2, 9), (3, 64)):
         torch.manual_seed(seed)
@@ -41,7 +52,7 @@ def test_int8_kernel_matches_reference(scale, dtype):
         x[0, 5] = 300.0  # the held-out spike
         x = x.to(dtype)
         fast = _run(layer, x, False)
-        assert layer.kernel == "cpu-w8a8"
+        assert layer.kernel == int8_kernel
         ref = _run(layer, x, True)
         # Same int8 codes in both paths: only float32 summation order differs (int32 accumulation is exact).
         # Outputs are then rounded to the input dtype: bound 1e-5 relative (float32), 1 bf16 ulp (bfloat16).
