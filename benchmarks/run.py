@@ -71,11 +71,12 @@ def main(argv=None) -> int:
         return 0
 
     if args.report_only:
-        from suite.report import markdown, plots
+        from suite.report import markdown, plots, standalone_sections
 
         out = Path(args.out) if args.out else HERE
         results = json.loads((out / "results" / "results.json").read_text(encoding="utf-8"))
-        (out / "RESULTS.md").write_text(markdown(results, plots(results, out / "results")), encoding="utf-8")
+        text = markdown(results, plots(results, out / "results")) + "\n" + standalone_sections(out / "results")
+        (out / "RESULTS.md").write_text(text, encoding="utf-8")
         print(f"wrote {out / 'RESULTS.md'}")
         return 0
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     from suite.common import build_quick_model, folder_size, load_model, load_tokenizer, machine_info
     from suite.memory import run_memory
     from suite.quality import run_quality
-    from suite.report import markdown, plots
+    from suite.report import markdown, plots, standalone_sections
     from suite.speed import detection_vs_forward, run_speed
 
     started = time.perf_counter()
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
         results["meta"]["previous_run"] = {k: previous["meta"].get(k) for k in ("command", "date", "total_seconds", "machine")}
     (data_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     made = plots(results, data_dir)
-    (out / "RESULTS.md").write_text(markdown(results, made), encoding="utf-8")
+    (out / "RESULTS.md").write_text(markdown(results, made) + "\n" + standalone_sections(data_dir), encoding="utf-8")
     log(f"wrote {out / 'RESULTS.md'} ({results['meta']['total_seconds'] / 60:.1f} min)")
     return 0
 

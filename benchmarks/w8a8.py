@@ -155,20 +155,61 @@ def speed(path: str, batch: int, length: int, decode_tokens: int, repeats: int) 
     return {"prefill": f"{batch}x{length}", "decode_tokens": decode_tokens, "repeats": repeats, "rows": out}
 
 
-def table(result: dict) -> str:
+def quality_table(rows: dict) -> str:
     lines = ["| setting | held-out channels (layers) | ppl | ratio | recovered |", "|---|---:|---:|---:|---:|"]
-    for name, row in result.get("quality", {}).items():
+    for name, row in rows.items():
         rec = row.get("recovered")
         held = f"{row['held_out_channels']} ({row['layers_holding_out']})" if "held_out_channels" in row else ""
         lines.append(f"| {name} | {held} | {row['ppl']:.3f} | x{row['ratio']:.4f} | {'' if rec is None else f'{rec:.0%}'} |")
+    return "\n".join(lines)
+
+
+def speed_table(speed: dict) -> str:
+    lines = [f"| model (bfloat16) | prefill {speed['prefill']} tok/s | vs bf16 | decode b1 tok/s | vs bf16 | kernels |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, row in speed["rows"].items():
+        kernels = ", ".join(f"{k}: {v}" for k, v in (row.get("kernels") or {}).items()) or "–"
+        lines.append(f"| {name} | {row['prefill_tokens_per_s']:.0f} | x{row['prefill_vs_bf16']:.2f} | "
+                     f"{row['decode_tokens_per_s']:.1f} | x{row['decode_vs_bf16']:.2f} | {kernels} |")
+    return "\n".join(lines)
+
+
+def table(result: dict) -> str:
+    parts = [quality_table(result["quality"])] if "quality" in result else []
+    if "speed" in result:
+        parts.append(speed_table(result["speed"]))
+    return "\n\n".join(parts)
+
+
+def w8a8_markdown(result: dict) -> str:
+    """The W8A8 section of ``benchmarks/RESULTS.md`` from ``results/w8a8.json``."""
+    quality = result.get("quality", {})
+    lines = [
+        "## W8A8: int8 activations with the super activation held out",
+        "",
+        f"`python3 benchmarks/w8a8.py` ({result.get('date', 'date not recorded')}, {result.get('threads')} threads, "
+        f"torch {result.get('torch')}). {result['model']}, 8-bit symmetric per-row weights and dynamic 8-bit "
+        f"activations for every decoder projection; perplexity on {result['tokens']} tokens of the built-in text "
+        "(windows of 512 with BOS), float32 model; *recovered* = share of naive W8A8's perplexity increase the "
+        "hold-out removes. *Super activation held out*: the paper's section 4.1 (the super weights' rows on "
+        "hidden-size inputs, their columns in their own layer). *Super + massive*: also each layer's input "
+        "channels whose peak on 2048 calibration tokens (the end of the built-in text, disjoint from the "
+        "evaluated tokens) is at least 20x the median channel's, at most 8 per layer "
+        "(`massive_activation_ratio`, `max_holdout_channels`; the default).",
+        "",
+        quality_table(quality),
+    ]
     if "speed" in result:
         s = result["speed"]
-        lines += ["", f"| model (bfloat16) | prefill {s['prefill']} tok/s | vs bf16 | decode b1 tok/s | vs bf16 |",
-                  "|---|---|---|---|---|"]
-        for name, row in s["rows"].items():
-            lines.append(f"| {name} | {row['prefill_tokens_per_s']:.0f} | x{row['prefill_vs_bf16']:.2f} | "
-                         f"{row['decode_tokens_per_s']:.1f} | x{row['decode_vs_bf16']:.2f} |")
-    return "\n".join(lines)
+        lines += [
+            "",
+            f"Speed, bfloat16 models, interleaved in one process, medians of {s['repeats']} (prefill {s['prefill']}, "
+            f"batch-1 greedy decode of {s['decode_tokens']} tokens):",
+            "",
+            speed_table(s),
+        ]
+    lines += ["", result.get("note", "")]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> int:
@@ -187,7 +228,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    result = {"model": "SmolLM2-135M-Instruct", "super_weight": SUPER_WEIGHT, "tokens": args.tokens, "window": 512,
+    result = {"model": "SmolLM2-135M-Instruct", "date": time.strftime("%Y-%m-%d %H:%M"), "super_weight": SUPER_WEIGHT, "tokens": args.tokens, "window": 512,
               "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     if not args.no_quality:
         result["quality"] = quality(path, tokenizer, args.tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,24 @@ def plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
         plt.close(fig)
         made["speed"] = f"{folder.name}/{path.name}"
     return made
+
+
+def standalone_sections(data_dir: Path) -> str:
+    """Sections of the benchmarks that run on their own (their own processes, caps or long runs), rendered from
+    their result files when present: ``low_memory.json`` (``benchmarks/low_memory.py``) and ``w8a8.json``
+    (``benchmarks/w8a8.py``). Each states its own command and date."""
+    import importlib.util
+
+    parts = []
+    for script, result_file, render in (
+        ("low_memory.py", "low_memory.json", "low_memory_markdown"),
+        ("w8a8.py", "w8a8.json", "w8a8_markdown"),
+    ):
+        path = data_dir / result_file
+        if not path.is_file():
+            continue
+        spec = importlib.util.spec_from_file_location(f"_standalone_{script[:-3]}", Path(__file__).parents[1] / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        parts.append(getattr(module, render)(json.loads(path.read_text(encoding="utf-8"))))
+    return "\n".join(parts)
