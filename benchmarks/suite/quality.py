@@ -11,7 +11,14 @@ of weights of those matrices.
   coordinates, dequantized into the dense model (simulated): plain RTN without super-weight handling.
 - ``flat``: the paper's weight-quantization setting, simulated: asymmetric min-max RTN over flat 1-D blocks
   of the row-major matrix (fp16 scale and offset per block), with and without the super weight held out
-  of the block statistics and restored exactly.
+  of the block statistics and restored exactly, and with a per-block clip of the range chosen either by
+  weight MSE (data-free) or by the block's *output* error under the calibration second moment.
+- ``clip``: coarse (per-channel) scales with the activation-aware clip search of the package
+  (``clip_quantize_weight(hessian=...)``: per row, the clip ratio minimising ``(w - q)ᵀ H (w - q)``),
+  super weight held out and exact, dequantized into the dense model (simulated).
+
+Calibrated rows (``output clip``, GPTQ) use ``E[x xᵀ]`` of every layer's inputs on the *end* of the
+built-in text (8192 tokens, windows of 512 + BOS), disjoint from the evaluated tokens; collected once.
 - ``bnb``: bitsandbytes NF4 / FP4 (``quantize_4bit``/``dequantize_4bit``, blocksize 64, absmax fp32) and
   int8 (``int8_vectorwise_quant``: per-row absmax; the LLM.int8() fp16 path for activation outliers is a
   runtime feature and is not simulated), quantize -> dequantize into the dense model (simulated).
@@ -34,7 +41,8 @@ from optimum_superweight.evaluation import perplexity
 from optimum_superweight.models.replace import modules_to_convert, quantize_model, resolve_modules_to_not_convert
 from optimum_superweight.nn.linear import SuperWeightLinear
 from optimum_superweight.records import SuperWeight
-from optimum_superweight.tensor.quantize import dequantize_weight, quantize_weight
+from optimum_superweight.tensor.gptq import clip_quantize_weight
+from optimum_superweight.tensor.quantize import dequantize_weight, quantize_weight, restore_exact
 
 #: (bits, group_size) settings of the default run; -1 = one group per output row (per channel).
 FULL_SETTINGS: tuple[tuple[int, int], ...] = ((8, -1), (8, 128), (4, 64), (4, 128), (4, -1), (3, 64), (3, 128))
@@ -99,13 +107,32 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
 FLAT_CLIP_GRID: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 
+def _block_output_error(error: torch.Tensor, hessian: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """Per flat block ``b``: ``Σ_rows e_{r,b}ᵀ H e_{r,b}``, the output error of the block's own weights.
+
+    ``error`` is ``[out, in]`` and ``e_{r,b}`` is row ``r``'s error restricted to block ``b``. A row meets
+    consecutive blocks; splitting the error into even and odd blocks keeps every row's pieces apart (exact
+    when ``block >= in_features``, as in the paper's settings), so two matmuls give every block's error.
+    """
+    out, inn = error.shape
+    block_of = (torch.arange(out * inn, device=error.device) // block).reshape(out, inn)
+    even = (block_of % 2) == 0
+    e_even = torch.where(even, error, 0.0)
+    e_odd = error - e_even
+    per_element = e_even * (e_even @ hessian) + e_odd * (e_odd @ hessian)
+    flat = torch.nn.functional.pad(per_element.flatten(), (0, n_blocks * block - out * inn))
+    return flat.reshape(n_blocks, block).sum(dim=1, keepdim=True)
+
+
 def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple[int, int]],
-                clip: bool = False) -> tuple[torch.Tensor, int]:
+                clip: bool = False, hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Asymmetric min-max RTN over flat 1-D blocks of the row-major matrix (the authors' simulated setting).
 
     ``holdout`` coordinates are left out of the block statistics and restored exactly. ``clip=True`` shrinks
-    each block's ``[min, max]`` by the factor of :data:`FLAT_CLIP_GRID` with the least squared error on the
-    block (held-out weights excluded): the paper's "clip the other outliers", data-free.
+    each block's ``[min, max]`` by the factor of :data:`FLAT_CLIP_GRID` with the least error on the block
+    (held-out weights count as exact): without ``hessian`` the squared weight error — the paper's "clip the
+    other outliers", data-free; with ``hessian`` (``E[x xᵀ]`` of the layer's inputs, ``[in, in]``) the
+    block's output error (:func:`_block_output_error`) — activation-aware clipping, calibrated.
     """
     flat = weight.detach().to(torch.float32).flatten()
     n = flat.numel()
@@ -129,7 +156,12 @@ def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple
         best, best_err = None, None
         for factor in FLAT_CLIP_GRID:
             candidate = rounded(lo * factor, hi * factor)
-            err = torch.where(excluded, 0.0, (candidate - values) ** 2).sum(dim=1, keepdim=True)
+            diff = torch.where(excluded, 0.0, values - candidate)
+            if hessian is None:
+                err = (diff**2).sum(dim=1, keepdim=True)
+            else:
+                err = _block_output_error(diff.flatten()[:n].reshape(weight.shape), hessian.to(torch.float32),
+                                          block, values.shape[0])
             if best is None:
                 best, best_err = candidate, err
             else:
@@ -144,6 +176,15 @@ def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple
         dense[row, col] = weight[row, col].float()
     stored = math.ceil(n * bits / 8) + values.shape[0] * 4 + len(holdout) * 12
     return dense, stored
+
+
+def output_clip(weight: torch.Tensor, bits: int, group_size: int, holdout: list[tuple[int, int]],
+                hessian: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The package's activation-aware clip search (symmetric), super weights held out and written back exactly."""
+    indices = torch.tensor(holdout, dtype=torch.long).reshape(-1, 2)
+    q = clip_quantize_weight(weight, bits=bits, group_size=group_size, symmetric=True, holdout=indices, hessian=hessian)
+    dense = restore_exact(q.dequantize(torch.float32), indices, weight[indices[:, 0], indices[:, 1]].float())
+    return dense, _bytes(q.packed, q.scale, q.zero_point) + len(holdout) * 12
 
 
 def bnb_4bit(weight: torch.Tensor, quant_type: str, blocksize: int = 64) -> tuple[torch.Tensor, int]:
@@ -179,6 +220,26 @@ class QualitySweep:
         self.n_weights = sum(m.weight.numel() for m in self.modules.values())
         self.rows: list[QualityRow] = []
         self.reference_ppl: float | None = None
+        self._hessians: dict[str, torch.Tensor] | None = None
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """``E[x xᵀ]`` of every target layer's inputs on the calibration text (collected once, then shared)."""
+        if self._hessians is None:
+            from optimum_superweight.models.calibration import calibration_token_ids, collect_hessians
+
+            start = time.perf_counter()
+            ids = calibration_token_ids(self.tokenizer, 8192, vocab_size=getattr(self.model.config, "vocab_size", None))
+            bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+            self._hessians = collect_hessians(self.model, list(self.modules), ids, bos_id=bos)
+            self.log(f"  calibration statistics: {len(ids)} tokens, {len(self._hessians)} layers "
+                     f"({time.perf_counter() - start:.0f} s)")
+        return self._hessians
+
+    def _holdouts(self) -> dict[str, list[tuple[int, int]]]:
+        holdouts: dict[str, list[tuple[int, int]]] = {}
+        for sw in self.super_weights:
+            holdouts.setdefault(sw.module, []).append((sw.row, sw.col))
+        return holdouts
 
     def _ppl(self, model) -> float:
         return perplexity(model, self.tokenizer, **self.eval_kwargs).ppl
@@ -225,7 +286,10 @@ class QualitySweep:
         start = time.perf_counter()
         config = SuperWeightConfig(bits=bits, group_size=group_size, super_weights=[sw.to_dict() for sw in self.super_weights],
                                    **options)
-        quantized = quantize_model(copy.deepcopy(self.model), config, tokenizer=self.tokenizer)
+        # Calibrated options reuse the sweep's statistics (same text, same numbers, collected once).
+        calibrated = config.method == "gptq" or (config.clip_search and getattr(config, "clip_objective", "weight") == "output")
+        quantized = quantize_model(copy.deepcopy(self.model), config, tokenizer=self.tokenizer,
+                                   hessians=self.hessians() if calibrated else None)
         layers = [m for m in quantized.modules() if isinstance(m, SuperWeightLinear)]
         stored = sum(m.storage_bytes() for m in layers)
         n_weights = sum(m.in_features * m.out_features for m in layers)
@@ -233,6 +297,8 @@ class QualitySweep:
         del quantized
         label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'}"
         method_note = config.method + ("+clip" if getattr(config, "clip_search", False) else "")
+        if getattr(config, "clip_search", False) and getattr(config, "clip_objective", "weight") == "output":
+            method_note += " (output objective)"
         if options:
             label += f" ({method_note})"
         self._add("superweight", label, bits, group_size, 8 * stored / n_weights, ppl, time.perf_counter() - start,
@@ -257,17 +323,28 @@ class QualitySweep:
         self._simulated("rtn", label, bits, group_size, lambda name, w: rtn(w, bits, group_size),
                         "plain RTN, no super-weight handling (simulated)")
 
-    def flat(self, bits: int, block: int, hold_out: bool, clip: bool = False) -> None:
-        holdouts: dict[str, list[tuple[int, int]]] = {}
-        if hold_out:
-            for sw in self.super_weights:
-                holdouts.setdefault(sw.module, []).append((sw.row, sw.col))
-        label = f"int{bits} asym flat block {block}" + (" SW out" if hold_out else "") + (" + clip" if clip else "")
+    def flat(self, bits: int, block: int, hold_out: bool, clip: bool = False, output_clip: bool = False) -> None:
+        """Paper's flat blocks; ``clip``: per-block weight-MSE clip; ``output_clip``: per-block output-error clip."""
+        holdouts = self._holdouts() if hold_out else {}
+        hessians = self.hessians() if output_clip else {}
+        label = f"int{bits} asym flat block {block}" + (" SW out" if hold_out else "")
+        label += " + output clip" if output_clip else " + clip" if clip else ""
         note = "paper's 1-D blocks, simulated" + ("; super weight held out and restored" if hold_out else "; plain")
-        if clip:
+        if output_clip:
+            note += "; per-block clip of the range (x1.0-0.3) minimising the block's output error (calibrated)"
+        elif clip:
             note += "; per-block MSE clip of the range (x1.0-0.3)"
         self._simulated("flat", label, bits, block,
-                        lambda name, w: flat_blocks(w, bits, block, holdouts.get(name, []), clip=clip), note)
+                        lambda name, w: flat_blocks(w, bits, block, holdouts.get(name, []), clip=clip or output_clip,
+                                                    hessian=hessians.get(name)), note)
+
+    def output_clip(self, bits: int, group_size: int) -> None:
+        """Activation-aware clip search of the package, super weight held out and exact (simulated)."""
+        holdouts, hessians = self._holdouts(), self.hessians()
+        label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'} SW out + output clip"
+        self._simulated("clip", label, bits, group_size,
+                        lambda name, w: output_clip(w, bits, group_size, holdouts.get(name, []), hessians[name]),
+                        "clip ratio per group minimising (w-q)^T H (w-q) on calibration text; super weight exact (simulated)")
 
     def bnb(self) -> None:
         for quant_type in ("nf4", "fp4"):
@@ -295,6 +372,11 @@ def run_quality(model, tokenizer, super_weights: list[SuperWeight], *, quick: bo
     for bits, group_size in settings:
         sweep.superweight(bits, group_size)
         sweep.plain_rtn(bits, group_size)
+    # Coarse blocks: per-channel with activation-aware clipping (the paper's setting is the flat rows below),
+    # and per-channel GPTQ through the package (real SuperWeightLinear modules).
+    sweep.output_clip(4, -1)
+    if not quick:
+        sweep.superweight(4, -1, method="gptq", clip_search=True)
     for variant in variants:
         for bits, group_size in (QUICK_SETTINGS[1:2] if quick else VARIANT_SETTINGS):
             sweep.superweight(bits, group_size, **VARIANTS[variant])
@@ -302,6 +384,7 @@ def run_quality(model, tokenizer, super_weights: list[SuperWeight], *, quick: bo
         sweep.flat(4, block, hold_out=False)
         sweep.flat(4, block, hold_out=True)
         sweep.flat(4, block, hold_out=True, clip=True)
+        sweep.flat(4, block, hold_out=True, output_clip=True)
     sweep.bnb()
     return {
         "protocol": {**sweep.eval_kwargs, "text": "pydoc_data.topics (built-in)", "bos": True},
