@@ -141,14 +141,11 @@ def _quantized_layer(
     quantized: Any = None,
 ) -> SuperWeightLinear:
     """One low-bit layer: plain RTN, RTN with clip search, or given (GPTQ) codes; same on-disk format for all."""
-    if quantized is None and config.clip_search:
-        from ..tensor.gptq import clip_quantize_weight
+    if quantized is None:
+        # Row blocks, as when quantizing while loading: identical codes, bounded temporaries.
+        from .loading import quantize_by_rows
 
-        quantized = clip_quantize_weight(
-            dense.weight.detach(), bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
-            scale_dtype=getattr(torch, config.scale_dtype),
-            holdout=torch.tensor(coordinates, dtype=torch.int32, device=dense.weight.device).reshape(-1, 2),
-        )
+        quantized = quantize_by_rows(dense.weight.detach(), coordinates, config)
     return SuperWeightLinear.from_linear(
         dense,
         bits=config.bits,
