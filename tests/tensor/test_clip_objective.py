@@ -137,3 +137,36 @@ def test_gptq_with_hessian_clip_objective_keeps_format_and_super_weight():
     rtn = clip_quantize_weight(weight, bits=4, group_size=-1, holdout=holdout, grid=None)
     err = lambda d: float(_row_output_error(weight, d, hessian).sum())  # noqa: E731
     assert err(dense) < 0.75 * err(_dense(rtn, weight, holdout))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_output_clip_through_superweight_linear_and_safetensors(tmp_path, symmetric):
+    from safetensors.torch import load_file, save_file
+
+    from optimum_superweight.nn.linear import SuperWeightLinear
+
+    x = _inputs_with_massive_channel(d=40)
+    hessian = x.T @ x / x.shape[0]
+    linear = torch.nn.Linear(40, 9, bias=True)
+    with torch.no_grad():
+        linear.weight[4, 5] = 30.0  # the super weight, on the massive input channel
+    holdout = torch.tensor([[4, 5]], dtype=torch.int32)
+    quantized = clip_quantize_weight(linear.weight, bits=4, group_size=-1, symmetric=symmetric, holdout=holdout, hessian=hessian)
+    layer = SuperWeightLinear.from_linear(linear, bits=4, group_size=-1, symmetric=symmetric, super_weights=[(4, 5)],
+                                          quantized=quantized)
+    dense = layer.dequantize_weight(torch.float32)
+    assert dense[4, 5].item() == 30.0
+    expected = _dense(quantized, linear.weight.detach(), holdout.long())
+    torch.testing.assert_close(dense, expected)
+    # The activation-aware codes beat plain per-channel RTN on the layer's output.
+    plain = SuperWeightLinear.from_linear(linear, bits=4, group_size=-1, symmetric=symmetric, super_weights=[(4, 5)])
+    with torch.no_grad():
+        reference = linear(x)
+        assert float((layer(x) - reference).pow(2).mean()) < float((plain(x) - reference).pow(2).mean())
+    # Same stored format: a plain state-dict round trip through safetensors gives the same outputs.
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "layer.safetensors")
+    fresh = SuperWeightLinear.from_linear(torch.nn.Linear(40, 9, bias=True), bits=4, group_size=-1, symmetric=symmetric,
+                                          super_weights=[(0, 0)])
+    fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
