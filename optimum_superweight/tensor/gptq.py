@@ -45,6 +45,7 @@ __all__ = [
     "gptq_quantize_weight",
     "gptq_quantize_weights",
     "clip_quantize_weight",
+    "gptq_fixed_grid",
     "search_group_params",
     "hessian_group_blocks",
     "CLIP_OBJECTIVES",
@@ -334,6 +335,29 @@ def gptq_quantize_weight(
     scale_cols = stored_scale.to(torch.float32)[:, col_group]  # [out, in]
     zero_cols = None if zero is None else zero[:, col_group]
 
+    codes = _column_sweep(original, H, scale_cols, zero_cols, held, bits=bits, damp=damp, block_size=block_size,
+                          act_order=act_order)
+    return _pack(codes, held, stored_scale, zero, layout, symmetric)
+
+
+def _column_sweep(
+    original: torch.Tensor,
+    H: torch.Tensor,
+    scale_cols: torch.Tensor,
+    zero_cols: torch.Tensor | None,
+    held: torch.Tensor,
+    *,
+    bits: int,
+    damp: float,
+    block_size: int,
+    act_order: bool,
+) -> torch.Tensor:
+    """GPTQ's column sweep under fixed per-element ``scale_cols`` (and integer ``zero_cols``): codes ``[out, in]``.
+
+    ``H`` is the (dead-input-patched, undamped) second moment; it is modified in place.
+    """
+    out_features, in_features = original.shape
+    device = original.device
     # -- the column sweep ----------------------------------------------------------------------------------
     # Everything is held transposed ([in, out]) so that a column of W is a contiguous row: the sweep is a
     # Python loop over columns and strided column access would dominate its time.
@@ -368,7 +392,56 @@ def gptq_quantize_weight(
 
     codes = torch.empty((out_features, in_features), dtype=torch.float32, device=device)
     codes[:, perm] = codes_t.t()
-    return _pack(codes, held, stored_scale, zero, layout, symmetric)
+    return codes
+
+
+def _patched_hessian(hessian: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor:
+    _check_hessian(hessian, in_features)
+    H = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    dead = torch.diagonal(H) <= 0
+    # Inputs never seen in calibration: no information about them, no compensation through them.
+    H[dead, dead] = 1.0
+    return H
+
+
+@torch.no_grad()
+def gptq_fixed_grid(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    *,
+    bits: int,
+    holdout: torch.Tensor | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+) -> torch.Tensor:
+    """GPTQ codes under a quantization grid given per weight, returned dequantized (held-out weights exact).
+
+    For layouts this package does not store but wants to measure, such as the paper's flat 1-D blocks of the
+    row-major matrix: the caller computes each block's scale (and integer zero-point) and broadcasts them to
+    ``[out, in]``; the error feedback then chooses the codes. ``zero_point=None`` means symmetric signed codes
+    (``w = s*q``, ``q`` in ``[-2^(b-1), 2^(b-1)-1]``), else ``w = s*(q - z)`` with ``q`` in ``[0, 2^b-1]``.
+
+    >>> w = torch.randn(4, 8); s = torch.full((4, 8), 0.3)
+    >>> gptq_fixed_grid(w, torch.eye(8), s, bits=4, holdout=torch.tensor([[1, 2]]))[1, 2] == w[1, 2]
+    tensor(True)
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"gptq_fixed_grid expects a 2-D weight, got shape {tuple(weight.shape)}.")
+    if scale.shape != weight.shape or (zero_point is not None and zero_point.shape != weight.shape):
+        raise ValueError(f"scale and zero_point must have the weight's shape {tuple(weight.shape)}.")
+    if not bool((scale > 0).all()):
+        raise ValueError("scale must be > 0 everywhere.")
+    original = weight.detach().to(torch.float32)
+    H = _patched_hessian(hessian, original.shape[1], original.device)
+    held = _holdout_dense(tuple(original.shape), holdout, original.device)
+    zero = None if zero_point is None else zero_point.to(torch.float32)
+    codes = _column_sweep(original, H, scale.to(torch.float32), zero, held, bits=bits, damp=damp,
+                          block_size=block_size, act_order=act_order)
+    dense = (codes - (2 ** (bits - 1) if zero is None else zero)) * scale.to(torch.float32)
+    return torch.where(held, original, dense)
 
 
 def gptq_quantize_weights(

@@ -170,3 +170,32 @@ def test_per_channel_output_clip_through_superweight_linear_and_safetensors(tmp_
     fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_gptq_fixed_grid_matches_gptq_and_beats_rtn_on_the_same_grid():
+    from optimum_superweight.tensor.gptq import gptq_fixed_grid
+
+    x = _inputs_with_massive_channel(d=32)
+    hessian = x.T @ x / x.shape[0]
+    weight = torch.randn(10, 32, generator=torch.Generator().manual_seed(5))
+    holdout = torch.tensor([[2, 5]])
+    weight[2, 5] = 25.0
+    # The same grid as the package's group-16 GPTQ: identical result.
+    q = gptq_quantize_weight(weight, hessian, bits=4, group_size=16, symmetric=False, holdout=holdout, clip_grid=None)
+    scale = q.scale.float().repeat_interleave(16, dim=1)
+    zero = q.zero_point.float().repeat_interleave(16, dim=1)
+    dense = gptq_fixed_grid(weight, hessian, scale, zero, bits=4, holdout=holdout)
+    torch.testing.assert_close(dense, _dense(q, weight, holdout))
+    # An arbitrary grid (one scale for two rows, like a flat block): held-out exact, output error below RTN's.
+    flat_scale = weight.abs().reshape(5, -1).amax(dim=1).repeat_interleave(2).unsqueeze(1).expand(10, 32) / 7
+    flat_scale = torch.where(torch.arange(10).unsqueeze(1) == 2, 1.0, flat_scale).contiguous()
+    got = gptq_fixed_grid(weight, hessian, flat_scale, bits=4, holdout=holdout)
+    assert got[2, 5].item() == 25.0
+    rtn = torch.round(weight / flat_scale).clamp(-8, 7) * flat_scale
+    rtn[2, 5] = 25.0
+    err = lambda d: float(_row_output_error(weight, d, hessian).sum())  # noqa: E731
+    assert err(got) < 0.75 * err(rtn)
+    with pytest.raises(ValueError, match="shape"):
+        gptq_fixed_grid(weight, hessian, flat_scale[:, :4], bits=4)
+    with pytest.raises(ValueError, match="> 0"):
+        gptq_fixed_grid(weight, hessian, torch.zeros_like(weight), bits=4)
