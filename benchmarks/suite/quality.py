@@ -124,8 +124,17 @@ def _block_output_error(error: torch.Tensor, hessian: torch.Tensor, block: int, 
     return flat.reshape(n_blocks, block).sum(dim=1, keepdim=True)
 
 
+def _flat_grid(low: torch.Tensor, high: torch.Tensor, qmax: int, block: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-weight ``[out, in]`` fp16-rounded scale and integer zero-point of flat blocks with ranges ``[low, high]``."""
+    scale = ((high - low) / qmax).to(torch.float16).to(torch.float32).clamp(min=1e-8)
+    zero = torch.round(-low.clamp(max=0.0) / scale).clamp(0, qmax)
+    n = shape[0] * shape[1]
+    per_weight = lambda t: t.expand(-1, block).flatten()[:n].reshape(shape)  # noqa: E731
+    return per_weight(scale), per_weight(zero)
+
+
 def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple[int, int]],
-                clip: bool = False, hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                clip: bool = False, hessian: torch.Tensor | None = None, gptq: bool = False) -> tuple[torch.Tensor, int]:
     """Asymmetric min-max RTN over flat 1-D blocks of the row-major matrix (the authors' simulated setting).
 
     ``holdout`` coordinates are left out of the block statistics and restored exactly. ``clip=True`` shrinks
@@ -133,7 +142,11 @@ def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple
     (held-out weights count as exact): without ``hessian`` the squared weight error — the paper's "clip the
     other outliers", data-free; with ``hessian`` (``E[x xᵀ]`` of the layer's inputs, ``[in, in]``) the
     block's output error (:func:`_block_output_error`) — activation-aware clipping, calibrated.
+    ``gptq=True`` (needs ``hessian``) keeps each block's (clipped) range and lets GPTQ error feedback choose the
+    codes (``gptq_fixed_grid``; integer zero-points instead of the fp16 offset, same storage).
     """
+    if gptq and hessian is None:
+        raise ValueError("flat_blocks(gptq=True) needs the layer's hessian.")
     flat = weight.detach().to(torch.float32).flatten()
     n = flat.numel()
     pad = (-n) % block
@@ -152,6 +165,7 @@ def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple
         low = low.to(torch.float16).to(torch.float32)
         return torch.round((values - low) / scale).clamp(0, qmax) * scale + low
 
+    chosen = torch.ones_like(lo)  # clip factor per block
     if clip:
         best, best_err = None, None
         for factor in FLAT_CLIP_GRID:
@@ -168,10 +182,17 @@ def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple
                 better = err < best_err
                 best = torch.where(better, candidate, best)
                 best_err = torch.where(better, err, best_err)
+                chosen = torch.where(better, factor, chosen)
         dequantized = best
     else:
         dequantized = rounded(lo, hi)
     dense = dequantized.flatten()[:n].reshape(weight.shape)
+    if gptq:
+        from optimum_superweight.tensor.gptq import gptq_fixed_grid
+
+        scale, zero = _flat_grid(lo * chosen, hi * chosen, qmax, block, weight.shape)
+        indices = torch.tensor(holdout, dtype=torch.long).reshape(-1, 2)
+        dense = gptq_fixed_grid(weight, hessian, scale, zero, bits=bits, holdout=indices)
     for row, col in holdout:
         dense[row, col] = weight[row, col].float()
     stored = math.ceil(n * bits / 8) + values.shape[0] * 4 + len(holdout) * 12
@@ -323,20 +344,25 @@ class QualitySweep:
         self._simulated("rtn", label, bits, group_size, lambda name, w: rtn(w, bits, group_size),
                         "plain RTN, no super-weight handling (simulated)")
 
-    def flat(self, bits: int, block: int, hold_out: bool, clip: bool = False, output_clip: bool = False) -> None:
-        """Paper's flat blocks; ``clip``: per-block weight-MSE clip; ``output_clip``: per-block output-error clip."""
+    def flat(self, bits: int, block: int, hold_out: bool, clip: bool = False, output_clip: bool = False,
+             gptq: bool = False) -> None:
+        """Paper's flat blocks; ``clip``: per-block weight-MSE clip; ``output_clip``: per-block output-error clip;
+        ``gptq``: GPTQ error feedback chooses the codes on the (clipped) block grid (one sweep per matrix)."""
         holdouts = self._holdouts() if hold_out else {}
-        hessians = self.hessians() if output_clip else {}
+        hessians = self.hessians() if (output_clip or gptq) else {}
         label = f"int{bits} asym flat block {block}" + (" SW out" if hold_out else "")
         label += " + output clip" if output_clip else " + clip" if clip else ""
+        label += " + GPTQ" if gptq else ""
         note = "paper's 1-D blocks, simulated" + ("; super weight held out and restored" if hold_out else "; plain")
         if output_clip:
             note += "; per-block clip of the range (x1.0-0.3) minimising the block's output error (calibrated)"
         elif clip:
             note += "; per-block MSE clip of the range (x1.0-0.3)"
+        if gptq:
+            note += "; GPTQ codes on that grid (calibrated)"
         self._simulated("flat", label, bits, block,
                         lambda name, w: flat_blocks(w, bits, block, holdouts.get(name, []), clip=clip or output_clip,
-                                                    hessian=hessians.get(name)), note)
+                                                    hessian=hessians.get(name), gptq=gptq), note)
 
     def output_clip(self, bits: int, group_size: int) -> None:
         """Activation-aware clip search of the package, super weight held out and exact (simulated)."""
@@ -385,6 +411,7 @@ def run_quality(model, tokenizer, super_weights: list[SuperWeight], *, quick: bo
         sweep.flat(4, block, hold_out=True)
         sweep.flat(4, block, hold_out=True, clip=True)
         sweep.flat(4, block, hold_out=True, output_clip=True)
+        sweep.flat(4, block, hold_out=True, output_clip=True, gptq=True)
     sweep.bnb()
     return {
         "protocol": {**sweep.eval_kwargs, "text": "pydoc_data.topics (built-in)", "bos": True},
