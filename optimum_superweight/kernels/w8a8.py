@@ -17,7 +17,8 @@ kernel            when
 ``cpu-onednn-w8a8``  CPU with oneDNN (``torch.ops.onednn.qlinear_pointwise``, AMX/VNNI int8 where the CPU has
                   them): activations quantized by ``torch.quantize_per_tensor`` / ``quantize_per_channel`` (one
                   fused pass each), the int8 matmul with both scales applied inside, then the same corrections
-                  in float32. About 1.7x faster than ``cpu-w8a8`` at 4096 tokens on a 2-core AMX Xeon.
+                  in float32. From ``dense_threshold()`` tokens per call (default 64): 1.6x faster than
+                  ``cpu-w8a8`` at 8 x 512 tokens on a 2-core AMX Xeon, but 3x slower at batch-1 decode.
 ``cpu-w8a8``      CPU, any float input, no gradient needed: ``torch._int_mm`` (int8 x int8 -> int32), then
                   ``y = acc * s_x * s_w`` + held-out columns ``x[:, H] @ W[:, H]^T`` in float32 + sparse
                   super-weight correction. ``_int_mm`` takes any shape on CPU (checked: M=1, K=70, N=5).
@@ -229,6 +230,11 @@ class W8A8OneDNNKernel:
             return "torch built without oneDNN"
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"{dtype} input"
+        from . import dense_threshold
+
+        if tokens < dense_threshold():
+            # Measured (benchmarks/w8a8.py): batch-1 decode 3.3 tok/s here vs 10.3 on torch._int_mm.
+            return f"{tokens} tokens per call (< {dense_threshold()}): torch._int_mm has less per-call overhead"
         return None
 
     def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> OneDNNState:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from optimum_superweight import SuperWeightConfig
-from optimum_superweight.kernels import force_reference
+from optimum_superweight.kernels import dense_threshold, force_reference, set_dense_threshold
 from optimum_superweight.kernels import w8a8 as w8a8_kernels
 from optimum_superweight.kernels.w8a8 import fake_quantize_activations, quantize_activations
 from optimum_superweight.nn.w8a8 import SuperWeightW8A8Linear
@@ -37,8 +37,12 @@ def int8_kernel(request, monkeypatch):
     """Each CPU int8 kernel alone before the reference (the others are taken out of the registry)."""
     kept = [k for k in w8a8_kernels._W8A8_KERNELS if k.name in (request.param, "w8a8-reference")]
     monkeypatch.setattr(w8a8_kernels, "_W8A8_KERNELS", kept)
-    if request.param == "cpu-onednn-w8a8" and not w8a8_kernels._onednn_available():
-        pytest.skip("this torch build has no oneDNN int8 linear")
+    if request.param == "cpu-onednn-w8a8":
+        if not w8a8_kernels._onednn_available():
+            pytest.skip("this torch build has no oneDNN int8 linear")
+        previous = dense_threshold()
+        set_dense_threshold(1)  # oneDNN otherwise leaves calls of few tokens to torch._int_mm
+        request.addfinalizer(lambda: set_dense_threshold(previous))
     return request.param
 
 
@@ -162,3 +166,14 @@ def test_cuda_kernel_matches_reference(scale):
     assert layer.kernel == "cuda-w8a8"
     ref = _run(layer, x, True)
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
+
+
+def test_cpu_kernel_choice_depends_on_tokens_per_call():
+    if not w8a8_kernels._onednn_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    _, layer = _layer("per_tensor")
+    with torch.no_grad():
+        layer(torch.randn(1, 70))
+        assert layer.kernel == "cpu-w8a8"  # decode: least per-call overhead
+        layer(torch.randn(dense_threshold(), 70))
+        assert layer.kernel == "cpu-onednn-w8a8"  # prefill: oneDNN's int8 GEMM
