@@ -136,8 +136,13 @@ def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_file
 BLOCK_BYTES = 2 * 2**20
 
 
-def quantize_by_rows(weight: torch.Tensor, coordinates: list[tuple[int, int]], config: SuperWeightConfig) -> QuantizedWeight:
+def quantize_by_rows(
+    weight: torch.Tensor, coordinates: list[tuple[int, int]], config: SuperWeightConfig, hessian: torch.Tensor | None = None
+) -> QuantizedWeight:
     """Round-to-nearest (or clip-search) codes of ``weight`` computed a block of rows at a time.
+
+    ``hessian`` (the inputs' ``E[x xᵀ]``) is used by the clip search when ``config.clip_objective == "output"``;
+    its objective is per row too, so row blocks change nothing.
 
     Groups lie within a row, so every scale, code and zero-point equals the whole-matrix computation's (the
     in-memory path's), but the temporaries are those of one block instead of ~10x the weight: for a 16384 x
@@ -158,7 +163,10 @@ def quantize_by_rows(weight: torch.Tensor, coordinates: list[tuple[int, int]], c
         inside = inside - torch.tensor([start, 0], dtype=torch.int32)
         options = dict(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, scale_dtype=scale_dtype)
         if config.clip_search:
-            parts.append(clip_quantize_weight(block, holdout=inside.to(block.device), **options))
+            output = config.clip_objective == "output"
+            if output and hessian is None:
+                raise ValueError("clip_objective='output' needs the layer's calibration statistics (hessian).")
+            parts.append(clip_quantize_weight(block, holdout=inside.to(block.device), hessian=hessian if output else None, **options))
         else:
             parts.append(quantize_weight(block, holdout=inside.to(block.device), **options))
     zero_points = [p.zero_point for p in parts]

@@ -116,7 +116,7 @@ class SuperWeightQuantizer(HfQuantizer):
             return attach_card_hook(model)
         with torch.no_grad():
             records = config.get_super_weights()
-            tokenizer = _load_tokenizer(model) if (config.method == "gptq" or (not records and config.detect)) else None
+            tokenizer = _load_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
             if not records and config.detect:
                 from ..detection import detect_super_weights
 

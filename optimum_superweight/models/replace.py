@@ -139,13 +139,14 @@ def _quantized_layer(
     coordinates: list[tuple[int, int]],
     config: SuperWeightConfig,
     quantized: Any = None,
+    hessian: torch.Tensor | None = None,
 ) -> SuperWeightLinear:
     """One low-bit layer: plain RTN, RTN with clip search, or given (GPTQ) codes; same on-disk format for all."""
     if quantized is None:
         # Row blocks, as when quantizing while loading: identical codes, bounded temporaries.
         from .loading import quantize_by_rows
 
-        quantized = quantize_by_rows(dense.weight.detach(), coordinates, config)
+        quantized = quantize_by_rows(dense.weight.detach(), coordinates, config, hessian=hessian)
     return SuperWeightLinear.from_linear(
         dense,
         bits=config.bits,
@@ -189,7 +190,8 @@ def quantize_model(
         from .w8a8 import quantize_model_w8a8
 
         return quantize_model_w8a8(model, config, targets, records, coordinates, tokenizer=tokenizer)
-    if config.method == "gptq" and hessians is None:
+    # GPTQ and the output clip objective need every layer's input second moment.
+    if config.needs_calibration and hessians is None:
         from .calibration import calibration_token_ids, collect_hessians
 
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -217,7 +219,8 @@ def quantize_model(
         if config.method == "gptq":
             precomputed = _gptq_group(names, denses, coordinates, hessians[names[0]], config)
         for name, quantized in zip(names, precomputed):
-            _set_module(model, name, _quantized_layer(denses[name], coordinates.get(name, []), config, quantized))
+            hessian = hessians[name] if config.needs_calibration and config.method == "rtn" else None
+            _set_module(model, name, _quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian))
     return model
 
 
@@ -230,6 +233,7 @@ def _gptq_group(names, denses, coordinates, hessian, config):
         weights, hessian, holdouts=holdouts, bits=config.bits, group_size=config.group_size,
         symmetric=config.symmetric, scale_dtype=getattr(torch, config.scale_dtype), damp=config.damp,
         act_order=config.act_order, clip_grid=DEFAULT_CLIP_GRID if config.clip_search else None,
+        clip_objective="hessian" if config.clip_objective == "output" else "diagonal",
     )
 
 

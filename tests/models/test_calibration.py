@@ -105,3 +105,38 @@ def test_config_round_trips_method_fields():
     config = SuperWeightConfig(method="gptq", clip_search=True, calibration_tokens=4096, damp=0.05, act_order=False)
     again = SuperWeightConfig.from_dict(config.to_dict())
     assert (again.method, again.clip_search, again.calibration_tokens, again.damp, again.act_order) == ("gptq", True, 4096, 0.05, False)
+
+
+def test_output_clip_objective_quantizes_saves_and_reloads(tiny_llama_dir, tmp_path):
+    """``clip_objective="output"`` calibrates like GPTQ, keeps the format, and round-trips bit-exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_superweight  # noqa: F401
+    from optimum_superweight import SuperWeightConfig
+
+    sw = [{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}]
+    config = SuperWeightConfig(bits=4, group_size=-1, clip_search=True, clip_objective="output", super_weights=sw)
+    assert config.needs_calibration and not SuperWeightConfig(clip_search=True).needs_calibration
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert again.config.quantization_config.clip_objective == "output"
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, expected)
+    layer = again.get_submodule("model.layers.1.mlp.down_proj")
+    assert layer.dequantize_weight(torch.float32)[5, 7] == model.get_submodule("model.layers.1.mlp.down_proj").super_weight_values[0]
+
+
+def test_output_clip_objective_is_validated():
+    import pytest
+
+    from optimum_superweight import SuperWeightConfig
+
+    with pytest.raises(ValueError, match="clip_objective"):
+        SuperWeightConfig(clip_objective="mse")
+    with pytest.raises(ValueError, match="low_memory=True is invalid with clip_search=True and clip_objective='output'"):
+        SuperWeightConfig(clip_search=True, clip_objective="output", low_memory=True)
