@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=None, help="perplexity tokens (default 4096; quick 256)")
     parser.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward (default 4)")
     parser.add_argument(
-        "--variants", action="append", choices=("clip", "gptq"), default=None,
+        "--variants", action="append", choices=("clip", "output-clip", "gptq"), default=None,
         help="package rows with clip search / GPTQ at int4/int3 g64/g128 (repeatable; default: both)",
     )
     parser.add_argument("--no-variants", action="store_true", help="only the package's default configuration")
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             log("[quality] perplexity per method")
             results["quality"] = run_quality(
                 model, tokenizer, super_weights, quick=args.quick, max_tokens=settings["max_tokens"],
-                window=settings["window"], batch_size=args.batch_size, variants=() if args.no_variants else tuple(args.variants or ("clip", "gptq")), log=log,
+                window=settings["window"], batch_size=args.batch_size, variants=() if args.no_variants else tuple(args.variants or ("clip", "output-clip", "gptq")), log=log,
             )
             if args.no_bnb:
                 results["quality"]["rows"] = [r for r in results["quality"]["rows"] if r["method"] != "bnb"]

@@ -86,7 +86,10 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
             # Codes plus at least one fp16 scale per group.
             assert row["bits"] < row["bits_per_weight"] < row["bits"] + 1
     variants = [r for r in rows if r["method"] == "superweight" and "(" in r["setting"]]
-    assert sorted(r["setting"] for r in variants) == ["int4 sym g32 (gptq+clip)", "int4 sym g32 (rtn+clip)"]
+    assert sorted(r["setting"] for r in variants) == [
+        "int4 sym g32 (gptq+clip)", "int4 sym g32 (rtn+clip)", "int4 sym g32 (rtn+output clip)",
+        "int4 sym per-channel (rtn+output clip)",
+    ]
     superweight = {r["setting"]: r for r in rows if r["method"] == "superweight" and r not in variants}
     plain = {r["setting"]: r for r in rows if r["method"] == "rtn"}
     assert set(superweight) == set(plain)

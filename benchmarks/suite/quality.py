@@ -13,9 +13,9 @@ of weights of those matrices.
   of the row-major matrix (fp16 scale and offset per block), with and without the super weight held out
   of the block statistics and restored exactly, and with a per-block clip of the range chosen either by
   weight MSE (data-free) or by the block's *output* error under the calibration second moment.
-- ``clip``: coarse (per-channel) scales with the activation-aware clip search of the package
-  (``clip_quantize_weight(hessian=...)``: per row, the clip ratio minimising ``(w - q)ᵀ H (w - q)``),
-  super weight held out and exact, dequantized into the dense model (simulated).
+- ``superweight ... (rtn+output clip)``: the package's activation-aware clip search
+  (``SuperWeightConfig(clip_search=True, clip_objective="output")``: per group, the clip ratio minimising
+  ``(w - q)ᵀ H (w - q)``), super weights held out and exact, real modules.
 
 Calibrated rows (``output clip``, GPTQ) use ``E[x xᵀ]`` of every layer's inputs on the *end* of the
 built-in text (8192 tokens, windows of 512 + BOS), disjoint from the evaluated tokens; collected once.
@@ -41,7 +41,6 @@ from optimum_superweight.evaluation import perplexity
 from optimum_superweight.models.replace import modules_to_convert, quantize_model, resolve_modules_to_not_convert
 from optimum_superweight.nn.linear import SuperWeightLinear
 from optimum_superweight.records import SuperWeight
-from optimum_superweight.tensor.gptq import clip_quantize_weight
 from optimum_superweight.tensor.quantize import dequantize_weight, quantize_weight, restore_exact
 
 #: (bits, group_size) settings of the default run; -1 = one group per output row (per channel).
@@ -199,15 +198,6 @@ def flat_blocks(weight: torch.Tensor, bits: int, block: int, holdout: list[tuple
     return dense, stored
 
 
-def output_clip(weight: torch.Tensor, bits: int, group_size: int, holdout: list[tuple[int, int]],
-                hessian: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The package's activation-aware clip search (symmetric), super weights held out and written back exactly."""
-    indices = torch.tensor(holdout, dtype=torch.long).reshape(-1, 2)
-    q = clip_quantize_weight(weight, bits=bits, group_size=group_size, symmetric=True, holdout=indices, hessian=hessian)
-    dense = restore_exact(q.dequantize(torch.float32), indices, weight[indices[:, 0], indices[:, 1]].float())
-    return dense, _bytes(q.packed, q.scale, q.zero_point) + len(holdout) * 12
-
-
 def bnb_4bit(weight: torch.Tensor, quant_type: str, blocksize: int = 64) -> tuple[torch.Tensor, int]:
     import bitsandbytes.functional as F
 
@@ -308,7 +298,7 @@ class QualitySweep:
         config = SuperWeightConfig(bits=bits, group_size=group_size, super_weights=[sw.to_dict() for sw in self.super_weights],
                                    **options)
         # Calibrated options reuse the sweep's statistics (same text, same numbers, collected once).
-        calibrated = config.method == "gptq" or (config.clip_search and getattr(config, "clip_objective", "weight") == "output")
+        calibrated = config.method == "gptq" or (config.clip_search and config.clip_objective == "output")
         quantized = quantize_model(copy.deepcopy(self.model), config, tokenizer=self.tokenizer,
                                    hessians=self.hessians() if calibrated else None)
         layers = [m for m in quantized.modules() if isinstance(m, SuperWeightLinear)]
@@ -317,9 +307,8 @@ class QualitySweep:
         ppl = self._ppl(quantized)
         del quantized
         label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'}"
-        method_note = config.method + ("+clip" if getattr(config, "clip_search", False) else "")
-        if getattr(config, "clip_search", False) and getattr(config, "clip_objective", "weight") == "output":
-            method_note += " (output objective)"
+        output = config.clip_search and config.clip_objective == "output"
+        method_note = config.method + ("+output clip" if output else "+clip" if config.clip_search else "")
         if options:
             label += f" ({method_note})"
         self._add("superweight", label, bits, group_size, 8 * stored / n_weights, ppl, time.perf_counter() - start,
@@ -364,14 +353,6 @@ class QualitySweep:
                         lambda name, w: flat_blocks(w, bits, block, holdouts.get(name, []), clip=clip or output_clip,
                                                     hessian=hessians.get(name), gptq=gptq), note)
 
-    def output_clip(self, bits: int, group_size: int) -> None:
-        """Activation-aware clip search of the package, super weight held out and exact (simulated)."""
-        holdouts, hessians = self._holdouts(), self.hessians()
-        label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'} SW out + output clip"
-        self._simulated("clip", label, bits, group_size,
-                        lambda name, w: output_clip(w, bits, group_size, holdouts.get(name, []), hessians[name]),
-                        "clip ratio per group minimising (w-q)^T H (w-q) on calibration text; super weight exact (simulated)")
-
     def bnb(self) -> None:
         for quant_type in ("nf4", "fp4"):
             self._simulated("bnb", f"{quant_type.upper()} blocksize 64", 4, 64, lambda name, w, q=quant_type: bnb_4bit(w, q),
@@ -383,6 +364,7 @@ class QualitySweep:
 #: ``--variants``: extra package rows with non-default ``SuperWeightConfig`` options, at these settings.
 VARIANTS: dict[str, dict[str, Any]] = {
     "clip": {"clip_search": True},
+    "output-clip": {"clip_search": True, "clip_objective": "output"},
     "gptq": {"method": "gptq", "clip_search": True},
 }
 VARIANT_SETTINGS: tuple[tuple[int, int], ...] = ((4, 64), (4, 128), (3, 64), (3, 128))
@@ -400,7 +382,7 @@ def run_quality(model, tokenizer, super_weights: list[SuperWeight], *, quick: bo
         sweep.plain_rtn(bits, group_size)
     # Coarse blocks: per-channel with activation-aware clipping (the paper's setting is the flat rows below),
     # and per-channel GPTQ through the package (real SuperWeightLinear modules).
-    sweep.output_clip(4, -1)
+    sweep.superweight(4, -1, clip_search=True, clip_objective="output")
     if not quick:
         sweep.superweight(4, -1, method="gptq", clip_search=True)
     for variant in variants:
