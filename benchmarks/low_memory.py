@@ -241,6 +241,11 @@ if base in ("low_memory", "in_memory"):
     from optimum_superweight.models.replace import compressed_size_bytes
     result["compressed_bytes"] = compressed_size_bytes(model)
     result["super_weights"] = [[s["module"], s["row"], s["col"]] for s in model.config.quantization_config.super_weights]
+elif base == "fp32_copy":  # control: the float32 model in private memory, what the cap must forbid
+    import glob
+    from safetensors.torch import load_file
+    tensors = [t.clone() for f in sorted(glob.glob(folder + "/*.safetensors")) for t in load_file(f).values()]
+    result["copied_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
 elif base == "stream_detect":
     from optimum_superweight.streaming import detect_super_weights_streaming
     report = detect_super_weights_streaming(folder)

@@ -176,7 +176,8 @@ def test_quantize_on_load_peak_private_memory_is_within_the_bound(capped_runs):
 @pytest.mark.slow
 def test_quantize_on_load_succeeds_under_an_enforced_memory_cap(capped_runs):
     """The same loads ran inside a cgroup that OOM-kills beyond import + BUDGET, ~3x smaller than the checkpoint;
-    the default path with a dtype conversion (a private bf16 copy of the model) is killed under that cap."""
+    a process copying the float32 weights into private memory is killed under that cap. (A bf16 in-memory load
+    is not a reliable control: under the cap it can thrash on evicted checkpoint pages for minutes.)"""
     if capped_runs["reason"]:
         pytest.skip(f"no memory cap can be enforced on this machine: {capped_runs['reason']}")
     bench, info, cap = capped_runs["bench"], capped_runs["info"], capped_runs["cap"]
@@ -184,7 +185,7 @@ def test_quantize_on_load_succeeds_under_an_enforced_memory_cap(capped_runs):
     for mode in ("low_memory", "stream_detect"):
         run = capped_runs[mode]
         assert run["passed"] and run["oom_kills"] == 0 and run["cap_bytes"] == cap, run
-    control = bench.measure("in_memory_bf16", capped_runs["folder"], cap)
+    control = bench.measure("fp32_copy", capped_runs["folder"], cap, timeout=300)
     assert not control["passed"] and control["oom_kills"] >= 1, control  # the cap is real
 
 
