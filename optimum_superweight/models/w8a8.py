@@ -21,13 +21,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
-
 import torch
+from torch import nn
 
 from ..config import SuperWeightConfig
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
+from .replace import _features, _set_module
 
 __all__ = [
     "super_activation_channels",
@@ -81,12 +81,6 @@ def holdout_channels_for(
     return sorted(channels)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _dense(module: nn.Module) -> nn.Linear:
     if isinstance(module, nn.Linear):
         return module
@@ -127,7 +121,7 @@ def plan_activation_holdout(
         return {}
     hidden = _hidden_size(model, config.get_super_weights())
     plan = {
-        name: holdout_channels_for(_dense_features(module)[0], coordinates.get(name, []), config, hidden)
+        name: holdout_channels_for(_features(module)[0], coordinates.get(name, []), config, hidden)
         for name, module in targets.items()
     }
     if config.massive_activation_ratio is not None and config.max_holdout_channels > 0 and targets:
@@ -211,11 +205,11 @@ def build_w8a8_skeleton(
         config.activation_holdout = {
             name: channels
             for name, module in targets.items()
-            if (channels := holdout_channels_for(_dense_features(module)[0], by_module.get(name, []), config, hidden))
+            if (channels := holdout_channels_for(_features(module)[0], by_module.get(name, []), config, hidden))
         }
     _check_holdout_names(config, targets)
     for name, module in targets.items():
-        in_features, out_features = _dense_features(module)
+        in_features, out_features = _features(module)
         bias = module.bias
         skeleton = SuperWeightW8A8Linear(
             in_features,
@@ -230,10 +224,3 @@ def build_w8a8_skeleton(
         )
         _set_module(model, name, skeleton)
     return model
-
-
-def _dense_features(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_features, out_features = module.weight.shape  # transformers Conv1D stores [in, out]
-    return in_features, out_features
