@@ -608,6 +608,15 @@ def _classify(kl: float, ppl_ratio: float) -> str:
 # ----------------------------------------------------------------------------------------- entry point
 
 
+def candidate_record(candidate: dict[str, Any], **fields: Any) -> SuperWeight:
+    """The :class:`SuperWeight` of a search candidate (site, row, col, value, spikes) plus ``fields``."""
+    site = candidate["site"]
+    return SuperWeight(
+        module=site.name, row=candidate["row"], col=candidate["col"], value=candidate["value"], layer=site.layer,
+        input_spike=candidate["input_spike"], output_spike=candidate["output_spike"], source="detected", **fields,
+    )
+
+
 def detect_super_weights(
     model: torch.nn.Module,
     tokenizer: Any = None,
@@ -882,17 +891,8 @@ def detect_super_weights(
                         if all(_CLASS_RANK[group_class] < _CLASS_RANK[m] for m in members):
                             classification = group_class
                 records.append(
-                    SuperWeight(
-                        module=c["site"].name,
-                        row=c["row"],
-                        col=c["col"],
-                        value=c["value"],
-                        layer=c["site"].layer,
-                        input_spike=c["input_spike"],
-                        output_spike=c["output_spike"],
-                        classification=classification,
-                        impact=impact,
-                        source="detected",
+                    candidate_record(
+                        c, classification=classification, impact=impact,
                         extra={k: v for k, v in extra.items() if v is not None},
                     )
                 )

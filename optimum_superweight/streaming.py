@@ -42,8 +42,8 @@ from .detection import (
     _token_position,
     _check_count,
     _check_number,
+    candidate_record,
 )
-from .records import SuperWeight
 
 __all__ = ["detect_super_weights_streaming", "checkpoint_files", "ShardReader", "meta_model"]
 
@@ -342,15 +342,8 @@ def _detect_streaming(
     for c in found:
         prompt_index, token_index = _token_position(valid, c["token"])
         records.append(
-            SuperWeight(
-                module=c["site"].name,
-                row=c["row"],
-                col=c["col"],
-                value=c["value"],
-                layer=c["site"].layer,
-                input_spike=c["input_spike"],
-                output_spike=c["output_spike"],
-                source="detected",
+            candidate_record(
+                c,
                 extra={
                     "input_ratio": round(c["input_ratio"], 1),
                     "output_ratio": round(c["output_ratio"], 1),
