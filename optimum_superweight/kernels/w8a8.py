@@ -263,10 +263,13 @@ class W8A8OneDNNKernel:
                 codes = torch.quantize_per_tensor(xf, x_scale, 0, torch.qint8).int_repr()
                 token_scale = None
             else:
-                absmax = xf.abs().amax(dim=-1)
+                low, high = torch.aminmax(xf, dim=-1)
+                absmax = torch.maximum(-low, high)
                 token_scale = torch.where(absmax > 0, absmax / _QMAX, torch.ones_like(absmax))
-                zeros = torch.zeros(token_scale.shape, dtype=torch.int64)
-                codes = torch.quantize_per_channel(xf, token_scale, zeros, 0, torch.qint8).int_repr()
+                # Divide (as the reference does), then round with unit scale: 3-4x faster than
+                # quantize_per_channel over tokens, which also multiplies by the inverse scale.
+                xf = xf.div_(token_scale[:, None]) if xf is not x2 else xf.div(token_scale[:, None])
+                codes = torch.quantize_per_tensor(xf, 1.0, 0, torch.qint8).int_repr()
                 x_scale = 1.0
         y = torch.ops.onednn.qlinear_pointwise(
             codes, x_scale, 0, state.packed, state.scale, state.zero_points, None, 1.0, 0, torch.float32, "none", [], ""
