@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import sys
 
 __all__ = ["register", "run"]
 
@@ -51,11 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..detection import detect_super_weights
 
@@ -65,13 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
-        if args.prompt:
-            raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")
-        print("note: no tokenizer found; fixed token ids stand in for the prompts", file=sys.stderr)
+    tokenizer = _load_tokenizer(args)
     if not args.quiet:
         print(f"loaded in {time.perf_counter() - start:.1f}s; detecting ...", file=sys.stderr, flush=True)
     report = detect_super_weights(
@@ -90,6 +84,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_tokenizer(args: argparse.Namespace):
+    """The model's tokenizer, or ``None`` (fixed token ids then stand in; ``--prompt`` needs a tokenizer)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        if args.prompt:
+            raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")
+        print("note: no tokenizer found; fixed token ids stand in for the prompts", file=sys.stderr)
+        return None
+
+
 def _emit(report, args: argparse.Namespace) -> None:
     """Print the table and write the JSON report and plot the user asked for."""
     print(report.to_text())
@@ -103,21 +110,14 @@ def _emit(report, args: argparse.Namespace) -> None:
 
 def _run_streaming(args: argparse.Namespace) -> int:
     import os
-    import sys
 
     import torch
-    from transformers import AutoTokenizer
 
     from ..streaming import detect_super_weights_streaming
 
     if not os.path.isdir(args.model):
         raise ValueError(f"--streaming reads a local model folder; {args.model!r} is not one.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
-        if args.prompt:
-            raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")
+    tokenizer = _load_tokenizer(args)
     report = detect_super_weights_streaming(
         args.model,
         tokenizer,
