@@ -363,8 +363,9 @@ def low_memory_markdown(results: dict) -> str:
         + (f": peak private memory minus the compressed model was {_mib(min(flat))}–{_mib(max(flat))} MiB from "
            f"{rows[0]['layers']} to {largest['layers']} layers, flat." if flat else ".")
         + " The default path (`low_memory=False`) maps the float32 shards copy-on-write, so its weights are page "
-        "cache rather than private memory, but nothing bounds its private memory (detection with ablation passes, "
-        f"whole-matrix quantization temporaries): OOM-killed at {killed('in_memory')}, run-to-run variable. "
+        "cache rather than private memory, but nothing bounds its private memory (detection with ablation passes; "
+        "in the recorded run also whole-matrix quantization temporaries, which it no longer makes: it now quantizes "
+        f"in row blocks too): OOM-killed at {killed('in_memory')}, run-to-run variable. "
         f"Loaded with `dtype=torch.bfloat16` the in-memory path holds a private copy of the model (killed at "
         f"{killed('in_memory_bf16')}); quantize-on-load in bfloat16 converts one tensor at a time but the CPU kernel "
         "layouts built at the end of loading (`prepare_kernels`, about the compressed size again, plus temporaries) "
