@@ -17,7 +17,7 @@ kernel            when
 ``cpu-onednn-w8a8``  CPU with oneDNN (``torch.ops.onednn.qlinear_pointwise``, AMX/VNNI int8 where the CPU has
                   them): activations quantized by ``torch.quantize_per_tensor`` / ``quantize_per_channel`` (one
                   fused pass each), the int8 matmul with both scales applied inside, then the same corrections
-                  in float32. From ``dense_threshold()`` tokens per call (default 64): 1.6x faster than
+                  in float32. From ``dense_threshold()`` tokens per call (default 64): 1.6-1.9x faster than
                   ``cpu-w8a8`` at 8 x 512 tokens on a 2-core AMX Xeon, but 3x slower at batch-1 decode.
 ``cpu-w8a8``      CPU, any float input, no gradient needed: ``torch._int_mm`` (int8 x int8 -> int32), then
                   ``y = acc * s_x * s_w`` + held-out columns ``x[:, H] @ W[:, H]^T`` in float32 + sparse
