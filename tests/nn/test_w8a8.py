@@ -7,6 +7,7 @@ from torch import nn
 from optimum_superweight import SuperWeightConfig
 from optimum_superweight.kernels import dense_threshold, force_reference, set_dense_threshold
 from optimum_superweight.kernels import w8a8 as w8a8_kernels
+from optimum_superweight.kernels.fused import fused_quantization_enabled, set_fused_quantization
 from optimum_superweight.kernels.w8a8 import fake_quantize_activations, quantize_activations
 from optimum_superweight.nn.w8a8 import SuperWeightW8A8Linear
 
@@ -177,3 +178,104 @@ def test_cpu_kernel_choice_depends_on_tokens_per_call():
         assert layer.kernel == "cpu-w8a8"  # decode: least per-call overhead
         layer(torch.randn(dense_threshold(), 70))
         assert layer.kernel == "cpu-onednn-w8a8"  # prefill: oneDNN's int8 GEMM
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "torch.compile"])
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_quantizer_gives_the_reference_codes_and_scales(scale, dtype, fused):
+    if not w8a8_kernels._onednn_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    torch.manual_seed(6)
+    x = (torch.randn(33, 70) * 3).to(dtype)
+    x[4, 9] = 900.0
+    x[0, 0], x[0, 12], x[0, 13] = 127.0, 2.5, -3.5  # scale 1 for row 0 (and the tensor): codes on exact ties
+    holdout = torch.tensor([9, 30])
+    keep = None
+    if fused:
+        keep = torch.ones(70, dtype=dtype)
+        keep[holdout] = 0
+    codes, scales = quantize_activations(x, holdout, scale)
+    fast = w8a8_kernels.quantize_activations_onednn(x, holdout, scale, keep)
+    if fused:
+        assert fused_quantization_enabled(), "torch.compile failed here: see the logged warning"
+    assert fast.codes.dtype == torch.int8 and torch.equal(fast.codes, codes)
+    assert fast.codes[0, 12].item() == 2 and fast.codes[0, 13].item() == -4  # round half to even, as torch.round
+    if scale == "per_tensor":
+        assert fast.token_scale is None and fast.x_scale == pytest.approx(scales.item(), rel=1e-7)
+    else:
+        assert fast.x_scale == 1.0 and torch.equal(fast.token_scale, scales)
+    assert torch.equal(x[4, 9], torch.tensor(900.0, dtype=dtype))  # the caller's tensor is left intact
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    from optimum_superweight.kernels import fused
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused.torch, "compile", broken)
+    x = torch.randn(8, 70)
+    try:
+        with caplog.at_level("WARNING", logger=fused.__name__):
+            result = w8a8_kernels.quantize_activations_onednn(x, None, "per_tensor", torch.ones(70))
+        assert "no C++ compiler found" in caplog.text and "OPTIMUM_SUPERWEIGHT_COMPILE=0" in caplog.text
+        assert not fused_quantization_enabled()
+        assert torch.equal(result.codes, quantize_activations(x, None, "per_tensor")[0])
+    finally:
+        set_fused_quantization(True)
+    assert fused_quantization_enabled()
+
+
+def _count_quantizations(monkeypatch):
+    calls = []
+    original = w8a8_kernels.quantize_activations_onednn
+    monkeypatch.setattr(w8a8_kernels, "quantize_activations_onednn", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_projections_fed_the_same_input_quantize_it_once(monkeypatch):
+    if not w8a8_kernels._onednn_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    calls = _count_quantizations(monkeypatch)
+    _, first = _layer("per_tensor", holdout=(5,), seed=0)
+    _, second = _layer("per_tensor", holdout=(5,), seed=1)
+    _, other_holdout = _layer("per_tensor", holdout=(6,), seed=2)
+    x = torch.randn(80, 70, dtype=torch.bfloat16)  # >= dense_threshold(): the oneDNN kernel
+    with torch.no_grad():
+        shared = (first(x), second(x))
+        assert first.kernel == second.kernel == "cpu-onednn-w8a8" and len(calls) == 1
+        other_holdout(x)  # different held-out channels: its own codes
+        assert len(calls) == 2
+        first(x), second(x.clone())  # another tensor with the same values: quantized again
+        assert len(calls) == 4
+        x.mul_(2)  # changed in place: the version counter moves, the codes are recomputed
+        doubled = second(x)
+        assert len(calls) == 5
+    force_reference(True)
+    try:
+        with torch.no_grad():
+            assert torch.allclose(doubled.float(), second(x).float(), rtol=2 ** -7, atol=1e-2)
+            assert torch.allclose(shared[1].float(), second(x / 2).float(), rtol=2 ** -7, atol=1e-2)
+    finally:
+        force_reference(False)
+
+
+def test_inference_tensors_are_not_shared(monkeypatch):
+    if not w8a8_kernels._onednn_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    calls = _count_quantizations(monkeypatch)
+    _, layer = _layer("per_token")
+    with torch.inference_mode():
+        x = torch.randn(80, 70)
+        layer(x)
+        x.mul_(3)  # inference tensors keep no version counter: an in-place change would go unseen
+        out = layer(x)
+    assert len(calls) == 2
+    force_reference(True)
+    try:
+        with torch.inference_mode():
+            assert torch.allclose(out, layer(x), rtol=1e-5, atol=1e-4)
+    finally:
+        force_reference(False)
