@@ -130,3 +130,38 @@ def test_flat_block_clipping_never_increases_the_block_error():
         err_held = ((held[rows] - weight[rows])[mask[rows]] ** 2).sum()
         err_clip = ((clipped[rows] - weight[rows])[mask[rows]] ** 2).sum()
         assert err_clip <= err_held + 1e-9
+
+
+def test_w8a8_speed_rows_run_and_render(tmp_path):
+    """benchmarks/w8a8.py on a tiny planted model: every row runs, the registry and quantizer setting come back,
+    and the RESULTS.md section states the rows and the verdict (no timing assertions)."""
+    import w8a8 as w8a8_benchmark
+
+    from optimum_superweight import SuperWeightConfig
+    from optimum_superweight.kernels import w8a8 as w8a8_kernels
+    from optimum_superweight.kernels.fused import fused_quantization_enabled
+    from optimum_superweight.testing import build_tiny_model
+
+    build_tiny_model("llama", super_weights=[(1, 5, 7)]).save_pretrained(tmp_path)
+    config = SuperWeightConfig(bits=8, group_size=-1, activation_bits=8, activation_scale="per_tensor",
+                               massive_activation_ratio=None,
+                               super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
+    rows = {"bf16 dense": w8a8_benchmark.SpeedRow(None),
+            "W8A8 per_tensor, held out": w8a8_benchmark.SpeedRow(config),
+            "eager": w8a8_benchmark.SpeedRow(config, fused=False),
+            "portable": w8a8_benchmark.SpeedRow(config, portable_kernel_only=True)}
+    registered = w8a8_kernels.registered_w8a8_kernels()
+    result = w8a8_benchmark.speed(str(tmp_path), rows, batch=1, length=64, decode_tokens=2, repeats=1)
+    assert w8a8_kernels.registered_w8a8_kernels() == registered and fused_quantization_enabled()
+    assert list(result["rows"]) == list(rows) and result["rows"]["bf16 dense"]["prefill_vs_bf16"] == 1.0
+    assert result["rows"]["W8A8 per_tensor, held out"]["kernels"] == {"cpu-onednn-w8a8": 28}
+    assert result["rows"]["portable"]["kernels"] == {"cpu-w8a8": 28}
+    prefill_only = w8a8_benchmark.speed(str(tmp_path), rows, batch=1, length=64, decode_tokens=0, repeats=1)
+    assert "decode_tokens_per_s" not in prefill_only["rows"]["eager"]
+    prefill_only["shape"] = w8a8_benchmark.SCALED_SHAPE
+    text = w8a8_benchmark.w8a8_markdown({
+        "model": "tiny", "tokens": 64, "threads": 2, "torch": torch.__version__,
+        "quality": {"full precision": {"ppl": 10.0, "ratio": 1.0}}, "speed": result, "scaled_speed": prefill_only,
+    })
+    assert "| W8A8 per_tensor, held out |" in text and "1B-shaped layers" in text
+    assert "prefills faster than bfloat16" in text or "prefills slower than bfloat16" in text
