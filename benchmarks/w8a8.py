@@ -5,8 +5,8 @@ Quality: perplexity ratio (ppl / full-precision ppl) on ``--tokens`` tokens of t
 512 with BOS, float32 model, for full precision, naive W8A8 (same kernels, no hold-out) and W8A8 with the
 hold-out, per-tensor and per-token activation scales; "recovered" = share of naive W8A8's perplexity loss the
 hold-out removes. Speed: prefill (``--prefill-batch`` x ``--prefill-len``) and batch-1 greedy decode tokens/s
-of the bfloat16 W8A8 models against the bfloat16 dense model, every row back to back in each round; ratios are
-medians of per-round ratios (the CPU is shared: ratios are more meaningful than absolute numbers). Then the
+of the bfloat16 W8A8 models against the bfloat16 dense model, every row back to back in each round, best round
+of each (the CPU is shared: interference only adds time, so the minimum is the most repeatable estimate). Then the
 prefill rows again on a random model with Llama-3.2-1B's layer shapes (``--no-scaled`` skips it).
 
     python3 benchmarks/w8a8.py            # writes benchmarks/results/w8a8.json
@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import platform
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -141,12 +140,6 @@ def running(row: SpeedRow):
         set_fused_quantization(True)
 
 
-def _ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
-    """Speed of each row against ``base`` as the median of per-repeat ratios: each repeat measures every row
-    back to back, so a ratio compares runs under the same machine load."""
-    return {name: statistics.median(b / t for b, t in zip(times[base], ts)) for name, ts in times.items()}
-
-
 def speed(path: str, rows: dict[str, SpeedRow], batch: int, length: int, decode_tokens: int, repeats: int) -> dict:
     models = {name: load(path, torch.bfloat16, row.config) for name, row in rows.items()}
     vocab = min(m.config.vocab_size for m in models.values())
@@ -177,16 +170,18 @@ def speed(path: str, rows: dict[str, SpeedRow], batch: int, length: int, decode_
             prefill_s[name].append(prefill(name))
             if decode_tokens:
                 decode_s[name].append(decode(name))
+    # Best of the rounds: on a shared machine interference only ever adds time, so the minimum is the most
+    # repeatable estimate (the raw times are kept in the result file).
     base = next(iter(models))
-    prefill_ratio = _ratios(prefill_s, base)
-    decode_ratio = _ratios(decode_s, base) if decode_tokens else {}
     out = {}
     for name in models:
-        row = {"prefill_tokens_per_s": batch * length / statistics.median(prefill_s[name]),
-               "prefill_vs_bf16": prefill_ratio[name], "kernels": None}
+        row = {"prefill_tokens_per_s": batch * length / min(prefill_s[name]),
+               "prefill_vs_bf16": min(prefill_s[base]) / min(prefill_s[name]), "prefill_s": prefill_s[name],
+               "kernels": None}
         if decode_tokens:
-            row["decode_tokens_per_s"] = decode_tokens / statistics.median(decode_s[name])
-            row["decode_vs_bf16"] = decode_ratio[name]
+            row["decode_tokens_per_s"] = decode_tokens / min(decode_s[name])
+            row["decode_vs_bf16"] = min(decode_s[base]) / min(decode_s[name])
+            row["decode_s"] = decode_s[name]
         if rows[name].config is not None:
             with running(rows[name]):
                 row["kernels"] = kernel_summary(models[name], torch.bfloat16, length)
@@ -303,12 +298,18 @@ def w8a8_markdown(result: dict) -> str:
         lines += [
             "",
             f"Speed, bfloat16 models, every row measured back to back in each of {s['repeats']} rounds (prefill "
-            f"{s['prefill']}, batch-1 greedy decode of {s['decode_tokens']} tokens); *vs bf16* = median over the "
-            "rounds of the per-round ratio. *Kernels* at 512 tokens per call: below `dense_threshold()` = 64 "
+            f"{s['prefill']}, batch-1 greedy decode of {s['decode_tokens']} tokens), best round of each (the "
+            "machine is shared: interference only adds time; raw times in the result file). *Kernels* at 512 tokens per call: below `dense_threshold()` = 64 "
             "tokens, decode included, every row runs `torch._int_mm`. *Eager quantizer*: the activation "
             "quantization without `torch.compile` (`OPTIMUM_SUPERWEIGHT_COMPILE=0`). " + _speed_verdict(s),
             "",
             speed_table(s),
+            "",
+            "Why SmolLM2 does not gain (torch.profiler, one 8x512 prefill, per-tensor with the hold-out): its "
+            "matrices are small (576 x 576 to 576 x 1536), so the GEMMs are only about half of prefill time; "
+            "oneDNN's int8 GEMM takes 0.81 s where bfloat16 AMX takes 1.08 s, and the fused activation "
+            "quantization (0.18 s) plus the exact hold-out's rank-k GEMMs (0.22 s, one output-sized pass each) give "
+            "that back. Attention, norms and activations cost the same in both.",
         ]
     if "scaled_speed" in result:
         s = result["scaled_speed"]
@@ -333,7 +334,7 @@ def main() -> int:
     parser.add_argument("--prefill-batch", type=int, default=8)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--no-speed", action="store_true")

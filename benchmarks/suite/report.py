@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,10 @@ def standalone_sections(data_dir: Path) -> str:
         path = data_dir / result_file
         if not path.is_file():
             continue
-        spec = importlib.util.spec_from_file_location(f"_standalone_{script[:-3]}", Path(__file__).parents[1] / script)
+        name = f"_standalone_{script[:-3]}"
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / script)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the script executes
         spec.loader.exec_module(module)
         parts.append(getattr(module, render)(json.loads(path.read_text(encoding="utf-8"))))
     return "\n".join(parts)
