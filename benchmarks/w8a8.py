@@ -41,18 +41,21 @@ from optimum_superweight.kernels import kernel_summary  # noqa: E402
 SUPER_WEIGHT = {"module": "model.layers.11.mlp.down_proj", "row": 507, "col": 1229}
 
 
-#: Hold-out variants: (row label, hold_out_super_activation, massive_activation_ratio).
+#: Quality variants: (row label, hold_out_super_activation, massive_activation_ratio, smoothquant_alpha).
 VARIANTS = (
-    ("naive", False, None),
-    ("super activation held out", True, None),
-    ("super + massive activations held out", True, 20.0),
+    ("naive", False, None, None),
+    ("super activation held out", True, None, None),
+    ("super + massive activations held out", True, 20.0, None),
+    ("SmoothQuant alpha 0.5, nothing held out", False, None, 0.5),
 )
 
 
-def w8a8_config(scale: str, holdout: bool, massive: float | None = 20.0) -> SuperWeightConfig:
+def w8a8_config(
+    scale: str, holdout: bool, massive: float | None = 20.0, alpha: float | None = None
+) -> SuperWeightConfig:
     return SuperWeightConfig(
         bits=8, group_size=-1, activation_bits=8, activation_scale=scale, hold_out_super_activation=holdout,
-        massive_activation_ratio=massive, super_weights=[SUPER_WEIGHT],
+        massive_activation_ratio=massive, smoothquant_alpha=alpha, super_weights=[SUPER_WEIGHT],
     )
 
 
@@ -83,8 +86,8 @@ def quality(path: str, tokenizer, tokens: int) -> dict:
     print(f"full precision: ppl {fp:.3f}", flush=True)
     for scale in ("per_tensor", "per_token"):
         naive: dict[str, float] = {}
-        for label, holdout, massive in VARIANTS:
-            model = load(path, torch.float32, w8a8_config(scale, holdout, massive))
+        for label, holdout, massive, alpha in VARIANTS:
+            model = load(path, torch.float32, w8a8_config(scale, holdout, massive, alpha))
             name = f"W8A8 {scale}, {label}"
             held = model.config.quantization_config.activation_holdout or {}
             row = {"kernels": kernel_summary(model, torch.float32, 512),
@@ -279,6 +282,7 @@ def w8a8_markdown(result: dict) -> str:
         "",
         f"`python3 benchmarks/w8a8.py` ({result.get('date', 'date not recorded')}"
         + (f"; quality rows from {result['quality_date']}" if result.get("quality_date") else "")
+        + (f"; speed rows from {result['speed_date']}" if result.get("speed_date") else "")
         + f", {result.get('threads')} threads, "
         f"torch {result.get('torch')}). {result['model']}, 8-bit symmetric per-row weights and dynamic 8-bit "
         f"activations for every decoder projection; perplexity on {result['tokens']} tokens of the built-in text "
@@ -289,7 +293,10 @@ def w8a8_markdown(result: dict) -> str:
         "hidden-size inputs, their columns in their own layer). *Super + massive*: also each layer's input "
         "channels whose peak on 2048 calibration tokens (the end of the built-in text, disjoint from the "
         "evaluated tokens) is at least 20x the median channel's, at most 8 per layer "
-        "(`massive_activation_ratio`, `max_holdout_channels`; the default).",
+        "(`massive_activation_ratio`, `max_holdout_channels`; the default). *SmoothQuant*: "
+        "`smoothquant_alpha=0.5`, the migration of Xiao et al. (2023) folded into the norms before q/k/v and "
+        "gate/up, factors from the same calibration text, nothing held out (the paper's comparison; it runs the "
+        "naive rows' kernels, so its speed is theirs).",
         "",
         quality_table(quality),
     ]
@@ -299,8 +306,9 @@ def w8a8_markdown(result: dict) -> str:
             "",
             f"Speed, bfloat16 models, every row measured back to back in each of {s['repeats']} rounds (prefill "
             f"{s['prefill']}, batch-1 greedy decode of {s['decode_tokens']} tokens), best round of each (the "
-            "machine is shared: interference only adds time; raw times in the result file). *Kernels* at 512 tokens per call: below `dense_threshold()` = 64 "
-            "tokens, decode included, every row runs `torch._int_mm`. *Eager quantizer*: the activation "
+            "machine is shared: interference only adds time; raw times in the result file). *Kernels* at 512 "
+            "tokens per call: below `dense_threshold()` = 64 tokens, decode included, every row runs "
+            "`torch._int_mm`. *Eager quantizer*: the activation "
             "quantization without `torch.compile` (`OPTIMUM_SUPERWEIGHT_COMPILE=0`). " + _speed_verdict(s),
             "",
             speed_table(s),
@@ -348,14 +356,18 @@ def main() -> int:
     result = {"model": "SmolLM2-135M-Instruct", "date": time.strftime("%Y-%m-%d %H:%M"), "super_weight": SUPER_WEIGHT,
               "tokens": args.tokens, "window": 512, "threads": args.threads, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine()}
+    previous = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
     if not args.no_quality:
         result["quality"] = quality(path, tokenizer, args.tokens)
-    elif Path(args.output).is_file():  # a speed-only rerun keeps the recorded quality rows
-        previous = json.loads(Path(args.output).read_text())
-        if "quality" in previous:
-            result["quality"] = previous["quality"]
-            result["quality_date"] = previous.get("quality_date", previous.get("date"))
-    if not args.no_speed:
+    elif "quality" in previous:  # a speed-only rerun keeps the recorded quality rows
+        result["quality"] = previous["quality"]
+        result["quality_date"] = previous.get("quality_date", previous.get("date"))
+    if args.no_speed:  # ... and a quality-only rerun the recorded speed rows
+        for key in ("speed", "scaled_speed"):
+            if key in previous:
+                result[key] = previous[key]
+                result["speed_date"] = previous.get("speed_date", previous.get("date"))
+    else:
         result["speed"] = speed(
             path, SPEED_ROWS, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats
         )

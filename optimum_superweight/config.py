@@ -97,6 +97,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
         max_holdout_channels: W8A8: at most this many held-out input channels per layer (the largest first).
         activation_holdout: W8A8: the held-out input channels of each layer (module name -> channels), recorded
             at quantization so a saved checkpoint reloads with the same ones. Leave ``None`` to compute them.
+        smoothquant_alpha: W8A8: before quantizing, migrate activation outliers into the weights the
+            SmoothQuant way (Xiao et al., 2023) with this migration strength in (0, 1), typically 0.5: each
+            input channel j of q/k/v and of gate/up is divided by ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``
+            (folded into the preceding norm's weight) and its weight column multiplied by it, which leaves the
+            full-precision model's function unchanged. Llama-style decoder layers only. ``None``: no migration.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         massive_activation_ratio: float | None = 20.0,
         max_holdout_channels: int = 8,
         activation_holdout: dict[str, list[int]] | None = None,
+        smoothquant_alpha: float | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -162,6 +168,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self.activation_holdout = activation_holdout
         if isinstance(activation_holdout, dict):  # a copy; tuples become lists (what config.json holds)
             self.activation_holdout = {k: list(v) if isinstance(v, tuple) else v for k, v in activation_holdout.items()}
+        self.smoothquant_alpha = smoothquant_alpha
         self.format_version = format_version
         if quant_method != QUANT_METHOD:
             raise _invalid("quant_method", quant_method, repr(QUANT_METHOD))
@@ -271,7 +278,14 @@ class SuperWeightConfig(QuantizationConfigMixin):
             )
         ):
             raise _invalid("activation_holdout", holdout, "a mapping of module names to lists of channel indices >= 0, or None")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1):
+            raise _invalid("smoothquant_alpha", alpha, "a number in (0, 1) (typically 0.5), or None")
         if self.activation_bits is None:
+            if alpha is not None:
+                raise _invalid(
+                    "smoothquant_alpha", alpha, "None without activation_bits=8 (it migrates activation outliers for W8A8)"
+                )
             return
         # W8A8 weights: 8-bit symmetric, one scale per output row (what the int8 x int8 kernel multiplies).
         required = {"bits": 8, "group_size": -1, "symmetric": True, "method": "rtn", "clip_search": False, "low_memory": False}
@@ -285,7 +299,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
     # -- super weights --------------------------------------------------------------------------------
     @property
     def needs_calibration(self) -> bool:
-        """Whether quantizing needs the layers' input statistics on calibration text (GPTQ, output clip objective)."""
+        """Whether quantizing needs the layers' input statistics on calibration text (GPTQ, the output clip
+        objective, W8A8's massive-activation scan when no hold-out is recorded yet, SmoothQuant migration)."""
+        if self.activation_bits is not None:
+            scan = self.hold_out_super_activation and self.massive_activation_ratio is not None
+            return self.smoothquant_alpha is not None or (scan and self.activation_holdout is None)
         return self.method == "gptq" or (self.clip_search and self.clip_objective == "output")
 
     def get_super_weights(self) -> list[SuperWeight]:
@@ -379,6 +397,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
             "activation_holdout": None
             if self.activation_holdout is None
             else {name: list(channels) for name, channels in self.activation_holdout.items()},
+            "smoothquant_alpha": self.smoothquant_alpha,
         }
 
     def __iter__(self):

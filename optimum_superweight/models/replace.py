@@ -182,6 +182,12 @@ def quantize_model(
     """
     skip = resolve_modules_to_not_convert(model, config)
     targets = modules_to_convert(model, skip)
+    if config.activation_bits is not None and config.smoothquant_alpha is not None:
+        from .w8a8 import MASSIVE_SCAN_TOKENS, smooth_activations
+
+        # Before the super weights' exact values are read: the migration rescales weight columns.
+        smooth_activations(model, config.smoothquant_alpha, tokenizer=tokenizer,
+                           calibration_tokens=min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
     records = check_super_weights(model, config.get_super_weights() if super_weights is None else super_weights, targets)
     config.modules_to_not_convert = skip
     config.set_super_weights(records)

@@ -14,6 +14,10 @@ A layer holds out of its activation quantization:
 
 The lists are recorded in ``config.activation_holdout`` (``config.json``) while quantizing, so loading rebuilds
 the same modules and the checkpoint needs no extra tensor.
+
+The alternative the paper compares against, SmoothQuant's migration (``config.smoothquant_alpha``,
+:func:`smooth_activations`), rescales the full-precision model before quantizing: the migrated norm weights are
+ordinary parameters of the saved checkpoint, so reloading needs nothing either.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ __all__ = [
     "plan_activation_holdout",
     "quantize_model_w8a8",
     "build_w8a8_skeleton",
+    "smoothing_groups",
+    "smooth_activations",
 ]
 
 
@@ -140,6 +146,81 @@ def plan_activation_holdout(
                      if c not in channels]
             plan[name] = sorted(channels + extra[:room])
     return {name: channels for name, channels in plan.items() if channels}
+
+
+#: Llama-style decoder layers: a norm and the projections that read its output.
+_SMOOTHING_GROUPS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``(norm, [projections reading its output])`` of every Llama-style decoder layer of ``model``.
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> norm, projections = smoothing_groups(build_tiny_model("llama"))[0]
+    >>> norm, [name.rsplit(".", 1)[1] for name in projections]
+    ('model.layers.0.input_layernorm', ['q_proj', 'k_proj', 'v_proj'])
+    """
+    modules = dict(model.named_modules())
+    groups = []
+    for name in modules:
+        for norm, consumers in _SMOOTHING_GROUPS:
+            if not name.endswith("." + norm):
+                continue
+            prefix = name[: -len(norm)]
+            names = [prefix + c for c in consumers]
+            if all(isinstance(modules.get(n), nn.Linear) for n in names):
+                groups.append((name, names))
+    return groups
+
+
+@torch.no_grad()
+def smooth_activations(
+    model: nn.Module, alpha: float, *, tokenizer: Any = None, calibration_tokens: int = MASSIVE_SCAN_TOKENS
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant's migration (Xiao et al., 2023), in place on a full-precision Llama-style model: per group of
+    :func:`smoothing_groups`, ``s_j = max|X_j|^alpha / max_i |W_ij|^(1-alpha)`` from the input peaks on
+    calibration text, the norm's weight (and bias) divided by ``s``, each projection's weight columns multiplied
+    by it. The model computes the same function (up to rounding); its activations lose their outlier channels.
+    Returns the factors by norm name.
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> factors = smooth_activations(build_tiny_model("llama"), 0.5)
+    >>> sorted(factors)[0], factors["model.layers.0.input_layernorm"].shape
+    ('model.layers.0.input_layernorm', torch.Size([64]))
+    """
+    groups = smoothing_groups(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if not groups or str(model_type).startswith("gemma"):
+        raise ValueError(
+            f"SuperWeightConfig.smoothquant_alpha={alpha} is not supported for model_type={model_type!r}: the "
+            "migration needs Llama-style decoder layers (input_layernorm -> self_attn.q/k/v_proj, "
+            "post_attention_layernorm -> mlp.gate/up_proj) whose norm multiplies by its weight. Use "
+            "smoothquant_alpha=None (the super-activation hold-out needs no migration)."
+        )
+    from .calibration import calibration_token_ids, collect_input_absmax
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = calibration_token_ids(tokenizer, calibration_tokens, vocab_size=vocab)
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    peaks = collect_input_absmax(model, [names[0] for _, names in groups], ids, window=min(512, len(ids)), bos_id=bos)
+    modules = dict(model.named_modules())
+    factors = {}
+    for norm_name, names in groups:
+        weights = [modules[n].weight for n in names]
+        weight_peak = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+        activation_peak = peaks[names[0]].float().clamp(min=1e-5)
+        scale = (activation_peak.pow(alpha) / weight_peak.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+        norm = modules[norm_name]
+        norm.weight.copy_((norm.weight.float() / scale).to(norm.weight.dtype))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_((norm.bias.float() / scale).to(norm.bias.dtype))
+        for weight in weights:
+            weight.copy_((weight.float() * scale[None, :]).to(weight.dtype))
+        factors[norm_name] = scale
+    return factors
 
 
 def quantize_model_w8a8(

@@ -137,3 +137,84 @@ def test_smollm2_holdout_recovers_naive_w8a8_loss(smollm2_path):
     recovered = (ppl["naive"] - ppl["held"]) / (ppl["naive"] - ppl["fp"])
     assert ppl["naive"] > 1.3 * ppl["fp"]
     assert recovered >= 0.75, ppl
+
+
+def test_smoothquant_migration_keeps_the_function_and_flattens_activations(tiny_llama):
+    from optimum_superweight.models.calibration import calibration_token_ids, collect_input_absmax
+    from optimum_superweight.models.w8a8 import smooth_activations, smoothing_groups
+
+    groups = smoothing_groups(tiny_llama)
+    assert len(groups) == 8 and groups[1] == ("model.layers.0.post_attention_layernorm",
+                                              ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"])
+    ids = calibration_token_ids(None, 256, vocab_size=260)
+    probe = "model.layers.3.mlp.gate_proj"  # reads the residual stream that carries the super activation
+    before_peaks = collect_input_absmax(tiny_llama, [probe], ids, window=128)[probe]
+    expected = _logits(tiny_llama)
+    factors = smooth_activations(tiny_llama, 0.5)
+    assert torch.allclose(_logits(tiny_llama), expected, rtol=1e-4, atol=1e-4)
+    after_peaks = collect_input_absmax(tiny_llama, [probe], ids, window=128)[probe]
+    spread = lambda peaks: (peaks.max() / peaks.median()).item()  # noqa: E731
+    assert spread(after_peaks) < spread(before_peaks) / 4
+    assert factors["model.layers.3.post_attention_layernorm"].argmax().item() == ROW
+
+
+def _projection_output(model, name="model.layers.3.self_attn.q_proj"):
+    captured = []
+    handle = model.get_submodule(name).register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        _logits(model)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def test_smoothquant_w8a8_beats_naive_and_round_trips(tiny_llama_dir, tmp_path):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    target = _projection_output(reference)
+    naive = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=_config(holdout=False))
+    smooth = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=_config(holdout=False, smoothquant_alpha=0.5)
+    )
+    # q_proj of layer 3 reads the residual stream that carries the super activation: per tensor, naively, that
+    # one channel sets the scale of all. The migration leaves q_proj's full-precision output unchanged.
+    error = lambda model: (_projection_output(model) - target).abs().mean().item()  # noqa: E731
+    assert error(smooth) < error(naive) / 3
+    smooth.save_pretrained(tmp_path / "s")
+    saved = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]
+    assert saved["smoothquant_alpha"] == 0.5
+    norm = "model.layers.0.input_layernorm.weight"
+    tensors = load_file(tmp_path / "s" / "model.safetensors")
+    assert not torch.equal(tensors[norm], load_file(tiny_llama_dir / "model.safetensors")[norm])  # migrated
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "s")  # loads the migrated norms, migrates nothing
+    assert torch.equal(_logits(again), _logits(smooth))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"smoothquant_alpha": 1.0}, r"smoothquant_alpha=1.0.*\(0, 1\)"),
+        ({"smoothquant_alpha": True}, r"smoothquant_alpha=True"),
+        ({"activation_bits": None, "bits": 4, "group_size": 64, "smoothquant_alpha": 0.5},
+         r"smoothquant_alpha=0.5.*activation_bits=8"),
+    ],
+)
+def test_smoothquant_config_validation(kwargs, message):
+    base = {"bits": 8, "group_size": -1, "activation_bits": 8}
+    with pytest.raises(ValueError, match=message):
+        SuperWeightConfig(**{**base, **kwargs})
+
+
+def test_smoothquant_names_unsupported_architectures():
+    from optimum_superweight.models.w8a8 import smooth_activations
+    from optimum_superweight.testing import build_tiny_model
+
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.*Llama-style.*smoothquant_alpha=None"):
+        smooth_activations(build_tiny_model("gpt2"), 0.5)
+
+
+def test_calibration_is_needed_for_the_scan_and_the_migration():
+    scan = _config(massive=20.0)
+    assert scan.needs_calibration  # the tokenizer is loaded: massive channels are found on real text
+    assert not _config(massive=20.0, activation_holdout={MODULE: [COL]}).needs_calibration  # recorded already
+    assert not _config(massive=None).needs_calibration
+    assert _config(massive=None, smoothquant_alpha=0.5).needs_calibration
