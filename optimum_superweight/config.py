@@ -99,9 +99,10 @@ class SuperWeightConfig(QuantizationConfigMixin):
             at quantization so a saved checkpoint reloads with the same ones. Leave ``None`` to compute them.
         smoothquant_alpha: W8A8: before quantizing, migrate activation outliers into the weights the
             SmoothQuant way (Xiao et al., 2023) with this migration strength in (0, 1), typically 0.5: each
-            input channel j of q/k/v and of gate/up is divided by ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``
-            (folded into the preceding norm's weight) and its weight column multiplied by it, which leaves the
-            full-precision model's function unchanged. Llama-style decoder layers only. ``None``: no migration.
+            input channel j of q/k/v, gate/up and down is divided by ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``
+            (folded into the preceding norm's weight, or up_proj's row for down_proj) and its weight column
+            multiplied by it, which leaves the full-precision model's function unchanged. Llama-style decoder
+            layers only. ``None``: no migration.
     """
 
     def __init__(

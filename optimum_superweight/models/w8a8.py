@@ -148,29 +148,36 @@ def plan_activation_holdout(
     return {name: channels for name, channels in plan.items() if channels}
 
 
-#: Llama-style decoder layers: a norm and the projections that read its output.
+#: Llama-style decoder layers: what produces an input (a norm, or the gated MLP's up projection, whose output
+#: the down projection reads multiplied by act(gate)) and the projections that read it.
 _SMOOTHING_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
 
 def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """``(norm, [projections reading its output])`` of every Llama-style decoder layer of ``model``.
+    """``(producer, [projections reading its output])`` of every Llama-style decoder layer of ``model``: the two
+    norms, and the up projection for the down projection.
 
     >>> from optimum_superweight.testing import build_tiny_model
-    >>> norm, projections = smoothing_groups(build_tiny_model("llama"))[0]
-    >>> norm, [name.rsplit(".", 1)[1] for name in projections]
-    ('model.layers.0.input_layernorm', ['q_proj', 'k_proj', 'v_proj'])
+    >>> groups = dict(smoothing_groups(build_tiny_model("llama")))
+    >>> [name.rsplit(".", 1)[1] for name in groups["model.layers.0.input_layernorm"]]
+    ['q_proj', 'k_proj', 'v_proj']
+    >>> groups["model.layers.0.mlp.up_proj"]
+    ['model.layers.0.mlp.down_proj']
     """
     modules = dict(model.named_modules())
     groups = []
     for name in modules:
-        for norm, consumers in _SMOOTHING_GROUPS:
-            if not name.endswith("." + norm):
+        for producer, consumers in _SMOOTHING_GROUPS:
+            if not name.endswith("." + producer):
                 continue
-            prefix = name[: -len(norm)]
+            prefix = name[: -len(producer)]
             names = [prefix + c for c in consumers]
+            if producer == "mlp.up_proj" and not isinstance(modules.get(prefix + "mlp.gate_proj"), nn.Linear):
+                continue  # an ungated MLP applies its activation to up's output: no exact migration
             if all(isinstance(modules.get(n), nn.Linear) for n in names):
                 groups.append((name, names))
     return groups
@@ -182,14 +189,16 @@ def smooth_activations(
 ) -> dict[str, torch.Tensor]:
     """SmoothQuant's migration (Xiao et al., 2023), in place on a full-precision Llama-style model: per group of
     :func:`smoothing_groups`, ``s_j = max|X_j|^alpha / max_i |W_ij|^(1-alpha)`` from the input peaks on
-    calibration text, the norm's weight (and bias) divided by ``s``, each projection's weight columns multiplied
-    by it. The model computes the same function (up to rounding); its activations lose their outlier channels.
+    calibration text (one pass: each migration leaves every projection's input elsewhere unchanged), the
+    producer's output channel j (a norm's weight and bias, up_proj's row) divided by ``s_j``, each projection's
+    weight column j multiplied by it. The model computes the same function (up to rounding); its activations
+    lose their outlier channels.
     Returns the factors by norm name.
 
     >>> from optimum_superweight.testing import build_tiny_model
     >>> factors = smooth_activations(build_tiny_model("llama"), 0.5)
-    >>> sorted(factors)[0], factors["model.layers.0.input_layernorm"].shape
-    ('model.layers.0.input_layernorm', torch.Size([64]))
+    >>> factors["model.layers.0.input_layernorm"].shape, factors["model.layers.0.mlp.up_proj"].shape
+    (torch.Size([64]), torch.Size([128]))
     """
     groups = smoothing_groups(model)
     model_type = getattr(getattr(model, "config", None), "model_type", "")
@@ -197,7 +206,8 @@ def smooth_activations(
         raise ValueError(
             f"SuperWeightConfig.smoothquant_alpha={alpha} is not supported for model_type={model_type!r}: the "
             "migration needs Llama-style decoder layers (input_layernorm -> self_attn.q/k/v_proj, "
-            "post_attention_layernorm -> mlp.gate/up_proj) whose norm multiplies by its weight. Use "
+            "post_attention_layernorm -> mlp.gate/up_proj, gated mlp.up_proj -> mlp.down_proj) whose norm "
+            "multiplies by its weight. Use "
             "smoothquant_alpha=None (the super-activation hold-out needs no migration)."
         )
     from .calibration import calibration_token_ids, collect_input_absmax
@@ -213,10 +223,11 @@ def smooth_activations(
         weight_peak = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
         activation_peak = peaks[names[0]].float().clamp(min=1e-5)
         scale = (activation_peak.pow(alpha) / weight_peak.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
-        norm = modules[norm_name]
-        norm.weight.copy_((norm.weight.float() / scale).to(norm.weight.dtype))
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.copy_((norm.bias.float() / scale).to(norm.bias.dtype))
+        producer = modules[norm_name]  # a norm's weight is [features]; up_proj's is [features, in]: its rows
+        divisor = scale if producer.weight.dim() == 1 else scale[:, None]
+        producer.weight.copy_((producer.weight.float() / divisor).to(producer.weight.dtype))
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.copy_((producer.bias.float() / scale).to(producer.bias.dtype))
         for weight in weights:
             weight.copy_((weight.float() * scale[None, :]).to(weight.dtype))
         factors[norm_name] = scale
