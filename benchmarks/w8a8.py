@@ -228,6 +228,49 @@ def scaled_speed(batch: int, length: int, repeats: int) -> dict:
     return result
 
 
+#: (tokens, channels) of activations quantized per call: SmolLM2's q/k/v and down_proj inputs at 8 x 512
+#: tokens, and a 1B-class down_proj input at 4 x 512.
+QUANTIZER_SHAPES = ((4096, 576), (4096, 1536), (2048, 8192))
+
+
+def quantizer_speed(repeats: int) -> dict:
+    """Milliseconds to quantize one bfloat16 activation (one held-out channel): the eager path against the
+    ``torch.compile``-fused one, best of ``repeats`` (both give the reference's codes, checked here too)."""
+    from optimum_superweight.kernels.w8a8 import quantize_activations, quantize_activations_onednn
+
+    rows = []
+    for tokens, channels in QUANTIZER_SHAPES:
+        x = torch.randn(tokens, channels).to(torch.bfloat16)
+        holdout = torch.tensor([5])
+        keep = torch.ones(channels, dtype=torch.bfloat16)
+        keep[holdout] = 0
+        for scale in ("per_tensor", "per_token"):
+            codes, _ = quantize_activations(x, holdout, scale)
+            row = {"tokens": tokens, "channels": channels, "scale": scale}
+            for label, mask in (("eager_ms", None), ("fused_ms", keep)):
+                result = quantize_activations_onednn(x, holdout, scale, mask)  # warm-up (compiles once)
+                assert torch.equal(result.codes, codes), "fast quantizer codes differ from the reference"
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    quantize_activations_onednn(x, holdout, scale, mask)
+                    times.append(time.perf_counter() - start)
+                row[label] = 1000 * min(times)
+            rows.append(row)
+            print(f"quantize {tokens}x{channels} {scale}: eager {row['eager_ms']:.2f} ms, "
+                  f"fused {row['fused_ms']:.2f} ms", flush=True)
+    return {"repeats": repeats, "rows": rows}
+
+
+def quantizer_table(result: dict) -> str:
+    lines = ["| activation (tokens x channels) | scale | eager ms | torch.compile-fused ms | speed-up |",
+             "|---|---|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['tokens']} x {row['channels']} | {row['scale']} | {row['eager_ms']:.2f} | "
+                     f"{row['fused_ms']:.2f} | x{row['eager_ms'] / row['fused_ms']:.1f} |")
+    return "\n".join(lines)
+
+
 def quality_table(rows: dict) -> str:
     def percent(value):
         return "" if value is None else f"{value:.0%}"
@@ -262,6 +305,8 @@ def table(result: dict) -> str:
         parts.append(speed_table(result["speed"]))
     if "scaled_speed" in result:
         parts.append(speed_table(result["scaled_speed"], "1B-shaped layers (bfloat16)"))
+    if "quantizer_speed" in result:
+        parts.append(quantizer_table(result["quantizer_speed"]))
     return "\n\n".join(parts)
 
 
@@ -332,6 +377,15 @@ def w8a8_markdown(result: dict) -> str:
             "",
             speed_table(s, "1B-shaped layers (bfloat16)"),
         ]
+    if "quantizer_speed" in result:
+        q = result["quantizer_speed"]
+        lines += [
+            "",
+            f"Activation quantization alone (bfloat16 input, one held-out channel, best of {q['repeats']}; both "
+            "paths give the reference's codes): the `torch.compile`-fused quantizer against the eager one.",
+            "",
+            quantizer_table(q),
+        ]
     lines += ["", result.get("note", "")]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -373,6 +427,7 @@ def main() -> int:
         )
         if not args.no_scaled:
             result["scaled_speed"] = scaled_speed(4, 512, args.repeats)
+    result["quantizer_speed"] = quantizer_speed(args.repeats * 4)
     print(table(result))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
