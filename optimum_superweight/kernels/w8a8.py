@@ -388,6 +388,9 @@ class W8A8OneDNNKernel:
             other.index_add_(1, rows, xs * values)
         return other.to(dtype)
 
+    # Opaque to a user's torch.compile (a graph break, run eagerly): Inductor lowers oneDNN's int8 linear only
+    # for weights frozen into the graph as constants, and the shared-codes cache is Python state.
+    @torch.compiler.disable
     def run(self, module: nn.Module, state: OneDNNState, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

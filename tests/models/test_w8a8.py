@@ -222,3 +222,16 @@ def test_calibration_is_needed_for_the_scan_and_the_migration():
     assert not _config(massive=20.0, activation_holdout={MODULE: [COL]}).needs_calibration  # recorded already
     assert not _config(massive=None).needs_calibration
     assert _config(massive=None, smoothquant_alpha=0.5).needs_calibration
+
+
+@pytest.mark.slow
+def test_torch_compiled_model_matches_eager(tiny_llama):
+    """A user's torch.compile(model) works: the oneDNN kernel is a graph break (Inductor lowers oneDNN's int8
+    linear only for frozen weights), everything around it compiles."""
+    quantize_model(tiny_llama, _config())
+    ids = torch.randint(4, 250, (2, 64))  # 128 tokens per call: the oneDNN prefill kernel
+    with torch.no_grad():
+        eager = tiny_llama(input_ids=ids).logits
+        compiled = torch.compile(tiny_llama)(input_ids=ids).logits
+    assert tiny_llama.model.layers[2].self_attn.q_proj.kernel == "cpu-onednn-w8a8"
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4)
