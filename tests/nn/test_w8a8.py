@@ -206,6 +206,11 @@ def test_onednn_quantizer_gives_the_reference_codes_and_scales(scale, dtype, fus
     else:
         assert fast.x_scale == 1.0 and torch.equal(fast.token_scale, scales)
     assert torch.equal(x[4, 9], torch.tensor(900.0, dtype=dtype))  # the caller's tensor is left intact
+    # A tie that multiplying by 1/s rounds the other way: x / s = -63.5 exactly with s = 5.65625 / 127 in float32.
+    small = (torch.randn(33, 70) * 0.5).clamp(-2, 2).to(dtype)
+    small[0, 0], small[0, 1] = 5.65625, -2.828125
+    tie = w8a8_kernels.quantize_activations_onednn(small, holdout, scale, keep)
+    assert tie.codes[0, 1].item() == -64 and torch.equal(tie.codes, quantize_activations(small, holdout, scale)[0])
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
