@@ -305,7 +305,8 @@ class OneDNNState:
     zero_points: torch.Tensor  # int64 [out] zeros (symmetric weights)
     bias: torch.Tensor | None  # float32 [out]
     holdout: torch.Tensor | None
-    # [k, out], super weights of held-out columns included exactly: float32, and in the compute dtype
+    # [k, out], super weights of held-out columns included exactly: float32, and in the dtype the per-tensor
+    # GEMM writes (bfloat16 for bfloat16 input, else float32: then the same tensor)
     holdout_weight_t: torch.Tensor | None
     holdout_weight_t_compute: torch.Tensor | None
     sparse: tuple | None  # super weights outside held-out columns: (rows, cols, values)
@@ -374,8 +375,7 @@ class W8A8OneDNNKernel:
             return None
         if state.sparse is None and token_scale is None:
             # The common case (hold-out, no stray super weight): one small GEMM straight in the output dtype.
-            return torch.mm(x2[:, state.holdout].to(dtype), state.holdout_weight_t_compute if dtype != torch.float32
-                            else state.holdout_weight_t)
+            return torch.mm(x2[:, state.holdout].to(dtype), state.holdout_weight_t_compute)
         if state.holdout is not None:
             held = x2[:, state.holdout].to(torch.float32)
             if token_scale is not None:

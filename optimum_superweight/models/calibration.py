@@ -29,7 +29,7 @@ from torch import nn
 
 from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
 
-__all__ = ["calibration_token_ids", "collect_hessians", "collect_input_absmax", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]
+__all__ = ["calibration_token_ids", "model_calibration_ids", "collect_hessians", "collect_input_absmax", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,14 @@ def _run_with_input_hooks(
     if never:
         raise ValueError(f"{caller}: modules {never[:3]} never ran during the calibration forward pass.")
     return alias
+
+
+def model_calibration_ids(model: nn.Module, tokenizer: Any, n_tokens: int) -> tuple[list[int], int | None]:
+    """:func:`calibration_token_ids` for ``model`` (its vocabulary bounds the fixed ids used without a tokenizer)
+    and the BOS id each calibration window starts with (``None`` without a tokenizer)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = calibration_token_ids(tokenizer, n_tokens, vocab_size=vocab)
+    return ids, (getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None)
 
 
 @torch.no_grad()

@@ -198,11 +198,9 @@ def quantize_model(
         return quantize_model_w8a8(model, config, targets, records, coordinates, tokenizer=tokenizer)
     # GPTQ and the output clip objective need every layer's input second moment.
     if config.needs_calibration and hessians is None:
-        from .calibration import calibration_token_ids, collect_hessians
+        from .calibration import collect_hessians, model_calibration_ids
 
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        ids = calibration_token_ids(tokenizer, config.calibration_tokens, vocab_size=vocab)
-        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        ids, bos = model_calibration_ids(model, tokenizer, config.calibration_tokens)
         hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
     denses = {}
     for name, module in targets.items():

@@ -131,13 +131,11 @@ def plan_activation_holdout(
         for name, module in targets.items()
     }
     if config.massive_activation_ratio is not None and config.max_holdout_channels > 0 and targets:
-        from .calibration import calibration_token_ids, collect_input_absmax
+        from .calibration import collect_input_absmax, model_calibration_ids
 
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         # Peaks need far fewer tokens than GPTQ's second moments: massive activations sit on the first token
         # of every window and on frequent delimiters.
-        ids = calibration_token_ids(tokenizer, min(config.calibration_tokens, MASSIVE_SCAN_TOKENS), vocab_size=vocab)
-        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        ids, bos = model_calibration_ids(model, tokenizer, min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
         window = min(512, len(ids))
         peaks = collect_input_absmax(model, list(targets), ids, window=window, bos_id=bos)
         for name, channels in plan.items():
@@ -210,11 +208,9 @@ def smooth_activations(
             "multiplies by its weight. Use "
             "smoothquant_alpha=None (the super-activation hold-out needs no migration)."
         )
-    from .calibration import calibration_token_ids, collect_input_absmax
+    from .calibration import collect_input_absmax, model_calibration_ids
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    ids = calibration_token_ids(tokenizer, calibration_tokens, vocab_size=vocab)
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    ids, bos = model_calibration_ids(model, tokenizer, calibration_tokens)
     peaks = collect_input_absmax(model, [names[0] for _, names in groups], ids, window=min(512, len(ids)), bos_id=bos)
     modules = dict(model.named_modules())
     factors = {}
