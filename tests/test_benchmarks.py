@@ -173,4 +173,4 @@ def test_recorded_standalone_results_render():
 
     text = standalone_sections(BENCHMARKS / "results")
     assert "## W8A8" in text and "1B-shaped layers" in text and "reference kernel" in text
-    assert "torch.compile-fused ms" in text
+    assert "torch.compile-fused ms" in text and "CPU seconds" in text
