@@ -53,7 +53,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import guard
 from .cpu import DenseCpuKernel, Int4CpuKernel, Int8CpuKernel
+from .guard import cpu_name, set_speed_check, speed_check_enabled
 from .reference import ReferenceKernel
 
 __all__ = [
@@ -69,6 +71,9 @@ __all__ = [
     "set_dense_threshold",
     "dense_threshold",
     "force_reference",
+    "set_speed_check",
+    "speed_check_enabled",
+    "cpu_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -199,6 +204,8 @@ def select_kernel(
             passed.append(f"{kernel.name}: input requires grad (no backward)")
             continue
         why = kernel.unsupported(module, compute_dtype, device, tokens)
+        if why is None and kernel is not REFERENCE:
+            why = guard.stepped_aside(module, kernel.name, dtype, many)
         if why is None:
             if kernel is REFERENCE:
                 return KernelSelection(REFERENCE, dtype, False, "; ".join(passed))
@@ -254,16 +261,40 @@ def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     slot = (x.dtype, x.device, many, grad, _settings["generation"])
     selection = selections.get(slot)
     if selection is None:
-        selection = select_kernel(module, x.dtype, x.device, tokens, grad)
+        selection = _first_selection(module, x, tokens, many, grad)
         selections[slot] = selection
         _announce(selection, x.dtype)
     module.__dict__["_last_kernel"] = selection.label
-    if selection.kernel is REFERENCE:
-        return REFERENCE.run(module, None, x)
+    return _run(module, selection, x)
+
+
+def _is_reference(kernel: Any) -> bool:
+    return kernel is REFERENCE or getattr(kernel, "is_reference", False)
+
+
+def _run(module: nn.Module, selection: KernelSelection, x: torch.Tensor) -> torch.Tensor:
+    if _is_reference(selection.kernel):
+        return selection.kernel.run(module, None, x)
     state = _state(module, selection, x.device)
     if selection.cast:
         return selection.kernel.run(module, state, x.to(selection.compute_dtype)).to(x.dtype)
     return selection.kernel.run(module, state, x)
+
+
+def _first_selection(module: nn.Module, x: torch.Tensor, tokens: int, many: bool, grad: bool) -> KernelSelection:
+    """The registry's choice, speed-checked against dense on this CPU the first time a layer shape meets it
+    (:mod:`~optimum_superweight.kernels.guard`): CPU only, not while tracing or computing gradients."""
+    select = lambda: select_kernel(module, x.dtype, x.device, tokens, grad)  # noqa: E731
+    if (
+        not guard.speed_check_enabled()
+        or _settings["reference_only"]
+        or grad
+        or x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or guard.checked(module, x.dtype, many)
+    ):
+        return select()
+    return guard.check_speed(module, x, many, select, lambda selection, rows: _run(module, selection, rows), _is_reference)
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

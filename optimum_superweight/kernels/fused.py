@@ -3,10 +3,10 @@ kernel (:mod:`optimum_superweight.kernels.w8a8`).
 
 Eager PyTorch quantizes a bfloat16 activation in four memory passes (cast to float32, mask the held-out
 channels, absmax, round) and writes a float32 copy twice its size; Inductor fuses them into one reduction and
-one rounding pass that read the bfloat16 input directly. Measured on this project's 2-core AMX Xeon
-(``benchmarks/w8a8.py``, quantizer table): 2048 x 8192 tokens x channels 5-6x faster, 4096 x 576 1.2-2x. The
+one rounding pass that read the bfloat16 input directly (speed: the quantizer table of
+``benchmarks/RESULTS.md``, from ``benchmarks/w8a8.py``). The
 codes and scales are exactly the reference's (:func:`~optimum_superweight.kernels.w8a8.quantize_activations`:
-``round(x / s)`` with ``s = absmax / 127``), which the tests check.
+``round(x / s)`` with ``s = absmax / 127``), stored offset by 128 as uint8, which the tests check.
 
 The functions are compiled once per process with dynamic shapes, at the first prefill call (about 10 s on
 2 cores; Inductor's on-disk cache makes later processes faster). That needs a working C++ compiler; when
@@ -29,10 +29,12 @@ from typing import Callable
 
 import torch
 
-__all__ = ["quantize_fused", "scale_rows_fused", "set_fused_quantization", "fused_quantization_enabled"]
+__all__ = ["ACTIVATION_ZERO_POINT", "quantize_fused", "scale_rows_fused", "set_fused_quantization", "fused_quantization_enabled"]
 
 logger = logging.getLogger(__name__)
 _QMAX = 127.0
+#: Zero-point of the uint8 activation codes: ``code = round(x / s) + 128``.
+ACTIVATION_ZERO_POINT = 128
 
 
 def _env_enabled() -> bool:
@@ -71,8 +73,10 @@ def _absmax_per_token(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def _codes(x: torch.Tensor, keep: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(absmax > 0, absmax / _QMAX, torch.ones_like(absmax))
-    codes = torch.round((x * keep).to(torch.float32) / scale).clamp(-_QMAX, _QMAX).to(torch.int8)
-    return codes, scale
+    codes = torch.round((x * keep).to(torch.float32) / scale).clamp(-_QMAX, _QMAX)
+    # Offset by the zero-point 128 into uint8: oneDNN runs unsigned activations natively on every x86 CPU,
+    # signed ones only on some (1000x slower on AMD EPYC without AMX).
+    return (codes + ACTIVATION_ZERO_POINT).to(torch.uint8), scale
 
 
 def _scale_rows(y: torch.Tensor, token_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,9 +115,10 @@ def _run(name: str, *args):
 
 
 def quantize_fused(x2: torch.Tensor, keep: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """int8 codes ``[T, K]`` and float32 scales (``[]`` per tensor, ``[T, 1]`` per token) of a 2-D input whose
-    channels are multiplied by ``keep`` (1, or 0 for held-out channels; the input's dtype) first; ``None`` when
-    the fused path is off or could not be compiled."""
+    """uint8 codes ``[T, K]`` (the reference's int8 codes + :data:`ACTIVATION_ZERO_POINT`) and float32 scales
+    (``[]`` per tensor, ``[T, 1]`` per token) of a 2-D input whose channels are multiplied by ``keep`` (1, or 0
+    for held-out channels; the input's dtype) first; ``None`` when the fused path is off or could not be
+    compiled."""
     absmax = _run("_absmax_per_tensor" if mode == "per_tensor" else "_absmax_per_token", x2, keep)
     if absmax is None:
         return None

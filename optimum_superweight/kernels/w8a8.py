@@ -52,7 +52,8 @@ from torch import nn
 
 from ..tensor.packing import unpack_codes
 from . import KernelSelection
-from .fused import quantize_fused, scale_rows_fused
+from .fused import ACTIVATION_ZERO_POINT, quantize_fused, scale_rows_fused
+from .guard import stepped_aside
 
 __all__ = [
     "ACTIVATION_SCALES",
@@ -120,6 +121,7 @@ class W8A8ReferenceKernel:
     """Fake quantization in float32: the exact semantics of the module docstring."""
 
     name = "w8a8-reference"
+    is_reference = True  # the semantics every other W8A8 kernel is tested against; closes the registry
 
     def unsupported(self, module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> str | None:
         return None
@@ -213,21 +215,36 @@ def _onednn_available() -> bool:
         return False
 
 
-def _int8_view(quantized: torch.Tensor) -> torch.Tensor:
-    """The int8 codes of a ``torch.qint8`` tensor without a copy (``int_repr()`` copies, slowly: it cost as
-    much as the quantization itself at 4096 x 576)."""
+def _offset_codes(unit_scaled: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``round(x) + 128`` of a float32 tensor already divided by its scale.
+
+    Rounds in int8 (``torch.quantize_per_tensor`` with zero-point 0), then flips the top bit in place, which
+    adds 128: asking ``quantize_per_tensor`` for zero-point 128 instead adds it before rounding, in float32,
+    which moves values within a few ulps of a tie onto it. The codes are read through a view of the quantized
+    tensor's storage (``int_repr()`` copies, slowly: it cost as much as the quantization itself at 4096 x 576).
+    """
+    quantized = torch.quantize_per_tensor(unit_scaled, 1.0, 0, torch.qint8)
     codes = torch.empty(0, dtype=torch.int8, device=quantized.device)
-    return codes.set_(quantized.untyped_storage(), quantized.storage_offset(), quantized.shape, quantized.stride())
+    codes.set_(quantized.untyped_storage(), quantized.storage_offset(), quantized.shape, quantized.stride())
+    return codes.bitwise_xor_(-128).view(torch.uint8)
 
 
 @dataclass
 class OneDNNActivations:
-    """A 2-D input quantized for ``qlinear_pointwise``: int8 codes and either one float scale (per tensor;
-    ``token_scale`` None) or float32 per-row scales ``[T, 1]`` (``x_scale`` 1.0)."""
+    """A 2-D input quantized for ``qlinear_pointwise``: uint8 codes (the reference's int8 codes plus
+    :data:`ACTIVATION_ZERO_POINT`) and either one float scale (per tensor; ``token_scale`` None) or float32
+    per-row scales ``[T, 1]`` (``x_scale`` 1.0).
+
+    Unsigned: oneDNN's int8 GEMM takes unsigned activations natively on every x86 CPU; signed ones only with
+    AMX (on AMD EPYC with AVX-512 VNNI one 512 x 576 @ 576 x 1536 product took 33 s signed, 4.5 ms unsigned)."""
 
     codes: torch.Tensor
     x_scale: float
     token_scale: torch.Tensor | None
+
+    def signed_codes(self) -> torch.Tensor:
+        """The int8 codes ``round(x / s)`` (a new tensor): flipping the top bit subtracts 128."""
+        return self.codes.view(torch.int8).bitwise_xor(-128)
 
 
 def quantize_activations_onednn(
@@ -257,15 +274,14 @@ def quantize_activations_onednn(
             # Divide, then round with unit scale: quantize_per_tensor(xf, s) multiplies by 1/s, which rounds
             # ties such as x = absmax / 2 (x / s = 63.5) the other way than the reference's division.
             xf = xf.div_(x_scale) if xf is not x2 else xf.div(x_scale)
-            return OneDNNActivations(_int8_view(torch.quantize_per_tensor(xf, 1.0, 0, torch.qint8)), x_scale, None)
+            return OneDNNActivations(_offset_codes(xf), x_scale, None)
         # amax and amin separately: 5x faster than aminmax(dim=-1) on this CPU.
         absmax = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg_())
         token_scale = torch.where(absmax > 0, absmax / _QMAX, torch.ones_like(absmax))
         # Divide (as the reference does), then round with unit scale: 3-4x faster than quantize_per_channel
         # over tokens, which also multiplies by the inverse scale.
         xf = xf.div_(token_scale) if xf is not x2 else xf.div(token_scale)
-        codes = _int8_view(torch.quantize_per_tensor(xf, 1.0, 0, torch.qint8))
-        return OneDNNActivations(codes, 1.0, token_scale)
+        return OneDNNActivations(_offset_codes(xf), 1.0, token_scale)
 
 
 class _SharedInputCodes(threading.local):
@@ -385,7 +401,7 @@ class W8A8OneDNNKernel:
             other = torch.zeros(x2.shape[0], state.scale.numel(), dtype=torch.float32, device=x2.device)
         if state.sparse is not None:
             rows, cols, values = state.sparse
-            xs = activations.codes[:, cols].to(torch.float32)  # codes x scale = what the GEMM multiplied
+            xs = activations.codes[:, cols].to(torch.float32).sub_(ACTIVATION_ZERO_POINT)  # x scale: what the GEMM saw
             if token_scale is None:
                 xs = xs * activations.x_scale
             other.index_add_(1, rows, xs * values)
@@ -403,7 +419,7 @@ class W8A8OneDNNKernel:
         gemm_dtype = x.dtype if x.dtype == torch.bfloat16 and not per_token else torch.float32
         other = self._correction(state, x2, activations, gemm_dtype)
         bias = None if per_token else state.bias
-        common = (activations.codes, activations.x_scale, 0, state.packed, state.scale, state.zero_points)
+        common = (activations.codes, activations.x_scale, ACTIVATION_ZERO_POINT, state.packed, state.scale, state.zero_points)
         if other is None:
             y = torch.ops.onednn.qlinear_pointwise(*common, bias, 1.0, 0, gemm_dtype, "none", [], "")
         else:
@@ -458,12 +474,17 @@ def select_w8a8_kernel(
     """The W8A8 kernel for a call (called by :func:`optimum_superweight.kernels.select_kernel`)."""
     if reference_only:
         return KernelSelection(W8A8_REFERENCE, dtype, False, "OPTIMUM_SUPERWEIGHT_KERNELS=reference")
+    from . import dense_threshold
+
+    many = tokens >= dense_threshold()
     passed = []
     for kernel in _W8A8_KERNELS:
         if requires_grad and kernel is not W8A8_REFERENCE:
             passed.append(f"{kernel.name}: input requires grad (no backward)")
             continue
         why = kernel.unsupported(module, dtype, device, tokens)
+        if why is None and kernel is not W8A8_REFERENCE:
+            why = stepped_aside(module, kernel.name, dtype, many)
         if why is None:
             return KernelSelection(kernel, dtype, False, "; ".join(passed))
         passed.append(f"{kernel.name}: {why}")
