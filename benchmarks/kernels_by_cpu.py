@@ -1,0 +1,189 @@
+"""Every CPU kernel forced on the same layers, against bfloat16 dense ``F.linear``, per CPU model.
+
+The same int8/int4 instruction can be fast on one x86 CPU and orders of magnitude slower on another, so each
+row records the CPU it ran on, and runs on different CPUs accumulate in one result file (keyed by the CPU's
+model name) instead of replacing each other. For each layer shape and token count the script also records the
+kernel the dispatcher picks with the first-use speed check on (``optimum_superweight.kernels.guard``): the
+check passes over a kernel more than 1.5x slower than dense, so the pick's ratio is the number users get.
+
+Variants are interleaved on every repeat and the median is reported (the machine is shared: compare ratios
+within one CPU's table, not absolute milliseconds across tables).
+
+    python3 benchmarks/kernels_by_cpu.py            # updates benchmarks/results/kernels_by_cpu.json
+    python3 benchmarks/kernels_by_cpu.py --quick    # 3 repeats, SmolLM2 shape only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from optimum_superweight import kernels  # noqa: E402
+from optimum_superweight.kernels import guard  # noqa: E402
+from optimum_superweight.kernels import w8a8 as w8a8_kernels  # noqa: E402
+from optimum_superweight.nn.linear import SuperWeightLinear  # noqa: E402
+from optimum_superweight.nn.w8a8 import SuperWeightW8A8Linear  # noqa: E402
+
+#: (name, out_features, in_features): SmolLM2's down_proj and a 1B-class (Llama-3.2-1B) down_proj.
+SHAPES = (("SmolLM2 down_proj", 576, 1536), ("1B down_proj", 2048, 8192))
+TOKENS = (1, 512)
+
+
+def _layers(out_features: int, in_features: int) -> dict[str, nn.Module]:
+    """The layer formats the kernels serve, from one random dense layer with a planted super weight."""
+    torch.manual_seed(0)
+    dense = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        dense.weight[5, 7] = 2.0
+    return {
+        "int4 g64": SuperWeightLinear.from_linear(dense, bits=4, group_size=64, super_weights=[(5, 7)]),
+        "int8 per row": SuperWeightLinear.from_linear(dense, bits=8, group_size=-1, super_weights=[(5, 7)]),
+        "W8A8 per tensor, held out": SuperWeightW8A8Linear.from_linear(
+            dense, activation_scale="per_tensor", holdout_channels=[7], super_weights=[(5, 7)]
+        ),
+    }, dense.to(torch.bfloat16)
+
+
+def _candidates(fmt: str, module: nn.Module, tokens: int) -> list:
+    registry = w8a8_kernels._W8A8_KERNELS if fmt.startswith("W8A8") else kernels._KERNELS
+    device = torch.device("cpu")
+    return [k for k in registry if k.unsupported(module, torch.bfloat16, device, tokens) is None]
+
+
+def _runner(kernel, module: nn.Module, x: torch.Tensor):
+    if getattr(kernel, "is_reference", False) or kernel is kernels.REFERENCE:
+        return lambda: kernel.run(module, None, x)
+    state = kernel.prepare(module, x.device, x.dtype)
+    return lambda: kernel.run(module, state, x)
+
+
+def _median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def _dispatcher_pick(module: nn.Module, x: torch.Tensor) -> str:
+    """The kernel the dispatcher runs for this call with the speed check on and no earlier verdicts."""
+    guard.clear_speed_verdicts()
+    guard.set_speed_check(True)
+    module.__dict__.pop("_kernel_selections", None)
+    with torch.inference_mode():
+        module(x)
+    return module.kernel
+
+
+def bench_shape(name: str, out_features: int, in_features: int, repeats: int) -> list[dict]:
+    layers, dense = _layers(out_features, in_features)
+    rows = []
+    for tokens in TOKENS:
+        x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
+        for fmt, module in layers.items():
+            variants = {"bf16 dense": lambda: dense(x)}
+            for kernel in _candidates(fmt, module, tokens):
+                variants[kernel.name] = _runner(kernel, module, x)
+            samples: dict[str, list[float]] = {v: [] for v in variants}
+            with torch.inference_mode():
+                for run in variants.values():
+                    run()  # warm-up: layouts, a one-off compilation
+                for _ in range(repeats):
+                    for variant, run in variants.items():
+                        start = time.perf_counter()
+                        run()
+                        samples[variant].append(time.perf_counter() - start)
+            dense_ms = _median_ms(samples["bf16 dense"])
+            pick = _dispatcher_pick(module, x)
+            for variant, values in samples.items():
+                if variant == "bf16 dense":
+                    continue
+                ms = _median_ms(values)
+                rows.append({
+                    "shape": name, "out": out_features, "in": in_features, "tokens": tokens, "format": fmt,
+                    "kernel": variant, "ms": ms, "dense_ms": dense_ms, "x_dense": ms / dense_ms, "picked": variant == pick,
+                })
+            logging.info("%s, %d tokens, %s: picked %s", name, tokens, fmt, pick)
+    return rows
+
+
+def table(run: dict) -> str:
+    lines = [
+        f"| layer | tokens | format | kernel | ms | bf16 dense ms | time / dense | dispatcher's pick |",
+        "|---|---:|---|---|---:|---:|---:|:---:|",
+    ]
+    for row in run["rows"]:
+        lines.append(
+            f"| {row['shape']} ({row['out']}x{row['in']}) | {row['tokens']} | {row['format']} | `{row['kernel']}` | "
+            f"{row['ms']:.3f} | {row['dense_ms']:.3f} | x{row['x_dense']:.2f} | {'yes' if row['picked'] else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def kernels_by_cpu_markdown(result: dict) -> str:
+    """The per-CPU kernel section of ``benchmarks/RESULTS.md`` from ``results/kernels_by_cpu.json``."""
+    parts = [
+        "## Kernels by CPU",
+        "",
+        "`python3 benchmarks/kernels_by_cpu.py`: every CPU kernel forced on the same random layers (bfloat16 input, "
+        "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
+        "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
+        "steps aside with a log line). One table per CPU model the script ran on.",
+    ]
+    for cpu, run in sorted(result.get("cpus", {}).items()):
+        parts += [
+            "",
+            f"### {cpu}",
+            "",
+            f"{run['date']}, torch {run['torch']}, {run['threads']} threads, {run['repeats']} repeats; CPU flags: "
+            f"{', '.join(run.get('flags', [])) or 'not recorded'}.",
+            "",
+            table(run),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def _cpu_flags() -> list[str]:
+    wanted = ("amx_tile", "amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx512f", "avx2")
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in wanted if flag in flags]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="3 repeats, SmolLM2 shape only")
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "kernels_by_cpu.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    repeats = 3 if args.quick else args.repeats
+    rows = [row for shape in shapes for row in bench_shape(*shape, repeats)]
+    run = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": args.threads,
+        "repeats": repeats, "flags": _cpu_flags(), "rows": rows,
+    }
+    result = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    result.setdefault("cpus", {})[guard.cpu_name()] = run
+    print(f"\n{guard.cpu_name()}\n{table(run)}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
