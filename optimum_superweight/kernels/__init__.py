@@ -48,7 +48,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -60,6 +60,7 @@ from .reference import ReferenceKernel
 
 __all__ = [
     "KernelSelection",
+    "PackedLinear",
     "register_kernel",
     "registered_kernels",
     "select_kernel",
@@ -297,10 +298,26 @@ def _first_selection(module: nn.Module, x: torch.Tensor, tokens: int, many: bool
     return guard.check_speed(module, x, many, select, lambda selection, rows: _run(module, selection, rows), _is_reference)
 
 
-def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from ..nn.linear import SuperWeightLinear
+@runtime_checkable
+class PackedLinear(Protocol):
+    """What a kernel needs of a layer (``SuperWeightLinear`` and its subclasses): the packed codes with their
+    layout, scales, zero-points and exact super weights, and the reference dequantization."""
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, SuperWeightLinear)}
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor | None
+    super_weight_indices: torch.Tensor | None
+    super_weight_values: torch.Tensor | None
+    bias: torch.Tensor | None
+    layout: Any  # tensor.quantize.GroupLayout
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
 def kernel_summary(model: nn.Module, dtype: torch.dtype | None = None, tokens: int = 1) -> dict[str, int]:

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..tensor.packing import unpack_codes
-from . import KernelSelection
+from . import KernelSelection, dense_threshold
 from .fused import ACTIVATION_ZERO_POINT, quantize_fused, scale_rows_fused
 from .guard import stepped_aside
 
@@ -349,8 +349,6 @@ class W8A8OneDNNKernel:
             return "torch built without oneDNN"
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"{dtype} input"
-        from . import dense_threshold
-
         if tokens < dense_threshold():
             # Measured (benchmarks/w8a8.py): batch-1 decode 3.3 tok/s here vs 10.3 on torch._int_mm.
             return f"{tokens} tokens per call (< {dense_threshold()}): torch._int_mm has less per-call overhead"
@@ -474,8 +472,6 @@ def select_w8a8_kernel(
     """The W8A8 kernel for a call (called by :func:`optimum_superweight.kernels.select_kernel`)."""
     if reference_only:
         return KernelSelection(W8A8_REFERENCE, dtype, False, "OPTIMUM_SUPERWEIGHT_KERNELS=reference")
-    from . import dense_threshold
-
     many = tokens >= dense_threshold()
     passed = []
     for kernel in _W8A8_KERNELS:
