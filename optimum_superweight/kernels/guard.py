@@ -167,9 +167,9 @@ def check_speed(
 ) -> Any:
     """Choose the kernel for ``module`` on inputs like ``x``: ``select()`` gives the registry's next choice
     (it skips kernels recorded here as stepped aside), ``run(selection, x)`` runs one. Returns the selection."""
-    key = signature(module, x.dtype, many)
-    verdict = _verdicts.setdefault(key, {})
+    verdict = _verdicts.setdefault(signature(module, x.dtype, many), {})
     rows = x.reshape(-1, x.shape[-1])[:_PROBE_ROWS]
+    shape = _describe(module, rows.shape[0], x.dtype)
     with torch.no_grad():
         weight = module.dequantize_weight(x.dtype)
         bias = None if module.bias is None else module.bias.to(x.dtype)
@@ -178,28 +178,33 @@ def check_speed(
         measured: list[tuple[float, Any]] = []
         while True:
             selection = select()
+            run_kernel = lambda: run(selection, rows)  # noqa: E731
             if is_last_resort(selection.kernel):
                 if not measured:
                     return selection
-                measured.append((_best_time(lambda: run(selection, rows)), selection))
-                seconds, chosen = min(measured, key=lambda item: item[0])
-                verdict.pop(chosen.kernel.name, None)
-                logger.warning(
-                    "optimum-superweight: every kernel for %s on %s is slower than dense F.linear (%.3f ms); keeping "
-                    "the fastest, %s (%.3f ms).",
-                    _describe(module, rows.shape[0], x.dtype), cpu_name(), dense * 1e3, chosen.label, seconds * 1e3,
-                )
-                return chosen
-            run_kernel = lambda: run(selection, rows)  # noqa: E731
+                measured.append((_best_time(run_kernel), selection))
+                break
             seconds = _best_time(run_kernel)
             if _too_slow(seconds, dense):
                 seconds, dense = _confirmed_times(run_kernel, run_dense, (seconds, dense))
             if not _too_slow(seconds, dense):
+                if measured:
+                    logger.warning(
+                        "optimum-superweight: %s on %s: %s; running %s instead (x%.2f of dense).",
+                        shape, cpu_name(), "; ".join(verdict.values()), selection.label, seconds / dense,
+                    )
                 return selection
-            reason = (
-                f"measured {seconds / dense:.1f}x slower than dense F.linear on {cpu_name()} "
-                f"({seconds * 1e3:.3f} vs {dense * 1e3:.3f} ms for {_describe(module, rows.shape[0], x.dtype)})"
+            verdict[selection.kernel.name] = (
+                f"{selection.label} stepped aside, x{seconds / dense:.1f} of dense F.linear "
+                f"({seconds * 1e3:.3f} vs {dense * 1e3:.3f} ms)"
             )
-            verdict[selection.kernel.name] = reason
             measured.append((seconds, selection))
-            logger.warning("optimum-superweight: kernel %s stepped aside: %s.", selection.label, reason)
+    seconds, chosen = min(measured, key=lambda item: item[0])
+    verdict.pop(chosen.kernel.name, None)
+    logger.warning(
+        "optimum-superweight: no kernel within x%.1f of dense F.linear for %s on %s (%.3f ms): running the fastest, "
+        "%s (x%.2f). Measured: %s.",
+        STEP_ASIDE_RATIO, shape, cpu_name(), dense * 1e3, chosen.label, seconds / dense,
+        ", ".join(f"{s.label} x{t / dense:.2f}" for t, s in measured),
+    )
+    return chosen
