@@ -8,6 +8,9 @@ It listens on 127.0.0.1 only, serves at most ``max_workers`` requests at a time,
 ``max_body_bytes``, and applies a commit all-or-nothing (any bad line: nothing changes), so a test can
 assert that a failed push left the repo untouched.
 
+Faults can be injected per route (:meth:`LocalHub.inject`): an HTTP status (e.g. 500), a timeout (the answer
+is held back), or a dropped connection (closed without an answer, as when a server dies mid-upload).
+
 Fixtures:
     ``local_hub``: a started server (``.endpoint``, ``.requests``, ``.files(repo_id)``, ``.commits(repo_id)``).
     ``hub_env``: ``local_hub`` plus huggingface_hub/transformers pointed at it in this process, with an
@@ -113,6 +116,20 @@ def _validate_metadata(content: str) -> list[str]:
     return []
 
 
+@dataclass
+class Fault:
+    """What to do instead of answering a route: ``kind`` is "status", "timeout" (sleep ``delay`` s, then 504) or
+    "drop" (close the connection without an answer). ``times``: how many requests it hits (None: all)."""
+
+    route: str
+    kind: str = "status"
+    status: int = 500
+    delay: float = 5.0
+    times: int | None = None
+    method: str | None = None
+    hits: int = 0
+
+
 class LocalHub(ThreadingHTTPServer):
     """The server; start with :meth:`start`, stop with :meth:`stop` (or use the fixtures)."""
 
@@ -128,6 +145,28 @@ class LocalHub(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
         self._commit_counter = 0
         self.requests: list[tuple[str, str]] = []
+        self.faults: list[Fault] = []
+
+    def inject(self, route: str, kind: str = "status", *, status: int = 500, delay: float = 5.0,
+               times: int | None = None, method: str | None = None) -> Fault:
+        """Make requests to ``route`` (a route name such as "commit", "resolve", "create_repo", or "*") fail."""
+        if kind not in ("status", "timeout", "drop"):
+            raise ValueError(f"kind={kind!r}: expected 'status', 'timeout' or 'drop'")
+        fault = Fault(route=route, kind=kind, status=status, delay=delay, times=times, method=method)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _fault_for(self, method: str, route: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.route not in (route, "*") or (fault.method and fault.method != method):
+                    continue
+                if fault.times is not None and fault.hits >= fault.times:
+                    continue
+                fault.hits += 1
+                return fault
+        return None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -371,6 +410,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if match is None:
                     continue
                 params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                fault = self.server._fault_for(method, name)
+                if fault is not None:
+                    return self._apply_fault(fault, method)
                 if name == "resolve":
                     return self._resolve(method, **params)
                 raw = self._read_body() if method == "POST" else b""
@@ -388,6 +430,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(
                 error.status, {"error": error.message, **error.extra}, error_code=error.code, commit=error.commit, head=method == "HEAD"
             )
+
+    def _apply_fault(self, fault: Fault, method: str) -> None:
+        if fault.kind == "drop":
+            self.close_connection = True  # no status line at all: the client sees a broken connection
+            return None
+        if fault.kind == "timeout":
+            time.sleep(fault.delay)
+            raise _HubError(504, "injected timeout")
+        raise _HubError(fault.status, f"injected fault (HTTP {fault.status})")
 
     def _resolve(self, method: str, repo: str, rev: str, path: str) -> None:
         server = self.server

@@ -11,6 +11,15 @@ import json
 import time
 from pathlib import Path
 
+from .paths import (
+    add_overwrite_argument,
+    check_model_source,
+    check_not_quantized,
+    check_output_file,
+    check_output_folder,
+    staged_folder,
+)
+
 __all__ = ["register", "run", "folder_size"]
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -31,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the short generation")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -71,33 +81,38 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from .. import SuperWeightConfig, default_model_path
+    from ..errors import reraise_hub_errors
     from ..evaluation import perplexity
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    source = args.model or str(default_model_path())
-    output = Path(args.output)
+    source = check_model_source(args.model, what="--model") if args.model else str(default_model_path())
+    output = check_output_folder(args.output, args.overwrite, "--output", source)
+    check_output_file(args.json, args.overwrite, "--json")
+    config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    with reraise_hub_errors(source, "loading"):
+        check_not_quantized(source, "--model")
     report: dict = {"model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"}
     print(f"model: {report['model']}")
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    start = time.perf_counter()
-    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with reraise_hub_errors(source, "loading"):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        start = time.perf_counter()
+        full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     report["load_full_precision_s"] = time.perf_counter() - start
     full_ppl = float(perplexity(full, tokenizer, max_tokens=args.max_tokens))
     full_text = _generate(full, tokenizer, args.prompt, args.new_tokens)
     full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
     del full
 
-    config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
     start = time.perf_counter()
     quantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=config)
     report["quantize_on_load_s"] = time.perf_counter() - start
     found = quantized.config.quantization_config.get_super_weights()
 
-    output.mkdir(parents=True, exist_ok=True)
-    quantized.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    with staged_folder(output) as staging:
+        quantized.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     ids = torch.arange(1, 33).unsqueeze(0)
     with torch.no_grad():
         before = quantized(ids).logits

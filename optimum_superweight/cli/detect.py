@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .paths import add_overwrite_argument, check_model_source, check_output_file
+
 __all__ = ["register", "run"]
 
 
@@ -48,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "than RAM); reports unconfirmed spikes (implies --no-confirm)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -58,14 +61,19 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from ..detection import detect_super_weights
+    from ..errors import reraise_hub_errors
 
+    args.model = check_model_source(args.model)
+    check_output_file(args.json_path, args.overwrite, "--json")
+    check_output_file(args.plot_path, args.overwrite, "--plot")
     if args.streaming:
         return _run_streaming(args)
     start = time.perf_counter()
     if not args.quiet:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    tokenizer = _load_tokenizer(args)
+    with reraise_hub_errors(args.model, "loading"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+        tokenizer = _load_tokenizer(args)
     if not args.quiet:
         print(f"loaded in {time.perf_counter() - start:.1f}s; detecting ...", file=sys.stderr, flush=True)
     report = detect_super_weights(
@@ -88,9 +96,13 @@ def _load_tokenizer(args: argparse.Namespace):
     """The model's tokenizer, or ``None`` (fixed token ids then stand in; ``--prompt`` needs a tokenizer)."""
     from transformers import AutoTokenizer
 
+    from ..errors import hub_client_error_in
+
     try:
         return AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        if hub_client_error_in(error) is not None:
+            raise  # the Hub failed: not the same as "this model has no tokenizer"
         if args.prompt:
             raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")
         print("note: no tokenizer found; fixed token ids stand in for the prompts", file=sys.stderr)
