@@ -184,6 +184,11 @@ def _check_yaml_events(block: str, what: str, first_line: int = 0) -> None:
                 "multiply). Write the values out."
             )
         if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if event.anchor is not None:  # harmless alone, but only aliases use it: refused like them, by line
+                raise ValueError(
+                    f"{what}: line {first_line + event.start_mark.line + 1}: the YAML metadata defines an anchor "
+                    f"(&{event.anchor}); aliases and anchors are not accepted in model cards. Write the values out."
+                )
             nodes += 1
             if nodes > MAX_YAML_NODES:
                 raise ValueError(
