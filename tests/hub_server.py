@@ -15,6 +15,8 @@ Fixtures:
     ``local_hub``: a started server (``.endpoint``, ``.requests``, ``.files(repo_id)``, ``.commits(repo_id)``).
     ``hub_env``: ``local_hub`` plus huggingface_hub/transformers pointed at it in this process, with an
     empty HF cache; ``hub_env.env`` is an environment for subprocesses (``HF_ENDPOINT``, ``HF_HOME``...).
+    ``no_retry_wait``: huggingface_hub's retries without their back-off sleeps (fast fault tests).
+    ``unreachable_hub``: huggingface_hub pointed at a closed local port (network failure, not offline mode).
 
 ``HF_ENDPOINT`` is read once, when huggingface_hub is imported; in-process the fixture therefore patches the
 values derived from it (``constants.ENDPOINT``, the URL template, the module-level ``HfApi`` and the
@@ -540,3 +542,28 @@ def hub_env(local_hub, tmp_path, monkeypatch):
                      env={k: v for k, v in __import__("os").environ.items()})
     finally:
         huggingface_hub.close_session()
+
+
+@pytest.fixture()
+def no_retry_wait(monkeypatch):
+    """huggingface_hub retries 5xx and network errors with 1+2+4+8+8 s of back-off: keep the retries, skip the wait."""
+    import types
+
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda s: None, time=time.time,
+                                                             monotonic=time.monotonic, perf_counter=time.perf_counter))
+
+
+@pytest.fixture()
+def unreachable_hub(hub_env, monkeypatch, no_retry_wait):
+    """huggingface_hub pointed at a port where nothing listens (HF_HUB_OFFLINE unset), with an empty cache."""
+    import huggingface_hub.hf_api as hf_api_module
+    from huggingface_hub import constants
+
+    dead = "http://127.0.0.1:9"
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api_module.api, "endpoint", dead)
+    return dead

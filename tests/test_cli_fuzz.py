@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # hub_server.py sits next to this file
-from hub_server import hub_env, local_hub  # noqa: E402,F401  (fixtures)
+from hub_server import hub_env, local_hub, no_retry_wait, unreachable_hub  # noqa: E402,F401  (fixtures)
 from optimum_superweight.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,17 +56,6 @@ def paths(tmp_path_factory):
     existing.write_text("{}\n")
     return types.SimpleNamespace(root=root, model=model, quantized=quantized, config_only=config_only,
                                  not_model=not_model, file=a_file, existing=existing)
-
-
-@pytest.fixture()
-def no_retry_wait(monkeypatch):
-    """huggingface_hub retries 5xx and network errors with 1+2+4+8+8 s of back-off: keep the retries, skip the wait."""
-    import time
-
-    from huggingface_hub.utils import _http
-
-    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda s: None, time=time.time,
-                                                             monotonic=time.monotonic, perf_counter=time.perf_counter))
 
 
 def run(capsys, *argv, expect_error=True):
@@ -225,21 +214,6 @@ def test_detect_json_overwrite_writes_the_report(paths, capsys):
 
 
 # -- the Hub: unreachable, failing, missing ----------------------------------------------------------------------------
-@pytest.fixture()
-def unreachable_hub(hub_env, monkeypatch, no_retry_wait):
-    """huggingface_hub pointed at a port where nothing listens (HF_HUB_OFFLINE unset), empty cache."""
-    from huggingface_hub import constants
-
-    dead = "http://127.0.0.1:9"
-    monkeypatch.setenv("HF_ENDPOINT", dead)
-    monkeypatch.setattr(constants, "ENDPOINT", dead)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
-    import huggingface_hub.hf_api as hf_api_module
-
-    monkeypatch.setattr(hf_api_module.api, "endpoint", dead)
-    return dead
-
-
 def test_every_command_unreachable_hub(paths, capsys, unreachable_hub):
     for argv in (
         ["card", "user/model"],
