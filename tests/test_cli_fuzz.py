@@ -124,6 +124,30 @@ def test_card_refuses_bad_sources(paths, capsys, kind, match):
     assert code == 2 and match in err, err
 
 
+@pytest.mark.parametrize(
+    "name, corrupt, match",
+    [
+        ("bad-json", lambda d: (d / "config.json").write_text("{not json"), "not a valid JSON"),
+        ("unknown-type", lambda d: (d / "config.json").write_text('{"model_type": "no-such-architecture"}'),
+         "no-such-architecture"),
+        ("garbage-weights", lambda d: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"garbage!" * 2),
+         "safetensors file is corrupt"),
+        ("empty-weights", lambda d: (d / "model.safetensors").write_bytes(b""), "safetensors file is corrupt"),
+    ],
+)
+def test_corrupt_model_folders_are_one_line_errors(paths, capsys, name, corrupt, match):
+    import shutil
+
+    folder = paths.root / f"corrupt-{name}"
+    if not folder.exists():
+        shutil.copytree(paths.model, folder)
+        corrupt(folder)
+    for argv in (["quantize", folder, paths.root / "never-written"], ["detect", folder, "--quiet"], ["perplexity", folder]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and match in err, (argv, err)
+    assert not (paths.root / "never-written").exists()
+
+
 # -- invalid values ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv, match",

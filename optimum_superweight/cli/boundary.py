@@ -86,10 +86,19 @@ def _debug_requested(args: argparse.Namespace) -> bool:
 def run_command(args: argparse.Namespace, prog: str) -> int:
     """Run ``args.func(args)`` behind the boundary; returns the exit code (0 on success)."""
     debug = _debug_requested(args)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
     if not debug:
         # huggingface_hub logs each retry of an unreachable Hub; the final error says it in one line.
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        hub_logger.setLevel(logging.ERROR)
     where = f"{prog} {getattr(args, 'command', '')}".strip()
+    try:
+        return _run(args, where, debug)
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace, where: str, debug: bool) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
