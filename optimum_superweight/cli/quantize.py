@@ -54,6 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_shard_size(text: str) -> None:
+    """Before quantizing: save_pretrained would only refuse a bad size after all the work."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"--max-shard-size {text!r} is invalid: accepted is a positive integer and a unit, e.g. 5GB or 500MB.")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = check_model_source(args.model)
     output = check_output_folder(args.output, args.overwrite, "OUTPUT", source)
+    _check_shard_size(args.max_shard_size)
     config = SuperWeightConfig(
         bits=args.bits,
         group_size=args.group_size,
