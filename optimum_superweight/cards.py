@@ -13,8 +13,10 @@ enough to quantize without running detection:
     [('model.layers.2.mlp.down_proj', 3968, 7003)]
 
 Untrusted input is checked before it is parsed: a size cap on the card and on its YAML block, YAML
-aliases refused (they are how "billion laughs" bombs multiply), a cap on the number of YAML nodes and on
-nesting, and ``yaml.safe_load`` only.
+anchors and aliases refused (they are how "billion laughs" bombs multiply), a cap on the number of YAML nodes
+and on nesting, and a safe loader only (:class:`CardLoader`, stricter than ``yaml.safe_load``). A card is read
+completely or not at all: a repeated key, a number not in plain decimal notation, or a coordinate that cannot
+be read is an error naming its line, never a silently shorter or different list.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import SuperWeightConfig
 
 __all__ = [
+    "CardLoader",
     "CARD_KEY",
     "CARD_VERSION",
     "MAX_CARD_BYTES",
@@ -539,6 +542,21 @@ def _no_super_weights(what: str) -> ValueError:
     )
 
 
+def _built_from(content: str, metadata: Mapping[str, Any], text: str, what: str) -> bool:
+    """Whether a ModelCard's metadata and text are still what ``yaml.safe_load`` made of ``content``."""
+    match = _YAML_BLOCK.search(content)
+    if match is None:
+        return not metadata and text == content
+    if len(match.group(2).encode("utf-8")) > MAX_YAML_BYTES:
+        return True  # the strict reader refuses it, naming the size
+    _check_yaml_events(match.group(2), what, content[: match.start(2)].count("\n"))  # bounds before building
+    try:
+        lenient = yaml.safe_load(match.group(2)) or {}
+    except (yaml.YAMLError, ValueError):
+        return True  # the strict reader reports it
+    return lenient == metadata and content[match.end() :] == text
+
+
 def _read_folder(folder: Path) -> list[SuperWeight]:
     readme = folder / "README.md"
     config = folder / "config.json"
@@ -652,8 +670,15 @@ def read_super_weights(
         text = source.text if isinstance(source.text, str) else ""
         if len(text.encode("utf-8")) > MAX_CARD_BYTES:
             raise ValueError(f"{what} text is over {MAX_CARD_BYTES} bytes; accepted are cards of at most that size.")
+        # huggingface_hub parsed the card with yaml.safe_load (repeated keys kept silently, 1:30 read as 90):
+        # the text it was built from, when it still has it, must pass this module's reader too.
+        original = getattr(source, "_content", None)
         metadata = _bounded_copy(source.data.to_dict(), what, [MAX_YAML_NODES])
-        records = _records_from_card(metadata, text, what, "card")
+        split = None
+        if isinstance(original, str) and _built_from(original, metadata, text, what):
+            split = _split_card(original, what)  # errors name the line; a card edited since is read as it is now
+            metadata = split.metadata
+        records = _records_from_card(metadata, text, what, "card", split)
         if records is None:
             raise _no_super_weights(what)
         return records

@@ -156,3 +156,17 @@ def test_random_corruptions_end_in_a_clear_error_or_the_exact_coordinates(tmp_pa
         assert got == expected, (mutated, got)  # only corruptions of the text table (not read) may pass
         outcomes["exact"] += 1
     assert outcomes["error"] > 50 and outcomes["exact"] > 0
+
+
+def test_a_model_card_object_is_held_to_the_same_reader(tmp_path):
+    from huggingface_hub import ModelCard
+
+    hostile = ModelCard(_block(f"  - module: {MODULE}\n    row: 1:30\n    col: 5\n"))
+    assert hostile.data.to_dict()["superweight"]["super_weights"][0]["row"] == 90  # what yaml.safe_load made of it
+    with pytest.raises(ValueError, match="line 5"):
+        read_super_weights(hostile)
+    with pytest.raises(ValueError, match="duplicate key"):
+        read_super_weights(ModelCard("---\nsuper_weights: []\nsuper_weights: [{module: m.layers.1.x, row: 1, col: 2}]\n---\n"))
+    edited = ModelCard(_block(GOOD_ENTRY))
+    edited.data.superweight["super_weights"][0]["row"] = 12  # changed in Python after parsing: read as it is now
+    assert [(sw.row, sw.col) for sw in read_super_weights(edited)] == [(12, 7003)]
