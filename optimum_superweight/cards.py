@@ -597,6 +597,11 @@ def _read_hub_files(repo_id: str, revision: str | None, token: str | bool | None
     what = f"Hub repo {repo_id}"
 
     def fetch(filename: str, cap: int) -> Path | None:
+        if constants.HF_HUB_OFFLINE:  # the cache only (sizes are checked again when the files are read)
+            try:
+                return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
+            except EntryNotFoundError:  # LocalEntryNotFoundError included: not cached
+                return None
         try:
             # HF_HUB_ETAG_TIMEOUT bounds the wait on an unresponsive Hub, as it does for hf_hub_download.
             metadata = get_hf_file_metadata(
@@ -621,6 +626,14 @@ def _read_hub_files(repo_id: str, revision: str | None, token: str | bool | None
         if CARD_KEY in metadata or "super_weights" in metadata:
             return _records_from_card(metadata, text, card_what, "card", card) or []
     config = fetch("config.json", MAX_CARD_BYTES * 16)
+    if readme is None and config is None and constants.HF_HUB_OFFLINE:
+        from .errors import SuperWeightHubError
+
+        raise SuperWeightHubError(
+            f"Cannot read the model card of {repo_id}: offline mode is on (HF_HUB_OFFLINE=1) and neither its README.md "
+            "nor its config.json is in the cache. Unset HF_HUB_OFFLINE, or pass a local folder or README path.",
+            repo_id=repo_id, cause="offline",
+        )
     if readme is None and config is None:
         raise ValueError(
             f"{what} has neither README.md nor config.json, so it records no super weights: expected the repo of a "

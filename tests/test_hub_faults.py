@@ -43,13 +43,16 @@ def test_reader_unreachable(unreachable_hub):
         assert is_hub_client_error(error.__cause__)
 
 
-def test_reader_offline_mode(hub_env, monkeypatch):
+def test_reader_offline_mode_reads_the_cache_or_says_it_is_offline(hub_env, monkeypatch):
     from huggingface_hub import constants
 
+    hub_env.hub.add_repo_files("test-user/card", {"README.md": b"layers[1].mlp.down_proj.weight[5, 7]\n"})
+    assert [(sw.row, sw.col) for sw in read_super_weights("test-user/card")] == [(5, 7)]  # now cached
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SuperWeightHubError, match="offline mode is on.*user/model|user/model.*offline mode is on") as caught:
+    assert [(sw.row, sw.col) for sw in read_super_weights("test-user/card")] == [(5, 7)]
+    with pytest.raises(SuperWeightHubError, match="user/model: offline mode is on") as caught:
         read_super_weights("user/model")
-    assert caught.value.cause == "offline"
+    assert caught.value.cause == "offline" and caught.value.repo_id == "user/model"
 
 
 def test_reader_missing_repo_revision_and_server_faults(hub_env, no_retry_wait, monkeypatch):

@@ -34,6 +34,7 @@ class SuperWeightCommand(BaseOptimumCLICommand):
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
         # Everything after "superweight" goes to optimum-superweight's own parser, built only when needed.
+        parser.add_argument("--debug", action="store_true", help="on error, also print the traceback")
         parser.add_argument("superweight_args", nargs=argparse.REMAINDER, help="COMMAND and its arguments")
         # `optimum-cli superweight --help` shows the real commands (imports the package only then).
         parser.print_help = lambda file=None: _build_parser().print_help(file)  # type: ignore[method-assign]
@@ -42,7 +43,9 @@ class SuperWeightCommand(BaseOptimumCLICommand):
         from optimum_superweight.cli import main
 
         argv = list(getattr(self.args, "superweight_args", None) or [])
-        if not argv:
+        if getattr(self.args, "debug", False):  # `optimum-cli superweight --debug COMMAND ...`
+            argv.insert(0, "--debug")
+        if not argv or argv == ["--debug"]:
             _build_parser().print_help()
             sys.exit(1)
         # The same error boundary as optimum-superweight: one line on stderr, --debug for the traceback.
