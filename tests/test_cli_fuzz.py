@@ -309,6 +309,13 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(capsys, monkeypatch):
     code, _, err = run(capsys, "card", "--list-known")
     assert code == 1 and "unexpected TypeError" in err and "--debug" in err
 
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub_cli, "run_card", interrupted)
+    assert main(["card", "--list-known"]) == 130
+    assert capsys.readouterr().err.strip() == "optimum-superweight card: interrupted."
+
 
 # -- the real entry points ---------------------------------------------------------------------------------------------
 def test_entry_points_in_subprocesses(paths, tmp_path):
