@@ -1,7 +1,7 @@
 """The package's own errors, and the translation of Hub client failures into them.
 
-Every error the package raises on purpose is a :class:`SuperWeightError` or a built-in ``ValueError`` /
-``OSError`` whose message names the problem and what to do. Failures of the Hugging Face Hub client
+Every error the package raises on purpose is a built-in ``ValueError`` (invalid input) or one of the types
+below, with a message that names the problem and what to do. Failures of the Hugging Face Hub client
 (network down, offline mode, HTTP 5xx, timeouts, missing repo or file) reach the caller as a
 :class:`SuperWeightHubError` that names the repo, the cause and the remedy, with the client's exception
 chained as ``__cause__``:
@@ -35,7 +35,7 @@ UPLOAD_REMEDY = "then push again: nothing was committed (a commit is all-or-noth
 
 
 class SuperWeightError(Exception):
-    """Base class of the errors optimum-superweight raises itself (``except SuperWeightError`` catches them all)."""
+    """Base class of optimum-superweight's own exception types (invalid input is reported as ``ValueError``)."""
 
 
 class SuperWeightHubError(SuperWeightError, OSError):
