@@ -26,6 +26,7 @@ __all__ = [
     "is_hub_client_error",
     "reraise_hub_errors",
     "hub_client_error_in",
+    "hub_unavailable",
 ]
 
 #: The end of a Hub failure's message when reading: the local alternative.
@@ -181,6 +182,20 @@ class _Reraise:
         if client_error is not None:
             raise hub_error(client_error, self.repo_id, self.doing, self.remedy) from exc
         return False
+
+
+def hub_unavailable(error: BaseException | None) -> BaseException | None:
+    """The Hub client exception behind ``error`` when the Hub could not answer (network, offline, HTTP error),
+    ``None`` when it answered that a repo, revision or file does not exist (e.g. a model without a tokenizer)."""
+    from huggingface_hub import errors
+
+    client_error = hub_client_error_in(error)
+    missing = (errors.EntryNotFoundError, errors.RepositoryNotFoundError, errors.RevisionNotFoundError)
+    if isinstance(client_error, missing) and not isinstance(client_error, errors.LocalEntryNotFoundError):
+        return None
+    if isinstance(client_error, errors.LocalEntryNotFoundError) and client_error.__cause__ is None and not _offline():
+        return None  # "not in the cache" without a network failure behind it
+    return client_error
 
 
 def hub_client_error_in(error: BaseException | None) -> BaseException | None:

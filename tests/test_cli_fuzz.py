@@ -162,6 +162,7 @@ def test_corrupt_model_folders_are_one_line_errors(paths, capsys, name, corrupt,
         (["detect", "{model}", "--quiet", "--threshold", "-1"], "threshold=-1"),
         (["detect", "{model}", "--quiet", "--layers", "99"], "layers=[99]"),
         (["detect", "{model}", "--quiet", "--projection", "mlp.nope"], "No module"),
+        (["detect", "{model}", "--quiet", "--plot", "{out}.txt"], "accepted are files ending in .png"),
         (["perplexity", "{model}", "--window", "0"], "window"),
         (["perplexity", "{model}", "--text", "/no/such/text.txt"], "not a readable text file"),
         (["demo", "--model", "{model}", "--output", "{out}", "--bits", "7"], "bits=7"),
@@ -275,6 +276,15 @@ def test_hub_faults_on_read(paths, capsys, hub_env, no_retry_wait, monkeypatch):
     assert code == 2 and "Cannot reach the Hub" in err and "Timeout" in err
     code, out, _ = run(capsys, "card", "test-user/card", expect_error=False)  # the fault is gone: it reads
     assert code == 0 and "weight[5, 7]" in out
+
+
+def test_quantize_from_a_hub_repo_without_tokenizer_notes_it(paths, capsys, hub_env):
+    files = {name: (paths.model / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    hub_env.hub.add_repo_files("test-user/no-tokenizer", files)
+    out = paths.root / "from-hub"
+    code, printed, _ = run(capsys, "quantize", "test-user/no-tokenizer", out, "--super-weight",
+                           "model.layers.1.mlp.down_proj:5,7", expect_error=False)
+    assert code == 0 and "no tokenizer found" in printed and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("route, kind", [("commit", "status"), ("commit", "drop"), ("create_repo", "status"),

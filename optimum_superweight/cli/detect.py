@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     args.model = check_model_source(args.model)
     check_output_file(args.json_path, args.overwrite, "--json")
     check_output_file(args.plot_path, args.overwrite, "--plot")
+    _check_plot(args.plot_path)
     if args.streaming:
         return _run_streaming(args)
     start = time.perf_counter()
@@ -92,16 +93,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _check_plot(path: str | None) -> None:
+    """Before detecting: the plot must be possible (matplotlib installed, a format it writes)."""
+    if path is None:
+        return
+    import importlib.util
+    from pathlib import Path
+
+    if Path(path).suffix.lower() not in _PLOT_FORMATS:
+        raise ValueError(f"--plot {path}: accepted are files ending in {', '.join(_PLOT_FORMATS)}.")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'optimum-superweight[plot]', or drop --plot.")
+
+
 def _load_tokenizer(args: argparse.Namespace):
     """The model's tokenizer, or ``None`` (fixed token ids then stand in; ``--prompt`` needs a tokenizer)."""
     from transformers import AutoTokenizer
 
-    from ..errors import hub_client_error_in
+    from ..errors import hub_unavailable
 
     try:
         return AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as error:
-        if hub_client_error_in(error) is not None:
+        if hub_unavailable(error) is not None:
             raise  # the Hub failed: not the same as "this model has no tokenizer"
         if args.prompt:
             raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")

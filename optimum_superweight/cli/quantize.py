@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import SuperWeightConfig
-    from ..errors import SuperWeightHubError, reraise_hub_errors
+    from ..errors import hub_error, hub_unavailable, reraise_hub_errors
 
     source = check_model_source(args.model)
     output = check_output_folder(args.output, args.overwrite, "OUTPUT", source)
@@ -93,13 +93,14 @@ def run(args: argparse.Namespace) -> int:
     with staged_folder(output) as staging:
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         try:
-            with reraise_hub_errors(source, "loading the tokenizer of"):
-                tokenizer = AutoTokenizer.from_pretrained(source)
-            tokenizer.save_pretrained(staging)
-        except SuperWeightHubError:
-            raise
-        except (OSError, ValueError):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            if hub_unavailable(error) is not None:  # the Hub failed: not the same as "this model has no tokenizer"
+                raise hub_error(hub_unavailable(error), source, "loading the tokenizer of") from error
+            tokenizer = None
             tokenizer_note = "note: no tokenizer found next to the model; the checkpoint holds weights and config only"
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     print(f"quantized {args.model} in {elapsed:.1f}s: {config.bits}-bit, group {config.group_size}, {len(found)} super weight(s) kept exact")
     for sw in found:
         print(f"  {sw.paper_notation():<45} value {sw.value:+.6g}")
