@@ -148,8 +148,10 @@ def hub_error(error: BaseException, repo_id: str | None, doing: str, remedy: str
             f"The Hub at {endpoint} answered HTTP {status} while {what}: {_first_line(error)}. {hint}, {remedy}",
             repo_id=repo_id, cause=f"http {status}")
     name = type(error).__name__
-    return SuperWeightHubError(f"Cannot reach the Hub at {endpoint} while {what} ({name}: {_first_line(error)}). {network}",
-                               repo_id=repo_id, cause="timeout" if "timeout" in name.lower() else "unreachable")
+    return SuperWeightHubError(
+        f"Cannot reach the Hub at {endpoint} while {what} ({name}: {_first_line(error)}). {network}",
+        repo_id=repo_id, cause="timeout" if "timeout" in name.lower() else "unreachable",
+    )
 
 
 def _offline() -> bool:

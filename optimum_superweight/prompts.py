@@ -96,7 +96,8 @@ def detection_inputs(
             texts.append(f"<token ids {ids[:4]}...>")
         else:
             raise ValueError(
-                f"prompt {prompt!r} is invalid: expected a string or a non-empty list of token ids in [0, {vocab_size})."
+                f"prompt {prompt!r} is invalid: expected a string or a non-empty list of token ids in "
+                f"[0, {vocab_size})."
             )
         if not ids:
             raise ValueError(f"prompt {prompt!r} encodes to no tokens.")

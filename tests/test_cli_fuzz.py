@@ -16,7 +16,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # hub_server.py sits next to this file
 from hub_server import hub_env, local_hub, no_retry_wait, unreachable_hub  # noqa: E402,F401  (fixtures)

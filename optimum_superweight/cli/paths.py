@@ -43,7 +43,10 @@ def check_model_source(source: str, *, what: str = "MODEL", need_weights: bool =
     from ..cards import _REPO_ID
 
     path = Path(source).expanduser()
-    expected = "expected a folder written by save_pretrained (config.json + *.safetensors) or a Hub repo id such as 'user/model'"
+    expected = (
+        "expected a folder written by save_pretrained (config.json + *.safetensors) or a Hub repo id such as "
+        "'user/model'"
+    )
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{what} {source} is a file, not a model folder: {expected}.")
@@ -93,7 +96,9 @@ def _nearest_existing(path: Path) -> Path:
 def _check_parent(path: Path, option: str) -> None:
     ancestor = _nearest_existing(path.parent)
     if not ancestor.is_dir():
-        raise ValueError(f"{option} {path}: {ancestor} is a file, so the output cannot be written there. Choose another path.")
+        raise ValueError(
+            f"{option} {path}: {ancestor} is a file, so the output cannot be written there. Choose another path."
+        )
     if not os.access(ancestor, os.W_OK):
         raise ValueError(f"{option} {path}: {ancestor} is not writable (permission denied). Choose another path.")
 
@@ -120,7 +125,8 @@ def check_output_folder(path: str | os.PathLike[str], overwrite: bool, option: s
         raise ValueError(f"{option} {target} is the input model's folder. Write the quantized checkpoint elsewhere.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ValueError(
-            f"{option} {target} exists and is not empty. Pass --overwrite to replace its content, or choose a new folder."
+            f"{option} {target} exists and is not empty. Pass --overwrite to replace its content, or choose a new "
+            "folder."
         )
     _check_parent(target, option)
     return target

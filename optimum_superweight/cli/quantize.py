@@ -63,7 +63,9 @@ def _check_shard_size(text: str) -> None:
     except ValueError:
         size = None
     if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"--max-shard-size {text!r} is invalid: accepted is a positive integer and a unit, e.g. 5GB or 500MB.")
+        raise ValueError(
+            f"--max-shard-size {text!r} is invalid: accepted is a positive integer and a unit, e.g. 5GB or 500MB."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     with reraise_hub_errors(source, "loading"):
         check_not_quantized(source)
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype), quantization_config=config)
+        dtype = getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=config)
     elapsed = time.perf_counter() - start
     found = model.config.quantization_config.get_super_weights()
     tokenizer_note = None
@@ -101,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
             tokenizer_note = "note: no tokenizer found next to the model; the checkpoint holds weights and config only"
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-    print(f"quantized {args.model} in {elapsed:.1f}s: {config.bits}-bit, group {config.group_size}, {len(found)} super weight(s) kept exact")
+    print(
+        f"quantized {args.model} in {elapsed:.1f}s: {config.bits}-bit, group {config.group_size}, "
+        f"{len(found)} super weight(s) kept exact"
+    )
     for sw in found:
         print(f"  {sw.paper_notation():<45} value {sw.value:+.6g}")
     if tokenizer_note:
