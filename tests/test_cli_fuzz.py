@@ -191,10 +191,15 @@ def test_quantize_refuses_existing_outputs_and_the_input(paths, capsys):
     assert code == 2 and "input model's folder" in err
 
 
-def test_quantize_refuses_an_already_quantized_checkpoint(paths, capsys):
+def test_commands_that_need_full_precision_refuse_a_quantized_checkpoint(paths, capsys):
     code, _, err = run(capsys, "quantize", paths.quantized, paths.root / "again", "--bits", "2")
     assert code == 2 and "already quantized (superweight, 4-bit, group 32, symmetric)" in err
     assert not (paths.root / "again").exists()
+    for argv in (["detect", paths.quantized, "--quiet"], ["detect", paths.quantized, "--quiet", "--streaming"],
+                 ["ablate", paths.quantized, "--quiet"], ["demo", "--model", paths.quantized, "--output", paths.root / "d"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "already quantized" in err, (argv, err)
+    assert "needs the full-precision weights" in err or "quantizing it again" in err
 
 
 def test_quantize_writes_what_it_prints_and_overwrite_replaces(paths, capsys):

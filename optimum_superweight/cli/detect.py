@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .paths import add_overwrite_argument, check_model_source, check_output_file
+from .paths import (
+    NEEDS_FULL_PRECISION,
+    add_overwrite_argument,
+    check_model_source,
+    check_not_quantized,
+    check_output_file,
+)
 
 __all__ = ["register", "run"]
 
@@ -64,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import reraise_hub_errors
 
     args.model = check_model_source(args.model)
+    with reraise_hub_errors(args.model, "loading"):
+        check_not_quantized(args.model, consequence=NEEDS_FULL_PRECISION.format(command="detect", source=args.model))
     check_output_file(args.json_path, args.overwrite, "--json")
     check_output_file(args.plot_path, args.overwrite, "--plot")
     _check_plot(args.plot_path)

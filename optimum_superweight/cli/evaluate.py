@@ -11,7 +11,13 @@ import argparse
 import json
 import sys
 
-from .paths import add_overwrite_argument, check_model_source, check_output_file
+from .paths import (
+    NEEDS_FULL_PRECISION,
+    add_overwrite_argument,
+    check_model_source,
+    check_not_quantized,
+    check_output_file,
+)
 
 __all__ = ["register", "run_perplexity", "run_ablate"]
 
@@ -132,6 +138,12 @@ def run_ablate(args: argparse.Namespace) -> int:
     from ..ablation import DEFAULT_OUTLIER_FRACTION, DEFAULT_SCALE_FACTORS, ablate
 
     text = _text(args)
+    if args.model != "default":
+        from ..errors import reraise_hub_errors
+
+        source = check_model_source(args.model)
+        with reraise_hub_errors(source, "loading"):
+            check_not_quantized(source, consequence=NEEDS_FULL_PRECISION.format(command="ablate", source=source))
     model, tokenizer = _load(args)
     if not args.quiet and args.super_weight is None:
         print("detecting super weights (pass --super-weight to skip) ...", file=sys.stderr, flush=True)

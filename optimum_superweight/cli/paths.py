@@ -65,8 +65,19 @@ def check_model_source(source: str, *, what: str = "MODEL", need_weights: bool =
     return source
 
 
-def check_not_quantized(source: str, what: str = "MODEL") -> None:
-    """Refuse a checkpoint that is already quantized: quantizing it again would keep its stored settings."""
+_REQUANTIZE = (
+    "quantizing it again would keep those settings. Quantize the full-precision model it came from instead (its "
+    "base_model), or use this checkpoint as it is (from_pretrained, perplexity, card)."
+)
+#: What to say when a command that needs the full-precision weights gets a quantized checkpoint.
+NEEDS_FULL_PRECISION = (
+    "{command} needs the full-precision weights. Run it on the model the checkpoint came from (its base_model); "
+    "the super weights this checkpoint keeps are in its config: optimum-superweight card {source}"
+)
+
+
+def check_not_quantized(source: str, what: str = "MODEL", consequence: str = _REQUANTIZE) -> None:
+    """Refuse a checkpoint that is already quantized (``consequence`` says why and what to do instead)."""
     from transformers import PretrainedConfig
 
     config, _ = PretrainedConfig.get_config_dict(source)
@@ -79,11 +90,7 @@ def check_not_quantized(source: str, what: str = "MODEL") -> None:
         settings = f"superweight, {quantization.get('bits')}-bit, group {quantization.get('group_size')}, {scheme}"
     else:
         settings = str(method)
-    raise ValueError(
-        f"{what} {source} is already quantized ({settings}); quantizing it again would keep those settings. "
-        "Quantize the full-precision model it came from instead (its base_model), or use this checkpoint as it is "
-        "(from_pretrained, perplexity, card)."
-    )
+    raise ValueError(f"{what} {source} is already quantized ({settings}); {consequence}")
 
 
 def _nearest_existing(path: Path) -> Path:
