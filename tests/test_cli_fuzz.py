@@ -236,6 +236,18 @@ def test_existing_output_files_are_refused_before_any_work(paths, capsys):
     assert paths.existing.read_text() == "{}\n" and not (paths.root / "demo-out").exists()
 
 
+def test_demo_replaces_only_its_own_previous_checkpoint(paths, capsys, tmp_path, monkeypatch):
+    import shutil
+
+    code, _, err = run(capsys, "demo", "--model", paths.model, "--output", paths.quantized)
+    assert code == 2 and "not empty" in err  # someone's checkpoint elsewhere: not replaced without --overwrite
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(paths.quantized, tmp_path / "out" / "superweight-demo")
+    code, _, err = run(capsys, "demo", "--model", paths.model, "--json", paths.existing)  # past the folder check
+    assert code == 2 and "--json" in err and "already exists" in err
+    assert (tmp_path / "out" / "superweight-demo" / "config.json").is_file()
+
+
 def test_detect_json_overwrite_writes_the_report(paths, capsys):
     target = paths.root / "report.json"
     target.write_text("old")
