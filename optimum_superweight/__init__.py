@@ -9,6 +9,7 @@ from .cards import build_model_card, read_super_weights
 from .config import SuperWeightConfig
 from .default_model import default_model_path
 from .detection import DetectionReport, detect_super_weights
+from .errors import SuperWeightError, SuperWeightHubError, SuperWeightRepoNotFoundError
 from .hub import attach_card_hook, push_to_hub
 from .kernels import kernel_summary, prepare_kernels, set_float32_policy
 from .known import known_super_weights
@@ -25,6 +26,9 @@ register()
 __all__ = [
     "SuperWeight",
     "SuperWeightConfig",
+    "SuperWeightError",
+    "SuperWeightHubError",
+    "SuperWeightRepoNotFoundError",
     "SuperWeightLinear",
     "SuperWeightQuantizer",
     "default_model_path",

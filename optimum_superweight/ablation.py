@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from .evaluation import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, builtin_text, perplexity, tokenize_text
+from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
 __all__ = ["ablate", "AblationReport", "AblationRow", "DEFAULT_OUTLIER_FRACTION", "DEFAULT_SCALE_FACTORS", "PROBE_PROMPT"]
@@ -50,7 +51,7 @@ __all__ = ["ablate", "AblationReport", "AblationRow", "DEFAULT_OUTLIER_FRACTION"
 DEFAULT_OUTLIER_FRACTION = 1e-6
 DEFAULT_SCALE_FACTORS: tuple[float, ...] = (0.5, 2.0)
 #: The authors' detection prompt; the super activation is read at its first token (BOS when the tokenizer has one).
-PROBE_PROMPT = "Apple Inc. is a worldwide tech company."
+PROBE_PROMPT = PAPER_PROMPT
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ enough to quantize without running detection:
     [('model.layers.2.mlp.down_proj', 3968, 7003)]
 
 Untrusted input is checked before it is parsed: a size cap on the card and on its YAML block, YAML
-aliases refused (they are how "billion laughs" bombs multiply), a cap on the number of YAML nodes and on
-nesting, and ``yaml.safe_load`` only.
+anchors and aliases refused (they are how "billion laughs" bombs multiply), a cap on the number of YAML nodes
+and on nesting, and a safe loader only (:class:`CardLoader`, stricter than ``yaml.safe_load``). A card is read
+completely or not at all: a repeated key, a number not in plain decimal notation, or a coordinate that cannot
+be read is an error naming its line, never a silently shorter or different list.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import SuperWeightConfig
 
 __all__ = [
+    "CardLoader",
     "CARD_KEY",
     "CARD_VERSION",
     "MAX_CARD_BYTES",
@@ -70,6 +74,8 @@ MAX_YAML_NODES = 50_000
 MAX_YAML_DEPTH = 32
 #: Most super weights one card may list (models have a handful; this only bounds hostile input).
 MAX_SUPER_WEIGHTS = 4096
+#: Largest row, column or layer index a card may give.
+MAX_COORDINATE = 2**31 - 1
 
 #: Markers around the generated part of a card text, so that a re-push replaces it and keeps the rest.
 GENERATED_BEGIN = "<!-- optimum-superweight:begin (generated; edits inside are replaced on the next push) -->"
@@ -87,7 +93,11 @@ PACKAGE_URL = "https://pypi.org/project/optimum-superweight/"
 _YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 # Anchor of a coordinate in the paper's notation; the module path in front of it is read backwards (bounded),
 # which keeps the scan linear on hostile text (a forward regex over long dotted chains would be quadratic).
-_COORD_ANCHOR = re.compile(r"\.weight\s*\[\s*(\d{1,9})\s*,\s*(\d{1,9})\s*\]")
+_COORD_ANCHOR = re.compile(r"\.weight[ \t]*\[")
+# What the brackets after the anchor must hold: two plain decimal integers (the closing bracket is searched
+# within _MAX_INDEX_CHARS characters, so the scan stays linear).
+_COORD_INDEX = re.compile(r"[ \t]*(\d+)[ \t]*,[ \t]*(\d+)[ \t]*")
+_MAX_INDEX_CHARS = 64
 _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.[]")
 _MAX_PATH_CHARS = 256
 _MODULE_PATH = re.compile(r"[A-Za-z_]\w*(?:\.(?:\d+|[A-Za-z_]\w*))*")
@@ -103,16 +113,85 @@ def _what(source: Any) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
-def _check_yaml_events(block: str, what: str) -> None:
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.1 (PyYAML) also reads 1:30 (sexagesimal, 90), 1_0 (10), 0x1F, 0o7, 017 (octal) and 1_000.5 as numbers:
+# a coordinate written that way is a typo far more often than a wish. Only plain decimal notation is a number.
+_PLAIN_INT = re.compile(r"^-?(?:0|[1-9][0-9]*)$")
+_PLAIN_FLOAT = re.compile(
+    r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class CardLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` made strict for model cards: a repeated mapping key is an error (safe_load keeps the
+    last one silently), and numbers are only read in plain decimal notation (``1:30``, ``1_0``, ``0x1F`` stay
+    strings, so a coordinate written that way is refused instead of becoming 90, 10 or 31).
+
+    >>> yaml.load("row: 1:30", Loader=CardLoader)
+    {'row': '1:30'}
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            first: dict[Any, int] = {}
+            for key_node, _value in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line {first[key] + 1} of the block)", key_node.start_mark,
+                    )
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+    def _plain_number(self, node: yaml.Node, pattern: re.Pattern[str], kind: str) -> str:
+        value = self.construct_scalar(node)
+        if not pattern.match(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{kind} {value!r} is not in plain decimal notation", node.start_mark
+            )
+        return value
+
+    def construct_plain_int(self, node: yaml.Node) -> int:
+        return int(self._plain_number(node, _PLAIN_INT, "integer"))
+
+    def construct_plain_float(self, node: yaml.Node) -> float:
+        self._plain_number(node, _PLAIN_FLOAT, "number")
+        return self.construct_yaml_float(node)  # .inf / .nan spelled the YAML way
+
+
+CardLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+CardLoader.add_implicit_resolver(_INT_TAG, _PLAIN_INT, list("-0123456789"))
+CardLoader.add_implicit_resolver(_FLOAT_TAG, _PLAIN_FLOAT, list("-+0123456789."))
+CardLoader.add_constructor(_INT_TAG, CardLoader.construct_plain_int)
+CardLoader.add_constructor(_FLOAT_TAG, CardLoader.construct_plain_float)
+
+
+def _check_yaml_events(block: str, what: str, first_line: int = 0) -> None:
     """Refuse aliases, too many nodes and too deep nesting by scanning parser events (nothing is built)."""
     nodes = depth = 0
-    for event in yaml.parse(block, Loader=yaml.SafeLoader):
+    for event in yaml.parse(block, Loader=CardLoader):
         if isinstance(event, yaml.AliasEvent):
             raise ValueError(
-                f"{what}: the YAML metadata uses an alias (*{event.anchor}); aliases and anchors are not accepted "
-                "in model cards (they are how YAML bombs multiply). Write the values out."
+                f"{what}: line {first_line + event.start_mark.line + 1}: the YAML metadata uses an alias "
+                f"(*{event.anchor}); aliases and anchors are not accepted in model cards (they are how YAML bombs "
+                "multiply). Write the values out."
             )
         if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if event.anchor is not None:  # harmless alone, but only aliases use it: refused like them, by line
+                raise ValueError(
+                    f"{what}: line {first_line + event.start_mark.line + 1}: the YAML metadata defines an anchor "
+                    f"(&{event.anchor}); aliases and anchors are not accepted in model cards. Write the values out."
+                )
             nodes += 1
             if nodes > MAX_YAML_NODES:
                 raise ValueError(
@@ -130,19 +209,21 @@ def _check_yaml_events(block: str, what: str) -> None:
             depth -= 1
 
 
-def _safe_yaml_mapping(block: str, what: str) -> dict[str, Any]:
+def _safe_yaml_mapping(block: str, what: str, first_line: int = 0) -> dict[str, Any]:
+    """The block parsed with :class:`CardLoader`; ``first_line``: lines of the card before the block (for messages)."""
     size = len(block.encode("utf-8"))
     if size > MAX_YAML_BYTES:
         raise ValueError(
             f"{what}: the YAML metadata block is {size} bytes; accepted are blocks of at most {MAX_YAML_BYTES} bytes."
         )
     try:
-        _check_yaml_events(block, what)
-        data = yaml.safe_load(block)
+        _check_yaml_events(block, what, first_line)
+        data = yaml.load(block, Loader=CardLoader)  # noqa: S506 - CardLoader is a SafeLoader
     except yaml.YAMLError as error:
         raise ValueError(
-            f"{what}: the YAML metadata between the '---' lines is malformed ({_yaml_error_summary(error)}); "
-            "accepted is a YAML mapping parsed with yaml.safe_load (plain scalars, lists and mappings, no tags)."
+            f"{what}: the YAML metadata between the '---' lines is malformed ({_yaml_error_summary(error, first_line)}); "
+            "accepted is a YAML mapping of plain scalars (numbers in decimal notation), lists and mappings, with no "
+            "repeated keys and no tags."
         ) from None
     except ValueError as error:  # e.g. an integer literal longer than Python converts
         if str(error).startswith(what):
@@ -158,18 +239,57 @@ def _safe_yaml_mapping(block: str, what: str) -> dict[str, Any]:
     return data
 
 
-def _yaml_error_summary(error: yaml.YAMLError) -> str:
+def _yaml_error_summary(error: yaml.YAMLError, first_line: int = 0) -> str:
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     mark = getattr(error, "problem_mark", None)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1} of the block" if mark is not None else problem
+    if mark is None:
+        return problem
+    problem = re.sub(r"line (\d+) of the block", lambda m: f"line {int(m.group(1)) + first_line}", problem)
+    return f"{problem} at line {first_line + mark.line + 1}, column {mark.column + 1}"
+
+
+@dataclass(frozen=True)
+class _SplitCard:
+    """A card's metadata and text, with what is needed to name lines in error messages."""
+
+    metadata: dict[str, Any]
+    text: str
+    block: str = ""
+    block_line: int = 0  # lines of the card before the YAML block
+    text_line: int = 0  # lines of the card before the text
+
+    def line_of(self, path: Sequence[Any]) -> int | None:
+        """The card line of the YAML node at ``path`` (keys and list indices), or None."""
+        if not self.block:
+            return None
+        try:
+            node = yaml.compose(self.block, Loader=CardLoader)
+        except yaml.YAMLError:
+            return None
+        for step in path:
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == step), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and 0 <= step < len(node.value):
+                node = node.value[step]
+            else:
+                node = None
+            if node is None:
+                return None
+        return self.block_line + node.start_mark.line + 1
 
 
 def parse_card(content: str, what: str = "model card") -> tuple[dict[str, Any], str]:
-    """Split a card into ``(metadata, text)`` with every safety check; raise ``ValueError`` naming the problem.
+    """Split a card into ``(metadata, text)`` with every safety check; raise ``ValueError`` naming the problem
+    (and its line).
 
     >>> parse_card("---\\nlibrary_name: transformers\\n---\\n# Hello\\n")
     ({'library_name': 'transformers'}, '# Hello\\n')
     """
+    card = _split_card(content, what)
+    return card.metadata, card.text
+
+
+def _split_card(content: str, what: str) -> _SplitCard:
     if not isinstance(content, str):
         raise ValueError(f"{what}: expected the card's text as a str, got {type(content).__name__}.")
     size = len(content.encode("utf-8"))
@@ -182,8 +302,10 @@ def parse_card(content: str, what: str = "model card") -> tuple[dict[str, Any], 
                 f"{what}: the card starts a YAML metadata block with '---' but never closes it; accepted is a block "
                 "between two '---' lines at the top of the card."
             )
-        return {}, content
-    return _safe_yaml_mapping(match.group(2), what), content[match.end() :]
+        return _SplitCard({}, content)
+    block_line = content[: match.start(2)].count("\n")
+    metadata = _safe_yaml_mapping(match.group(2), what, block_line)
+    return _SplitCard(metadata, content[match.end() :], match.group(2), block_line, content[: match.end()].count("\n"))
 
 
 def _read_text_file(path: Path, what: str) -> str:
@@ -194,7 +316,8 @@ def _read_text_file(path: Path, what: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{what} is not UTF-8 text ({error}); accepted are UTF-8 Markdown files.") from None
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{what}: line {line} is not UTF-8 text ({error}); accepted are UTF-8 Markdown files.") from None
 
 
 def load_card(source: "str | os.PathLike[str] | ModelCard") -> "ModelCard":
@@ -272,24 +395,40 @@ def card_metadata_block(metadata: Mapping[str, Any], what: str = "model card") -
     return None
 
 
-def _records_from_entries(entries: Any, what: str, where: str, source_label: str) -> list[SuperWeight]:
+def _records_from_entries(
+    entries: Any, what: str, where: str, source_label: str, line_of: Callable[[int | None], int | None] | None = None
+) -> list[SuperWeight]:
+    """Every entry as a record, or a ValueError naming the entry (and its card line, via ``line_of(index)``)."""
+
+    def at(index: int | None) -> str:
+        line = line_of(index) if line_of is not None else None
+        return f"{what}: line {line}:" if line is not None else f"{what}:"
+
     if not isinstance(entries, (list, tuple)):
         raise ValueError(
-            f"{what}: '{where}' is a {type(entries).__name__}; accepted is a list of mappings with 'module', 'row', "
+            f"{at(None)} '{where}' is a {type(entries).__name__}; accepted is a list of mappings with 'module', 'row', "
             "'col' (and optionally 'value', 'layer', 'classification', 'impact')."
         )
     if len(entries) > MAX_SUPER_WEIGHTS:
-        raise ValueError(f"{what}: '{where}' lists {len(entries)} entries; at most {MAX_SUPER_WEIGHTS} are accepted.")
+        raise ValueError(f"{at(None)} '{where}' lists {len(entries)} entries; at most {MAX_SUPER_WEIGHTS} are accepted.")
     records: list[SuperWeight] = []
     seen: set[tuple[str, int, int]] = set()
     for index, entry in enumerate(entries):
         try:
             record = SuperWeight.from_dict(dict(entry) if isinstance(entry, Mapping) else entry)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{what}: '{where}[{index}]' is invalid: {error}") from None
+            raise ValueError(
+                f"{at(index)} '{where}[{index}]' is invalid: {error} Coordinates are plain decimal integers "
+                "(row: 3968, not 3_968, 0xF80 or 1:30)."
+            ) from None
+        if max(record.row, record.col, record.layer or 0) > MAX_COORDINATE:
+            raise ValueError(
+                f"{at(index)} '{where}[{index}]' has a coordinate above {MAX_COORDINATE} ({record.paper_notation()}); "
+                "no weight matrix is that large."
+            )
         key = (record.module, record.row, record.col)
         if key in seen:
-            raise ValueError(f"{what}: '{where}[{index}]' repeats {record.paper_notation()}; entries must be distinct.")
+            raise ValueError(f"{at(index)} '{where}[{index}]' repeats {record.paper_notation()}; entries must be distinct.")
         seen.add(key)
         records.append(record.with_updates(source=source_label))
     return records
@@ -306,19 +445,25 @@ def _module_from_notation(path: str) -> str | None:
     return path
 
 
-def super_weights_from_text(text: str, source_label: str = "card") -> list[SuperWeight]:
+def super_weights_from_text(
+    text: str, source_label: str = "card", *, what: str = "card text", first_line: int = 0
+) -> list[SuperWeight]:
     """Coordinates written in the paper's notation anywhere in ``text`` (first occurrence of each wins).
 
     ``layers[2].mlp.down_proj.weight[3968, 7003]`` and ``model.layers.2.mlp.down_proj.weight[3968, 7003]`` both
     give module ``model.layers.2.mlp.down_proj``, row 3968, col 7003 (row = hidden/output channel). A path
     without a ``model.``/``transformer.`` root is taken relative to ``model.``, as in the paper; the path must
-    name a decoder layer.
+    name a decoder layer (prose such as ``lm_head.weight[1, 2]`` is not a super weight). A decoder-layer weight
+    whose brackets do not hold two plain decimal integers (``weight[3968, abc]``, ``weight[1:30, 5]``,
+    ``weight[3968]``) is an error naming its line (``first_line``: lines of the card before ``text``): a card is
+    read completely or not at all.
 
     >>> [sw.paper_notation() for sw in super_weights_from_text("W = layers[1].mlp.down_proj.weight[2070, 7310]")]
     ['layers[1].mlp.down_proj.weight[2070, 7310]']
     """
     records: list[SuperWeight] = []
     seen: set[tuple[str, int, int]] = set()
+    line, counted = first_line + 1, 0
     for match in _COORD_ANCHOR.finditer(text):
         start = match.start()
         begin = start
@@ -327,23 +472,47 @@ def super_weights_from_text(text: str, source_label: str = "card") -> list[Super
         module = _module_from_notation(text[begin:start])
         if module is None:
             continue
-        row, col = int(match.group(1)), int(match.group(2))
+        line, counted = line + text.count("\n", counted, start), start
+        close = text.find("]", match.end(), match.end() + _MAX_INDEX_CHARS)
+        inside = text[match.end() : close] if close != -1 else None
+        coordinates = _COORD_INDEX.fullmatch(inside) if inside is not None and "\n" not in inside else None
+        if coordinates is None or max(len(coordinates.group(1)), len(coordinates.group(2))) > 10 or max(
+            int(coordinates.group(1)), int(coordinates.group(2))
+        ) > MAX_COORDINATE:
+            shown = text[begin : (close + 1 if close != -1 else match.end() + 16)].splitlines()[0][:120]
+            raise ValueError(
+                f"{what}: line {line}: `{shown}` is not a coordinate the reader understands; accepted is "
+                "layers[L].mlp.down_proj.weight[ROW, COL] with ROW and COL plain decimal integers "
+                f"(at most {MAX_COORDINATE}). Fix or remove it: a card is read completely or not at all."
+            )
+        row, col = int(coordinates.group(1)), int(coordinates.group(2))
         key = (module, row, col)
         if key in seen:
             continue
         seen.add(key)
         records.append(SuperWeight(module=module, row=row, col=col, source=source_label))
         if len(records) > MAX_SUPER_WEIGHTS:
-            raise ValueError(f"The card text holds more than {MAX_SUPER_WEIGHTS} coordinates; that many are not accepted.")
+            raise ValueError(f"{what} holds more than {MAX_SUPER_WEIGHTS} coordinates; that many are not accepted.")
     return records
 
 
-def _records_from_card(metadata: Mapping[str, Any], text: str, what: str, source_label: str) -> list[SuperWeight] | None:
-    block = card_metadata_block(metadata, what)
+def _records_from_card(
+    metadata: Mapping[str, Any], text: str, what: str, source_label: str, card: _SplitCard | None = None
+) -> list[SuperWeight] | None:
+    try:
+        block = card_metadata_block(metadata, what)
+    except ValueError as error:
+        line = card.line_of((CARD_KEY,)) if card is not None else None
+        if line is None:
+            raise
+        raise ValueError(str(error).replace(f"{what}:", f"{what}: line {line}:", 1)) from None
     if block is not None:
-        where = f"{CARD_KEY}.super_weights" if CARD_KEY in metadata else "super_weights"
-        return _records_from_entries(block["super_weights"], what, where, source_label)
-    found = super_weights_from_text(text, source_label)
+        path: tuple[str, ...] = (CARD_KEY, "super_weights") if CARD_KEY in metadata else ("super_weights",)
+        line_of = None
+        if card is not None:
+            line_of = lambda index: card.line_of(path if index is None else (*path, index))  # noqa: E731
+        return _records_from_entries(block["super_weights"], what, ".".join(path), source_label, line_of)
+    found = super_weights_from_text(text, source_label, what=what, first_line=card.text_line if card else 0)
     return found or None
 
 
@@ -373,23 +542,39 @@ def _no_super_weights(what: str) -> ValueError:
     )
 
 
+def _built_from(content: str, metadata: Mapping[str, Any], text: str, what: str) -> bool:
+    """Whether a ModelCard's metadata and text are still what ``yaml.safe_load`` made of ``content``."""
+    match = _YAML_BLOCK.search(content)
+    if match is None:
+        return not metadata and text == content
+    if len(match.group(2).encode("utf-8")) > MAX_YAML_BYTES:
+        return True  # the strict reader refuses it, naming the size
+    _check_yaml_events(match.group(2), what, content[: match.start(2)].count("\n"))  # bounds before building
+    try:
+        lenient = yaml.safe_load(match.group(2)) or {}
+    except (yaml.YAMLError, ValueError):
+        return True  # the strict reader reports it
+    return lenient == metadata and content[match.end() :] == text
+
+
 def _read_folder(folder: Path) -> list[SuperWeight]:
     readme = folder / "README.md"
     config = folder / "config.json"
     metadata: dict[str, Any] = {}
     text = ""
+    card = None
     if readme.is_file():
         what = f"Model card {readme}"
-        metadata, text = parse_card(_read_text_file(readme, what), what)
-        block = card_metadata_block(metadata, what)
-        if block is not None:
-            return _records_from_card(metadata, text, what, "card") or []
+        card = _split_card(_read_text_file(readme, what), what)
+        metadata, text = card.metadata, card.text
+        if CARD_KEY in metadata or "super_weights" in metadata:
+            return _records_from_card(metadata, text, what, "card", card) or []
     if config.is_file():
         records = _records_from_config_json(config, f"{config}")
         if records is not None:
             return records
-    if text:
-        records = super_weights_from_text(text)
+    if text and card is not None:
+        records = super_weights_from_text(text, what=f"Model card {readme}", first_line=card.text_line)
         if records:
             return records
     if not readme.is_file() and not config.is_file():
@@ -398,24 +583,34 @@ def _read_folder(folder: Path) -> list[SuperWeight]:
 
 
 def _read_hub(repo_id: str, revision: str | None, token: str | bool | None) -> list[SuperWeight]:
-    from huggingface_hub import hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from .errors import reraise_hub_errors
+
+    with reraise_hub_errors(repo_id, "reading the model card of"):
+        return _read_hub_files(repo_id, revision, token)
+
+
+def _read_hub_files(repo_id: str, revision: str | None, token: str | bool | None) -> list[SuperWeight]:
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     from huggingface_hub.file_download import get_hf_file_metadata
 
     what = f"Hub repo {repo_id}"
 
     def fetch(filename: str, cap: int) -> Path | None:
+        if constants.HF_HUB_OFFLINE:  # the cache only (sizes are checked again when the files are read)
+            try:
+                return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
+            except EntryNotFoundError:  # LocalEntryNotFoundError included: not cached
+                return None
         try:
-            metadata = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token)
-        except EntryNotFoundError:
+            # HF_HUB_ETAG_TIMEOUT bounds the wait on an unresponsive Hub, as it does for hf_hub_download.
+            metadata = get_hf_file_metadata(
+                hf_hub_url(repo_id, filename, revision=revision), token=token, timeout=constants.HF_HUB_ETAG_TIMEOUT
+            )
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):  # offline / unreachable, not a missing file
+                raise
             return None
-        except RevisionNotFoundError:
-            raise ValueError(f"{what} has no revision {revision!r}.") from None
-        except RepositoryNotFoundError:
-            raise ValueError(
-                f"{what} was not found (or is private/gated without a token): expected a model repo id such as "
-                "'user/model', a local folder, a README path or a ModelCard."
-            ) from None
         if metadata.size is not None and metadata.size > cap:
             raise ValueError(f"{what}: {filename} is {metadata.size} bytes; accepted are files of at most {cap} bytes.")
         return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
@@ -423,20 +618,35 @@ def _read_hub(repo_id: str, revision: str | None, token: str | bool | None) -> l
     readme = fetch("README.md", MAX_CARD_BYTES)
     metadata: dict[str, Any] = {}
     text = ""
+    card_what = f"Model card of {repo_id}"
+    card = None
     if readme is not None:
-        card_what = f"Model card of {repo_id}"
-        metadata, text = parse_card(_read_text_file(readme, card_what), card_what)
-        if card_metadata_block(metadata, card_what) is not None:
-            return _records_from_card(metadata, text, card_what, "card") or []
+        card = _split_card(_read_text_file(readme, card_what), card_what)
+        metadata, text = card.metadata, card.text
+        if CARD_KEY in metadata or "super_weights" in metadata:
+            return _records_from_card(metadata, text, card_what, "card", card) or []
     config = fetch("config.json", MAX_CARD_BYTES * 16)
+    if readme is None and config is None and constants.HF_HUB_OFFLINE:
+        from .errors import SuperWeightHubError
+
+        raise SuperWeightHubError(
+            f"Cannot read the model card of {repo_id}: offline mode is on (HF_HUB_OFFLINE=1) and neither its README.md "
+            "nor its config.json is in the cache. Unset HF_HUB_OFFLINE, or pass a local folder or README path.",
+            repo_id=repo_id, cause="offline",
+        )
+    if readme is None and config is None:
+        raise ValueError(
+            f"{what} has neither README.md nor config.json, so it records no super weights: expected the repo of a "
+            "model quantized with optimum-superweight, or of a card that lists coordinates."
+        )
     if config is not None:
         records = _records_from_config_json(config, f"config.json of {repo_id}")
         if records is not None:
             return records
-    records = super_weights_from_text(text) if text else []
+    records = super_weights_from_text(text, what=card_what, first_line=card.text_line) if card and text else []
     if records:
         return records
-    raise _no_super_weights(what)
+    raise _no_super_weights(what + (" (it has no README.md)" if readme is None else ""))
 
 
 def read_super_weights(
@@ -459,6 +669,9 @@ def read_super_weights(
     Raises:
         ValueError: malformed or unsafe YAML (aliases, too large, too deep), a card over
             :data:`MAX_CARD_BYTES`, invalid entries, or no super weights anywhere in the card.
+        SuperWeightHubError: for a repo id, the Hub could not be reached or failed (offline, network, HTTP
+            5xx); :class:`~optimum_superweight.errors.SuperWeightRepoNotFoundError` (also a ``ValueError``)
+            when the repo or revision does not exist. The message names the repo, the cause and what to do.
 
     >>> read_super_weights("model_cards/huggyllama--llama-7b.md")[0].paper_notation()  # doctest: +SKIP
     'layers[2].mlp.down_proj.weight[3968, 7003]'
@@ -470,8 +683,15 @@ def read_super_weights(
         text = source.text if isinstance(source.text, str) else ""
         if len(text.encode("utf-8")) > MAX_CARD_BYTES:
             raise ValueError(f"{what} text is over {MAX_CARD_BYTES} bytes; accepted are cards of at most that size.")
+        # huggingface_hub parsed the card with yaml.safe_load (repeated keys kept silently, 1:30 read as 90):
+        # the text it was built from, when it still has it, must pass this module's reader too.
+        original = getattr(source, "_content", None)
         metadata = _bounded_copy(source.data.to_dict(), what, [MAX_YAML_NODES])
-        records = _records_from_card(metadata, text, what, "card")
+        split = None
+        if isinstance(original, str) and _built_from(original, metadata, text, what):
+            split = _split_card(original, what)  # errors name the line; a card edited since is read as it is now
+            metadata = split.metadata
+        records = _records_from_card(metadata, text, what, "card", split)
         if records is None:
             raise _no_super_weights(what)
         return records
@@ -485,8 +705,8 @@ def read_super_weights(
         return _read_folder(path)
     if path.is_file():
         what = f"Model card {path}"
-        metadata, text = parse_card(_read_text_file(path, what), what)
-        records = _records_from_card(metadata, text, what, "card")
+        card = _split_card(_read_text_file(path, what), what)
+        records = _records_from_card(card.metadata, card.text, what, "card", card)
         if records is None:
             raise _no_super_weights(what)
         return records

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
 __all__ = ["SuperWeightConfig", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
@@ -28,8 +29,8 @@ CLIP_OBJECTIVES = ("weight", "output")
 #: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
 ACTIVATION_BITS = (None, 8)
 ACTIVATION_SCALES = ("per_tensor", "per_token")
-#: Prompt the paper's authors used to find super weights.
-DEFAULT_DETECTION_PROMPT = "Apple Inc. is a worldwide tech company."
+#: Prompt the paper's authors used to find super weights (defined once, in prompts.py).
+DEFAULT_DETECTION_PROMPT = PAPER_PROMPT
 
 
 def _invalid(field: str, value: Any, accepted: str) -> ValueError:
@@ -61,7 +62,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         super_weights: Coordinates to keep exact, as dicts (``module``, ``row``, ``col``, optional ``value``)
             or :class:`SuperWeight` records. When given, detection is skipped.
         detect: Run detection at load time when ``super_weights`` is empty.
-        detection_prompts: Calibration prompts for detection (default: the paper's prompt).
+        detection_prompts: Calibration prompts for detection (default: ``prompts.DEFAULT_PROMPTS``, the paper's first).
         detection_threshold: Minimum absolute activation of a spike, in the paper's sense (authors: 50).
         detection_min_ratio: Minimum ratio of a spike to the median |activation| of the same layer.
         detection_layers: Decoder-layer indices to search (default: all).

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .architectures import ProjectionSite, projection_sites, weight_index
+from .prompts import DEFAULT_PROMPTS, detection_inputs
 from .records import SuperWeight
 
 __all__ = [
@@ -44,14 +45,6 @@ __all__ = [
     "WEAK_PPL_RATIO",
     "FOLLOW_UP_FRACTION",
 ]
-
-#: Built-in detection prompts: the authors' prompt plus ordinary prose, a date-heavy sentence and code.
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "Apple Inc. is a worldwide tech company.",
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "In 1905, Albert Einstein published four papers that changed physics.",
-    "def add(a, b):\n    return a + b",
-)
 
 # Classification thresholds, on the confirmation text (KL in nats per token, original || ablated;
 # perplexity ratio = exp(ablated mean NLL - original mean NLL)). Calibrated on SmolLM2-135M-Instruct,
@@ -355,50 +348,11 @@ def _vocab_size(model: torch.nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def _fallback_prompts(vocab_size: int, count: int = 4, length: int = 16) -> list[list[int]]:
-    # Fixed, spread-out token ids: a deterministic stand-in for text when no tokenizer is given.
-    return [[(17 + 31 * k + 101 * i) % vocab_size for k in range(length)] for i in range(count)]
-
-
 def _encode_prompts(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str | Sequence[int]] | None
 ) -> tuple[list[str], list[list[int]]]:
-    vocab = _vocab_size(model)
-    if prompts is None:
-        if tokenizer is None:
-            ids = _fallback_prompts(vocab)
-            return [f"<token ids {p[:4]}...>" for p in ids], ids
-        prompts = DEFAULT_PROMPTS
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError(
-            f"prompts={prompts!r} is invalid: expected a non-empty list of strings (or of token-id lists), or None."
-        )
-    texts: list[str] = []
-    encoded: list[list[int]] = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError(f"prompts contains an empty string: {list(prompts)!r}.")
-            if tokenizer is None:
-                raise ValueError(
-                    f"prompts contains text ({prompt!r}) but tokenizer is None: pass the model's tokenizer, "
-                    "or prompts as lists of token ids."
-                )
-            ids = list(tokenizer(prompt)["input_ids"])
-            texts.append(prompt)
-        elif isinstance(prompt, Sequence) and prompt and all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt
-        ):
-            ids = list(prompt)
-            texts.append(f"<token ids {ids[:4]}...>")
-        else:
-            raise ValueError(
-                f"prompt {prompt!r} is invalid: expected a string or a non-empty list of token ids in [0, {vocab})."
-            )
-        if not ids:
-            raise ValueError(f"prompt {prompt!r} encodes to no tokens.")
-        encoded.append(ids)
-    return texts, encoded
+    # One rule for every detection path (text, default prompts, fixed ids without a tokenizer): see prompts.py.
+    return detection_inputs(tokenizer, prompts, _vocab_size(model))
 
 
 def _batch(encoded: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -658,8 +612,9 @@ def detect_super_weights(
 
     Args:
         model: A causal LM (``*ForCausalLM``) whose projection weights are materialised (not meta).
-        tokenizer: Its tokenizer; without one, fixed token ids stand in for the prompts and text bytes
-            for the confirmation text, so detection works on any model.
+        tokenizer: Its tokenizer; without one, fixed token ids stand in for the prompts (with a log line) and
+            text bytes for the confirmation text, so detection works on any model. The rule is shared by every
+            detection path: see :mod:`optimum_superweight.prompts`.
         prompts: Detection prompts (strings, or lists of token ids); default :data:`DEFAULT_PROMPTS`.
         threshold: Minimum absolute activation of a spike (the authors used 50).
         min_ratio: Minimum ratio of a spike to the median absolute activation of its layer.

@@ -38,6 +38,7 @@ from .cards import (
     parse_card,
     read_super_weights,
 )
+from .errors import UPLOAD_REMEDY, SuperWeightHubError, reraise_hub_errors
 from .records import SuperWeight
 
 __all__ = [
@@ -226,6 +227,17 @@ def _check_weights_hold(folder: Path, records: list[SuperWeight]) -> None:
                 )
 
 
+def _check_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any], list[SuperWeight]]:
+    """A save_pretrained folder of a superweight checkpoint whose config and weights agree, or a ValueError."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: expected a folder written by save_pretrained.")
+    config = _read_config_json(folder)
+    quantization = config["quantization_config"]
+    _settings, records = _resolve_quantization(quantization)
+    _check_weights_hold(folder, records)
+    return config, quantization, records
+
+
 def card_for_folder(
     folder: str | os.PathLike[str],
     *,
@@ -243,12 +255,7 @@ def card_for_folder(
     >>> print(card_for_folder("out/smollm2-sw4", base_model="HuggingFaceTB/SmolLM2-135M-Instruct"))  # doctest: +SKIP
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder: expected a folder written by save_pretrained.")
-    config = _read_config_json(folder)
-    quantization = config["quantization_config"]
-    _settings, records = _resolve_quantization(quantization)
-    _check_weights_hold(folder, records)
+    config, quantization, records = _check_folder(folder)
     readme = folder / "README.md"
     if existing_card is None and readme.is_file():
         existing_card = _read_text_file(readme, f"Model card {readme}")
@@ -306,15 +313,26 @@ def _check_card_round_trip(card: Any, records: list[SuperWeight]) -> None:
 def _remote_readme(api: Any, repo_id: str, revision: str | None, token: Any) -> str | None:
     """The repo's current README.md, or None when the repo or the file does not exist (or is unreadable)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from .errors import reraise_hub_errors
 
     try:
-        path = hf_hub_download(repo_id, "README.md", revision=revision, token=token, endpoint=api.endpoint)
-    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
-        return None
-    except HfHubHTTPError as error:
-        logger.warning("Could not read the README.md of %s (%s); it will be replaced by the generated card.", repo_id, error)
-        return None
+        with reraise_hub_errors(repo_id, "reading the existing README.md of", UPLOAD_REMEDY):
+            try:
+                path = hf_hub_download(repo_id, "README.md", revision=revision, token=token, endpoint=api.endpoint)
+            except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+                if isinstance(error, LocalEntryNotFoundError):  # unreachable, not a missing file: fail before pushing
+                    raise
+                return None
+    except SuperWeightHubError as error:
+        if error.cause.startswith("http") and not error.cause.startswith("http 5"):
+            # e.g. 401/403 on a README we may not read: the push itself decides whether we may write.
+            logger.warning("Could not read the README.md of %s (%s); it will be replaced by the generated card.", repo_id, error)
+            return None
+        raise
     try:
         return _read_text_file(Path(path), f"README.md of {repo_id}")
     except ValueError as error:
@@ -372,6 +390,7 @@ def push_folder_to_hub(
     _check_commit_message(commit_message)
     folder = Path(folder)
     perplexity = normalize_perplexity(perplexity)
+    _check_folder(folder)  # before any request: a bad folder is an error about the folder, not the network
     api = HfApi()  # built now, so a patched/changed endpoint is honoured
     existing = None
     if not (folder / "README.md").is_file():
@@ -382,15 +401,18 @@ def push_folder_to_hub(
     )
     card_text = str(card)
     operations = _folder_operations(folder, card_text)
-    repo_url = api.create_repo(repo_id, private=private, token=token, exist_ok=True)
-    return api.create_commit(
-        repo_id=repo_url.repo_id,
-        operations=operations,
-        commit_message=commit_message,
-        commit_description=commit_description,
-        token=token,
-        revision=revision,
-    )
+    with reraise_hub_errors(repo_id, "creating the repo", UPLOAD_REMEDY):
+        repo_url = api.create_repo(repo_id, private=private, token=token, exist_ok=True)
+    with reraise_hub_errors(repo_id, f"uploading {len(operations)} file(s) in one commit to", UPLOAD_REMEDY):
+        # One commit: if it fails, the Hub keeps the repo as it was (nothing half-uploaded).
+        return api.create_commit(
+            repo_id=repo_url.repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            token=token,
+            revision=revision,
+        )
 
 
 def push_to_hub(
@@ -427,6 +449,8 @@ def push_to_hub(
 
     Raises:
         ValueError: invalid arguments, or a model not quantized with optimum-superweight; nothing is uploaded.
+        SuperWeightHubError: the Hub could not be reached or refused the upload (the message names the repo,
+            the cause and what to do); the commit is all-or-nothing, so the repo is left as it was.
 
     >>> import optimum_superweight
     >>> optimum_superweight.push_to_hub(model, "user/tiny-sw4", tokenizer=tokenizer, perplexity=(14.99, 15.9))  # doctest: +SKIP
@@ -473,7 +497,8 @@ def _upload_modified_files(self: Any, working_dir: str | os.PathLike[str], repo_
     merged = merge_cards(existing, card)
     _check_card_round_trip(merged, _resolve_quantization(self)[1])
     merged.save(readme)
-    return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
+    with reraise_hub_errors(repo_id, "uploading the model to", UPLOAD_REMEDY):
+        return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
 
 
 def attach_card_hook(

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .architectures import projection_sites
+from .prompts import load_tokenizer
 from .detection import (
     DetectionReport,
     LayerSpikes,
@@ -188,7 +189,8 @@ def detect_super_weights_streaming(
 
     Args:
         source: A local model folder (``config.json`` + safetensors). Or give ``config`` and ``files``.
-        tokenizer: Encodes text prompts; without one, fixed token ids stand in (as in detection).
+        tokenizer: Encodes the prompts; default: the tokenizer saved in ``source`` (the rule of
+            :mod:`optimum_superweight.prompts`: without any, fixed token ids stand in, with a log line).
         config: A transformers config, instead of reading ``source/config.json``.
         files: Safetensors files, instead of those of ``source``.
         prompts, threshold, min_ratio, layers, max_super_weights, max_iterations, projection: As in
@@ -235,10 +237,10 @@ def _detect_streaming(
         if source is None:
             raise ValueError("files=None needs source=<model folder> to find the safetensors shards.")
         files = checkpoint_files(source)
-    if tokenizer is None and source is not None and prompts is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer is None and source is not None:
+        # The same rule as in memory (prompts.py): the model's own tokenizer and the default prompts when the
+        # folder has one; fixed token ids, with a log line, only when it has none.
+        tokenizer = load_tokenizer(source)
 
     model = meta_model(config)
     reader = ShardReader(files, getattr(model, "base_model_prefix", "model"))

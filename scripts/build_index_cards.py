@@ -74,7 +74,7 @@ def measure_smollm2() -> tuple[SuperWeight, dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_superweight.config import DEFAULT_DETECTION_PROMPT
+    from optimum_superweight.prompts import PAPER_PROMPT as DEFAULT_DETECTION_PROMPT
     from optimum_superweight.default_model import DEFAULT_MODEL_SUPER_WEIGHT, default_model_path
     from optimum_superweight.evaluation import perplexity
 

@@ -8,10 +8,15 @@ It listens on 127.0.0.1 only, serves at most ``max_workers`` requests at a time,
 ``max_body_bytes``, and applies a commit all-or-nothing (any bad line: nothing changes), so a test can
 assert that a failed push left the repo untouched.
 
+Faults can be injected per route (:meth:`LocalHub.inject`): an HTTP status (e.g. 500), a timeout (the answer
+is held back), or a dropped connection (closed without an answer, as when a server dies mid-upload).
+
 Fixtures:
     ``local_hub``: a started server (``.endpoint``, ``.requests``, ``.files(repo_id)``, ``.commits(repo_id)``).
     ``hub_env``: ``local_hub`` plus huggingface_hub/transformers pointed at it in this process, with an
     empty HF cache; ``hub_env.env`` is an environment for subprocesses (``HF_ENDPOINT``, ``HF_HOME``...).
+    ``no_retry_wait``: huggingface_hub's retries without their back-off sleeps (fast fault tests).
+    ``unreachable_hub``: huggingface_hub pointed at a closed local port (network failure, not offline mode).
 
 ``HF_ENDPOINT`` is read once, when huggingface_hub is imported; in-process the fixture therefore patches the
 values derived from it (``constants.ENDPOINT``, the URL template, the module-level ``HfApi`` and the
@@ -113,6 +118,20 @@ def _validate_metadata(content: str) -> list[str]:
     return []
 
 
+@dataclass
+class Fault:
+    """What to do instead of answering a route: ``kind`` is "status", "timeout" (sleep ``delay`` s, then 504) or
+    "drop" (close the connection without an answer). ``times``: how many requests it hits (None: all)."""
+
+    route: str
+    kind: str = "status"
+    status: int = 500
+    delay: float = 5.0
+    times: int | None = None
+    method: str | None = None
+    hits: int = 0
+
+
 class LocalHub(ThreadingHTTPServer):
     """The server; start with :meth:`start`, stop with :meth:`stop` (or use the fixtures)."""
 
@@ -128,6 +147,28 @@ class LocalHub(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
         self._commit_counter = 0
         self.requests: list[tuple[str, str]] = []
+        self.faults: list[Fault] = []
+
+    def inject(self, route: str, kind: str = "status", *, status: int = 500, delay: float = 5.0,
+               times: int | None = None, method: str | None = None) -> Fault:
+        """Make requests to ``route`` (a route name such as "commit", "resolve", "create_repo", or "*") fail."""
+        if kind not in ("status", "timeout", "drop"):
+            raise ValueError(f"kind={kind!r}: expected 'status', 'timeout' or 'drop'")
+        fault = Fault(route=route, kind=kind, status=status, delay=delay, times=times, method=method)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _fault_for(self, method: str, route: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.route not in (route, "*") or (fault.method and fault.method != method):
+                    continue
+                if fault.times is not None and fault.hits >= fault.times:
+                    continue
+                fault.hits += 1
+                return fault
+        return None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -371,6 +412,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if match is None:
                     continue
                 params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                fault = self.server._fault_for(method, name)
+                if fault is not None:
+                    return self._apply_fault(fault, method)
                 if name == "resolve":
                     return self._resolve(method, **params)
                 raw = self._read_body() if method == "POST" else b""
@@ -388,6 +432,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(
                 error.status, {"error": error.message, **error.extra}, error_code=error.code, commit=error.commit, head=method == "HEAD"
             )
+
+    def _apply_fault(self, fault: Fault, method: str) -> None:
+        if fault.kind == "drop":
+            self.close_connection = True  # no status line at all: the client sees a broken connection
+            return None
+        if fault.kind == "timeout":
+            time.sleep(fault.delay)
+            raise _HubError(504, "injected timeout")
+        raise _HubError(fault.status, f"injected fault (HTTP {fault.status})")
 
     def _resolve(self, method: str, repo: str, rev: str, path: str) -> None:
         server = self.server
@@ -489,3 +542,28 @@ def hub_env(local_hub, tmp_path, monkeypatch):
                      env={k: v for k, v in __import__("os").environ.items()})
     finally:
         huggingface_hub.close_session()
+
+
+@pytest.fixture()
+def no_retry_wait(monkeypatch):
+    """huggingface_hub retries 5xx and network errors with 1+2+4+8+8 s of back-off: keep the retries, skip the wait."""
+    import types
+
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda s: None, time=time.time,
+                                                             monotonic=time.monotonic, perf_counter=time.perf_counter))
+
+
+@pytest.fixture()
+def unreachable_hub(hub_env, monkeypatch, no_retry_wait):
+    """huggingface_hub pointed at a port where nothing listens (HF_HUB_OFFLINE unset), with an empty cache."""
+    import huggingface_hub.hf_api as hf_api_module
+    from huggingface_hub import constants
+
+    dead = "http://127.0.0.1:9"
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api_module.api, "endpoint", dead)
+    return dead

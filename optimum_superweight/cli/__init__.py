@@ -24,31 +24,46 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register every sub-command on ``subparsers`` (shared with the optimum-cli integration)."""
+    """Register every sub-command on ``subparsers`` (shared with the optimum-cli integration).
+
+    Each sub-command also accepts ``--debug`` (after its own arguments), like the top-level flag.
+    """
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for sub in subparsers.choices.values():
+        # SUPPRESS: a sub-command without the flag does not reset a top-level --debug to False.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_DEBUG_HELP = "on error, also print the Python traceback (default: one line saying what and what to do)"
+
+
+def build_parser(prog: str = "optimum-superweight") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="optimum-superweight",
+        prog=prog,
         description="Find a model's super weights, keep them exact, and quantize the rest to low bit.",
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     add_subcommands(subparsers)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``optimum-superweight``; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "optimum-superweight") -> int:
+    """Entry point of ``optimum-superweight``; returns the process exit code (never raises for a command's error).
+
+    >>> main(["card", "--known", "huggyllama/llama-7b"])  # doctest: +SKIP
+    0
+    """
+    from .boundary import run_command
+
+    parser = build_parser(prog)
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"optimum-superweight {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help (0), or a usage error argparse already explained on stderr (2)
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 2)
+    return run_command(args, prog)
 
 
 if __name__ == "__main__":  # pragma: no cover

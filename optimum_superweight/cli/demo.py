@@ -11,9 +11,19 @@ import json
 import time
 from pathlib import Path
 
+from .paths import (
+    add_overwrite_argument,
+    check_model_source,
+    check_not_quantized,
+    check_output_file,
+    check_output_folder,
+    staged_folder,
+)
+
 __all__ = ["register", "run", "folder_size"]
 
 DEFAULT_PROMPT = "What is the capital of France?"
+DEFAULT_OUTPUT = "out/superweight-demo"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,17 +36,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default: 4)")
     parser.add_argument("--group-size", type=int, default=64, help="inputs per scale, -1 per row (default: 64)")
     parser.add_argument("--asymmetric", action="store_true", help="use zero-points (default: symmetric)")
-    parser.add_argument("--output", default="out/superweight-demo", help="where to save the compressed checkpoint")
+    parser.add_argument(
+        "--output", default=DEFAULT_OUTPUT,
+        help=f"where to save the compressed checkpoint (default: {DEFAULT_OUTPUT}, where a previous demo checkpoint "
+        "is replaced; another non-empty folder needs --overwrite)",
+    )
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of built-in text for perplexity")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the short generation")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
 
 
 def folder_size(path: Path) -> int:
     """Bytes of the weight files (safetensors) in a model folder."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _holds_superweight_checkpoint(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "superweight"
 
 
 def _dense_bytes(model) -> int:
@@ -71,33 +95,43 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from .. import SuperWeightConfig, default_model_path
+    from ..errors import reraise_hub_errors
     from ..evaluation import perplexity
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    source = args.model or str(default_model_path())
-    output = Path(args.output)
+    source = check_model_source(args.model, what="--model") if args.model else str(default_model_path())
+    # Re-running the demo replaces its own previous checkpoint (default folder only); else --overwrite is needed.
+    replace = args.overwrite or (args.output == DEFAULT_OUTPUT and _holds_superweight_checkpoint(Path(args.output)))
+    output = check_output_folder(args.output, replace, "--output", source)
+    replacing = output.is_dir() and any(output.iterdir())
+    check_output_file(args.json, args.overwrite, "--json")
+    config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    with reraise_hub_errors(source, "loading"):
+        check_not_quantized(source, "--model")
     report: dict = {"model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"}
     print(f"model: {report['model']}")
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    start = time.perf_counter()
-    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with reraise_hub_errors(source, "loading"):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        start = time.perf_counter()
+        full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     report["load_full_precision_s"] = time.perf_counter() - start
     full_ppl = float(perplexity(full, tokenizer, max_tokens=args.max_tokens))
     full_text = _generate(full, tokenizer, args.prompt, args.new_tokens)
     full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
     del full
 
-    config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
     start = time.perf_counter()
     quantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=config)
     report["quantize_on_load_s"] = time.perf_counter() - start
     found = quantized.config.quantization_config.get_super_weights()
 
-    output.mkdir(parents=True, exist_ok=True)
-    quantized.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    if replacing:
+        print(f"note: replacing the checkpoint in {output}/")
+    with staged_folder(output) as staging:
+        quantized.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     ids = torch.arange(1, 33).unsqueeze(0)
     with torch.no_grad():
         before = quantized(ids).logits

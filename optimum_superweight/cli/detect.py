@@ -10,6 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .paths import (
+    NEEDS_FULL_PRECISION,
+    add_overwrite_argument,
+    check_model_source,
+    check_not_quantized,
+    check_output_file,
+)
+
 __all__ = ["register", "run"]
 
 
@@ -48,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "than RAM); reports unconfirmed spikes (implies --no-confirm)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -58,14 +67,22 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from ..detection import detect_super_weights
+    from ..errors import reraise_hub_errors
 
+    args.model = check_model_source(args.model)
+    with reraise_hub_errors(args.model, "loading"):
+        check_not_quantized(args.model, consequence=NEEDS_FULL_PRECISION.format(command="detect", source=args.model))
+    check_output_file(args.json_path, args.overwrite, "--json")
+    check_output_file(args.plot_path, args.overwrite, "--plot")
+    _check_plot(args.plot_path)
     if args.streaming:
         return _run_streaming(args)
     start = time.perf_counter()
     if not args.quiet:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    tokenizer = _load_tokenizer(args)
+    with reraise_hub_errors(args.model, "loading"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+        tokenizer = _load_tokenizer(args)
     if not args.quiet:
         print(f"loaded in {time.perf_counter() - start:.1f}s; detecting ...", file=sys.stderr, flush=True)
     report = detect_super_weights(
@@ -84,13 +101,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _check_plot(path: str | None) -> None:
+    """Before detecting: the plot must be possible (matplotlib installed, a format it writes)."""
+    if path is None:
+        return
+    import importlib.util
+    from pathlib import Path
+
+    if Path(path).suffix.lower() not in _PLOT_FORMATS:
+        raise ValueError(f"--plot {path}: accepted are files ending in {', '.join(_PLOT_FORMATS)}.")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'optimum-superweight[plot]', or drop --plot.")
+
+
 def _load_tokenizer(args: argparse.Namespace):
     """The model's tokenizer, or ``None`` (fixed token ids then stand in; ``--prompt`` needs a tokenizer)."""
     from transformers import AutoTokenizer
 
+    from ..errors import hub_unavailable
+
     try:
         return AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        if hub_unavailable(error) is not None:
+            raise  # the Hub failed: not the same as "this model has no tokenizer"
         if args.prompt:
             raise ValueError(f"--prompt needs a tokenizer, and none was found for {args.model}")
         print("note: no tokenizer found; fixed token ids stand in for the prompts", file=sys.stderr)

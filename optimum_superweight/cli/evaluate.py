@@ -11,6 +11,14 @@ import argparse
 import json
 import sys
 
+from .paths import (
+    NEEDS_FULL_PRECISION,
+    add_overwrite_argument,
+    check_model_source,
+    check_not_quantized,
+    check_output_file,
+)
+
 __all__ = ["register", "run_perplexity", "run_ablate"]
 
 
@@ -29,6 +37,7 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each window")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype")
     parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the result as JSON")
+    add_overwrite_argument(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,13 +91,20 @@ def _load(args: argparse.Namespace):
     source = args.model
     if source == "default":
         source = str(optimum_superweight.default_model_path())
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype))
+    else:
+        source = check_model_source(source)
+    from ..errors import reraise_hub_errors
+
+    with reraise_hub_errors(source, "loading"):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
 
 
 def _text(args: argparse.Namespace) -> str | None:
+    """The evaluation text; first, before any work, the output file is checked."""
+    check_output_file(args.json_path, args.overwrite, "--json")
     if args.text is None:
         return None
     from ..evaluation import load_text
@@ -122,6 +138,12 @@ def run_ablate(args: argparse.Namespace) -> int:
     from ..ablation import DEFAULT_OUTLIER_FRACTION, DEFAULT_SCALE_FACTORS, ablate
 
     text = _text(args)
+    if args.model != "default":
+        from ..errors import reraise_hub_errors
+
+        source = check_model_source(args.model)
+        with reraise_hub_errors(source, "loading"):
+            check_not_quantized(source, consequence=NEEDS_FULL_PRECISION.format(command="ablate", source=source))
     model, tokenizer = _load(args)
     if not args.quiet and args.super_weight is None:
         print("detecting super weights (pass --super-weight to skip) ...", file=sys.stderr, flush=True)

@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     card.add_argument("--generate", action="store_true",
                       help="SOURCE is a quantized checkpoint folder: print (or write with -o) its generated card")
     card.add_argument("-o", "--output", help="with --generate: write the card to this file instead of printing it")
+    card.add_argument("--overwrite", action="store_true", help="with -o: replace an existing file")
     _add_card_fields(card)
     card.set_defaults(func=run_card)
 
@@ -110,8 +111,13 @@ def run_card(args: argparse.Namespace) -> int:
         return 0
     if not args.source:
         raise ValueError("card needs a SOURCE (Hub repo id, folder or README path), --known MODEL_ID or --list-known.")
+    if args.output and not args.generate:
+        raise ValueError("-o/--output writes a generated card: add --generate (SOURCE is then a quantized checkpoint folder).")
     if args.generate:
         from ..hub import card_for_folder
+        from .paths import check_output_file
+
+        check_output_file(args.output, args.overwrite, "-o/--output")
 
         card = card_for_folder(
             args.source, repo_id=args.card_repo_id, base_model=args.base_model, perplexity=_perplexity(args),

@@ -1,10 +1,17 @@
-"""``optimum-superweight quantize MODEL OUTPUT``: quantize a full-precision model and save the checkpoint."""
+"""``optimum-superweight quantize MODEL OUTPUT``: quantize a full-precision model and save the checkpoint.
+
+OUTPUT must be a new or empty folder (``--overwrite`` replaces a non-empty one); the checkpoint is written to
+a temporary sibling and moved into place at the end, so a failure leaves nothing half-written. A MODEL that is
+already quantized is refused: quantizing it again would keep its stored settings.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
 import time
+
+from .paths import add_overwrite_argument, check_model_source, check_not_quantized, check_output_folder, staged_folder
 
 __all__ = ["register", "run", "parse_super_weight"]
 
@@ -43,7 +50,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", action="append", default=None, help="detection prompt (repeatable)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="shard size for save_pretrained (default: 5GB)")
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
+
+
+def _check_shard_size(text: str) -> None:
+    """Before quantizing: save_pretrained would only refuse a bad size after all the work."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(
+            f"--max-shard-size {text!r} is invalid: accepted is a positive integer and a unit, e.g. 5GB or 500MB."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import SuperWeightConfig
+    from ..errors import hub_error, hub_unavailable, reraise_hub_errors
 
+    source = check_model_source(args.model)
+    output = check_output_folder(args.output, args.overwrite, "OUTPUT", source)
+    _check_shard_size(args.max_shard_size)
     config = SuperWeightConfig(
         bits=args.bits,
         group_size=args.group_size,
@@ -59,19 +85,32 @@ def run(args: argparse.Namespace) -> int:
         super_weights=args.super_weight,
         detection_prompts=args.prompt,
     )
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=getattr(torch, args.dtype), quantization_config=config
-    )
+    with reraise_hub_errors(source, "loading"):
+        check_not_quantized(source)
+        start = time.perf_counter()
+        dtype = getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=config)
     elapsed = time.perf_counter() - start
-    model.save_pretrained(args.output, max_shard_size=args.max_shard_size)
-    try:
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.output)
-    except (OSError, ValueError):
-        print("note: no tokenizer found next to the model; the checkpoint holds weights and config only")
     found = model.config.quantization_config.get_super_weights()
-    print(f"quantized {args.model} in {elapsed:.1f}s: {config.bits}-bit, group {config.group_size}, {len(found)} super weight(s) kept exact")
+    tokenizer_note = None
+    with staged_folder(output) as staging:
+        model.save_pretrained(staging, max_shard_size=args.max_shard_size)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            if hub_unavailable(error) is not None:  # the Hub failed: not the same as "this model has no tokenizer"
+                raise hub_error(hub_unavailable(error), source, "loading the tokenizer of") from error
+            tokenizer = None
+            tokenizer_note = "note: no tokenizer found next to the model; the checkpoint holds weights and config only"
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    print(
+        f"quantized {args.model} in {elapsed:.1f}s: {config.bits}-bit, group {config.group_size}, "
+        f"{len(found)} super weight(s) kept exact"
+    )
     for sw in found:
         print(f"  {sw.paper_notation():<45} value {sw.value:+.6g}")
-    print(f"saved to {args.output}")
+    if tokenizer_note:
+        print(tokenizer_note)
+    print(f"saved to {output}")
     return 0

@@ -73,11 +73,10 @@ def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) 
             f"this checkpoint is {files or 'unknown'}. Give the coordinates (super_weights=... or "
             "SuperWeightConfig.from_known(...)), or convert the checkpoint to safetensors."
         )
-    tokenizer = None
-    if config.detection_prompts is not None:
-        from .quantizer import _load_tokenizer
+    from .quantizer import _load_tokenizer
 
-        tokenizer = _load_tokenizer(model)
+    # As in memory: the model's own tokenizer and the default prompts (not fixed token ids) when it has one.
+    tokenizer = _load_tokenizer(model)
     report = detect_super_weights_streaming(
         config=model.config,
         files=files,

@@ -29,17 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 def _load_tokenizer(model: Any):
-    """The checkpoint's own tokenizer, or ``None`` (detection and calibration then use fixed token ids)."""
-    source = getattr(model.config, "name_or_path", None) or getattr(model, "name_or_path", None)
-    if not source:
-        return None
-    try:
-        from transformers import AutoTokenizer
+    """The checkpoint's own tokenizer, or ``None`` (detection and calibration then use fixed token ids).
 
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as error:  # any failure only downgrades the calibration prompt
-        logger.info("No tokenizer for %s (%s); detection uses fixed token ids.", source, error)
-        return None
+    Used by both quantize paths (in memory and ``low_memory=True``), so they detect on the same prompts.
+    """
+    from ..prompts import load_tokenizer
+
+    return load_tokenizer(getattr(model.config, "name_or_path", None) or getattr(model, "name_or_path", None))
 
 
 class SuperWeightQuantizer(HfQuantizer):

@@ -20,17 +20,9 @@ _PROG = "optimum-cli superweight"
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from optimum_superweight.cli import add_subcommands
+    from optimum_superweight.cli import build_parser
 
-    parser = argparse.ArgumentParser(
-        prog=_PROG,
-        description="Find a model's super weights, keep them exact, and quantize the rest to low bit "
-        "(optimum-superweight).",
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    add_subcommands(subparsers)
-    return parser
+    return build_parser(_PROG)
 
 
 class SuperWeightCommand(BaseOptimumCLICommand):
@@ -42,22 +34,22 @@ class SuperWeightCommand(BaseOptimumCLICommand):
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:
         # Everything after "superweight" goes to optimum-superweight's own parser, built only when needed.
+        parser.add_argument("--debug", action="store_true", help="on error, also print the traceback")
         parser.add_argument("superweight_args", nargs=argparse.REMAINDER, help="COMMAND and its arguments")
         # `optimum-cli superweight --help` shows the real commands (imports the package only then).
         parser.print_help = lambda file=None: _build_parser().print_help(file)  # type: ignore[method-assign]
 
     def run(self) -> None:
+        from optimum_superweight.cli import main
+
         argv = list(getattr(self.args, "superweight_args", None) or [])
-        parser = _build_parser()
-        if not argv:
-            parser.print_help()
+        if getattr(self.args, "debug", False):  # `optimum-cli superweight --debug COMMAND ...`
+            argv.insert(0, "--debug")
+        if not argv or argv == ["--debug"]:
+            _build_parser().print_help()
             sys.exit(1)
-        args = parser.parse_args(argv)
-        try:
-            code = int(args.func(args) or 0)
-        except (ValueError, FileNotFoundError, RuntimeError) as error:
-            print(f"{_PROG} {args.command}: error: {error}", file=sys.stderr)
-            code = 2
+        # The same error boundary as optimum-superweight: one line on stderr, --debug for the traceback.
+        code = main(argv, prog=_PROG)
         if code:
             sys.exit(code)
 
