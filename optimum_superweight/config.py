@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .format import DIGEST_ALGORITHM, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
+from .format import DIGEST_ALGORITHMS, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
 from .records import SuperWeight
 
 __all__ = ["SuperWeightConfig", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
@@ -137,8 +137,8 @@ FIELDS: dict[str, Validator] = {
     "activation_holdout": _optional(_mapping_of(_name, _INDICES[0], "module names to lists of channel indices >= 0")),
     "smoothquant_alpha": _optional(_number(0, 1), " (typically 0.5)"),
     "digests": _optional(_mapping_of(
-        _name, lambda v: isinstance(v, str) and v.startswith(f"{DIGEST_ALGORITHM}:"),
-        f"module names to '{DIGEST_ALGORITHM}:<hex>' digests (written by save_pretrained)",
+        _name, lambda v: isinstance(v, str) and v.partition(":")[0] in DIGEST_ALGORITHMS and len(v) < 1024,
+        f"module names to '<algorithm>:<hex>' digests ({', '.join(DIGEST_ALGORITHMS)}; written by save_pretrained)",
     )),
 }
 #: Keys of a quantization_config that transformers itself may add; read and ignored.
@@ -316,7 +316,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
             self.format_version > FORMAT_VERSION
         ):
             raise ValueError(
-                f"This checkpoint uses optimum-superweight format {self.format_version}, newer than this installed "
+                f"SuperWeightConfig.format_version={self.format_version!r}: this checkpoint uses optimum-superweight "
+                f"format {self.format_version}, newer than this installed "
                 f"version understands ({FORMAT_VERSION}). Upgrade: pip install -U optimum-superweight."
             )
         for name, (check, accepted) in FIELDS.items():

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ __all__ = [
     "read_safetensors_index",
     "safetensors_dtype_name",
     "layer_digest",
+    "DIGEST_ALGORITHMS",
+    "digest_mismatch",
     "check_layer_stored",
     "check_layer_values",
     "check_held_out_codes",
@@ -79,8 +82,11 @@ __all__ = [
 FORMAT_VERSION = 2
 #: The layouts this version reads.
 READABLE_VERSIONS = (1, 2)
-#: Name of the per-module content digest (prefix of every digest string in config.json).
-DIGEST_ALGORITHM = "sha256-128"
+#: The per-module content digest written (prefix of every digest string in config.json). A checksum, not a
+#: signature: it catches tensors that are valid but not the ones written (swapped, rescaled, edited); whoever can
+#: rewrite the tensors can rewrite config.json too, so a cryptographic hash would buy nothing and cost ~3x the
+#: time (see benchmarks/RESULTS.md). Readers accept every name of ``DIGEST_ALGORITHMS``.
+DIGEST_ALGORITHM = "crc32"
 
 WEIGHT = "weight"
 SCALE = "weight_scale"
@@ -380,25 +386,66 @@ def check_held_out_codes(module: str, fmt: LayerFormat, tensors: Mapping[str, to
 
 
 # -- content digest ---------------------------------------------------------------------------------------
+class _Crc32:
+    """zlib's CRC-32 behind hashlib's update/hexdigest interface (several GB/s, also on CPUs without SHA units)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: Any) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+#: Digest algorithms a checkpoint may name (``"<name>:<hex>"``); :data:`DIGEST_ALGORITHM` is the one written.
+DIGEST_ALGORITHMS: dict[str, Callable[[], Any]] = {"sha256-128": hashlib.sha256, "crc32": _Crc32}
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).cpu().numpy())
 
 
-def layer_digest(tensors: Mapping[str, torch.Tensor | None]) -> str:
-    """Content digest of one quantized layer: every stored tensor's name, dtype, shape and bytes, in table order.
+def layer_digest(tensors: Mapping[str, torch.Tensor | None], algorithm: str = DIGEST_ALGORITHM) -> str:
+    """Content digest of one quantized layer: ``"<algorithm>:<hex>-<hex>..."``, one part per stored tensor in table
+    order, each over the tensor's name, dtype, shape and bytes (so a mismatch names the tensor).
 
-    >>> layer_digest({"weight": torch.zeros(2, 1, 4, dtype=torch.uint8)})[:11]
-    'sha256-128:'
+    >>> layer_digest({"weight": torch.zeros(2, 1, 4, dtype=torch.uint8)}, "crc32")
+    'crc32:d45525f7'
     """
-    h = hashlib.sha256()
+    if algorithm not in DIGEST_ALGORITHMS:
+        raise CheckpointFormatError(
+            f"Digest algorithm {algorithm!r} is unknown: accepted are {', '.join(DIGEST_ALGORITHMS)}."
+        )
+    parts = []
     for spec in TENSORS:
         tensor = tensors.get(spec.name)
         if tensor is None:
             continue
+        h = DIGEST_ALGORITHMS[algorithm]()
         h.update(f"{spec.name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
         h.update(_tensor_bytes(tensor))
-    return f"{DIGEST_ALGORITHM}:{h.hexdigest()[:32]}"
+        parts.append(h.hexdigest()[:32])
+    return f"{algorithm}:{'-'.join(parts)}"
+
+
+def digest_mismatch(tensors: Mapping[str, torch.Tensor | None], recorded: str) -> list[str]:
+    """The names of the stored tensors whose part of ``recorded`` (a :func:`layer_digest`) differs; [] if none.
+
+    >>> t = {"weight": torch.zeros(2, 1, 4, dtype=torch.uint8), "weight_scale": torch.ones(2, 1)}
+    >>> d = layer_digest(t, "crc32"); t["weight_scale"] = t["weight_scale"] * 2
+    >>> digest_mismatch(t, d)
+    ['weight_scale']
+    """
+    algorithm = recorded.partition(":")[0]
+    found = layer_digest(tensors, algorithm).partition(":")[2].split("-")
+    expected = recorded.partition(":")[2].split("-")
+    names = [spec.name for spec in TENSORS if tensors.get(spec.name) is not None]
+    if len(found) != len(expected):
+        return names
+    return [name for name, a, b in zip(names, found, expected) if a != b]
 
 
 # -- what can be quantized ------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             counts[sw.module] = counts.get(sw.module, 0) + 1
         elif sw.module not in dict(model.named_modules()):
             raise ValueError(
-                f"The checkpoint's config names super weight module '{sw.module}', which this model does not have."
+                f"config.json's field 'super_weights' names module '{sw.module}', which this model does not have."
             )
     if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
         from .w8a8 import build_w8a8_skeleton

@@ -29,6 +29,7 @@ from torch import nn
 from ..config import SuperWeightConfig
 from ..format import (
     BIAS,
+    DIGEST_ALGORITHM,
     QUANTIZED_ONLY,
     WEIGHT,
     CheckpointFormatError,
@@ -36,6 +37,7 @@ from ..format import (
     check_held_out_codes,
     check_layer_stored,
     check_layer_values,
+    digest_mismatch,
     layer_digest,
     read_safetensors_index,
     safetensors_dtype_name,
@@ -86,11 +88,13 @@ def check_checkpoint_layout(model: nn.Module, index: Mapping[str, StoredTensor])
             continue
         stored = by_module.get(name, {})
         weight = stored.get(WEIGHT)
-        if weight is not None and len(weight.shape) == 2 and not QUANTIZED_ONLY & set(stored):
+        if not QUANTIZED_ONLY & set(stored) and (weight is None or len(weight.shape) == 2):
+            how = "stores no tensor of it (tied or absent)" if weight is None else (
+                f"stores it in full precision ({weight.dtype} {list(weight.shape)})"
+            )
             raise CheckpointFormatError(
-                f"{name}.weight is stored in full precision ({weight.dtype} {list(weight.shape)}), but config.json's "
-                f"field 'modules_to_not_convert' does not list '{name}', so it is expected quantized; the "
-                "checkpoint's config.json and tensors disagree."
+                f"{name}.weight: the checkpoint {how}, but config.json's field 'modules_to_not_convert' does not list "
+                f"'{name}', so it is expected quantized; the checkpoint's config.json and tensors disagree."
             )
         check_layer_stored(name, module.format, stored)
     for module_name, stored in by_module.items():
@@ -260,13 +264,19 @@ def layer_digests(model: nn.Module) -> dict[str, str]:
     return dict(_parallel_digests([(n, m.stored_tensors()) for n, m in layers]))
 
 
-def _parallel_digests(items: list[tuple[str, Mapping[str, torch.Tensor]]]) -> list[tuple[str, str]]:
-    # hashlib releases the GIL on large buffers: layers hash in parallel.
+def _parallel_digests(
+    items: list[tuple[str, Mapping[str, torch.Tensor]]], algorithms: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
+    # hashlib and zlib release the GIL on large buffers: layers hash in parallel.
     from concurrent.futures import ThreadPoolExecutor
+
+    def digest(item):
+        name, tensors = item
+        return layer_digest(tensors, (algorithms or {}).get(name, DIGEST_ALGORITHM))
 
     workers = max(1, min(4, torch.get_num_threads()))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(zip([n for n, _ in items], pool.map(lambda item: layer_digest(item[1]), items)))
+        return list(zip([n for n, _ in items], pool.map(digest, items)))
 
 
 def _verify_digests(model: nn.Module, config: SuperWeightConfig, index: Mapping[str, StoredTensor] | None) -> None:
@@ -286,18 +296,20 @@ def _verify_digests(model: nn.Module, config: SuperWeightConfig, index: Mapping[
             f"config.json's field 'digests' names module '{extra[0]}', which is not a quantized module of this model; "
             "the checkpoint's config.json and tensors disagree."
         )
-    items = []
     for name, module in layers.items():
         if name not in digests:
             raise CheckpointFormatError(
                 f"config.json's field 'digests' has no digest for the quantized module '{name}'; the checkpoint's "
                 "config.json was edited."
             )
-        items.append((name, _layer_tensors_as_stored(name, module, index)))
-    for name, found in _parallel_digests(items):
+    # Each digest is checked with the algorithm it names (the writer's choice may change between versions).
+    items = [(name, _layer_tensors_as_stored(name, module, index)) for name, module in layers.items()]
+    algorithms = {name: digests[name].partition(":")[0] for name, _ in items}
+    for (name, found), (_, tensors) in zip(_parallel_digests(items, algorithms), items):
         if found != digests[name]:
+            changed = digest_mismatch(tensors, digests[name]) or sorted(tensors)
             raise CheckpointFormatError(
-                f"{name}: its tensors ({', '.join(sorted(layers[name].stored_tensors()))}) do not match the content "
-                f"digest config.json's field 'digests' records for it ({digests[name]}, found {found}): they are "
-                "valid but not the ones written (swapped, rescaled or edited). Re-download or re-quantize."
+                f"{name}.{changed[0]} does not match the content digest that config.json's field 'digests' records for "
+                f"'{name}' (changed: {', '.join(changed)}): the tensors are valid but not the ones written (swapped "
+                "between layers, rescaled or edited). Re-download the checkpoint or re-quantize."
             )
