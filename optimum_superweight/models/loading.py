@@ -213,6 +213,19 @@ class SuperWeightQuantize(ConversionOps):
 
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], source_patterns: Any = None, target_patterns: Any = None, **kwargs: Any):
+        # transformers turns an exception raised here into a RuntimeError that only points at its log report. So an
+        # error is recorded and nothing returned (the skeleton's tensors stay unloaded); the after-load hook then
+        # raises it with the module and coordinate. After a first error the remaining weights are skipped.
+        if self.plan.errors:
+            return {}
+        try:
+            return self._convert(input_dict, **kwargs)
+        except ValueError as error:
+            if str(error) not in self.plan.errors:
+                self.plan.errors.append(str(error))
+            return {}
+
+    def _convert(self, input_dict: dict[str, Any], **kwargs: Any):
         plan = self.plan
         (key, tensors), = input_dict.items()
         tensor = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
@@ -244,13 +257,9 @@ class SuperWeightQuantize(ConversionOps):
         config = plan.config
         dense = nn.Linear(in_features, out_features, bias=False, device="meta")
         dense.weight = nn.Parameter(weight, requires_grad=False)
-        try:  # transformers only logs a conversion error: keep it for _finish_low_memory to raise
-            check_quantizable(module_name, weight)  # non-finite weights: refuse before any work
-            quantized = quantize_by_rows(weight, coordinates, config)
-            layer = _quantized_layer(dense, coordinates, config, quantized=quantized, name=module_name)
-        except ValueError as error:
-            plan.errors.append(str(error))
-            raise
+        check_quantizable(module_name, weight)  # non-finite weights: refuse before any work
+        quantized = quantize_by_rows(weight, coordinates, config)
+        layer = _quantized_layer(dense, coordinates, config, quantized=quantized, name=module_name)
         # The bias is a full-precision tensor of the checkpoint, loaded as usual: only the format's own tensors here.
         out = {f"{module_name}.{name}": t.data for name, t in layer.stored_tensors().items() if name != BIAS}
         plan.done.add(target)

@@ -1,0 +1,162 @@
+"""Loading a compressed checkpoint: old formats, digests, completeness, refused inputs, dequantize after reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from optimum_superweight import SuperWeightConfig, SuperWeightLinear
+from optimum_superweight.format import FORMAT_VERSION
+
+MODULE, ROW, COL = "model.layers.1.mlp.down_proj", 5, 7
+INPUT = torch.arange(2, 34).reshape(2, 16)
+
+
+def _config(**kwargs):
+    kwargs.setdefault("super_weights", [{"module": MODULE, "row": ROW, "col": COL}])
+    return SuperWeightConfig(bits=4, group_size=48, **kwargs)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+@pytest.fixture()
+def saved(tiny_llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=_config(symmetric=False))
+    model.save_pretrained(tmp_path / "q")
+    return tmp_path / "q", _logits(model)
+
+
+def test_save_records_a_digest_per_quantized_module(saved):
+    folder, _ = saved
+    quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
+    tensors = load_file(folder / "model.safetensors")
+    quantized = {k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")}
+    assert quantization["format_version"] == FORMAT_VERSION == 2
+    assert set(quantization["digests"]) == quantized and len(quantized) == 28
+    assert all(d.startswith("crc32:") for d in quantization["digests"].values())
+
+
+def test_format_1_checkpoint_without_digests_reloads_identically(saved):
+    """What optimum-superweight wrote before digests existed: the same tensors, format_version 1, no digests."""
+    folder, expected = saved
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    del config["quantization_config"]["digests"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    names = {k.rpartition(".")[2] for k in tensors if k.startswith(MODULE + ".")}
+    assert names == {"weight", "weight_scale", "weight_zero_point", "super_weight_indices", "super_weight_values"}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})  # and without our header metadata
+    again = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(_logits(again), expected)
+    # The other checks still apply to a format-1 checkpoint.
+    tensors[f"{MODULE}.weight_zero_point"] = tensors[f"{MODULE}.weight_zero_point"] | 0xF0
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{MODULE}\.weight_zero_point holds \d+ .*codes 0\.\.15"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_format_2_without_digests_is_refused(saved):
+    folder, _ = saved
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]["digests"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version=2.*'digests' is missing"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_swapped_layers_fail_naming_the_layer(saved):
+    folder, _ = saved
+    tensors = load_file(folder / "model.safetensors")
+    a, b = "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"
+    for name in ("weight", "weight_scale", "weight_zero_point"):
+        tensors[f"{a}.{name}"], tensors[f"{b}.{name}"] = tensors[f"{b}.{name}"], tensors[f"{a}.{name}"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{a}\.weight does not match the content digest .*'digests'"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("key", ["lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"])
+def test_missing_full_precision_tensor_is_refused(saved, key):
+    folder, _ = saved
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{key} is missing from the checkpoint.*at random"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_pickled_weights_are_refused(saved):
+    folder, _ = saved
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="pytorch_model.bin.*safetensors only"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_reloaded_model_bfloat16_keeps_checking_the_bias_digest_as_stored(tmp_path):
+    from optimum_superweight.testing import build_tiny_model
+
+    build_tiny_model("gpt2", super_weights=[(1, 5, 7)]).save_pretrained(tmp_path / "fp")
+    config = SuperWeightConfig(bits=4, group_size=32, super_weights=[{"module": "transformer.h.1.mlp.c_proj", "row": 5, "col": 7}])
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config).save_pretrained(tmp_path / "q")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)  # biases cast at load
+    assert model.transformer.h[0].attn.c_attn.bias.dtype == torch.bfloat16
+
+
+def test_dequantize_after_save_and_reload(saved, tiny_llama_dir, tmp_path):
+    """transformers passes model.config.dtype, a string ("float32") once the config was saved or reloaded."""
+    folder, expected = saved
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(reloaded.config.dtype, (str, torch.dtype))
+    plain = reloaded.dequantize()
+    assert type(plain.get_submodule(MODULE)) is torch.nn.Linear
+    assert torch.allclose(_logits(plain), expected, atol=1e-5)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=_config())
+    fresh.save_pretrained(tmp_path / "again")
+    assert fresh.config.dtype == "float32"  # save_pretrained writes the name back into the live config
+    assert fresh.dequantize().get_submodule(MODULE).weight.dtype == torch.float32
+
+
+# -- class 4: what cannot be quantized, in memory and while loading -------------------------------------------------
+@pytest.fixture()
+def poisoned_dir(tiny_llama, tmp_path):
+    def make(value, row=3, col=9, module="model.layers.0.self_attn.q_proj"):
+        with torch.no_grad():
+            tiny_llama.get_submodule(module).weight[row, col] = value
+        path = tmp_path / f"poisoned-{value}"
+        tiny_llama.save_pretrained(path)
+        return path
+
+    return make
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_module_and_coordinate(poisoned_dir, low_memory, value):
+    path = poisoned_dir(value)
+    with pytest.raises(ValueError, match=rf"model\.layers\.0\.self_attn\.q_proj\.weight\[3, 9\] = {value!r}"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=_config(low_memory=low_memory))
+
+
+def test_non_finite_weights_are_refused_before_detection(poisoned_dir):
+    path = poisoned_dir(float("nan"))
+    with pytest.raises(ValueError, match=r"q_proj\.weight\[3, 9\] = nan"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=SuperWeightConfig(bits=4, group_size=32))
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_weight_overflowing_the_scale_dtype_is_refused_with_the_fix(poisoned_dir, low_memory):
+    path = poisoned_dir(1e30)
+    with pytest.raises(ValueError, match=r"q_proj\.weight\[3, 9\] = 1e\+30 .*scale_dtype='float32'"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=_config(low_memory=low_memory))
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_config(low_memory=low_memory, scale_dtype="float32"))
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, SuperWeightLinear) and torch.isfinite(layer.weight_scale).all()
