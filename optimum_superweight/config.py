@@ -223,7 +223,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
             layers only. ``None``: no migration.
         digests: Written by ``save_pretrained``, checked at load: one content digest per quantized module
             (:func:`optimum_superweight.format.layer_digest`). Leave ``None``.
-        format_version: The checkpoint layout (:data:`optimum_superweight.format.FORMAT_VERSION`); 1 = no digests.
+        format_version: The checkpoint's tensor layout (:data:`optimum_superweight.format.FORMAT_VERSION`).
 
     Every field is validated (type and range, table :data:`FIELDS`) here and when read from config.json; an
     unknown keyword is a ``TypeError``, an unknown key of config.json a warning (see :meth:`from_dict`).
@@ -437,8 +437,6 @@ class SuperWeightConfig(QuantizationConfigMixin):
         """JSON-ready dict written into ``config.json["quantization_config"]``."""
         data = {name: _normalise(getattr(self, name)) for name in FIELDS}
         data["quant_method"] = QUANT_METHOD
-        # Format 2 = format 1 + digests: a config without digests (not saved through save_pretrained) is format 1.
-        data["format_version"] = FORMAT_VERSION if self.digests is not None else 1
         return data
 
     def __iter__(self):

@@ -8,7 +8,8 @@ tensor                      dtype                      shape                pres
 ==========================  =========================  ===================  ============================
 ``<m>.weight``              uint8                      ``[out, groups, B]`` always (packed codes)
 ``<m>.weight_scale``        ``scale_dtype``            ``[out, groups]``    always
-``<m>.weight_zero_point``   uint8, ``<= 2**bits - 1``  ``[out, groups]``    ``symmetric`` is False
+``<m>.weight_zero_point``   uint8, ``<= 2**bits - 1``  ``[out, groups]``    asymmetric, ``zero_point="uint8"``
+``<m>.weight_offset``       ``scale_dtype``, finite    ``[out, groups]``    asymmetric, ``zero_point="float"``
 ``<m>.super_weight_indices`` int32, in the matrix       ``[k, 2]``           the module has k > 0 super weights
 ``<m>.super_weight_values`` float32, finite            ``[k]``              the module has k > 0 super weights
 ``<m>.bias``                the model's float dtype    ``[out]``            the original layer had one
@@ -21,8 +22,10 @@ exactly 0 there; the kernels rely on it (they add the exact value as a sparse co
 
 ``config.json["quantization_config"]`` explains every tensor: ``bits``, ``group_size``, ``symmetric`` and
 ``scale_dtype`` fix the dtypes and shapes, ``super_weights`` lists exactly the entries of
-``super_weight_indices``/``super_weight_values``, and (format 2) ``digests`` holds one content digest per
-quantized module (:func:`layer_digest`). Format 1 checkpoints carry no digests; everything else is the same.
+``super_weight_indices``/``super_weight_values``, and ``digests`` holds one content digest per quantized
+module (:func:`layer_digest`). ``digests`` is an additive field, not a layout change: checkpoints written
+before it existed load with every other check, and the safetensors header metadata of a checkpoint written
+with digests says so (:data:`DIGESTS_METADATA_KEY`), so removing them from config.json alone is an error.
 
 To add a variant (say float offsets instead of integer zero-points), add a row to :data:`TENSORS` with its
 presence condition, dtype, shape, the config field that explains it and a value check, and a field to
@@ -56,6 +59,9 @@ __all__ = [
     "WEIGHT",
     "SCALE",
     "ZERO_POINT",
+    "OFFSET",
+    "DIGESTS_METADATA_KEY",
+    "read_safetensors_metadata",
     "SUPER_WEIGHT_INDICES",
     "SUPER_WEIGHT_VALUES",
     "BIAS",
@@ -77,11 +83,12 @@ __all__ = [
     "check_quantizable",
 ]
 
-#: Version of the on-disk layout. 1: the tensors above; 2: the same tensors plus ``digests`` in config.json.
-#: A checkpoint written by a newer layout is refused with an upgrade hint.
-FORMAT_VERSION = 2
+#: Version of the on-disk tensor layout; a checkpoint written by a newer layout is refused with an upgrade hint.
+FORMAT_VERSION = 1
 #: The layouts this version reads.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1,)
+#: safetensors header metadata key naming the digest algorithm of a checkpoint written with digests.
+DIGESTS_METADATA_KEY = "optimum_superweight_digests"
 #: The per-module content digest written (prefix of every digest string in config.json). A checksum, not a
 #: signature: it catches tensors that are valid but not the ones written (swapped, rescaled, edited); whoever can
 #: rewrite the tensors can rewrite config.json too, so a cryptographic hash would buy nothing and cost ~3x the
@@ -91,6 +98,7 @@ DIGEST_ALGORITHM = "crc32"
 WEIGHT = "weight"
 SCALE = "weight_scale"
 ZERO_POINT = "weight_zero_point"
+OFFSET = "weight_offset"
 SUPER_WEIGHT_INDICES = "super_weight_indices"
 SUPER_WEIGHT_VALUES = "super_weight_values"
 BIAS = "bias"
@@ -128,6 +136,9 @@ class LayerFormat:
     scale_dtype: str = "float16"
     num_super_weights: int = 0
     bias: bool = False
+    #: Asymmetric offset storage: ``"uint8"`` integer zero-points (``w = s*(q - z)``) or ``"float"`` offsets
+    #: (``w = s*q + m``, tensor ``weight_offset``), see the quality branch's ``SuperWeightConfig.zero_point``.
+    zero_point: str = "uint8"
 
     @property
     def layout(self) -> GroupLayout:
@@ -148,6 +159,7 @@ class LayerFormat:
             out_features=module.out_features, in_features=module.in_features, bits=module.bits,
             group_size=module.group_size, symmetric=module.symmetric, scale_dtype=module.scale_dtype,
             num_super_weights=module.num_super_weights, bias=module.bias is not None,
+            zero_point=getattr(module, "zero_point", None) or "uint8",
         )
 
 
@@ -234,8 +246,10 @@ TENSORS: tuple[TensorSpec, ...] = (
     TensorSpec(WEIGHT, lambda f: True, lambda f: torch.uint8, lambda f: f.layout.packed_shape, "bits/group_size"),
     TensorSpec(SCALE, lambda f: True, lambda f: SCALE_DTYPES[f.scale_dtype], lambda f: f.layout.scale_shape,
                "scale_dtype", _check_scale),
-    TensorSpec(ZERO_POINT, lambda f: not f.symmetric, lambda f: torch.uint8, lambda f: f.layout.scale_shape,
-               "symmetric", _check_zero_point),
+    TensorSpec(ZERO_POINT, lambda f: not f.symmetric and f.zero_point == "uint8", lambda f: torch.uint8,
+               lambda f: f.layout.scale_shape, "symmetric", _check_zero_point),
+    TensorSpec(OFFSET, lambda f: not f.symmetric and f.zero_point == "float", lambda f: SCALE_DTYPES[f.scale_dtype],
+               lambda f: f.layout.scale_shape, "zero_point", _check_finite),
     TensorSpec(SUPER_WEIGHT_INDICES, lambda f: f.num_super_weights > 0, lambda f: torch.int32,
                lambda f: (f.num_super_weights, 2), "super_weights", _check_indices),
     TensorSpec(SUPER_WEIGHT_VALUES, lambda f: f.num_super_weights > 0, lambda f: torch.float32,
@@ -274,6 +288,11 @@ def _read_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path} has a corrupt safetensors header.")
     return header
+
+
+def read_safetensors_metadata(files: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+    """The ``__metadata__`` of each safetensors file's header, by file."""
+    return {str(f): dict(_read_header(Path(f)).get("__metadata__") or {}) for f in files}
 
 
 def read_safetensors_index(files: Iterable[str | Path]) -> dict[str, StoredTensor]:
@@ -338,7 +357,15 @@ def _settings(fmt: LayerFormat) -> str:
 
 def _unexplained(name: str, fmt: LayerFormat) -> str:
     if name == ZERO_POINT:
-        return "config.json says symmetric=True (no zero-points): its field 'symmetric' disagrees with the tensors"
+        return (
+            f"config.json says symmetric={fmt.symmetric}, zero_point={fmt.zero_point!r} (no integer zero-points): its "
+            "fields 'symmetric'/'zero_point' disagree with the tensors"
+        )
+    if name == OFFSET:
+        return (
+            f"config.json says symmetric={fmt.symmetric}, zero_point={fmt.zero_point!r} (no float offsets): its fields "
+            "'symmetric'/'zero_point' disagree with the tensors"
+        )
     if name in (SUPER_WEIGHT_INDICES, SUPER_WEIGHT_VALUES):
         return (
             "config.json's field 'super_weights' lists no super weight for this module: the list was emptied, "
@@ -370,8 +397,8 @@ def check_layer_values(
 
 def check_held_out_codes(module: str, fmt: LayerFormat, tensors: Mapping[str, torch.Tensor | None]) -> None:
     """The packed code at every super weight is its group's zero code (the matrix is exactly 0 there)."""
-    if not fmt.num_super_weights:
-        return
+    if not fmt.num_super_weights or (not fmt.symmetric and fmt.zero_point != "uint8"):
+        return  # float offsets have no exact zero code: the kernels correct the decoded value instead
     group = fmt.layout.effective_group_size
     packed, zero = tensors[WEIGHT], tensors.get(ZERO_POINT)
     for i, (row, col) in enumerate(tensors[SUPER_WEIGHT_INDICES].to(torch.int64).tolist()):

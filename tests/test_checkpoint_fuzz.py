@@ -69,6 +69,7 @@ class Saved:
     extra_files: dict[str, str]  # other json files (index) by name
     logits: torch.Tensor
     where: dict[str, str] = field(default_factory=dict)  # tensor -> file name
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file name -> safetensors header metadata
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,16 @@ def saved(tmp_path_factory) -> dict[str, Saved]:
         with torch.no_grad():
             logits = reloaded(INPUT).logits
         where = {key: name for name, tensors in files.items() for key in tensors}
-        out[base.name] = Saved(base, files, json.loads((folder / "config.json").read_text()), extra, logits, where)
+        metadata = {name: meta for name, meta in zip(files, _metadata(folder, files))}
+        config = json.loads((folder / "config.json").read_text())
+        out[base.name] = Saved(base, files, config, extra, logits, where, metadata)
     return out
+
+
+def _metadata(folder: Path, files) -> list[dict[str, str]]:
+    from optimum_superweight.format import read_safetensors_metadata
+
+    return [read_safetensors_metadata([folder / name])[str(folder / name)] for name in files]
 
 
 # -- corruptions: each edits (tensors by key, config) in place and returns the names an error must mention ----------
@@ -226,7 +235,8 @@ def _config_cases(base: Base) -> dict[str, Corruption]:
     edit_digests(lambda d, b: d.update({"lm_head": d[b.plain_module]}), "digest-for-dense-module")
     edit_digests(lambda d, b: d.update({b.plain_module: "md5:00"}), "digest-unknown-algorithm")
     cases["format_version=3"] = setq("format_version", 3)
-    cases["format_version='2'"] = setq("format_version", "2")
+    cases["format_version=2"] = setq("format_version", 2)
+    cases["format_version='1'"] = setq("format_version", "1")
     cases["format_version=0"] = setq("format_version", 0)
     # (activation_bits=8 on an 8-bit per-row checkpoint is a valid W8A8 config of the same tensors: it changes the
     # forward on purpose, so it is no corruption.)
@@ -265,21 +275,21 @@ def _fp_cases(base: Base, keys: list[str]) -> dict[str, Corruption]:
 
 
 #: Outcomes that must load (the model is exactly what was written): nothing the format needs was changed.
-HARMLESS = {"unknown-key", "old-format-1", "format-1-with-digests", "extra-super-weight-field"}
+HARMLESS = {"unknown-key", "old-format-1", "format_version-1-explicit", "extra-super-weight-field"}
 
 
 def _harmless_cases() -> dict[str, Corruption]:
     q = "quantization_config"
 
-    def old_format(t, c, b):  # what optimum-superweight wrote before digests existed
-        c[q]["format_version"] = 1
+    def old_format(t, c, b):  # what optimum-superweight wrote before digests existed: no digests, no header metadata
         del c[q]["digests"]
+        c["_strip_metadata"] = True
         return []
 
     return {
         "unknown-key": lambda t, c, b: (c[q].__setitem__("future_option", 1) or []),
         "old-format-1": old_format,
-        "format-1-with-digests": lambda t, c, b: (c[q].__setitem__("format_version", 1) or []),
+        "format_version-1-explicit": lambda t, c, b: (c[q].__setitem__("format_version", 1) or []),
         "extra-super-weight-field": lambda t, c, b: (
             [e.__setitem__("note", "x") for e in c[q]["super_weights"]] and []
         ),
@@ -317,6 +327,7 @@ def _corruption(entry: Saved, case_id: str) -> Corruption:
 
 def _write(entry: Saved, tensors: dict[str, torch.Tensor], config: dict[str, Any], folder: Path) -> None:
     folder.mkdir(parents=True)
+    strip = config.pop("_strip_metadata", False) if isinstance(config, dict) else False
     (folder / "config.json").write_text(json.dumps(config))
     by_file: dict[str, dict[str, torch.Tensor]] = {name: {} for name in entry.files}
     first = next(iter(entry.files))
@@ -324,7 +335,7 @@ def _write(entry: Saved, tensors: dict[str, torch.Tensor], config: dict[str, Any
         by_file[entry.where.get(key, first)][key] = tensor
     weight_map = {}
     for name, shard in by_file.items():
-        save_file(shard, folder / name, metadata={"format": "pt"})
+        save_file(shard, folder / name, metadata={"format": "pt"} if strip else entry.metadata[name])
         weight_map.update({key: name for key in shard})
     for name, text in entry.extra_files.items():
         if name.endswith(".index.json"):

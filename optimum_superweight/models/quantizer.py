@@ -22,7 +22,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import QUANT_METHOD, SuperWeightConfig
-from ..format import FORMAT_VERSION
+from ..format import DIGEST_ALGORITHM, DIGESTS_METADATA_KEY, read_safetensors_metadata
 from ..kernels import prepare_kernels
 from .replace import (
     build_quantized_skeleton,
@@ -65,6 +65,7 @@ class SuperWeightQuantizer(HfQuantizer):
         quantization_config.post_init()  # again: fields may have been assigned after construction
         self._low_memory = None  # LowMemoryPlan while quantizing on load (see .loading)
         self._index = None  # the compressed checkpoint's safetensors header index (see .verify)
+        self._metadata = None  # and the header metadata of its files
 
     # -- environment --------------------------------------------------------------------------------------
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
@@ -90,6 +91,7 @@ class SuperWeightQuantizer(HfQuantizer):
             self._index = read_checkpoint_index(kwargs.get("checkpoint_files"))
             if self._index is not None:  # before transformers casts, drops or re-initialises a tensor
                 check_checkpoint_layout(model, self._index)
+                self._metadata = read_safetensors_metadata(sorted({e.file for e in self._index.values()}))
         elif self.quantization_config.low_memory:
             from .loading import plan_low_memory
 
@@ -127,8 +129,10 @@ class SuperWeightQuantizer(HfQuantizer):
         if self._low_memory is not None:
             return self._finish_low_memory(model)
         if self.pre_quantized:
-            index, self._index = self._index, None
-            verify_quantized_model(model, config, loaded_by_transformers=True, pre_quantized=True, index=index)
+            index, metadata, self._index, self._metadata = self._index, self._metadata, None, None
+            verify_quantized_model(
+                model, config, loaded_by_transformers=True, pre_quantized=True, index=index, metadata=metadata
+            )
             prepare_kernels(model)  # build kernel layouts now and log which kernel each layer uses
             # model.push_to_hub() must publish the coordinates, not transformers' default card.
             return attach_card_hook(model)
@@ -162,10 +166,11 @@ class SuperWeightQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """Called by ``save_pretrained`` before config.json is written: record each quantized module's digest."""
         config = getattr(model.config, "quantization_config", None)
-        if isinstance(config, SuperWeightConfig):
-            config.digests = layer_digests(model)
-            config.format_version = FORMAT_VERSION
-        return None, {"optimum_superweight_format": str(FORMAT_VERSION)}
+        if not isinstance(config, SuperWeightConfig):
+            return None, {}
+        config.digests = layer_digests(model)
+        # The weight files say that config.json carries digests: removing them from config.json alone is caught.
+        return None, {DIGESTS_METADATA_KEY: DIGEST_ALGORITHM}
 
     # -- capabilities ---------------------------------------------------------------------------------------
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

@@ -30,6 +30,7 @@ from ..config import SuperWeightConfig
 from ..format import (
     BIAS,
     DIGEST_ALGORITHM,
+    DIGESTS_METADATA_KEY,
     QUANTIZED_ONLY,
     WEIGHT,
     CheckpointFormatError,
@@ -142,13 +143,15 @@ def verify_quantized_model(
     loaded_by_transformers: bool = False,
     pre_quantized: bool = False,
     index: Mapping[str, StoredTensor] | None = None,
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Check a loaded compressed model against its config; raise ``ValueError`` naming module, tensor and field.
 
     With ``loaded_by_transformers`` every quantized tensor must carry transformers' loaded flag; with
     ``pre_quantized`` (a compressed checkpoint) every parameter and buffer must, and the digests of config.json
     must match; ``index`` (the checkpoint's header index) adds the unexpected-tensor check when the checkpoint's
-    names are the model's own (no weight conversion was applied while loading).
+    names are the model's own (no weight conversion was applied while loading); ``metadata`` (each file's safetensors
+    header metadata) tells whether the checkpoint was written with digests.
     """
     missing = _missing_keys(model) if pre_quantized else []
     if not pre_quantized and loaded_by_transformers:
@@ -183,7 +186,7 @@ def verify_quantized_model(
         if not isinstance(module, SuperWeightLinear):
             _verify_dense_super_weights(name, module, records)
     if pre_quantized:
-        _verify_digests(model, config, index)
+        _verify_digests(model, config, index, metadata)
 
 
 def _verify_layer(name: str, module: SuperWeightLinear, records: list) -> None:
@@ -279,16 +282,21 @@ def _parallel_digests(
         return list(zip([n for n, _ in items], pool.map(digest, items)))
 
 
-def _verify_digests(model: nn.Module, config: SuperWeightConfig, index: Mapping[str, StoredTensor] | None) -> None:
+def _verify_digests(
+    model: nn.Module,
+    config: SuperWeightConfig,
+    index: Mapping[str, StoredTensor] | None,
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
+) -> None:
     digests = config.digests
-    version = config.format_version
     if digests is None:
-        if version >= 2:
+        declared = sorted(f for f, meta in (metadata or {}).items() if DIGESTS_METADATA_KEY in meta)
+        if declared:
             raise CheckpointFormatError(
-                f"config.json declares format_version={version}, which records a content digest per quantized module, "
-                "but its field 'digests' is missing; the checkpoint's config.json was edited."
+                f"The checkpoint's weight file {declared[0]} was written with per-module digests, but config.json's "
+                "field 'digests' is missing; the checkpoint's config.json was edited."
             )
-        return  # format 1: written before digests existed; every other check applied
+        return  # written before digests existed: every other check applied
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SuperWeightLinear)}
     extra = sorted(set(digests) - set(layers))
     if extra:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_superweight import SuperWeightConfig, SuperWeightLinear
-from optimum_superweight.format import FORMAT_VERSION
+from optimum_superweight.format import DIGESTS_METADATA_KEY, FORMAT_VERSION, read_safetensors_metadata
 
 MODULE, ROW, COL = "model.layers.1.mlp.down_proj", 5, 7
 INPUT = torch.arange(2, 34).reshape(2, 16)
@@ -38,37 +38,38 @@ def test_save_records_a_digest_per_quantized_module(saved):
     quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
     tensors = load_file(folder / "model.safetensors")
     quantized = {k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")}
-    assert quantization["format_version"] == FORMAT_VERSION == 2
+    assert quantization["format_version"] == FORMAT_VERSION == 1  # digests are additive: the layout is unchanged
     assert set(quantization["digests"]) == quantized and len(quantized) == 28
+    assert read_safetensors_metadata([folder / "model.safetensors"])[str(folder / "model.safetensors")][
+        DIGESTS_METADATA_KEY] == "crc32"
     assert all(d.startswith("crc32:") for d in quantization["digests"].values())
 
 
-def test_format_1_checkpoint_without_digests_reloads_identically(saved):
-    """What optimum-superweight wrote before digests existed: the same tensors, format_version 1, no digests."""
+def test_checkpoint_written_before_digests_reloads_identically(saved):
+    """What optimum-superweight wrote before digests existed: the same tensors, no digests, no header metadata."""
     folder, expected = saved
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 1
     del config["quantization_config"]["digests"]
     (folder / "config.json").write_text(json.dumps(config))
     tensors = load_file(folder / "model.safetensors")
     names = {k.rpartition(".")[2] for k in tensors if k.startswith(MODULE + ".")}
     assert names == {"weight", "weight_scale", "weight_zero_point", "super_weight_indices", "super_weight_values"}
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})  # and without our header metadata
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})  # without our header metadata
     again = AutoModelForCausalLM.from_pretrained(folder)
     assert torch.equal(_logits(again), expected)
-    # The other checks still apply to a format-1 checkpoint.
+    # The other checks still apply to such a checkpoint.
     tensors[f"{MODULE}.weight_zero_point"] = tensors[f"{MODULE}.weight_zero_point"] | 0xF0
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"{MODULE}\.weight_zero_point holds \d+ .*codes 0\.\.15"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
-def test_format_2_without_digests_is_refused(saved):
+def test_digests_removed_from_config_json_alone_are_refused(saved):
     folder, _ = saved
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]["digests"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="format_version=2.*'digests' is missing"):
+    with pytest.raises(ValueError, match="model.safetensors was written with per-module digests.*'digests' is missing"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
