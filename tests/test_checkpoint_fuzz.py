@@ -238,6 +238,14 @@ def _config_cases(base: Base) -> dict[str, Corruption]:
     cases["format_version=2"] = setq("format_version", 2)
     cases["format_version='1'"] = setq("format_version", "1")
     cases["format_version=0"] = setq("format_version", 0)
+    # The model's own config.json fields: they decide the shapes and the tying of the full-precision tensors.
+    layers_key = "n_layer" if base.model_type == "gpt2" else "num_hidden_layers"
+    cases["model:layers-1"] = lambda t, c, b: (c.__setitem__(layers_key, c[layers_key] - 1) or ["layers.1", "h.1"])
+    cases["model:layers+1"] = lambda t, c, b: (c.__setitem__(layers_key, c[layers_key] + 1) or ["layers.2", "h.2"])
+    cases["model:vocab+1"] = lambda t, c, b: (c.__setitem__("vocab_size", c["vocab_size"] + 1) or ["wte", "embed_tokens", "lm_head", "vocab_size"])
+    cases["model:tie-flipped"] = lambda t, c, b: (
+        c.__setitem__("tie_word_embeddings", not c.get("tie_word_embeddings", False)) or ["lm_head", "tie"]
+    )
     # (activation_bits=8 on an 8-bit per-row checkpoint is a valid W8A8 config of the same tensors: it changes the
     # forward on purpose, so it is no corruption.)
     cases["activation_bits=8-on-4-bit"] = setq("activation_bits", 8) if base.bits != 8 else setq("activation_bits", 4)

@@ -98,6 +98,18 @@ def check_checkpoint_layout(model: nn.Module, index: Mapping[str, StoredTensor])
                 f"'{name}', so it is expected quantized; the checkpoint's config.json and tensors disagree."
             )
         check_layer_stored(name, module.format, stored)
+    # Full-precision tensors: transformers would re-initialise a mis-shaped one at random (or stop with a report
+    # that names nothing); the shapes come from the model's own config.json fields.
+    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, entry in index.items():
+        module_name, _ = _split(key)
+        shape = expected_shapes.get(key)
+        if shape is not None and not isinstance(modules.get(module_name), SuperWeightLinear) and shape != entry.shape:
+            raise CheckpointFormatError(
+                f"{key} is stored as {list(entry.shape)}, but the model that config.json describes expects "
+                f"{list(shape)} (its size fields, e.g. hidden_size or vocab_size, were edited, or the weights belong to "
+                "another model); the checkpoint's config.json and tensors disagree."
+            )
     for module_name, stored in by_module.items():
         owner = modules.get(module_name)
         quantized = sorted(QUANTIZED_ONLY & set(stored))
@@ -136,6 +148,34 @@ def _missing_keys(model: nn.Module) -> list[str]:
     return missing
 
 
+def _verify_tied_weights(model: nn.Module, index: Mapping[str, StoredTensor]) -> None:
+    """A weight the model's config ties to another must not be stored with other values: it would be ignored.
+
+    (save_pretrained does not store a tied weight; one that is stored means the config's tying was edited.)
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        entry = index.get(target)
+        if entry is None or not source:
+            continue
+        try:
+            current = model.get_parameter(source)
+            if model.get_parameter(target) is not current:
+                continue  # transformers kept the stored tensor (it does not tie when both are stored)
+        except AttributeError:
+            continue
+        from safetensors import safe_open
+
+        with safe_open(entry.file, framework="pt") as handle:
+            stored = handle.get_tensor(target)
+        if stored.shape != current.shape or not torch.equal(stored.to(current.dtype), current.detach().cpu()):
+            raise CheckpointFormatError(
+                f"{target} is stored in the checkpoint with its own values, but the model's config ties it to {source} "
+                "(tie_word_embeddings or the like), so the stored tensor would be ignored; the checkpoint's config.json "
+                "and tensors disagree."
+            )
+
+
 def verify_quantized_model(
     model: nn.Module,
     config: SuperWeightConfig,
@@ -165,6 +205,8 @@ def verify_quantized_model(
             "would initialise it at random. A compressed checkpoint loads completely or not at all: re-save it with "
             "save_pretrained, or re-quantize the full-precision model."
         )
+    if pre_quantized and index is not None:
+        _verify_tied_weights(model, index)
     if pre_quantized and index is not None and not getattr(model, "_weight_conversions", None):
         unexpected = _unexpected_keys(model, index)
         if unexpected:

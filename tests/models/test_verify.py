@@ -161,3 +161,18 @@ def test_weight_overflowing_the_scale_dtype_is_refused_with_the_fix(poisoned_dir
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_config(low_memory=low_memory, scale_dtype="float32"))
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(layer, SuperWeightLinear) and torch.isfinite(layer.weight_scale).all()
+
+
+def test_a_stored_tensor_the_config_ties_away_is_refused(tmp_path):
+    """transformers 5.24 keeps both tensors when both are stored; should it tie them, the stored one must agree."""
+    from optimum_superweight.format import read_safetensors_index
+    from optimum_superweight.models.verify import _verify_tied_weights
+    from optimum_superweight.testing import build_tiny_model
+
+    model = build_tiny_model("llama", num_hidden_layers=2, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    save_file({"lm_head.weight": model.lm_head.weight.detach().clone()}, tmp_path / "same.safetensors")
+    _verify_tied_weights(model, read_safetensors_index([tmp_path / "same.safetensors"]))
+    save_file({"lm_head.weight": torch.randn_like(model.lm_head.weight)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"lm_head\.weight is stored .* ties it to model\.embed_tokens\.weight"):
+        _verify_tied_weights(model, read_safetensors_index([tmp_path / "other.safetensors"]))
