@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def _tensor_cases(module: str, twin: str, present: list[str]) -> dict[str, Corru
 
         cases[f"{name}:removed"] = remove
         if name in ("weight_scale", "super_weight_values", "bias"):
-            cases[f"{name}:x2"] = edit(lambda x: x * 2)
+            cases[f"{name}:x2+0.5"] = edit(lambda x: x * 2 + 0.5)  # + 0.5: GPT-2's biases start at 0
             cases[f"{name}:negated"] = edit(lambda x: -x)
             cases[f"{name}:nan"] = edit(lambda x: x.flatten().index_fill(0, torch.tensor([0]), float("nan")).reshape(x.shape))
             cases[f"{name}:inf"] = edit(lambda x: x.flatten().index_fill(0, torch.tensor([0]), float("inf")).reshape(x.shape))
@@ -230,7 +231,7 @@ def _config_cases(base: Base) -> dict[str, Corruption]:
         cases[label] = corrupt
 
     edit_digests(lambda d, b: d.pop(b.plain_module), "digest-of-a-layer-removed")
-    edit_digests(lambda d, b: d.update({b.plain_module: d[b.plain_module][:-1] + "0"}), "digest-altered")
+    edit_digests(lambda d, b: d.update({b.plain_module: d[b.plain_module][:-1] + ("1" if d[b.plain_module][-1] == "0" else "0")}), "digest-altered")
     edit_digests(lambda d, b: d.update({b.plain_module: d[b.twin_module]}), "digests-swapped")
     edit_digests(lambda d, b: d.update({"lm_head": d[b.plain_module]}), "digest-for-dense-module")
     edit_digests(lambda d, b: d.update({b.plain_module: "md5:00"}), "digest-unknown-algorithm")

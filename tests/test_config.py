@@ -64,7 +64,7 @@ def test_bits_per_weight_counts_scales_and_zero_points():
 
 
 # -- fuzz: every field, many hostile values, constructor and config.json alike ----------------------------------------
-from optimum_superweight.config import FIELDS  # noqa: E402
+from optimum_superweight.config import FIELDS
 
 
 class _Opaque:
@@ -119,8 +119,8 @@ def test_the_fuzz_covers_every_field():
 @pytest.mark.parametrize("field", list(FIELDS))
 def test_every_hostile_value_is_refused_naming_the_field(field):
     for value in _HOSTILE[field] + _NEVER:
-        for build in (lambda: SuperWeightConfig(**{field: value}),
-                      lambda: SuperWeightConfig.from_dict({"quant_method": "superweight", field: value})):
+        for build in (lambda v=value: SuperWeightConfig(**{field: v}),
+                      lambda v=value: SuperWeightConfig.from_dict({"quant_method": "superweight", field: v})):
             with pytest.raises((ValueError, TypeError)) as info:
                 build()
             assert field in str(info.value), (field, value, str(info.value))

@@ -346,7 +346,7 @@ def _verify_digests(
             f"config.json's field 'digests' names module '{extra[0]}', which is not a quantized module of this model; "
             "the checkpoint's config.json and tensors disagree."
         )
-    for name, module in layers.items():
+    for name in layers:
         if name not in digests:
             raise CheckpointFormatError(
                 f"config.json's field 'digests' has no digest for the quantized module '{name}'; the checkpoint's "
