@@ -139,10 +139,12 @@ def _unexpected_keys(model: nn.Module, index: Mapping[str, StoredTensor]) -> lis
 def _missing_keys(model: nn.Module) -> list[str]:
     """Parameters and persistent buffers not loaded from the checkpoint (transformers' loaded flag absent)."""
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+    ignore = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
     missing = []
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if key in tied:
-            continue  # tied to its source, which is checked itself
+        if key in tied or (ignore is not None and ignore.search(key)):
+            continue  # tied to its source (checked itself), or declared optional by the model class
         if tensor.is_meta or not getattr(tensor, "_is_hf_initialized", False):
             missing.append(key)
     return missing
