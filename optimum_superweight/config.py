@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import difflib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .format import DIGEST_ALGORITHMS, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
@@ -17,10 +20,11 @@ __all__ = ["SuperWeightConfig", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BIT
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "superweight"
-#: Version of the on-disk layout; a checkpoint written by a newer layout is refused with an upgrade hint.
-FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
+SCALE_DTYPES = tuple(_SCALE_DTYPE_MAP)
+#: Largest ``group_size`` accepted (besides -1): larger groups are per-row scales in all but name, and a typo
+#: such as ``10**12`` would otherwise try to allocate the padded group.
+MAX_GROUP_SIZE = 2**20
 #: How codes and scales are chosen (the on-disk format is the same for all): round-to-nearest, or GPTQ
 #: error feedback on built-in calibration text (see :mod:`optimum_superweight.tensor.gptq`).
 METHODS = ("rtn", "gptq")
@@ -35,6 +39,121 @@ DEFAULT_DETECTION_PROMPT = PAPER_PROMPT
 
 def _invalid(field: str, value: Any, accepted: str) -> ValueError:
     return ValueError(f"SuperWeightConfig.{field}={value!r} is invalid: accepted values are {accepted}.")
+
+
+# -- field validators: each returns the normalised value or raises naming the field ---------------------------
+# A validator is ``(check, accepted)``: ``check(value)`` is True for a valid value; ``accepted`` says what is.
+Validator = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _choice(options: Sequence[Any]) -> Validator:
+    # Type-exact: 4.0 == 4 and True == 1 in Python, but neither is a bit width.
+    return (
+        lambda v: any(type(v) is type(o) and v == o for o in options),
+        ", ".join(repr(o) for o in options),
+    )
+
+
+def _int_range(low: int, high: int, *also: int) -> Validator:
+    extra = "".join(f", or {a}" for a in also)
+    return (lambda v: _is_int(v) and (low <= v <= high or v in also), f"an integer from {low} to {high}{extra}")
+
+
+def _number(low: float, high: float = math.inf, *, open_low: bool = True, open_high: bool = True) -> Validator:
+    def check(v: Any) -> bool:
+        return _is_number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    if high == math.inf:
+        return check, f"a finite number {'>' if open_low else '>='} {low}"
+    return check, f"a finite number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+BOOL: Validator = (lambda v: isinstance(v, bool), "True or False")
+
+
+def _optional(validator: Validator, note: str = "") -> Validator:
+    check, accepted = validator
+    return (lambda v: v is None or check(v), f"{accepted}, or None{note}")
+
+
+def _list_of(item: Callable[[Any], bool], accepted: str, *, non_empty: bool = False) -> Validator:
+    # A str is iterable but never a list of names: "lm_head" must not become ["l", "m", ...].
+    def check(v: Any) -> bool:
+        return isinstance(v, (list, tuple)) and (not non_empty or len(v) > 0) and all(item(x) for x in v)
+
+    return check, f"a {'non-empty ' if non_empty else ''}list of {accepted}"
+
+
+def _mapping_of(key: Callable[[Any], bool], value: Callable[[Any], bool], accepted: str) -> Validator:
+    return (lambda v: isinstance(v, dict) and all(key(k) and value(x) for k, x in v.items()), f"a mapping of {accepted}")
+
+
+def _name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and v.strip() == v
+
+
+def _index(v: Any) -> bool:
+    return _is_int(v) and 0 <= v < 2**31
+
+
+_INDICES = _list_of(_index, "indices from 0 to 2**31 - 1")
+
+#: Every field of ``config.json["quantization_config"]`` (in its key order) and what it accepts. Adding a
+#: field: one line here, a parameter of ``__init__`` and its docstring. Cross-field rules are in ``post_init``.
+FIELDS: dict[str, Validator] = {
+    "quant_method": _choice((QUANT_METHOD,)),
+    "format_version": _choice(READABLE_VERSIONS),
+    "bits": _choice(SUPPORTED_BITS),
+    "group_size": _int_range(8, MAX_GROUP_SIZE, -1),
+    "symmetric": BOOL,
+    "scale_dtype": _choice(SCALE_DTYPES),
+    "modules_to_not_convert": _optional(_list_of(_name, "module names (strings)")),
+    "super_weights": _list_of(lambda v: isinstance(v, (dict, SuperWeight)), "mappings with 'module', 'row', 'col' (or SuperWeight records)"),
+    "detect": BOOL,
+    "detection_prompts": _optional(_list_of(lambda v: isinstance(v, str) and bool(v.strip()), "non-empty strings", non_empty=True)),
+    "detection_threshold": _number(0),
+    "detection_min_ratio": _number(0),
+    "detection_layers": _optional(_INDICES),
+    "max_super_weights": _int_range(0, 4096),
+    "method": _choice(METHODS),
+    "clip_search": BOOL,
+    "clip_objective": _choice(CLIP_OBJECTIVES),
+    "calibration_tokens": _int_range(64, 32768),
+    "damp": _number(0, 1),
+    "act_order": BOOL,
+    "low_memory": BOOL,
+    "activation_bits": _choice(ACTIVATION_BITS),
+    "activation_scale": _choice(ACTIVATION_SCALES),
+    "hold_out_super_activation": BOOL,
+    "super_activation_channels": _optional(_INDICES),
+    "massive_activation_ratio": _optional(_number(1), " (typically 20)"),
+    "max_holdout_channels": _int_range(0, 256),
+    "activation_holdout": _optional(_mapping_of(_name, _INDICES[0], "module names to lists of channel indices >= 0")),
+    "smoothquant_alpha": _optional(_number(0, 1), " (typically 0.5)"),
+    "digests": _optional(_mapping_of(
+        _name, lambda v: isinstance(v, str) and v.partition(":")[0] in DIGEST_ALGORITHMS and len(v) < 1024,
+        f"module names to '<algorithm>:<hex>' digests ({', '.join(DIGEST_ALGORITHMS)}; written by save_pretrained)",
+    )),
+}
+#: Keys of a quantization_config that transformers itself may add; read and ignored.
+_TRANSFORMERS_KEYS = frozenset({"dequantize"})
+
+
+def _normalise(value: Any) -> Any:
+    """A private JSON-shaped copy: tuples become lists, records stay records until post_init converts them."""
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    return copy.copy(value)
 
 
 class SuperWeightConfig(QuantizationConfigMixin):
@@ -104,6 +223,12 @@ class SuperWeightConfig(QuantizationConfigMixin):
             (folded into the preceding norm's weight, or up_proj's row for down_proj) and its weight column
             multiplied by it, which leaves the full-precision model's function unchanged. Llama-style decoder
             layers only. ``None``: no migration.
+        digests: Written by ``save_pretrained``, checked at load: one content digest per quantized module
+            (:func:`optimum_superweight.format.layer_digest`). Leave ``None``.
+        format_version: The checkpoint's tensor layout (:data:`optimum_superweight.format.FORMAT_VERSION`).
+
+    Every field is validated (type and range, table :data:`FIELDS`) here and when read from config.json; an
+    unknown keyword is a ``TypeError``, an unknown key of config.json a warning (see :meth:`from_dict`).
     """
 
     def __init__(
@@ -135,91 +260,76 @@ class SuperWeightConfig(QuantizationConfigMixin):
         max_holdout_channels: int = 8,
         activation_holdout: dict[str, list[int]] | None = None,
         smoothquant_alpha: float | None = None,
+        digests: dict[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ) -> None:
-        self.quant_method = QUANT_METHOD
-        self.bits = bits
-        self.group_size = group_size
-        self.symmetric = symmetric
-        self.scale_dtype = scale_dtype
-        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
-        self.super_weights = [
-            sw.to_dict() if isinstance(sw, SuperWeight) else dict(sw) for sw in (super_weights or [])
-        ]
-        self.detect = detect
-        self.detection_prompts = None if detection_prompts is None else list(detection_prompts)
-        self.detection_threshold = detection_threshold
-        self.detection_min_ratio = detection_min_ratio
-        self.detection_layers = None if detection_layers is None else list(detection_layers)
-        self.max_super_weights = max_super_weights
-        self.method = method
-        self.clip_search = clip_search
-        self.clip_objective = clip_objective
-        self.calibration_tokens = calibration_tokens
-        self.damp = damp
-        self.act_order = act_order
-        self.low_memory = low_memory
-        self.activation_bits = activation_bits
-        self.activation_scale = activation_scale
-        self.hold_out_super_activation = hold_out_super_activation
-        self.super_activation_channels = None if super_activation_channels is None else list(super_activation_channels)
-        self.massive_activation_ratio = massive_activation_ratio
-        self.max_holdout_channels = max_holdout_channels
-        self.activation_holdout = activation_holdout
-        if isinstance(activation_holdout, dict):  # a copy; tuples become lists (what config.json holds)
-            self.activation_holdout = {k: list(v) if isinstance(v, tuple) else v for k, v in activation_holdout.items()}
-        self.smoothquant_alpha = smoothquant_alpha
-        self.format_version = format_version
-        if quant_method != QUANT_METHOD:
-            raise _invalid("quant_method", quant_method, repr(QUANT_METHOD))
-        # Keys that `to_dict` never writes and transformers' own loading attributes are harmless.
-        ignorable = {"dequantize"}
-        unknown = sorted(set(kwargs) - ignorable)
-        if unknown:
-            logger.warning("SuperWeightConfig ignores unknown keys %s.", ", ".join(unknown))
+        if kwargs:
+            unknown = sorted(set(kwargs) - _TRANSFORMERS_KEYS)
+            if unknown:
+                hints = [difflib.get_close_matches(k, list(FIELDS), n=1) for k in unknown]
+                hint = "".join(f" ('{k}': did you mean '{h[0]}'?)" for k, h in zip(unknown, hints) if h)
+                raise TypeError(
+                    f"SuperWeightConfig got unknown field(s) {', '.join(map(repr, unknown))}{hint}; accepted fields are "
+                    f"{', '.join(FIELDS)}."
+                )
+        values = dict(locals())
+        if super_weights is None:
+            values["super_weights"] = []
+        for name in FIELDS:
+            setattr(self, name, _normalise(values[name]))
         self.post_init()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config stored in ``config.json["quantization_config"]``, validated like the constructor's arguments.
+
+        Keys this version does not know are ignored with a warning: they come from a newer optimum-superweight
+        whose checkpoint layout is the same (a layout change raises ``format_version``, which is refused).
+
+        >>> SuperWeightConfig.from_dict({"quant_method": "superweight", "bits": 8}).bits
+        8
+        """
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"quantization_config={config_dict!r} is invalid: accepted is a mapping of SuperWeightConfig fields."
+            )
+        unknown = sorted(set(config_dict) - set(FIELDS) - _TRANSFORMERS_KEYS)
+        if unknown:
+            logger.warning("SuperWeightConfig ignores unknown keys %s.", ", ".join(unknown))
+        config = cls(**{k: v for k, v in config_dict.items() if k in FIELDS})
+        unused = {}
+        for key, value in kwargs.items():
+            if key in FIELDS:
+                setattr(config, key, _normalise(value))
+            else:
+                unused[key] = value
+        if len(unused) != len(kwargs):
+            config.post_init()
+        return (config, unused) if return_unused_kwargs else config
+
     def post_init(self) -> None:
-        """Validate every field; raise `ValueError` naming the field, the value and what is accepted."""
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
-            raise _invalid("bits", self.bits, ", ".join(map(str, SUPPORTED_BITS)))
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
-            self.group_size == -1 or self.group_size >= 8
+        """Validate every field (table :data:`FIELDS`), then the rules between fields; raise naming the field.
+
+        Raises ``ValueError`` with the field, the value and what is accepted.
+        """
+        if isinstance(getattr(self, "format_version", None), int) and not isinstance(self.format_version, bool) and (
+            self.format_version > FORMAT_VERSION
         ):
-            raise _invalid("group_size", self.group_size, "an integer >= 8, or -1 for one group per output row")
-        if not isinstance(self.symmetric, bool):
-            raise _invalid("symmetric", self.symmetric, "True or False")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise _invalid("scale_dtype", self.scale_dtype, ", ".join(repr(d) for d in SCALE_DTYPES))
-        if self.modules_to_not_convert is not None and not all(
-            isinstance(m, str) and m for m in self.modules_to_not_convert
-        ):
-            raise _invalid("modules_to_not_convert", self.modules_to_not_convert, "a list of module names")
-        if not isinstance(self.detect, bool):
-            raise _invalid("detect", self.detect, "True or False")
-        if self.detection_prompts is not None and (
-            not self.detection_prompts or not all(isinstance(p, str) and p.strip() for p in self.detection_prompts)
-        ):
-            raise _invalid("detection_prompts", self.detection_prompts, "a non-empty list of non-empty strings, or None")
-        for name in ("detection_threshold", "detection_min_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise _invalid(name, value, "a finite number > 0")
-        if self.detection_layers is not None and not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.detection_layers
-        ):
-            raise _invalid("detection_layers", self.detection_layers, "a list of layer indices >= 0, or None")
-        if isinstance(self.max_super_weights, bool) or not isinstance(self.max_super_weights, int) or self.max_super_weights < 0:
-            raise _invalid("max_super_weights", self.max_super_weights, "an integer >= 0")
-        if self.method not in METHODS:
-            raise _invalid("method", self.method, ", ".join(repr(m) for m in METHODS))
-        for name in ("clip_search", "act_order", "low_memory"):
-            if not isinstance(getattr(self, name), bool):
-                raise _invalid(name, getattr(self, name), "True or False")
-        if self.clip_objective not in CLIP_OBJECTIVES:
-            raise _invalid("clip_objective", self.clip_objective, ", ".join(repr(o) for o in CLIP_OBJECTIVES))
+            raise ValueError(
+                f"SuperWeightConfig.format_version={self.format_version!r}: this checkpoint uses optimum-superweight "
+                f"format {self.format_version}, newer than this installed "
+                f"version understands ({FORMAT_VERSION}). Upgrade: pip install -U optimum-superweight."
+            )
+        for name, (check, accepted) in FIELDS.items():
+            value = getattr(self, name, None)
+            if not check(value):
+                raise _invalid(name, value, accepted)
+        self.super_weights = [sw.to_dict() if isinstance(sw, SuperWeight) else dict(sw) for sw in self.super_weights]
+        for name in ("modules_to_not_convert", "detection_prompts", "detection_layers", "super_activation_channels"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if self.low_memory and self.clip_search and self.clip_objective == "output":
             raise ValueError(
                 "SuperWeightConfig.low_memory=True is invalid with clip_search=True and clip_objective='output': the "
@@ -231,20 +341,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
                 "calibration activations while quantizing, so the full-precision model must be in memory. Use "
                 "method='rtn' (optionally clip_search=True) to quantize while loading, or low_memory=False."
             )
-        if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) or not (
-            64 <= self.calibration_tokens <= 32768
-        ):
-            raise _invalid("calibration_tokens", self.calibration_tokens, "an integer from 64 to 32768")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not (0 < self.damp < 1):
-            raise _invalid("damp", self.damp, "a number in (0, 1), typically 0.01")
         self._validate_activation_fields()
-        if not isinstance(self.format_version, int) or self.format_version < 1:
-            raise _invalid("format_version", self.format_version, f"an integer between 1 and {FORMAT_VERSION}")
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses optimum-superweight format {self.format_version}, newer than this installed "
-                f"version understands ({FORMAT_VERSION}). Upgrade: pip install -U optimum-superweight."
-            )
         records = self.get_super_weights()  # validates every entry
         seen: set[tuple[str, int, int]] = set()
         for sw in records:
@@ -254,35 +351,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
             seen.add(key)
 
     def _validate_activation_fields(self) -> None:
-        if self.activation_bits not in ACTIVATION_BITS or isinstance(self.activation_bits, bool):
-            raise _invalid("activation_bits", self.activation_bits, "None (weight-only) or 8 (W8A8)")
-        if self.activation_scale not in ACTIVATION_SCALES:
-            raise _invalid("activation_scale", self.activation_scale, ", ".join(repr(m) for m in ACTIVATION_SCALES))
-        if not isinstance(self.hold_out_super_activation, bool):
-            raise _invalid("hold_out_super_activation", self.hold_out_super_activation, "True or False")
-        if self.super_activation_channels is not None and not all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.super_activation_channels
-        ):
-            raise _invalid("super_activation_channels", self.super_activation_channels, "a list of channel indices >= 0, or None")
-        ratio = self.massive_activation_ratio
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1):
-            raise _invalid("massive_activation_ratio", ratio, "a number > 1 (typically 20), or None")
-        limit = self.max_holdout_channels
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 256:
-            raise _invalid("max_holdout_channels", limit, "an integer from 0 to 256")
-        holdout = self.activation_holdout
-        if holdout is not None and not (
-            isinstance(holdout, dict)
-            and all(
-                isinstance(name, str) and isinstance(channels, list)
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)
-                for name, channels in holdout.items()
-            )
-        ):
-            raise _invalid("activation_holdout", holdout, "a mapping of module names to lists of channel indices >= 0, or None")
         alpha = self.smoothquant_alpha
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1):
-            raise _invalid("smoothquant_alpha", alpha, "a number in (0, 1) (typically 0.5), or None")
         if self.activation_bits is None:
             if alpha is not None:
                 raise _invalid(
@@ -368,39 +437,9 @@ class SuperWeightConfig(QuantizationConfigMixin):
     # -- serialization ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict written into ``config.json["quantization_config"]``."""
-        return {
-            "quant_method": QUANT_METHOD,
-            "format_version": self.format_version,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "scale_dtype": self.scale_dtype,
-            "modules_to_not_convert": None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
-            "super_weights": [dict(sw) for sw in self.super_weights],
-            "detect": self.detect,
-            "detection_prompts": None if self.detection_prompts is None else list(self.detection_prompts),
-            "detection_threshold": self.detection_threshold,
-            "detection_min_ratio": self.detection_min_ratio,
-            "detection_layers": None if self.detection_layers is None else list(self.detection_layers),
-            "max_super_weights": self.max_super_weights,
-            "method": self.method,
-            "clip_search": self.clip_search,
-            "clip_objective": self.clip_objective,
-            "calibration_tokens": self.calibration_tokens,
-            "damp": self.damp,
-            "act_order": self.act_order,
-            "low_memory": self.low_memory,
-            "activation_bits": self.activation_bits,
-            "activation_scale": self.activation_scale,
-            "hold_out_super_activation": self.hold_out_super_activation,
-            "super_activation_channels": None if self.super_activation_channels is None else list(self.super_activation_channels),
-            "massive_activation_ratio": self.massive_activation_ratio,
-            "max_holdout_channels": self.max_holdout_channels,
-            "activation_holdout": None
-            if self.activation_holdout is None
-            else {name: list(channels) for name, channels in self.activation_holdout.items()},
-            "smoothquant_alpha": self.smoothquant_alpha,
-        }
+        data = {name: _normalise(getattr(self, name)) for name in FIELDS}
+        data["quant_method"] = QUANT_METHOD
+        return data
 
     def __iter__(self):
         yield from self.to_dict().items()

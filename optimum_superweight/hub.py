@@ -38,6 +38,7 @@ from .cards import (
     parse_card,
     read_super_weights,
 )
+from .format import SCALE, SUPER_WEIGHT_INDICES, WEIGHT, read_safetensors_index
 from .errors import UPLOAD_REMEDY, SuperWeightHubError, reraise_hub_errors
 from .records import SuperWeight
 
@@ -57,7 +58,6 @@ _HOOK_MARK = "_optimum_superweight_card_hook"
 _CARD_KWARGS_ATTR = "_optimum_superweight_card_kwargs"
 # Files and folders of a save_pretrained folder that never belong on the Hub.
 _SKIP_NAMES = {".git", ".cache", "__pycache__", ".DS_Store", ".ipynb_checkpoints"}
-_SAFETENSORS_HEADER_CAP = 100 << 20
 
 
 def _check_repo_id(repo_id: Any) -> str:
@@ -174,50 +174,32 @@ def _read_config_json(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 0 < size <= _SAFETENSORS_HEADER_CAP:
-            raise ValueError(f"{path} is not a safetensors file (header size {size}).")
-        try:
-            header = json.loads(handle.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} has a corrupt safetensors header ({error}).") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} has a corrupt safetensors header.")
-    return header
-
-
 def _check_weights_hold(folder: Path, records: list[SuperWeight]) -> None:
     """Every super weight of config.json is stored in the checkpoint at its coordinates (headers + tiny tensors)."""
     files = sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
     if not files:
         raise ValueError(f"{folder} holds no *.safetensors weights: expected a folder written by save_pretrained.")
-    where: dict[str, Path] = {}
-    for path in files:
-        for key in _safetensors_header(path):
-            if key != "__metadata__":
-                where[key] = path
+    index = read_safetensors_index(files)
     by_module: dict[str, list[SuperWeight]] = {}
     for sw in records:
         by_module.setdefault(sw.module, []).append(sw)
     for module, expected in by_module.items():
-        if f"{module}.weight" not in where:
+        if f"{module}.{WEIGHT}" not in index:
             raise ValueError(
                 f"config.json lists super weights of module '{module}', but the checkpoint in {folder} has no "
-                f"tensor '{module}.weight': the folder's config and weights disagree."
+                f"tensor '{module}.{WEIGHT}': the folder's config and weights disagree."
             )
-        indices_key = f"{module}.super_weight_indices"
-        if f"{module}.weight_scale" not in where:
+        indices_key = f"{module}.{SUPER_WEIGHT_INDICES}"
+        if f"{module}.{SCALE}" not in index:
             continue  # a module kept in full precision stores its super weights in the dense weight itself
-        if indices_key not in where:
+        if indices_key not in index:
             raise ValueError(
                 f"config.json lists {len(expected)} super weight(s) of '{module}', but the checkpoint stores none "
                 f"for it ({indices_key} is missing): the folder's config and weights disagree."
             )
         from safetensors import safe_open
 
-        with safe_open(str(where[indices_key]), framework="pt") as handle:
+        with safe_open(index[indices_key].file, framework="pt") as handle:
             stored = {tuple(int(v) for v in pair) for pair in handle.get_tensor(indices_key).reshape(-1, 2).tolist()}
         for sw in expected:
             if (sw.row, sw.col) not in stored:

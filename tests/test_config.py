@@ -61,3 +61,98 @@ def test_newer_format_asks_for_upgrade():
 def test_bits_per_weight_counts_scales_and_zero_points():
     assert SuperWeightConfig(bits=4, group_size=64).bits_per_weight == 4.25
     assert SuperWeightConfig(bits=4, group_size=64, symmetric=False).bits_per_weight == 4.375
+
+
+# -- fuzz: every field, many hostile values, constructor and config.json alike ----------------------------------------
+from optimum_superweight.config import FIELDS
+
+
+class _Opaque:
+    def __repr__(self):
+        return "<opaque>"
+
+
+#: Values no field accepts (each field has a type these are not).
+_NEVER = [_Opaque(), b"bytes", {1, 2}, 1 + 2j, float("nan")]
+#: Hostile values per field: each must be refused with the field named.
+_HOSTILE = {
+    "quant_method": ["gptq", "", None, 1],
+    "format_version": [0, 3, 99, "1", 1.0, True, None, -1],
+    "bits": [True, False, 4.0, "4", 1, 5, 16, 0, -4, None, [4]],
+    "group_size": [True, 10**12, 2**20 + 1, 4, 0, -2, 64.0, "64", None, [64]],
+    "symmetric": [1, 0, "true", "yes", None, [True]],
+    "scale_dtype": ["float64", "fp16", "torch.float16", 16, None, ["float16"]],
+    "modules_to_not_convert": ["lm_head", "", 1, {"lm_head": 1}, [1], [""], [None], ["lm_head", 2], True, [" lm_head"]],
+    "super_weights": ["model.layers.1.mlp.down_proj", 1, {"module": "m", "row": 1, "col": 2}, [1], ["m"], [None],
+                      [{"module": "m", "row": True, "col": 1}], [{"module": "m", "row": 1.0, "col": 1}],
+                      [{"module": "m", "row": -1, "col": 1}], [{"module": "m", "row": 1}],
+                      [{"module": "m", "row": 1, "col": 1, "value": "big"}], [{"module": "", "row": 1, "col": 1}]],
+    "detect": [1, "false", None],
+    "detection_prompts": ["Apple", [], [""], ["  "], [1], "", 1, {"a": 1}],
+    "detection_threshold": [0, -1, True, "50", None, float("inf")],
+    "detection_min_ratio": [0, -5.0, False, "100", float("inf")],
+    "detection_layers": ["0,1", 3, [-1], [1.0], [True], [2**31], {"0": 1}],
+    "max_super_weights": [-1, True, 2.0, "16", None, 10**9],
+    "method": ["RTN", "hqq", "", None, 1],
+    "clip_search": [1, "yes", None],
+    "clip_objective": ["mse", None, 1],
+    "calibration_tokens": [0, 63, 10**9, True, 8192.0, "8192", None],
+    "damp": [0, 1, -0.1, True, "0.01", None, float("inf")],
+    "act_order": [1, "no", None],
+    "low_memory": [1, "true", None],
+    "activation_bits": [4, 16, True, 8.0, "8"],
+    "activation_scale": ["per_channel", None, 1],
+    "hold_out_super_activation": [1, None, "yes"],
+    "super_activation_channels": [507, "507", [-1], [True], [1.5]],
+    "massive_activation_ratio": [1, 0.5, True, "20", float("inf")],
+    "max_holdout_channels": [-1, 257, True, 8.0, None],
+    "activation_holdout": [[1, 2], {"m": 5}, {"m": [-1]}, {1: [1]}, {"m": ["1"]}, "m"],
+    "smoothquant_alpha": [0, 1, -0.5, True, "0.5", float("inf")],
+    "digests": ["crc32:0", {"m": 5}, {"m": "md5:00"}, {"m": None}, [["m", "crc32:0"]], {"": "crc32:0"}],
+}
+
+
+def test_the_fuzz_covers_every_field():
+    assert set(_HOSTILE) == set(FIELDS)
+
+
+@pytest.mark.parametrize("field", list(FIELDS))
+def test_every_hostile_value_is_refused_naming_the_field(field):
+    for value in _HOSTILE[field] + _NEVER:
+        for build in (lambda v=value: SuperWeightConfig(**{field: v}),
+                      lambda v=value: SuperWeightConfig.from_dict({"quant_method": "superweight", field: v})):
+            with pytest.raises((ValueError, TypeError)) as info:
+                build()
+            assert field in str(info.value), (field, value, str(info.value))
+
+
+def test_string_where_a_list_is_expected_is_never_split_into_characters():
+    with pytest.raises(ValueError, match=r"SuperWeightConfig.modules_to_not_convert='lm_head' is invalid: .*list"):
+        SuperWeightConfig(modules_to_not_convert="lm_head")
+    assert SuperWeightConfig(modules_to_not_convert=("lm_head",)).modules_to_not_convert == ["lm_head"]
+
+
+def test_unknown_keyword_is_a_type_error_with_a_hint_and_unknown_json_key_a_warning(caplog):
+    with pytest.raises(TypeError, match=r"'grop_size'.*did you mean 'group_size'"):
+        SuperWeightConfig(grop_size=32)
+    config = SuperWeightConfig.from_dict({"quant_method": "superweight", "future_option": 1, "dequantize": False})
+    assert config.bits == 4 and "future_option" in caplog.text and "dequantize" not in caplog.text
+
+
+def test_fields_assigned_after_construction_are_validated_when_the_quantizer_starts():
+    from optimum_superweight.models.quantizer import SuperWeightQuantizer
+
+    config = SuperWeightConfig()
+    config.group_size = 10**12
+    with pytest.raises(ValueError, match="SuperWeightConfig.group_size=1000000000000"):
+        SuperWeightQuantizer(config)
+
+
+def test_valid_values_round_trip_through_json():
+    config = SuperWeightConfig(
+        bits=3, group_size=2**20, symmetric=False, scale_dtype="bfloat16", modules_to_not_convert=("lm_head",),
+        detection_layers=(0, 1), detection_prompts=("a",), digests={"m": "crc32:00000000"},
+    )
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["format_version"] == 1 and data["detection_layers"] == [0, 1]
+    assert SuperWeightConfig.from_dict(data).to_dict() == data

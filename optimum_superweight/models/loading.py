@@ -30,6 +30,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 
 from ..config import SuperWeightConfig
+from ..format import BIAS, check_quantizable
 from ..records import SuperWeight
 from ..tensor.gptq import clip_quantize_weight
 from ..tensor.quantize import GroupLayout, QuantizedWeight, quantize_weight
@@ -211,6 +212,19 @@ class SuperWeightQuantize(ConversionOps):
 
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], source_patterns: Any = None, target_patterns: Any = None, **kwargs: Any):
+        # transformers turns an exception raised here into a RuntimeError that only points at its log report. So an
+        # error is recorded and nothing returned (the skeleton's tensors stay unloaded); the after-load hook then
+        # raises it with the module and coordinate. After a first error the remaining weights are skipped.
+        if self.plan.errors:
+            return {}
+        try:
+            return self._convert(input_dict, **kwargs)
+        except ValueError as error:
+            if str(error) not in self.plan.errors:
+                self.plan.errors.append(str(error))
+            return {}
+
+    def _convert(self, input_dict: dict[str, Any], **kwargs: Any):
         plan = self.plan
         (key, tensors), = input_dict.items()
         tensor = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
@@ -239,15 +253,14 @@ class SuperWeightQuantize(ConversionOps):
         plan.records[module_name] = completed
         # The in-memory path's own code on a weight-only stand-in: bit-identical results.
         coordinates = [(sw.row, sw.col) for sw in completed]
+        config = plan.config
         dense = nn.Linear(in_features, out_features, bias=False, device="meta")
         dense.weight = nn.Parameter(weight, requires_grad=False)
-        layer = _quantized_layer(dense, coordinates, plan.config, quantized=quantize_by_rows(weight, coordinates, plan.config))
-        out = {f"{module_name}.weight": layer.weight.data, f"{module_name}.weight_scale": layer.weight_scale.data}
-        if layer.weight_zero_point is not None:
-            out[f"{module_name}.weight_zero_point"] = layer.weight_zero_point.data
-        if layer.super_weight_indices is not None:
-            out[f"{module_name}.super_weight_indices"] = layer.super_weight_indices.data
-            out[f"{module_name}.super_weight_values"] = layer.super_weight_values.data
+        check_quantizable(module_name, weight)  # non-finite weights: refuse before any work
+        quantized = quantize_by_rows(weight, coordinates, config)
+        layer = _quantized_layer(dense, coordinates, config, quantized=quantized, name=module_name)
+        # The bias is a full-precision tensor of the checkpoint, loaded as usual: only the format's own tensors here.
+        out = {f"{module_name}.{name}": t.data for name, t in layer.stored_tensors().items() if name != BIAS}
         plan.done.add(target)
         del dense, layer, weight, tensor, tensors, input_dict
         _trim_heap()

@@ -7,7 +7,9 @@ The quantizer only wires hooks. Detection lives in :mod:`..detection`, module re
   the super weights (unless given), then swaps every targeted linear layer for a low-bit one.
 - Compressed checkpoint (``config.json`` carries the method): the before-load hook builds the low-bit
   modules with the checkpoint's names and shapes, so loading is plain assignment (and the reloaded
-  model can be saved again); the after-load hook verifies the super weights against ``config.json``.
+  model can be saved again), and checks the safetensors headers against them; the after-load hook
+  verifies completeness, values, super weights and digests against ``config.json`` (:mod:`.verify`).
+- Save: ``get_state_dict_and_metadata`` records each quantized module's content digest in config.json.
 """
 
 from __future__ import annotations
@@ -20,8 +22,18 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import QUANT_METHOD, SuperWeightConfig
+from ..format import DIGEST_ALGORITHM, DIGESTS_METADATA_KEY, read_safetensors_metadata
 from ..kernels import prepare_kernels
-from .replace import build_quantized_skeleton, dequantize_model, quantize_model, verify_quantized_model
+from .replace import (
+    build_quantized_skeleton,
+    check_finite_weights,
+    dequantize_model,
+    modules_to_convert,
+    quantize_model,
+    resolve_dtype,
+    resolve_modules_to_not_convert,
+)
+from .verify import check_checkpoint_layout, layer_digests, read_checkpoint_index, verify_quantized_model
 
 __all__ = ["SuperWeightQuantizer", "register"]
 
@@ -46,7 +58,10 @@ class SuperWeightQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SuperWeightConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.quantization_config: SuperWeightConfig = quantization_config
+        quantization_config.post_init()  # again: fields may have been assigned after construction
         self._low_memory = None  # LowMemoryPlan while quantizing on load (see .loading)
+        self._index = None  # the compressed checkpoint's safetensors header index (see .verify)
+        self._metadata = None  # and the header metadata of its files
 
     # -- environment --------------------------------------------------------------------------------------
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
@@ -69,6 +84,10 @@ class SuperWeightQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
             build_quantized_skeleton(model, self.quantization_config)
+            self._index = read_checkpoint_index(kwargs.get("checkpoint_files"))
+            if self._index is not None:  # before transformers casts, drops or re-initialises a tensor
+                check_checkpoint_layout(model, self._index)
+                self._metadata = read_safetensors_metadata(sorted({e.file for e in self._index.values()}))
         elif self.quantization_config.low_memory:
             from .loading import plan_low_memory
 
@@ -106,11 +125,16 @@ class SuperWeightQuantizer(HfQuantizer):
         if self._low_memory is not None:
             return self._finish_low_memory(model)
         if self.pre_quantized:
-            verify_quantized_model(model, config, loaded_by_transformers=True)
+            index, metadata, self._index, self._metadata = self._index, self._metadata, None, None
+            verify_quantized_model(
+                model, config, loaded_by_transformers=True, pre_quantized=True, index=index, metadata=metadata
+            )
             prepare_kernels(model)  # build kernel layouts now and log which kernel each layer uses
             # model.push_to_hub() must publish the coordinates, not transformers' default card.
             return attach_card_hook(model)
         with torch.no_grad():
+            # NaN/inf would make detection and calibration fail obscurely: refuse them first, by module and coordinate.
+            check_finite_weights(modules_to_convert(model, resolve_modules_to_not_convert(model, config)))
             records = config.get_super_weights()
             tokenizer = _load_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
             if not records and config.detect:
@@ -134,6 +158,16 @@ class SuperWeightQuantizer(HfQuantizer):
         prepare_kernels(model)
         return attach_card_hook(model)
 
+    # -- save ------------------------------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, model):
+        """Called by ``save_pretrained`` before config.json is written: record each quantized module's digest."""
+        config = getattr(model.config, "quantization_config", None)
+        if not isinstance(config, SuperWeightConfig):
+            return None, {}
+        config.digests = layer_digests(model)
+        # The weight files say that config.json carries digests: removing them from config.json alone is caught.
+        return None, {DIGESTS_METADATA_KEY: DIGEST_ALGORITHM}
+
     # -- capabilities ---------------------------------------------------------------------------------------
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
@@ -142,8 +176,9 @@ class SuperWeightQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
-    def _dequantize(self, model, dtype: torch.dtype | None = None):
-        return dequantize_model(model, dtype)
+    def _dequantize(self, model, dtype: torch.dtype | str | None = None):
+        # transformers passes model.config.dtype: a string ("float32") once the config was saved or reloaded.
+        return dequantize_model(model, resolve_dtype(dtype))
 
 
 def register() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import SuperWeightConfig
+from ..format import check_quantizable
 from ..nn.linear import SuperWeightLinear
 from ..records import SuperWeight
 
@@ -23,8 +24,9 @@ __all__ = [
     "check_super_weights",
     "quantize_model",
     "build_quantized_skeleton",
-    "verify_quantized_model",
     "dequantize_model",
+    "resolve_dtype",
+    "check_finite_weights",
     "compressed_size_bytes",
 ]
 
@@ -77,6 +79,12 @@ def modules_to_convert(model: nn.Module, skip: Iterable[str]) -> dict[str, nn.Mo
         if isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, SuperWeightLinear) and not _matches(name, skip):
             selected[name] = module
     return selected
+
+
+def check_finite_weights(targets: dict[str, nn.Module]) -> None:
+    """Refuse NaN/inf in a weight to quantize, naming the module and the coordinate (paper convention)."""
+    for name, module in targets.items():
+        check_quantizable(name, _dense_weight(module))
 
 
 def check_super_weights(
@@ -140,6 +148,7 @@ def _quantized_layer(
     config: SuperWeightConfig,
     quantized: Any = None,
     hessian: torch.Tensor | None = None,
+    name: str = "SuperWeightLinear",
 ) -> SuperWeightLinear:
     """One low-bit layer: plain RTN, RTN with clip search, or given (GPTQ) codes; same on-disk format for all."""
     if quantized is None:
@@ -155,6 +164,7 @@ def _quantized_layer(
         scale_dtype=config.scale_dtype,
         super_weights=coordinates,
         quantized=quantized,
+        name=name,
     )
 
 
@@ -182,6 +192,7 @@ def quantize_model(
     """
     skip = resolve_modules_to_not_convert(model, config)
     targets = modules_to_convert(model, skip)
+    check_finite_weights(targets)  # before calibration or GPTQ turn a NaN into an obscure failure
     if config.activation_bits is not None and config.smoothquant_alpha is not None:
         from .w8a8 import MASSIVE_SCAN_TOKENS, smooth_activations
 
@@ -224,7 +235,8 @@ def quantize_model(
             precomputed = _gptq_group(names, denses, coordinates, hessians[names[0]], config)
         for name, quantized in zip(names, precomputed):
             hessian = hessians[name] if config.needs_calibration and config.method == "rtn" else None
-            _set_module(model, name, _quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian))
+            layer = _quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian, name=name)
+            _set_module(model, name, layer)
     return model
 
 
@@ -258,7 +270,7 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             counts[sw.module] = counts.get(sw.module, 0) + 1
         elif sw.module not in dict(model.named_modules()):
             raise ValueError(
-                f"The checkpoint's config names super weight module '{sw.module}', which this model does not have."
+                f"config.json's field 'super_weights' names module '{sw.module}', which this model does not have."
             )
     if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
         from .w8a8 import build_w8a8_skeleton
@@ -283,62 +295,27 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
     return model
 
 
-def verify_quantized_model(model: nn.Module, config: SuperWeightConfig, *, loaded_by_transformers: bool = False) -> None:
-    """Check a loaded compressed model against its config; raise ``ValueError`` naming the module on mismatch.
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (``"float32"``, ``"torch.bfloat16"``); ``None`` stays ``None``.
 
-    Guards against checkpoints whose tensors are missing, mis-shaped, out of range or disagree with
-    ``config.json``: such a model must never run with a wrong weight. With ``loaded_by_transformers``,
-    every tensor must carry transformers' loaded flag (a tensor missing from the checkpoint does not: it
-    would otherwise be left as uninitialized memory).
+    transformers hands ``model.config.dtype`` to ``dequantize``, a string once the config was saved or reloaded.
+
+    >>> resolve_dtype("bfloat16"), resolve_dtype(torch.float16), resolve_dtype(None)
+    (torch.bfloat16, torch.float16, None)
     """
-    expected = config.super_weights_by_module()
-    for name, module in model.named_modules():
-        if not isinstance(module, SuperWeightLinear):
-            continue
-        for tensor_name, tensor in module.named_parameters(recurse=False):
-            if tensor.is_meta:
-                raise ValueError(
-                    f"{name}.{tensor_name} was not loaded (it is still on the meta device): the checkpoint lacks it, "
-                    "or the module was offloaded. Load the checkpoint without disk/CPU offload."
-                )
-            if loaded_by_transformers and not getattr(tensor, "_is_hf_initialized", False):
-                raise ValueError(
-                    f"{name}.{tensor_name} is missing from the checkpoint: the compressed checkpoint is incomplete. "
-                    "Re-save it with save_pretrained, or re-quantize the full-precision model."
-                )
-        scale = module.weight_scale.to(torch.float32)
-        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-            raise ValueError(f"{name}.weight_scale holds non-finite or non-positive values; the checkpoint is corrupt.")
-        records = expected.get(name, [])
-        if module.num_super_weights != len(records):
-            raise ValueError(
-                f"{name}: the module holds {module.num_super_weights} super weights, but config.json lists "
-                f"{len(records)} for it; the checkpoint is corrupt."
-            )
-        for i, sw in enumerate(records):
-            row, col = (int(v) for v in module.super_weight_indices[i].tolist())
-            if not (0 <= row < module.out_features and 0 <= col < module.in_features):
-                raise ValueError(
-                    f"{name}: super weight #{i} at ({row}, {col}) is outside the "
-                    f"{module.out_features}x{module.in_features} matrix; the checkpoint is corrupt."
-                )
-            if (row, col) != (sw.row, sw.col):
-                raise ValueError(
-                    f"{name}: super weight #{i} is stored at ({row}, {col}) but config.json says ({sw.row}, {sw.col}); "
-                    "the checkpoint is corrupt or was edited by hand."
-                )
-            stored = float(module.super_weight_values[i].item())
-            recorded = None if sw.value is None else float(torch.tensor(sw.value, dtype=torch.float32))
-            if not math.isfinite(stored) or (recorded is not None and stored != recorded):
-                raise ValueError(
-                    f"{name}: super weight ({row}, {col}) holds {stored!r} in the checkpoint but config.json records "
-                    f"{sw.value!r}; the checkpoint is corrupt."
-                )
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(resolved, torch.dtype) and resolved.is_floating_point:
+            return resolved
+    raise ValueError(f"dtype={dtype!r} is invalid: accepted are a torch floating dtype or its name, e.g. 'float32'.")
 
 
 @torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Replace every :class:`SuperWeightLinear` by a dense ``nn.Linear`` (super weights exact)."""
+    dtype = resolve_dtype(dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, SuperWeightLinear):
             _set_module(model, name, module.to_linear(dtype))

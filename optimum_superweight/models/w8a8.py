@@ -254,6 +254,7 @@ def quantize_model_w8a8(
             holdout_channels=_holdout_of(name, dense.in_features, config),
             scale_dtype=config.scale_dtype,
             super_weights=own,
+            name=name,
         )
         _set_module(model, name, layer)
     return model

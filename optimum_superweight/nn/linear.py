@@ -1,17 +1,9 @@
 """`SuperWeightLinear`: a low-bit linear layer whose super weights stay exact.
 
-State (all saved, all loaded by name, so a reload is plain assignment and re-saving works):
-
-========================  ===========================  ===============================================
-name                      dtype / shape                meaning
-========================  ===========================  ===============================================
-``weight``                uint8 ``[out, groups, B]``   packed codes (see :mod:`..tensor.packing`)
-``weight_scale``          scale dtype ``[out, groups]`` one scale per group
-``weight_zero_point``     uint8 ``[out, groups]``      asymmetric layouts only
-``super_weight_indices``  int32 ``[k, 2]``             ``(row, col)`` of each exact weight
-``super_weight_values``   float32 ``[k]``              their exact values (lossless for fp32/fp16/bf16)
-``bias``                  model dtype ``[out]``        when the original layer had one
-========================  ===========================  ===============================================
+State (all saved, all loaded by name, so a reload is plain assignment and re-saving works): the tensors of
+:data:`optimum_superweight.format.TENSORS` (packed ``weight``, ``weight_scale``, asymmetric
+``weight_zero_point``, ``super_weight_indices`` / ``super_weight_values`` when the layer holds super weights,
+``bias``), with the names, dtypes and shapes that table gives.
 
 ``weight`` is 3-D on purpose: loading such a checkpoint without this package fails with a shape error
 instead of silently producing a model with random weights.
@@ -24,13 +16,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..format import SCALE, SCALE_DTYPES, TENSORS, LayerFormat, check_quantizable
 from ..kernels import kernel_label, linear_forward
 from ..records import SuperWeight
 from ..tensor.quantize import GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
 
 __all__ = ["SuperWeightLinear"]
-
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -72,23 +63,18 @@ class SuperWeightLinear(nn.Module):
         self.symmetric = symmetric
         self.scale_dtype = scale_dtype
         self.layout = GroupLayout(out_features, in_features, bits, group_size)
-        self.weight = _frozen(torch.zeros(self.layout.packed_shape, dtype=torch.uint8, device=device))
-        self.weight_scale = _frozen(torch.ones(self.layout.scale_shape, dtype=_SCALE_DTYPES[scale_dtype], device=device))
-        if symmetric:
-            self.weight_zero_point = None
-        else:
-            self.weight_zero_point = _frozen(torch.zeros(self.layout.scale_shape, dtype=torch.uint8, device=device))
-        # Only layers that hold super weights carry the two extra tensors.
-        if num_super_weights:
-            self.super_weight_indices = _frozen(torch.zeros((num_super_weights, 2), dtype=torch.int32, device=device))
-            self.super_weight_values = _frozen(torch.zeros(num_super_weights, dtype=torch.float32, device=device))
-        else:
-            self.super_weight_indices = None
-            self.super_weight_values = None
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
-        else:
-            self.bias = None
+        fmt = LayerFormat(out_features, in_features, bits, group_size, symmetric, scale_dtype, num_super_weights, bias)
+        specs = {spec.name: spec for spec in fmt.tensors()}
+        # Every tensor of the format table is an attribute: a Parameter when this layer stores it, else None.
+        for row in TENSORS:
+            spec = specs.get(row.name)
+            if spec is None:
+                setattr(self, row.name, None)
+            elif spec.dtype is None:  # the bias: the model's float dtype, trainable like nn.Linear's
+                self.bias = nn.Parameter(torch.zeros(spec.shape, dtype=dtype or torch.float32, device=device))
+            else:  # scales start at 1 (a layer built directly is a valid zero matrix), the rest at 0
+                fill = torch.ones if row.name == SCALE else torch.zeros
+                setattr(self, row.name, _frozen(fill(spec.shape, dtype=spec.dtype, device=device)))
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -102,11 +88,13 @@ class SuperWeightLinear(nn.Module):
         scale_dtype: str = "float16",
         super_weights: Sequence[tuple[int, int]] | Sequence[SuperWeight] = (),
         quantized: QuantizedWeight | None = None,
+        name: str = "SuperWeightLinear",
     ) -> "SuperWeightLinear":
         """Quantize a dense ``nn.Linear``; ``super_weights`` are ``(row, col)`` pairs or records kept exact.
 
         ``quantized`` takes codes computed elsewhere (clip search, GPTQ) for the same layout, with the super
-        weights held out; by default the weight is quantized here with round-to-nearest.
+        weights held out; by default the weight is quantized here with round-to-nearest. A weight the format
+        cannot hold (non-finite, or a scale beyond ``scale_dtype``) is refused with ``name`` and the coordinate.
         """
         weight = linear.weight.detach()
         coordinates = [(sw.row, sw.col) if isinstance(sw, SuperWeight) else (int(sw[0]), int(sw[1])) for sw in super_weights]
@@ -117,6 +105,9 @@ class SuperWeightLinear(nn.Module):
                     f"Super weight ({row}, {col}) lies outside the {out_features}x{in_features} weight: "
                     f"rows must be in [0, {out_features}) and cols in [0, {in_features})."
                 )
+        check_quantizable(
+            name, weight, coordinates, bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype
+        )
         module = cls(
             in_features,
             out_features,
@@ -136,7 +127,7 @@ class SuperWeightLinear(nn.Module):
                 bits=bits,
                 group_size=group_size,
                 symmetric=symmetric,
-                scale_dtype=_SCALE_DTYPES[scale_dtype],
+                scale_dtype=SCALE_DTYPES[scale_dtype],
                 holdout=indices,
             )
         if tuple(quantized.packed.shape) != module.layout.packed_shape or quantized.symmetric != symmetric:
@@ -191,10 +182,19 @@ class SuperWeightLinear(nn.Module):
     def num_super_weights(self) -> int:
         return 0 if self.super_weight_indices is None else int(self.super_weight_indices.shape[0])
 
+    @property
+    def format(self) -> LayerFormat:
+        """This layer's settings as the checkpoint format sees them."""
+        return LayerFormat.of_module(self)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors this layer writes to a checkpoint, by format name, in the format table's order."""
+        return {spec.name: getattr(self, spec.name) for spec in TENSORS if getattr(self, spec.name, None) is not None}
+
     def storage_bytes(self) -> int:
         """Bytes of the compressed state (codes, scales, zero-points, super weights; bias excluded)."""
-        tensors = [self.weight, self.weight_scale, self.weight_zero_point, self.super_weight_indices, self.super_weight_values]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [t for name, t in self.stored_tensors().items() if name != "bias"]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"

@@ -73,11 +73,13 @@ class SuperWeightW8A8Linear(SuperWeightLinear):
         holdout_channels: Sequence[int] = (),
         scale_dtype: str = "float16",
         super_weights: Sequence[tuple[int, int]] | Sequence[SuperWeight] = (),
+        name: str = "SuperWeightW8A8Linear",
         **ignored,
     ) -> "SuperWeightW8A8Linear":
-        """Quantize a dense layer to 8-bit symmetric per-row weights (super weights exact)."""
+        """Quantize a dense layer to 8-bit symmetric per-row weights (super weights exact); ``name`` for errors."""
         base = SuperWeightLinear.from_linear(
-            linear, bits=8, group_size=-1, symmetric=True, scale_dtype=scale_dtype, super_weights=super_weights
+            linear, bits=8, group_size=-1, symmetric=True, scale_dtype=scale_dtype, super_weights=super_weights,
+            name=name,
         )
         module = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, activation_scale=activation_scale,
