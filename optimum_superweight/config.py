@@ -17,12 +17,15 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "superweight"
 #: Version of the on-disk layout; a checkpoint written by a newer layout is refused with an upgrade hint.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-#: How codes and scales are chosen (the on-disk format is the same for all): round-to-nearest, or GPTQ
-#: error feedback on built-in calibration text (see :mod:`optimum_superweight.tensor.gptq`).
-METHODS = ("rtn", "gptq")
+#: How codes and scales are chosen (the on-disk format is the same for all): data-free half-quadratic grid
+#: optimisation (:mod:`optimum_superweight.tensor.hqq`), round-to-nearest, or GPTQ error feedback on built-in
+#: calibration text (see :mod:`optimum_superweight.tensor.gptq`).
+METHODS = ("hqq", "rtn", "gptq")
+#: Asymmetric zero storage: integer zero-points ``w = s*(q - z)`` or float offsets ``w = s*q + m`` (format 2).
+ZERO_POINTS = ("uint8", "float")
 #: ``clip_search`` objectives: the weight error (data-free with "rtn") or the layer's output error on calibration text.
 CLIP_OBJECTIVES = ("weight", "output")
 #: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
@@ -53,8 +56,12 @@ class SuperWeightConfig(QuantizationConfigMixin):
         bits: Width of the weight codes: 2, 3, 4 or 8.
         group_size: Number of consecutive input features sharing one scale, or ``-1`` for one scale per
             output row. It need not divide ``in_features``: the last group of a row is simply shorter.
-        symmetric: ``True`` for ``w = s * q`` with signed codes, ``False`` for ``w = s * (q - z)`` with an
-            integer zero-point per group.
+        symmetric: ``True`` for ``w = s * q`` with signed codes, ``False`` for an asymmetric grid per group
+            (see ``zero_point``). Default (``None``): ``False`` with ``method="hqq"``, ``True`` otherwise.
+        zero_point: Asymmetric grids only: ``"float"`` stores a float offset per group, ``w = s * q + m``
+            (tensor ``weight_offset``, ``scale_dtype``; what GGUF Q4_1 stores), ``"uint8"`` an integer
+            zero-point, ``w = s * (q - z)`` (``weight_zero_point``). Default (``None``): ``"float"`` with
+            ``method="hqq"``, ``"uint8"`` otherwise. ``"float"`` needs ``method="hqq"`` or ``"rtn"``.
         scale_dtype: Storage dtype of scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
         modules_to_not_convert: Module names (or name suffixes) kept in full precision. Default: the output
             embedding (``lm_head``) and anything tied to it; embeddings are never converted.
@@ -66,8 +73,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_min_ratio: Minimum ratio of a spike to the median |activation| of the same layer.
         detection_layers: Decoder-layer indices to search (default: all).
         max_super_weights: Upper bound on the number of super weights kept.
-        method: ``"rtn"`` (round-to-nearest, data-free) or ``"gptq"`` (error feedback using the layers' input
-            statistics on built-in calibration text, disjoint from the evaluation text). Same file format.
+        method: ``"hqq"`` (default: data-free; each group's scale and offset optimised for the weight's
+            reconstruction, :mod:`optimum_superweight.tensor.hqq`), ``"rtn"`` (round-to-nearest on the group's
+            range) or ``"gptq"`` (error feedback using the layers' input statistics on built-in calibration
+            text, disjoint from the evaluation text). Same file format. Default (``None``): ``"hqq"``, or
+            ``"rtn"`` with ``activation_bits=8``.
         clip_search: Per group, search the scale (range x 1.0 ... 0.5) that minimises the reconstruction error
             (weighted by input energy with ``"gptq"``), super weights held out.
         clip_objective: What ``clip_search`` minimises: ``"weight"`` (default; the weight error, data-free with
@@ -109,7 +119,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self,
         bits: int = 4,
         group_size: int = 64,
-        symmetric: bool = True,
+        symmetric: bool | None = None,
         scale_dtype: str = "float16",
         modules_to_not_convert: list[str] | None = None,
         super_weights: Sequence[dict[str, Any] | SuperWeight] | None = None,
@@ -119,7 +129,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_min_ratio: float = 100.0,
         detection_layers: list[int] | None = None,
         max_super_weights: int = 16,
-        method: str = "rtn",
+        method: str | None = None,
         clip_search: bool = False,
         clip_objective: str = "weight",
         calibration_tokens: int = 8192,
@@ -134,14 +144,24 @@ class SuperWeightConfig(QuantizationConfigMixin):
         max_holdout_channels: int = 8,
         activation_holdout: dict[str, list[int]] | None = None,
         smoothquant_alpha: float | None = None,
+        zero_point: str | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
+        # Unset choices follow the method: checkpoints always record all three, so a checkpoint written before
+        # "hqq" and float offsets existed (rtn/gptq, no zero_point key) resolves to what it was written with.
+        if method is None:
+            method = "rtn" if activation_bits is not None else "hqq"
+        if symmetric is None:
+            symmetric = method != "hqq"
+        if zero_point is None:
+            zero_point = "float" if method == "hqq" and symmetric is False else "uint8"
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
+        self.zero_point = zero_point
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.super_weights = [
@@ -214,6 +234,16 @@ class SuperWeightConfig(QuantizationConfigMixin):
             raise _invalid("max_super_weights", self.max_super_weights, "an integer >= 0")
         if self.method not in METHODS:
             raise _invalid("method", self.method, ", ".join(repr(m) for m in METHODS))
+        if self.zero_point not in ZERO_POINTS:
+            raise _invalid("zero_point", self.zero_point, ", ".join(repr(z) for z in ZERO_POINTS))
+        if self.zero_point == "float" and self.symmetric:
+            raise _invalid("zero_point", self.zero_point, "'uint8' (or unset) with symmetric=True: symmetric grids have no zero")
+        if self.zero_point == "float" and self.method == "gptq":
+            raise _invalid("zero_point", self.zero_point, "'uint8' with method='gptq' (float offsets need method='hqq' or 'rtn')")
+        if self.method == "hqq" and self.clip_search:
+            raise _invalid(
+                "clip_search", self.clip_search, "False with method='hqq' (its optimiser already chooses each group's range)"
+            )
         for name in ("clip_search", "act_order", "low_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, getattr(self, name), "True or False")
@@ -369,7 +399,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         """JSON-ready dict written into ``config.json["quantization_config"]``."""
         return {
             "quant_method": QUANT_METHOD,
-            "format_version": self.format_version,
+            "format_version": self.required_format_version,
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
@@ -399,16 +429,23 @@ class SuperWeightConfig(QuantizationConfigMixin):
             if self.activation_holdout is None
             else {name: list(channels) for name, channels in self.activation_holdout.items()},
             "smoothquant_alpha": self.smoothquant_alpha,
+            "zero_point": "uint8" if self.symmetric else self.zero_point,  # symmetric grids have none
         }
 
     def __iter__(self):
         yield from self.to_dict().items()
 
     @property
+    def required_format_version(self) -> int:
+        """The oldest on-disk format that holds this setting (written to ``config.json``): 2 for ``"hqq"`` and
+        float offsets, 1 otherwise, so checkpoints an older version can read still say so."""
+        return 2 if self.method == "hqq" or (not self.symmetric and self.zero_point == "float") else 1
+
+    @property
     def bits_per_weight(self) -> float:
-        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point)."""
+        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point or offset)."""
         if self.group_size == -1:
             return float(self.bits)
         scale_bits = 32 if self.scale_dtype == "float32" else 16
-        zero_bits = 0 if self.symmetric else 8
+        zero_bits = 0 if self.symmetric else (scale_bits if self.zero_point == "float" else 8)
         return self.bits + (scale_bits + zero_bits) / self.group_size

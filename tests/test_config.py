@@ -59,5 +59,45 @@ def test_newer_format_asks_for_upgrade():
 
 
 def test_bits_per_weight_counts_scales_and_zero_points():
-    assert SuperWeightConfig(bits=4, group_size=64).bits_per_weight == 4.25
-    assert SuperWeightConfig(bits=4, group_size=64, symmetric=False).bits_per_weight == 4.375
+    assert SuperWeightConfig(bits=4, group_size=64).bits_per_weight == 4.5  # default: float16 scale + offset
+    assert SuperWeightConfig(bits=4, group_size=128).bits_per_weight == 4.25
+    assert SuperWeightConfig(bits=4, group_size=64, symmetric=True).bits_per_weight == 4.25
+    assert SuperWeightConfig(bits=4, group_size=64, symmetric=False, zero_point="uint8").bits_per_weight == 4.375
+    assert SuperWeightConfig(bits=4, group_size=64, method="rtn", symmetric=False).bits_per_weight == 4.375
+
+
+def test_unset_choices_follow_the_method():
+    default = SuperWeightConfig()
+    assert (default.method, default.symmetric, default.zero_point) == ("hqq", False, "float")
+    assert default.to_dict()["format_version"] == 2
+    rtn = SuperWeightConfig(method="rtn")
+    assert (rtn.symmetric, rtn.zero_point) == (True, "uint8") and rtn.to_dict()["format_version"] == 1
+    assert SuperWeightConfig(method="gptq", symmetric=False).zero_point == "uint8"
+    assert SuperWeightConfig(method="rtn", symmetric=False, zero_point="float").to_dict()["format_version"] == 2
+    w8a8 = SuperWeightConfig(bits=8, group_size=-1, activation_bits=8)
+    assert (w8a8.method, w8a8.symmetric) == ("rtn", True)
+
+
+def test_checkpoints_written_before_float_offsets_load_as_written():
+    """A format-1 config.json has no zero_point key: its asymmetric layers hold uint8 zero-points."""
+    old = SuperWeightConfig(method="rtn", symmetric=False).to_dict()
+    del old["zero_point"]
+    again = SuperWeightConfig.from_dict(old)
+    assert (again.method, again.symmetric, again.zero_point) == ("rtn", False, "uint8")
+    new = SuperWeightConfig.from_dict(SuperWeightConfig().to_dict())
+    assert (new.method, new.symmetric, new.zero_point) == ("hqq", False, "float")
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"zero_point": "int4"}, "zero_point"),
+        ({"zero_point": "float", "symmetric": True}, "zero_point"),
+        ({"zero_point": "float", "method": "gptq", "symmetric": False}, "zero_point"),
+        ({"method": "hqq", "clip_search": True}, "clip_search"),
+        ({"method": "awq"}, "method"),
+    ],
+)
+def test_new_fields_are_validated(options, field):
+    with pytest.raises(ValueError, match=f"SuperWeightConfig.{field}="):
+        SuperWeightConfig(**options)

@@ -141,7 +141,7 @@ def _quantized_layer(
     quantized: Any = None,
     hessian: torch.Tensor | None = None,
 ) -> SuperWeightLinear:
-    """One low-bit layer: plain RTN, RTN with clip search, or given (GPTQ) codes; same on-disk format for all."""
+    """One low-bit layer: HQQ grids, plain RTN, RTN with clip search, or given (GPTQ) codes; one on-disk format."""
     if quantized is None:
         # Row blocks, as when quantizing while loading: identical codes, bounded temporaries.
         from .loading import quantize_by_rows
@@ -155,6 +155,7 @@ def _quantized_layer(
         scale_dtype=config.scale_dtype,
         super_weights=coordinates,
         quantized=quantized,
+        zero_point=config.zero_point,
     )
 
 
@@ -278,6 +279,7 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             num_super_weights=counts.get(name, 0),
             dtype=bias.dtype if bias is not None else None,
             device=module.weight.device,
+            zero_point=config.zero_point,
         )
         _set_module(model, name, skeleton)
     return model
@@ -309,6 +311,8 @@ def verify_quantized_model(model: nn.Module, config: SuperWeightConfig, *, loade
         scale = module.weight_scale.to(torch.float32)
         if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
             raise ValueError(f"{name}.weight_scale holds non-finite or non-positive values; the checkpoint is corrupt.")
+        if module.weight_offset is not None and not bool(torch.isfinite(module.weight_offset.to(torch.float32)).all()):
+            raise ValueError(f"{name}.weight_offset holds non-finite values; the checkpoint is corrupt.")
         records = expected.get(name, [])
         if module.num_super_weights != len(records):
             raise ValueError(

@@ -7,7 +7,8 @@ name                      dtype / shape                meaning
 ========================  ===========================  ===============================================
 ``weight``                uint8 ``[out, groups, B]``   packed codes (see :mod:`..tensor.packing`)
 ``weight_scale``          scale dtype ``[out, groups]`` one scale per group
-``weight_zero_point``     uint8 ``[out, groups]``      asymmetric layouts only
+``weight_zero_point``     uint8 ``[out, groups]``      asymmetric, ``zero_point="uint8"``: ``w = s * (q - z)``
+``weight_offset``         scale dtype ``[out, groups]`` asymmetric, ``zero_point="float"``: ``w = s * q + m``
 ``super_weight_indices``  int32 ``[k, 2]``             ``(row, col)`` of each exact weight
 ``super_weight_values``   float32 ``[k]``              their exact values (lossless for fp32/fp16/bf16)
 ``bias``                  model dtype ``[out]``        when the original layer had one
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..kernels import kernel_label, linear_forward
 from ..records import SuperWeight
-from ..tensor.quantize import GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
+from ..tensor.quantize import ZERO_POINTS, GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
 
 __all__ = ["SuperWeightLinear"]
 
@@ -63,20 +64,25 @@ class SuperWeightLinear(nn.Module):
         num_super_weights: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        zero_point: str = "uint8",
     ) -> None:
         super().__init__()
+        if zero_point not in ZERO_POINTS:
+            raise ValueError(f"zero_point={zero_point!r} is invalid: accepted values are {', '.join(map(repr, ZERO_POINTS))}.")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
         self.scale_dtype = scale_dtype
+        self.zero_point = "uint8" if symmetric else zero_point
         self.layout = GroupLayout(out_features, in_features, bits, group_size)
         self.weight = _frozen(torch.zeros(self.layout.packed_shape, dtype=torch.uint8, device=device))
         self.weight_scale = _frozen(torch.ones(self.layout.scale_shape, dtype=_SCALE_DTYPES[scale_dtype], device=device))
-        if symmetric:
-            self.weight_zero_point = None
-        else:
+        self.weight_zero_point = self.weight_offset = None
+        if not symmetric and self.zero_point == "float":
+            self.weight_offset = _frozen(torch.zeros(self.layout.scale_shape, dtype=_SCALE_DTYPES[scale_dtype], device=device))
+        elif not symmetric:
             self.weight_zero_point = _frozen(torch.zeros(self.layout.scale_shape, dtype=torch.uint8, device=device))
         # Only layers that hold super weights carry the two extra tensors.
         if num_super_weights:
@@ -102,11 +108,13 @@ class SuperWeightLinear(nn.Module):
         scale_dtype: str = "float16",
         super_weights: Sequence[tuple[int, int]] | Sequence[SuperWeight] = (),
         quantized: QuantizedWeight | None = None,
+        zero_point: str = "uint8",
     ) -> "SuperWeightLinear":
         """Quantize a dense ``nn.Linear``; ``super_weights`` are ``(row, col)`` pairs or records kept exact.
 
-        ``quantized`` takes codes computed elsewhere (clip search, GPTQ) for the same layout, with the super
-        weights held out; by default the weight is quantized here with round-to-nearest.
+        ``quantized`` takes codes computed elsewhere (HQQ, clip search, GPTQ) for the same layout, with the
+        super weights held out; by default the weight is quantized here with round-to-nearest (min-max).
+        ``zero_point`` (asymmetric only): ``"uint8"`` zero-points or ``"float"`` offsets.
         """
         weight = linear.weight.detach()
         coordinates = [(sw.row, sw.col) if isinstance(sw, SuperWeight) else (int(sw[0]), int(sw[1])) for sw in super_weights]
@@ -128,8 +136,16 @@ class SuperWeightLinear(nn.Module):
             num_super_weights=len(coordinates),
             dtype=weight.dtype,
             device=weight.device,
+            zero_point=zero_point,
         )
         indices = torch.tensor(coordinates, dtype=torch.int32, device=weight.device).reshape(-1, 2)
+        if quantized is None and module.weight_offset is not None:
+            from ..tensor.hqq import hqq_quantize_weight
+
+            quantized = hqq_quantize_weight(
+                weight, bits=bits, group_size=group_size, zero_point="float", scale_dtype=_SCALE_DTYPES[scale_dtype],
+                holdout=indices, iters=0,
+            )
         if quantized is None:
             quantized = quantize_weight(
                 weight,
@@ -139,15 +155,22 @@ class SuperWeightLinear(nn.Module):
                 scale_dtype=_SCALE_DTYPES[scale_dtype],
                 holdout=indices,
             )
-        if tuple(quantized.packed.shape) != module.layout.packed_shape or quantized.symmetric != symmetric:
+        if (
+            tuple(quantized.packed.shape) != module.layout.packed_shape
+            or quantized.symmetric != symmetric
+            or (quantized.offset is None) != (module.weight_offset is None)
+        ):
             raise ValueError(
                 f"Precomputed codes of shape {tuple(quantized.packed.shape)} do not match this layer's layout "
-                f"{module.layout.packed_shape} (bits={bits}, group_size={group_size}, symmetric={symmetric})."
+                f"{module.layout.packed_shape} (bits={bits}, group_size={group_size}, symmetric={symmetric}, "
+                f"zero_point={module.zero_point!r})."
             )
         module.weight.data = quantized.packed
         module.weight_scale.data = quantized.scale
         if quantized.zero_point is not None:
             module.weight_zero_point.data = quantized.zero_point
+        if quantized.offset is not None:
+            module.weight_offset.data = quantized.offset
         if coordinates:
             module.super_weight_indices.data = indices
             module.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
@@ -161,7 +184,8 @@ class SuperWeightLinear(nn.Module):
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
         weight = dequantize_weight(
-            self.weight, self.weight_scale, self.weight_zero_point, self.layout, symmetric=self.symmetric, dtype=dtype
+            self.weight, self.weight_scale, self.weight_zero_point, self.layout, symmetric=self.symmetric, dtype=dtype,
+            offset=self.weight_offset,
         )
         if self.super_weight_indices is not None:
             restore_exact(weight, self.super_weight_indices, self.super_weight_values)
@@ -193,11 +217,14 @@ class SuperWeightLinear(nn.Module):
 
     def storage_bytes(self) -> int:
         """Bytes of the compressed state (codes, scales, zero-points, super weights; bias excluded)."""
-        tensors = [self.weight, self.weight_scale, self.weight_zero_point, self.super_weight_indices, self.super_weight_values]
+        tensors = [
+            self.weight, self.weight_scale, self.weight_zero_point, self.weight_offset, self.super_weight_indices,
+            self.super_weight_values,
+        ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
-        kind = "symmetric" if self.symmetric else "asymmetric"
+        kind = "symmetric" if self.symmetric else f"asymmetric ({self.zero_point} zero)"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, group_size={self.group_size}, {kind}, super_weights={self.num_super_weights}, "
