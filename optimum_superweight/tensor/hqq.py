@@ -1,21 +1,24 @@
 """Data-free half-quadratic (HQQ-style) choice of each group's scale and zero, with held-out coordinates.
 
 Round-to-nearest takes a group's range (absmax, or min and max) as its grid and rounds every weight to it.
-That grid is rarely the best one: a single large weight stretches it, and nothing moves it to where most
-weights lie. Following the half-quadratic quantization idea (Badri & Shaji, 2023, "HQQ"), the grid
-parameters are found by minimising a sparsity-promoting ``lp`` (p < 1) norm of the reconstruction error
-``‖w - (s·q + m)‖_p^p``, without any calibration data, by alternating three cheap steps per group:
+That grid is rarely the best one: nothing moves it to where most weights lie. Following the half-quadratic
+quantization idea (Badri & Shaji, 2023, "HQQ"), the grid is improved without any calibration data by
+alternating three cheap steps per group, for the reconstruction error ``w - (s·q + m)`` under a
+sparsity-promoting ``lp`` norm (p < 1):
 
 1. ``q = clamp(round((w - m) / s))`` — the codes for the current grid;
 2. ``e = shrink_p(w - (s·q + m))`` — the proximal step of the ``lp`` norm: errors below a threshold are
-   treated as noise (0), only the large ones are kept as the "outlier" part of the weight;
-3. ``(s, m)`` = least-squares fit of ``w - e`` by ``s·q + m`` over the group — a closed form. HQQ itself
-   updates only the zero; fitting the scale too lets the grid shrink or grow (measured per model in
-   ``benchmarks/RESULTS.md``).
+   treated as noise (0), only large ones are kept as the "outlier" part of the weight;
+3. the least-squares fit of ``w - e`` by ``s·q + m`` over the group (closed form): the offset ``m`` only
+   for float offsets (as HQQ does; fitting the scale too lowered the weight error but raised perplexity,
+   see ``benchmarks/RESULTS.md``), the scale too for the integer forms, whose zero alone rarely moves.
 
-Each group keeps the iterate with the smallest squared error it reached (the sequence is not monotone), so
-the result is never worse than the min-max start on that measure. Everything is vectorised over the groups
-of a block of rows; the cost is ``iters`` elementwise passes over the weight, linear in its size.
+The start matters: the group's min-max range with its zero moved onto a whole code (as HQQ starts), so that
+0 is on the grid; the iterations keep the zero near it. Starting from the exact range (0 between two grid
+points) reaches a lower weight error and a clearly worse model. Each group keeps the iterate with the
+smallest squared error and leaves the loop once its grid no longer changes (a fixed point), so most groups
+stop after a few steps: the cost is a few elementwise passes over the weight, linear in its size,
+vectorised over the groups of a block of rows.
 
 Three storage forms share the optimiser: asymmetric with a float offset (``w = s·q + m``; ``zero_point=
 "float"``), asymmetric with an integer zero-point (``w = s·(q - z)``; ``"uint8"``: ``m = -s·z`` is rounded to
