@@ -77,7 +77,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
             reconstruction, :mod:`optimum_superweight.tensor.hqq`), ``"rtn"`` (round-to-nearest on the group's
             range) or ``"gptq"`` (error feedback using the layers' input statistics on built-in calibration
             text, disjoint from the evaluation text). Same file format. Default (``None``): ``"hqq"``, or
-            ``"rtn"`` with ``activation_bits=8``.
+            ``"rtn"`` with ``activation_bits=8`` or ``clip_search=True``.
         clip_search: Per group, search the scale (range x 1.0 ... 0.5) that minimises the reconstruction error
             (weighted by input energy with ``"gptq"``), super weights held out.
         clip_objective: What ``clip_search`` minimises: ``"weight"`` (default; the weight error, data-free with
@@ -152,8 +152,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         # Unset choices follow the method: checkpoints always record all three, so a checkpoint written before
         # "hqq" and float offsets existed (rtn/gptq, no zero_point key) resolves to what it was written with.
-        if method is None:
-            method = "rtn" if activation_bits is not None else "hqq"
+        if method is None:  # the clip search and W8A8 are round-to-nearest options
+            method = "rtn" if activation_bits is not None or clip_search else "hqq"
         if symmetric is None:
             symmetric = method != "hqq"
         if zero_point is None:

@@ -76,6 +76,8 @@ def test_unset_choices_follow_the_method():
     assert SuperWeightConfig(method="rtn", symmetric=False, zero_point="float").to_dict()["format_version"] == 2
     w8a8 = SuperWeightConfig(bits=8, group_size=-1, activation_bits=8)
     assert (w8a8.method, w8a8.symmetric) == ("rtn", True)
+    clip = SuperWeightConfig(group_size=-1, clip_search=True, clip_objective="output")
+    assert (clip.method, clip.symmetric) == ("rtn", True)
 
 
 def test_checkpoints_written_before_float_offsets_load_as_written():
