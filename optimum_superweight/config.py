@@ -234,15 +234,18 @@ class SuperWeightConfig(QuantizationConfigMixin):
             raise _invalid("max_super_weights", self.max_super_weights, "an integer >= 0")
         if self.method not in METHODS:
             raise _invalid("method", self.method, ", ".join(repr(m) for m in METHODS))
+        if self.method == "hqq" and self.clip_search:
+            raise _invalid(
+                "clip_search", self.clip_search, "False with method='hqq' (its optimiser already chooses each group's range)"
+            )
         if self.zero_point not in ZERO_POINTS:
             raise _invalid("zero_point", self.zero_point, ", ".join(repr(z) for z in ZERO_POINTS))
         if self.zero_point == "float" and self.symmetric:
             raise _invalid("zero_point", self.zero_point, "'uint8' (or unset) with symmetric=True: symmetric grids have no zero")
-        if self.zero_point == "float" and self.method == "gptq":
-            raise _invalid("zero_point", self.zero_point, "'uint8' with method='gptq' (float offsets need method='hqq' or 'rtn')")
-        if self.method == "hqq" and self.clip_search:
+        if self.zero_point == "float" and (self.method == "gptq" or self.clip_search):
             raise _invalid(
-                "clip_search", self.clip_search, "False with method='hqq' (its optimiser already chooses each group's range)"
+                "zero_point", self.zero_point,
+                "'uint8' with method='gptq' or clip_search=True (float offsets need method='hqq', or 'rtn' without clip search)",
             )
         for name in ("clip_search", "act_order", "low_memory"):
             if not isinstance(getattr(self, name), bool):

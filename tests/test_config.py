@@ -97,6 +97,7 @@ def test_checkpoints_written_before_float_offsets_load_as_written():
         ({"zero_point": "float", "symmetric": True}, "zero_point"),
         ({"zero_point": "float", "method": "gptq", "symmetric": False}, "zero_point"),
         ({"method": "hqq", "clip_search": True}, "clip_search"),
+        ({"method": "rtn", "symmetric": False, "zero_point": "float", "clip_search": True}, "zero_point"),
         ({"method": "awq"}, "method"),
     ],
 )
