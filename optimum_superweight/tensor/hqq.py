@@ -9,9 +9,10 @@ sparsity-promoting ``lp`` norm (p < 1):
 1. ``q = clamp(round((w - m) / s))`` — the codes for the current grid;
 2. ``e = shrink_p(w - (s·q + m))`` — the proximal step of the ``lp`` norm: errors below a threshold are
    treated as noise (0), only large ones are kept as the "outlier" part of the weight;
-3. the least-squares fit of ``w - e`` by ``s·q + m`` over the group (closed form): the offset ``m`` only
-   for float offsets (as HQQ does; fitting the scale too lowered the weight error but raised perplexity,
-   see ``benchmarks/RESULTS.md``), the scale too for the integer forms, whose zero alone rarely moves.
+3. the least-squares fit of ``w - e`` by ``s·q + m`` over the group (closed form): for float offsets the
+   offset ``m`` only (as HQQ does) unless the group is small relative to the grid's steps (then fitting the
+   scale too, which may clip the extremes, pays: see :func:`hqq_quantize_weight`); the scale too for the
+   integer forms, whose zero alone rarely moves.
 
 The start matters: the group's min-max range with its zero moved onto a whole code (as HQQ starts), so that
 0 is on the grid; the iterations keep the zero near it. Starting from the exact range (0 between two grid
@@ -258,7 +259,8 @@ def hqq_quantize_weight(
             restores their exact values).
         iters: Optimisation steps; ``0`` is round-to-nearest on the min-max (absmax) grid.
         lp_norm, beta: The error norm's ``p`` and the proximal step's initial weight (HQQ's defaults).
-        fit_scale: Fit the scale as well as the offset at each step.
+        fit_scale: Fit the scale as well as the offset at each step. Default: always for the integer forms; for
+            float offsets when ``8 * 2**bits <= group_size <= 128`` (see the code for why).
 
     >>> q = hqq_quantize_weight(torch.randn(4, 100), bits=3, group_size=64, zero_point="uint8")
     >>> q.zero_point.dtype, q.offset is None
@@ -270,6 +272,11 @@ def hqq_quantize_weight(
         raise ValueError(f"zero_point={zero_point!r} is invalid: accepted values are {', '.join(map(repr, ZERO_POINTS))}.")
     form = "symmetric" if symmetric else zero_point
     layout = GroupLayout(weight.shape[0], weight.shape[1], bits, group_size)
+    if fit_scale is None and form == "float":
+        # Fitting the scale can clip a group's extremes. Measured on SmolLM2 (benchmarks/RESULTS.md): it pays
+        # when a group holds at least 8 weights per grid step and at most 128 weights (3 bits at 64, 4 bits at
+        # 128); at 4 bits / 64 it is a wash and on whole rows it is clearly worse. Elsewhere the offset alone.
+        fit_scale = group_size != -1 and 8 * 2**bits <= group_size <= 128
     w, padding = _grouped(weight, layout)
     excluded = padding.expand_as(w)
     held = _holdout_mask(layout, holdout, w.device)
