@@ -25,9 +25,12 @@ SCALE_DTYPES = tuple(_SCALE_DTYPE_MAP)
 #: Largest ``group_size`` accepted (besides -1): larger groups are per-row scales in all but name, and a typo
 #: such as ``10**12`` would otherwise try to allocate the padded group.
 MAX_GROUP_SIZE = 2**20
-#: How codes and scales are chosen (the on-disk format is the same for all): round-to-nearest, or GPTQ
-#: error feedback on built-in calibration text (see :mod:`optimum_superweight.tensor.gptq`).
-METHODS = ("rtn", "gptq")
+#: How codes and scales are chosen: data-free half-quadratic grid optimisation
+#: (:mod:`optimum_superweight.tensor.hqq`), round-to-nearest, or GPTQ error feedback on built-in calibration text
+#: (see :mod:`optimum_superweight.tensor.gptq`).
+METHODS = ("hqq", "rtn", "gptq")
+#: Asymmetric zero storage: integer zero-points ``w = s*(q - z)`` or float offsets ``w = s*q + m`` (format 2).
+ZERO_POINTS = ("uint8", "float")
 #: ``clip_search`` objectives: the weight error (data-free with "rtn") or the layer's output error on calibration text.
 CLIP_OBJECTIVES = ("weight", "output")
 #: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
@@ -114,6 +117,7 @@ FIELDS: dict[str, Validator] = {
     "bits": _choice(SUPPORTED_BITS),
     "group_size": _int_range(8, MAX_GROUP_SIZE, -1),
     "symmetric": BOOL,
+    "zero_point": _choice(ZERO_POINTS),
     "scale_dtype": _choice(SCALE_DTYPES),
     "modules_to_not_convert": _optional(_list_of(_name, "module names (strings)")),
     "super_weights": _list_of(lambda v: isinstance(v, (dict, SuperWeight)), "mappings with 'module', 'row', 'col' (or SuperWeight records)"),
@@ -173,8 +177,12 @@ class SuperWeightConfig(QuantizationConfigMixin):
         bits: Width of the weight codes: 2, 3, 4 or 8.
         group_size: Number of consecutive input features sharing one scale, or ``-1`` for one scale per
             output row. It need not divide ``in_features``: the last group of a row is simply shorter.
-        symmetric: ``True`` for ``w = s * q`` with signed codes, ``False`` for ``w = s * (q - z)`` with an
-            integer zero-point per group.
+        symmetric: ``True`` for ``w = s * q`` with signed codes, ``False`` for an asymmetric grid per group
+            (see ``zero_point``). Default (``None``): ``False`` with ``method="hqq"``, ``True`` otherwise.
+        zero_point: Asymmetric grids only: ``"float"`` stores a float offset per group, ``w = s * q + m``
+            (tensor ``weight_offset``, ``scale_dtype``; what GGUF Q4_1 stores), ``"uint8"`` an integer
+            zero-point, ``w = s * (q - z)`` (``weight_zero_point``). Default (``None``): ``"float"`` with
+            ``method="hqq"``, ``"uint8"`` otherwise. ``"float"`` needs ``method="hqq"`` or ``"rtn"``.
         scale_dtype: Storage dtype of scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
         modules_to_not_convert: Module names (or name suffixes) kept in full precision. Default: the output
             embedding (``lm_head``) and anything tied to it; embeddings are never converted.
@@ -186,8 +194,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_min_ratio: Minimum ratio of a spike to the median |activation| of the same layer.
         detection_layers: Decoder-layer indices to search (default: all).
         max_super_weights: Upper bound on the number of super weights kept.
-        method: ``"rtn"`` (round-to-nearest, data-free) or ``"gptq"`` (error feedback using the layers' input
-            statistics on built-in calibration text, disjoint from the evaluation text). Same file format.
+        method: ``"hqq"`` (default: data-free; each group's scale and offset optimised for the weight's
+            reconstruction, :mod:`optimum_superweight.tensor.hqq`), ``"rtn"`` (round-to-nearest on the group's
+            range) or ``"gptq"`` (error feedback using the layers' input statistics on built-in calibration
+            text, disjoint from the evaluation text). Same file format. Default (``None``): ``"hqq"``, or
+            ``"rtn"`` with ``activation_bits=8`` or ``clip_search=True``.
         clip_search: Per group, search the scale (range x 1.0 ... 0.5) that minimises the reconstruction error
             (weighted by input energy with ``"gptq"``), super weights held out.
         clip_objective: What ``clip_search`` minimises: ``"weight"`` (default; the weight error, data-free with
@@ -235,7 +246,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         self,
         bits: int = 4,
         group_size: int = 64,
-        symmetric: bool = True,
+        symmetric: bool | None = None,
         scale_dtype: str = "float16",
         modules_to_not_convert: list[str] | None = None,
         super_weights: Sequence[dict[str, Any] | SuperWeight] | None = None,
@@ -245,7 +256,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_min_ratio: float = 100.0,
         detection_layers: list[int] | None = None,
         max_super_weights: int = 16,
-        method: str = "rtn",
+        method: str | None = None,
         clip_search: bool = False,
         clip_objective: str = "weight",
         calibration_tokens: int = 8192,
@@ -261,6 +272,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         activation_holdout: dict[str, list[int]] | None = None,
         smoothquant_alpha: float | None = None,
         digests: dict[str, str] | None = None,
+        zero_point: str | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -274,6 +286,14 @@ class SuperWeightConfig(QuantizationConfigMixin):
                     f"SuperWeightConfig got unknown field(s) {', '.join(map(repr, unknown))}{hint}; accepted fields are "
                     f"{', '.join(FIELDS)}."
                 )
+        # Unset choices follow the method: checkpoints always record all three, so a checkpoint written before
+        # "hqq" and float offsets existed (rtn/gptq, no zero_point key) resolves to what it was written with.
+        if method is None:  # the clip search and W8A8 are round-to-nearest options
+            method = "rtn" if activation_bits is not None or clip_search else "hqq"
+        if symmetric is None:
+            symmetric = method != "hqq"
+        if zero_point is None:
+            zero_point = "float" if method == "hqq" and symmetric is False else "uint8"
         values = dict(locals())
         if super_weights is None:
             values["super_weights"] = []
@@ -330,6 +350,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         for name in ("modules_to_not_convert", "detection_prompts", "detection_layers", "super_activation_channels"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+        self._validate_method_fields()
         if self.low_memory and self.clip_search and self.clip_objective == "output":
             raise ValueError(
                 "SuperWeightConfig.low_memory=True is invalid with clip_search=True and clip_objective='output': the "
@@ -427,6 +448,19 @@ class SuperWeightConfig(QuantizationConfigMixin):
             )
         return cls(super_weights=[sw.with_updates(source=source) for sw in records], **kwargs)
 
+    def _validate_method_fields(self) -> None:
+        if self.method == "hqq" and self.clip_search:
+            raise _invalid(
+                "clip_search", self.clip_search, "False with method='hqq' (its optimiser already chooses each group's range)"
+            )
+        if self.zero_point == "float" and self.symmetric:
+            raise _invalid("zero_point", self.zero_point, "'uint8' (or unset) with symmetric=True: symmetric grids have no zero")
+        if self.zero_point == "float" and (self.method == "gptq" or self.clip_search):
+            raise _invalid(
+                "zero_point", self.zero_point,
+                "'uint8' with method='gptq' or clip_search=True (float offsets need method='hqq', or 'rtn' without clip search)",
+            )
+
     def super_weights_by_module(self) -> dict[str, list[SuperWeight]]:
         """The super weights grouped by module name, in configured order."""
         grouped: dict[str, list[SuperWeight]] = {}
@@ -439,16 +473,25 @@ class SuperWeightConfig(QuantizationConfigMixin):
         """JSON-ready dict written into ``config.json["quantization_config"]``."""
         data = {name: _normalise(getattr(self, name)) for name in FIELDS}
         data["quant_method"] = QUANT_METHOD
+        data["format_version"] = self.required_format_version
+        if self.symmetric:
+            data["zero_point"] = "uint8"  # symmetric grids have none
         return data
+
+    @property
+    def required_format_version(self) -> int:
+        """The oldest on-disk format that holds this setting (written to ``config.json``): 2 for ``"hqq"`` and
+        float offsets, 1 otherwise, so checkpoints an older version can read still say so."""
+        return 2 if self.method == "hqq" or (not self.symmetric and self.zero_point == "float") else 1
 
     def __iter__(self):
         yield from self.to_dict().items()
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point)."""
+        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point or offset)."""
         if self.group_size == -1:
             return float(self.bits)
         scale_bits = 32 if self.scale_dtype == "float32" else 16
-        zero_bits = 0 if self.symmetric else 8
+        zero_bits = 0 if self.symmetric else (scale_bits if self.zero_point == "float" else 8)
         return self.bits + (scale_bits + zero_bits) / self.group_size

@@ -84,9 +84,9 @@ __all__ = [
 ]
 
 #: Version of the on-disk tensor layout; a checkpoint written by a newer layout is refused with an upgrade hint.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: The layouts this version reads.
-READABLE_VERSIONS = (1,)
+READABLE_VERSIONS = (1, 2)
 #: safetensors header metadata key naming the digest algorithm of a checkpoint written with digests.
 DIGESTS_METADATA_KEY = "optimum_superweight_digests"
 #: The per-module content digest written (prefix of every digest string in config.json). A checksum, not a

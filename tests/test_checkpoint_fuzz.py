@@ -40,6 +40,7 @@ class Base:
     super_weight: bool = True
     shard: str | None = None
     tied: bool = False
+    method: str | None = None  # None: the default (HQQ, float offsets when asymmetric)
 
     @property
     def sw_module(self) -> str:
@@ -56,7 +57,7 @@ class Base:
 
 BASES = [
     Base("llama-int4-sym-g32", "llama", 4, True, 32),
-    Base("llama-int3-asym-g48-sharded", "llama", 3, False, 48, shard="40KB"),
+    Base("llama-int3-asym-g48-sharded", "llama", 3, False, 48, shard="40KB", method="rtn"),  # uint8 zero-points
     Base("gpt2-int2-asym-g64-bias", "gpt2", 2, False, 64),
     Base("llama-int8-sym-row-nosw-tied", "llama", 8, True, -1, super_weight=False, tied=True),
 ]
@@ -84,7 +85,7 @@ def saved(tmp_path_factory) -> dict[str, Saved]:
         model = build_tiny_model(base.model_type, super_weights=[(1, 5, 7)], **overrides)
         model.save_pretrained(root / f"{base.name}-fp")
         config = SuperWeightConfig(
-            bits=base.bits, symmetric=base.symmetric, group_size=base.group_size, detect=False,
+            bits=base.bits, symmetric=base.symmetric, group_size=base.group_size, detect=False, method=base.method,
             super_weights=[{"module": base.sw_module, "row": 5, "col": 7}] if base.super_weight else None,
         )
         quantized = AutoModelForCausalLM.from_pretrained(root / f"{base.name}-fp", quantization_config=config)
@@ -137,7 +138,7 @@ def _tensor_cases(module: str, twin: str, present: list[str]) -> dict[str, Corru
             return [key, module]
 
         cases[f"{name}:removed"] = remove
-        if name in ("weight_scale", "super_weight_values", "bias"):
+        if name in ("weight_scale", "weight_offset", "super_weight_values", "bias"):
             cases[f"{name}:x2+0.5"] = edit(lambda x: x * 2 + 0.5)  # + 0.5: GPT-2's biases start at 0
             cases[f"{name}:negated"] = edit(lambda x: -x)
             cases[f"{name}:nan"] = edit(lambda x: x.flatten().index_fill(0, torch.tensor([0]), float("nan")).reshape(x.shape))

@@ -59,8 +59,51 @@ def test_newer_format_asks_for_upgrade():
 
 
 def test_bits_per_weight_counts_scales_and_zero_points():
-    assert SuperWeightConfig(bits=4, group_size=64).bits_per_weight == 4.25
-    assert SuperWeightConfig(bits=4, group_size=64, symmetric=False).bits_per_weight == 4.375
+    assert SuperWeightConfig(bits=4, group_size=64).bits_per_weight == 4.5  # default: float16 scale + offset
+    assert SuperWeightConfig(bits=4, group_size=128).bits_per_weight == 4.25
+    assert SuperWeightConfig(bits=4, group_size=64, symmetric=True).bits_per_weight == 4.25
+    assert SuperWeightConfig(bits=4, group_size=64, symmetric=False, zero_point="uint8").bits_per_weight == 4.375
+    assert SuperWeightConfig(bits=4, group_size=64, method="rtn", symmetric=False).bits_per_weight == 4.375
+
+
+def test_unset_choices_follow_the_method():
+    default = SuperWeightConfig()
+    assert (default.method, default.symmetric, default.zero_point) == ("hqq", False, "float")
+    assert default.to_dict()["format_version"] == 2
+    rtn = SuperWeightConfig(method="rtn")
+    assert (rtn.symmetric, rtn.zero_point) == (True, "uint8") and rtn.to_dict()["format_version"] == 1
+    assert SuperWeightConfig(method="gptq", symmetric=False).zero_point == "uint8"
+    assert SuperWeightConfig(method="rtn", symmetric=False, zero_point="float").to_dict()["format_version"] == 2
+    w8a8 = SuperWeightConfig(bits=8, group_size=-1, activation_bits=8)
+    assert (w8a8.method, w8a8.symmetric) == ("rtn", True)
+    clip = SuperWeightConfig(group_size=-1, clip_search=True, clip_objective="output")
+    assert (clip.method, clip.symmetric) == ("rtn", True)
+
+
+def test_checkpoints_written_before_float_offsets_load_as_written():
+    """A format-1 config.json has no zero_point key: its asymmetric layers hold uint8 zero-points."""
+    old = SuperWeightConfig(method="rtn", symmetric=False).to_dict()
+    del old["zero_point"]
+    again = SuperWeightConfig.from_dict(old)
+    assert (again.method, again.symmetric, again.zero_point) == ("rtn", False, "uint8")
+    new = SuperWeightConfig.from_dict(SuperWeightConfig().to_dict())
+    assert (new.method, new.symmetric, new.zero_point) == ("hqq", False, "float")
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"zero_point": "int4"}, "zero_point"),
+        ({"zero_point": "float", "symmetric": True}, "zero_point"),
+        ({"zero_point": "float", "method": "gptq", "symmetric": False}, "zero_point"),
+        ({"method": "hqq", "clip_search": True}, "clip_search"),
+        ({"method": "rtn", "symmetric": False, "zero_point": "float", "clip_search": True}, "zero_point"),
+        ({"method": "awq"}, "method"),
+    ],
+)
+def test_new_fields_are_validated(options, field):
+    with pytest.raises(ValueError, match=f"SuperWeightConfig.{field}="):
+        SuperWeightConfig(**options)
 
 
 # -- fuzz: every field, many hostile values, constructor and config.json alike ----------------------------------------
@@ -80,7 +123,8 @@ _HOSTILE = {
     "format_version": [0, 3, 99, "1", 1.0, True, None, -1],
     "bits": [True, False, 4.0, "4", 1, 5, 16, 0, -4, None, [4]],
     "group_size": [True, 10**12, 2**20 + 1, 4, 0, -2, 64.0, "64", None, [64]],
-    "symmetric": [1, 0, "true", "yes", None, [True]],
+    "symmetric": [1, 0, "true", "yes", [True]],  # None: follows the method
+    "zero_point": ["int4", "UINT8", "float16", 8, ["float"]],  # None: follows the method
     "scale_dtype": ["float64", "fp16", "torch.float16", 16, None, ["float16"]],
     "modules_to_not_convert": ["lm_head", "", 1, {"lm_head": 1}, [1], [""], [None], ["lm_head", 2], True, [" lm_head"]],
     "super_weights": ["model.layers.1.mlp.down_proj", 1, {"module": "m", "row": 1, "col": 2}, [1], ["m"], [None],
@@ -93,7 +137,7 @@ _HOSTILE = {
     "detection_min_ratio": [0, -5.0, False, "100", float("inf")],
     "detection_layers": ["0,1", 3, [-1], [1.0], [True], [2**31], {"0": 1}],
     "max_super_weights": [-1, True, 2.0, "16", None, 10**9],
-    "method": ["RTN", "hqq", "", None, 1],
+    "method": ["RTN", "awq", "", 1],  # None: the default, "hqq"
     "clip_search": [1, "yes", None],
     "clip_objective": ["mse", None, 1],
     "calibration_tokens": [0, 63, 10**9, True, 8192.0, "8192", None],
@@ -154,5 +198,5 @@ def test_valid_values_round_trip_through_json():
         detection_layers=(0, 1), detection_prompts=("a",), digests={"m": "crc32:00000000"},
     )
     data = json.loads(json.dumps(config.to_dict()))
-    assert data["format_version"] == 1 and data["detection_layers"] == [0, 1]
+    assert data["format_version"] == 2 and data["detection_layers"] == [0, 1]  # hqq float offsets: format 2
     assert SuperWeightConfig.from_dict(data).to_dict() == data

@@ -295,6 +295,7 @@ class QualitySweep:
 
     def superweight(self, bits: int, group_size: int, **options: Any) -> None:
         start = time.perf_counter()
+        options.setdefault("method", "rtn")  # the suite's rows name RTN / clip / GPTQ variants explicitly
         config = SuperWeightConfig(bits=bits, group_size=group_size, super_weights=[sw.to_dict() for sw in self.super_weights],
                                    **options)
         # Calibrated options reuse the sweep's statistics (same text, same numbers, collected once).

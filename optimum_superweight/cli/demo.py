@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from .options import add_method_arguments, describe_grid, method_options
 from .paths import (
     add_overwrite_argument,
     check_model_source,
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, help="local model folder or Hub id (default: embedded SmolLM2)")
     parser.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default: 4)")
     parser.add_argument("--group-size", type=int, default=64, help="inputs per scale, -1 per row (default: 64)")
-    parser.add_argument("--asymmetric", action="store_true", help="use zero-points (default: symmetric)")
+    add_method_arguments(parser)
     parser.add_argument(
         "--output", default=DEFAULT_OUTPUT,
         help=f"where to save the compressed checkpoint (default: {DEFAULT_OUTPUT}, where a previous demo checkpoint "
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_folder(args.output, replace, "--output", source)
     replacing = output.is_dir() and any(output.iterdir())
     check_output_file(args.json, args.overwrite, "--json")
-    config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, **method_options(args))
     with reraise_hub_errors(source, "loading"):
         check_not_quantized(source, "--model")
     report: dict = {"model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"}
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
     report.update(
         super_weights=[sw.to_dict() for sw in found],
-        settings={"bits": args.bits, "group_size": args.group_size, "symmetric": not args.asymmetric},
+        settings={"bits": args.bits, "group_size": args.group_size, "method": config.method, "symmetric": config.symmetric,
+                  "zero_point": config.zero_point},
         bits_per_weight=config.bits_per_weight,
         perplexity={"full_precision": full_ppl, "quantized": quant_ppl, "ratio": quant_ppl / full_ppl},
         size_bytes={
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         extra = f", {sw.classification}" if sw.classification else ""
         impact = f", zeroing it: perplexity x{sw.impact:.2f}" if sw.impact else ""
         print(f"  {sw.paper_notation():<45} value {sw.value:+.4f}{extra}{impact}")
-    settings = "symmetric" if not args.asymmetric else "asymmetric"
+    settings = describe_grid(config)
     print(f"\nquantized: {args.bits}-bit, group {args.group_size}, {settings}, {config.bits_per_weight:.3f} bits/weight")
     print(f"perplexity ({args.max_tokens} tokens of built-in text, windows of 512):")
     print(f"  full precision  {full_ppl:8.3f}")

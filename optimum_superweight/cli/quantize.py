@@ -11,6 +11,7 @@ import argparse
 import re
 import time
 
+from .options import add_method_arguments, describe_grid, method_options
 from .paths import add_overwrite_argument, check_model_source, check_not_quantized, check_output_folder, staged_folder
 
 __all__ = ["register", "run", "parse_super_weight"]
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("output", help="folder for the compressed checkpoint")
     parser.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default: 4)")
     parser.add_argument("--group-size", type=int, default=64, help="inputs per scale, -1 per row (default: 64)")
-    parser.add_argument("--asymmetric", action="store_true", help="use zero-points (default: symmetric)")
+    add_method_arguments(parser)
     parser.add_argument(
         "--super-weight",
         action="append",
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     config = SuperWeightConfig(
         bits=args.bits,
         group_size=args.group_size,
-        symmetric=not args.asymmetric,
+        **method_options(args),
         super_weights=args.super_weight,
         detection_prompts=args.prompt,
     )
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer.save_pretrained(staging)
     print(
         f"quantized {args.model} in {elapsed:.1f}s: {config.bits}-bit, group {config.group_size}, "
-        f"{len(found)} super weight(s) kept exact"
+        f"{describe_grid(config)}, {len(found)} super weight(s) kept exact"
     )
     for sw in found:
         print(f"  {sw.paper_notation():<45} value {sw.value:+.6g}")

@@ -217,7 +217,8 @@ def select_kernel(
 
 def _state_key(module: nn.Module, device: torch.device) -> tuple:
     key: list[Any] = [device]
-    for tensor in (module.weight, module.weight_scale, module.weight_zero_point, module.super_weight_indices, module.super_weight_values):
+    offset = getattr(module, "weight_offset", None)
+    for tensor in (module.weight, module.weight_scale, module.weight_zero_point, offset, module.super_weight_indices, module.super_weight_values):
         key.append(None if tensor is None else (tensor.data_ptr(), tensor._version))
     return tuple(key)
 

@@ -9,12 +9,13 @@ never saved, and rebuilt when the packed weight, its scales or the device change
     repeats its scale over several kernel groups), ``out_features % 16 == 0``. The kernel computes
     ``w = (q - 8) * scale + zero`` per group. Symmetric codes (``w = s*(q - 2^(b-1))``) and asymmetric codes
     of up to 3 bits (``w = s*(q - z)``, ``|q - z| <= 7``) are re-centred to ``q - z + 8`` with ``zero = 0``;
-    4-bit asymmetric codes keep ``q`` with ``zero = s*(8 - z)``. A ragged last group (``in_features`` not a multiple of the group) is stored padded
+    4-bit asymmetric codes keep ``q`` with ``zero = s*(8 - z)``; float offsets (``w = s*q + m``) become
+    ``q - 2^(b-1) + 8`` with ``zero = m + 2^(b-1)*s``. A ragged last group (``in_features`` not a multiple of the group) is stored padded
     with zero codes; the input is zero-padded to match. Scales and zeros are bfloat16 in the kernel.
 ``cpu-int8``
     ``torch._weight_int8pack_mm`` for 5- to 8-bit codes with one scale per row (``group_size=-1`` or a
     single group): ``w = s * (q - c) + s * (c - z)`` with ``c = 2^(b-1)``; the second term (asymmetric
-    only) is a rank-1 correction ``rowsum(x) * s*(c - z)``. ``in_features`` is zero-padded to a multiple of
+    only) is a rank-1 correction ``rowsum(x) * s*(c - z)`` (``s*c + m`` with a float offset ``m``). ``in_features`` is zero-padded to a multiple of
     32 (the kernel crashes on other sizes).
 ``cpu-dense``
     For many tokens at once (prefill) the two kernels above cost time linear in the token count while a
@@ -22,7 +23,7 @@ never saved, and rebuilt when the packed weight, its scales or the device change
     activation dtype (from the packed codes, no cached dense copy) and multiplied densely.
 
 Super weights are added after the matmul as a sparse correction ``y[..., row] += x[..., col] * value``
-(their codes decode to exactly 0). All three paths need bfloat16 activations to be fast (float32 inputs
+(their codes decode to exactly 0; with float offsets to a value ``d`` near 0, so ``value - d`` is added). All three paths need bfloat16 activations to be fast (float32 inputs
 are 30-70x slower in the int kernels); :mod:`optimum_superweight.kernels` decides what float32 inputs do.
 """
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from ..tensor.packing import unpack_codes
+from ..tensor.quantize import held_out_decoded
 
 __all__ = ["Int4CpuKernel", "Int8CpuKernel", "DenseCpuKernel", "int4_kernel_group", "dequantize_fast"]
 
@@ -70,7 +72,13 @@ def _sparse_indices(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     if module.super_weight_indices is None or module.super_weight_indices.numel() == 0:
         return None
     indices = module.super_weight_indices.detach()
-    return indices[:, 0].long(), indices[:, 1].long(), module.super_weight_values.detach().to(torch.float32)
+    values = module.super_weight_values.detach().to(torch.float32)
+    offset = getattr(module, "weight_offset", None)
+    if offset is not None:  # the codes there decode to the value nearest 0, not to 0: add the difference
+        values = values - held_out_decoded(
+            module.weight.detach(), module.weight_scale.detach(), offset.detach(), module.layout, indices
+        )
+    return indices[:, 0].long(), indices[:, 1].long(), values
 
 
 def add_super_weights(y: torch.Tensor, x: torch.Tensor, sparse: tuple | None) -> torch.Tensor:
@@ -123,14 +131,21 @@ class Int4CpuKernel:
         kernel_group = int4_kernel_group(group)
         codes = _codes(module).to(torch.int32)
         scale = module.weight_scale.detach().to(torch.float32)
-        zero_codes = _zero_codes(module)
-        if module.symmetric or module.bits <= 3:
+        offset = getattr(module, "weight_offset", None)
+        if offset is not None:
+            # w = s*q + m = (q' - 8)*s + (m + c*s) with q' = q - c + 8, c = 2^(bits-1): the zero m + c*s is the
+            # group's centre, small, so no two large bfloat16 terms nearly cancel (for 4 bits q' = q).
+            center = 2 ** (module.bits - 1)
+            codes = codes - center + 8
+            zero = offset.detach().to(torch.float32) + center * scale
+        elif module.symmetric or module.bits <= 3:
+            zero_codes = _zero_codes(module)
             # Re-centre the codes on the kernel's 8 when q - z fits a nibble: zero becomes exactly 0, which
             # avoids adding two large bfloat16 terms (q - 8)*s and s*(8 - z) that nearly cancel.
             codes = codes - zero_codes.to(torch.int32).unsqueeze(-1) + 8
             zero = torch.zeros_like(scale)
         else:
-            zero = scale * (8.0 - zero_codes)
+            zero = scale * (8.0 - _zero_codes(module))
         codes = codes.reshape(layout.out_features, -1)
         padded_in = codes.shape[1]
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
@@ -181,7 +196,9 @@ class Int8CpuKernel:
         weight = nn.functional.pad(codes, (0, padded_in - in_features)).to(torch.int8).contiguous()
         scale32 = module.weight_scale.detach().to(torch.float32)[:, 0]
         offset = None
-        if not module.symmetric:
+        if getattr(module, "weight_offset", None) is not None:  # w = s*(q - c) + (s*c + m)
+            offset = scale32 * center + module.weight_offset.detach().to(torch.float32)[:, 0]
+        elif not module.symmetric:
             offset = scale32 * (center - module.weight_zero_point.detach().to(torch.float32)[:, 0])
         return Int8State(weight, scale32.to(torch.bfloat16), offset, padded_in, _sparse_indices(module))
 
@@ -199,9 +216,10 @@ class Int8CpuKernel:
 @dataclass
 class DenseState:
     scale: torch.Tensor  # [out, groups, 1] in the compute dtype
-    zero: torch.Tensor  # [out, groups, 1] zero codes in the compute dtype
+    zero: torch.Tensor | None  # [out, groups, 1] zero codes in the compute dtype (None with float offsets)
     dtype: torch.dtype
     sparse: tuple | None
+    offset: torch.Tensor | None = None  # [out, groups, 1] float offsets in the compute dtype: w = s*q + m
 
 
 def dequantize_fast(module: nn.Module, state: DenseState) -> torch.Tensor:
@@ -217,6 +235,9 @@ def dequantize_fast(module: nn.Module, state: DenseState) -> torch.Tensor:
         codes = codes.reshape(layout.out_features, layout.num_groups, -1)[..., : layout.effective_group_size]
     else:
         codes = _codes(module).to(state.dtype)
+    if state.offset is not None:
+        weight = codes.mul_(state.scale).add_(state.offset).reshape(layout.out_features, -1)
+        return weight[:, : layout.in_features]
     # Codes and zero codes are integers below 256: exact in bfloat16, so only the scale product rounds.
     weight = codes.sub_(state.zero).mul_(state.scale).reshape(layout.out_features, -1)
     return weight[:, : layout.in_features]
@@ -236,6 +257,9 @@ class DenseCpuKernel:
 
     def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> DenseState:
         scale = module.weight_scale.detach().to(dtype).unsqueeze(-1)
+        offset = getattr(module, "weight_offset", None)
+        if offset is not None:
+            return DenseState(scale, None, dtype, _sparse_indices(module), offset.detach().to(dtype).unsqueeze(-1))
         zero = _zero_codes(module).to(dtype).unsqueeze(-1)
         return DenseState(scale, zero, dtype, _sparse_indices(module))
 

@@ -33,6 +33,7 @@ from ..config import SuperWeightConfig
 from ..format import BIAS, check_quantizable
 from ..records import SuperWeight
 from ..tensor.gptq import clip_quantize_weight
+from ..tensor.hqq import DEFAULT_ITERS, hqq_quantize_weight
 from ..tensor.quantize import GroupLayout, QuantizedWeight, quantize_weight
 from .replace import (
     Conv1D,
@@ -139,7 +140,7 @@ BLOCK_BYTES = 2 * 2**20
 def quantize_by_rows(
     weight: torch.Tensor, coordinates: list[tuple[int, int]], config: SuperWeightConfig, hessian: torch.Tensor | None = None
 ) -> QuantizedWeight:
-    """Round-to-nearest (or clip-search) codes of ``weight`` computed a block of rows at a time.
+    """HQQ, round-to-nearest or clip-search codes of ``weight`` (``config.method``) computed a block of rows at a time.
 
     ``hessian`` (the inputs' ``E[x xᵀ]``) is used by the clip search when ``config.clip_objective == "output"``;
     its objective is per row too, so row blocks change nothing.
@@ -162,7 +163,12 @@ def quantize_by_rows(
         inside = held[(held[:, 0] >= start) & (held[:, 0] < start + block.shape[0])]
         inside = inside - torch.tensor([start, 0], dtype=torch.int32)
         options = dict(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, scale_dtype=scale_dtype)
-        if config.clip_search:
+        if config.method == "hqq" or config.zero_point == "float":  # float offsets with "rtn": min-max, no steps
+            iters = DEFAULT_ITERS if config.method == "hqq" else 0
+            parts.append(hqq_quantize_weight(
+                block, holdout=inside.to(block.device), zero_point=config.zero_point, iters=iters, **options
+            ))
+        elif config.clip_search:
             output = config.clip_objective == "output"
             if output and hessian is None:
                 raise ValueError("clip_objective='output' needs the layer's calibration statistics (hessian).")
@@ -170,12 +176,14 @@ def quantize_by_rows(
         else:
             parts.append(quantize_weight(block, holdout=inside.to(block.device), **options))
     zero_points = [p.zero_point for p in parts]
+    offsets = [p.offset for p in parts]
     return QuantizedWeight(
         packed=torch.cat([p.packed for p in parts]),
         scale=torch.cat([p.scale for p in parts]),
         zero_point=None if zero_points[0] is None else torch.cat(zero_points),
         layout=GroupLayout(out_features, in_features, config.bits, config.group_size),
         symmetric=config.symmetric,
+        offset=None if offsets[0] is None else torch.cat(offsets),
     )
 
 

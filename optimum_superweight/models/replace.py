@@ -150,7 +150,7 @@ def _quantized_layer(
     hessian: torch.Tensor | None = None,
     name: str = "SuperWeightLinear",
 ) -> SuperWeightLinear:
-    """One low-bit layer: plain RTN, RTN with clip search, or given (GPTQ) codes; same on-disk format for all."""
+    """One low-bit layer: HQQ grids, plain RTN, RTN with clip search, or given (GPTQ) codes; one on-disk format."""
     if quantized is None:
         # Row blocks, as when quantizing while loading: identical codes, bounded temporaries.
         from .loading import quantize_by_rows
@@ -165,6 +165,7 @@ def _quantized_layer(
         super_weights=coordinates,
         quantized=quantized,
         name=name,
+        zero_point=config.zero_point,
     )
 
 
@@ -290,6 +291,7 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             num_super_weights=counts.get(name, 0),
             dtype=bias.dtype if bias is not None else None,
             device=module.weight.device,
+            zero_point=config.zero_point,
         )
         _set_module(model, name, skeleton)
     return model

@@ -2,7 +2,7 @@
 
 State (all saved, all loaded by name, so a reload is plain assignment and re-saving works): the tensors of
 :data:`optimum_superweight.format.TENSORS` (packed ``weight``, ``weight_scale``, asymmetric
-``weight_zero_point``, ``super_weight_indices`` / ``super_weight_values`` when the layer holds super weights,
+``weight_zero_point`` or ``weight_offset``, ``super_weight_indices`` / ``super_weight_values`` when the layer holds super weights,
 ``bias``), with the names, dtypes and shapes that table gives.
 
 ``weight`` is 3-D on purpose: loading such a checkpoint without this package fails with a shape error
@@ -19,7 +19,7 @@ from torch import nn
 from ..format import SCALE, SCALE_DTYPES, TENSORS, LayerFormat, check_quantizable
 from ..kernels import kernel_label, linear_forward
 from ..records import SuperWeight
-from ..tensor.quantize import GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
+from ..tensor.quantize import ZERO_POINTS, GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
 
 __all__ = ["SuperWeightLinear"]
 
@@ -54,16 +54,22 @@ class SuperWeightLinear(nn.Module):
         num_super_weights: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        zero_point: str = "uint8",
     ) -> None:
         super().__init__()
+        if zero_point not in ZERO_POINTS:
+            raise ValueError(f"zero_point={zero_point!r} is invalid: accepted values are {', '.join(map(repr, ZERO_POINTS))}.")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
         self.scale_dtype = scale_dtype
+        self.zero_point = "uint8" if symmetric else zero_point
         self.layout = GroupLayout(out_features, in_features, bits, group_size)
-        fmt = LayerFormat(out_features, in_features, bits, group_size, symmetric, scale_dtype, num_super_weights, bias)
+        fmt = LayerFormat(
+            out_features, in_features, bits, group_size, symmetric, scale_dtype, num_super_weights, bias, self.zero_point
+        )
         specs = {spec.name: spec for spec in fmt.tensors()}
         # Every tensor of the format table is an attribute: a Parameter when this layer stores it, else None.
         for row in TENSORS:
@@ -88,12 +94,14 @@ class SuperWeightLinear(nn.Module):
         scale_dtype: str = "float16",
         super_weights: Sequence[tuple[int, int]] | Sequence[SuperWeight] = (),
         quantized: QuantizedWeight | None = None,
+        zero_point: str = "uint8",
         name: str = "SuperWeightLinear",
     ) -> "SuperWeightLinear":
         """Quantize a dense ``nn.Linear``; ``super_weights`` are ``(row, col)`` pairs or records kept exact.
 
-        ``quantized`` takes codes computed elsewhere (clip search, GPTQ) for the same layout, with the super
-        weights held out; by default the weight is quantized here with round-to-nearest. A weight the format
+        ``quantized`` takes codes computed elsewhere (HQQ, clip search, GPTQ) for the same layout, with the
+        super weights held out; by default the weight is quantized here with round-to-nearest (min-max).
+        ``zero_point`` (asymmetric only): ``"uint8"`` zero-points or ``"float"`` offsets. A weight the format
         cannot hold (non-finite, or a scale beyond ``scale_dtype``) is refused with ``name`` and the coordinate.
         """
         weight = linear.weight.detach()
@@ -119,8 +127,16 @@ class SuperWeightLinear(nn.Module):
             num_super_weights=len(coordinates),
             dtype=weight.dtype,
             device=weight.device,
+            zero_point=zero_point,
         )
         indices = torch.tensor(coordinates, dtype=torch.int32, device=weight.device).reshape(-1, 2)
+        if quantized is None and module.weight_offset is not None:
+            from ..tensor.hqq import hqq_quantize_weight
+
+            quantized = hqq_quantize_weight(
+                weight, bits=bits, group_size=group_size, zero_point="float", scale_dtype=SCALE_DTYPES[scale_dtype],
+                holdout=indices, iters=0,
+            )
         if quantized is None:
             quantized = quantize_weight(
                 weight,
@@ -130,15 +146,22 @@ class SuperWeightLinear(nn.Module):
                 scale_dtype=SCALE_DTYPES[scale_dtype],
                 holdout=indices,
             )
-        if tuple(quantized.packed.shape) != module.layout.packed_shape or quantized.symmetric != symmetric:
+        if (
+            tuple(quantized.packed.shape) != module.layout.packed_shape
+            or quantized.symmetric != symmetric
+            or (quantized.offset is None) != (module.weight_offset is None)
+        ):
             raise ValueError(
                 f"Precomputed codes of shape {tuple(quantized.packed.shape)} do not match this layer's layout "
-                f"{module.layout.packed_shape} (bits={bits}, group_size={group_size}, symmetric={symmetric})."
+                f"{module.layout.packed_shape} (bits={bits}, group_size={group_size}, symmetric={symmetric}, "
+                f"zero_point={module.zero_point!r})."
             )
         module.weight.data = quantized.packed
         module.weight_scale.data = quantized.scale
         if quantized.zero_point is not None:
             module.weight_zero_point.data = quantized.zero_point
+        if quantized.offset is not None:
+            module.weight_offset.data = quantized.offset
         if coordinates:
             module.super_weight_indices.data = indices
             module.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
@@ -152,7 +175,8 @@ class SuperWeightLinear(nn.Module):
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
         weight = dequantize_weight(
-            self.weight, self.weight_scale, self.weight_zero_point, self.layout, symmetric=self.symmetric, dtype=dtype
+            self.weight, self.weight_scale, self.weight_zero_point, self.layout, symmetric=self.symmetric, dtype=dtype,
+            offset=self.weight_offset,
         )
         if self.super_weight_indices is not None:
             restore_exact(weight, self.super_weight_indices, self.super_weight_values)
@@ -197,7 +221,7 @@ class SuperWeightLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
-        kind = "symmetric" if self.symmetric else "asymmetric"
+        kind = "symmetric" if self.symmetric else f"asymmetric ({self.zero_point} zero)"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, group_size={self.group_size}, {kind}, super_weights={self.num_super_weights}, "

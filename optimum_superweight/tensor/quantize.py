@@ -2,10 +2,13 @@
 
 A weight ``[out_features, in_features]`` is cut along its input dimension into groups of ``group_size``
 (the last group of a row may be shorter: it is padded, and the padding never influences a scale). Each
-group gets one scale (and, when asymmetric, one integer zero-point). Held-out coordinates — the super
-weights — are excluded from the group statistics and encoded as the group's zero code, so the
+group gets one scale and, when asymmetric, either one integer zero-point (``w = s * (q - z)``) or one
+float offset (``w = s * q + m``, what GGUF's Q4_1 stores as ``d * q + m``). Held-out coordinates — the
+super weights — are excluded from the group statistics and encoded as the group's zero code, so the
 dequantized matrix is exactly 0 there and the exact value can be written back (or added as a sparse
-correction after a matmul) without any rounding.
+correction after a matmul) without any rounding. With float offsets no code need decode to exactly 0: a
+held-out coordinate gets the code nearest to 0 and the exact value overwrites it (kernels add the
+difference, see :func:`held_out_decoded`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,16 @@ __all__ = [
     "QuantizedWeight",
     "quantize_weight",
     "store_scale",
+    "store_offset",
     "dequantize_weight",
     "restore_exact",
+    "held_out_decoded",
+    "ZERO_POINTS",
 ]
+
+#: How an asymmetric group stores its zero: ``"uint8"`` (``w = s * (q - z)``, integer ``z`` in
+#: ``weight_zero_point``) or ``"float"`` (``w = s * q + m``, ``m`` in ``weight_offset``, scale dtype).
+ZERO_POINTS = ("uint8", "float")
 
 
 @dataclass(frozen=True)
@@ -68,13 +78,15 @@ class QuantizedWeight:
 
     packed: torch.Tensor  # uint8 [out, num_groups, bytes_per_group]
     scale: torch.Tensor  # [out, num_groups]
-    zero_point: torch.Tensor | None  # uint8 [out, num_groups], asymmetric only
+    zero_point: torch.Tensor | None  # uint8 [out, num_groups], asymmetric with integer zero-points only
     layout: GroupLayout
     symmetric: bool
+    offset: torch.Tensor | None = None  # [out, num_groups] in the scale dtype: w = scale * q + offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(
-            self.packed, self.scale, self.zero_point, self.layout, symmetric=self.symmetric, dtype=dtype
+            self.packed, self.scale, self.zero_point, self.layout, symmetric=self.symmetric, dtype=dtype,
+            offset=self.offset,
         )
 
 
@@ -99,6 +111,12 @@ def _holdout_mask(layout: GroupLayout, holdout: torch.Tensor | None, device: tor
     rows, cols = holdout[:, 0].long().to(device), holdout[:, 1].long().to(device)
     mask[rows, cols] = True
     return mask.reshape(layout.out_features, layout.num_groups, group)
+
+
+def store_offset(offset: torch.Tensor, offset_dtype: torch.dtype) -> torch.Tensor:
+    """A float offset as stored: rounded to ``offset_dtype``, clamped to its finite range."""
+    limit = torch.finfo(offset_dtype).max
+    return offset.clamp(-limit, limit).to(offset_dtype)
 
 
 def store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -180,10 +198,17 @@ def dequantize_weight(
     *,
     symmetric: bool,
     dtype: torch.dtype = torch.float32,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense ``[out_features, in_features]`` weight from packed codes; held-out coordinates come out as 0."""
+    """Dense ``[out_features, in_features]`` weight from packed codes; held-out coordinates come out as 0
+    (as the code nearest to 0 with float ``offset``: ``w = scale * q + offset``)."""
     group = layout.effective_group_size
     codes = unpack_codes(packed, layout.bits, group).to(torch.float32)
+    if offset is not None:
+        if symmetric:
+            raise ValueError("A symmetric weight has no offsets.")
+        dense = codes * scale.to(torch.float32).unsqueeze(-1) + offset.to(torch.float32).unsqueeze(-1)
+        return dense.reshape(layout.out_features, -1)[:, : layout.in_features].to(dtype)
     if symmetric:
         centered = codes - float(2 ** (layout.bits - 1))
     else:
@@ -199,3 +224,18 @@ def restore_exact(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     if indices.numel():
         weight[indices[:, 0].long(), indices[:, 1].long()] = values.to(weight.dtype)
     return weight
+
+
+def held_out_decoded(
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, layout: GroupLayout, indices: torch.Tensor
+) -> torch.Tensor:
+    """float32 ``[k]``: what the float-offset codes decode to at ``(row, col)`` ``indices`` (the exact value
+    minus this is the sparse correction a kernel adds; integer zero-point layouts decode to 0 there)."""
+    if indices.numel() == 0:
+        return torch.zeros(0, dtype=torch.float32, device=packed.device)
+    rows, cols = indices[:, 0].long(), indices[:, 1].long()
+    group = layout.effective_group_size
+    codes = unpack_codes(packed[rows], layout.bits, group).to(torch.float32)  # [k, groups, group]
+    k = torch.arange(rows.numel(), device=packed.device)
+    q = codes[k, cols // group, cols % group]
+    return q * scale[rows, cols // group].to(torch.float32) + offset[rows, cols // group].to(torch.float32)

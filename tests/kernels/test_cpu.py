@@ -42,14 +42,21 @@ def _default_settings():
     set_float32_policy(policy)
 
 
-def _layer(out_features, in_features, *, bits, group_size, symmetric=True, bias=False, super_weights=(), seed=0):
+def _layer(out_features, in_features, *, bits, group_size, symmetric=True, bias=False, super_weights=(), seed=0, zero_point="uint8"):
     torch.manual_seed(seed)
     dense = nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         for row, col in super_weights:
             dense.weight[row, col] = 4.0  # far outside the group's range: clearly a held-out outlier
+    quantized = None
+    if zero_point == "float":  # the default method's codes (HQQ grids, float offsets)
+        from optimum_superweight.tensor.hqq import hqq_quantize_weight
+
+        holdout = torch.tensor(list(super_weights), dtype=torch.long).reshape(-1, 2)
+        quantized = hqq_quantize_weight(dense.weight, bits=bits, group_size=group_size, holdout=holdout)
     return SuperWeightLinear.from_linear(
-        dense, bits=bits, group_size=group_size, symmetric=symmetric, super_weights=list(super_weights)
+        dense, bits=bits, group_size=group_size, symmetric=symmetric, super_weights=list(super_weights),
+        quantized=quantized, zero_point=zero_point,
     )
 
 
@@ -230,3 +237,72 @@ def test_inputs_that_need_gradients_avoid_the_int_kernels(bits, group_size):
     with torch.no_grad():
         layer(x)
     assert layer.kernel in ("cpu-int4", "cpu-int8")
+
+
+# -- float offsets (w = s*q + m, the default method's layout) ----------------------------------------------
+@pytest.mark.parametrize("out_features, in_features", SHAPES)
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (4, 128), (4, -1), (3, 64), (2, 32)])
+@pytest.mark.parametrize("batch, seq", INPUTS)
+def test_float_offsets_on_the_int4_kernel(out_features, in_features, bits, group_size, batch, seq):
+    _decode_everything()
+    layer = _layer(out_features, in_features, bits=bits, group_size=group_size, symmetric=False, zero_point="float",
+                   bias=True, super_weights=[(5, 7)])
+    assert layer.weight_offset is not None and layer.weight_zero_point is None
+    x = torch.randn(batch, seq, in_features)
+    out = layer(x.bfloat16())
+    group = layer.layout.effective_group_size
+    assert layer.kernel == ("cpu-dense" if int4_kernel_group(group) is None else "cpu-int4")
+    assert _rel(out, _exact(layer, x)) < BF16_BOUND
+
+
+@pytest.mark.parametrize("out_features, in_features", [(576, 1536), (48, 100)])
+@pytest.mark.parametrize("bits", [8, 6])
+def test_float_offsets_on_the_int8_kernel(out_features, in_features, bits):
+    _decode_everything()
+    layer = _layer(out_features, in_features, bits=bits, group_size=-1, symmetric=False, zero_point="float",
+                   bias=True, super_weights=[(3, 9)])
+    x = torch.randn(2, 3, in_features)
+    out = layer(x.bfloat16())
+    assert layer.kernel == "cpu-int8"
+    assert _rel(out, _exact(layer, x)) < BF16_BOUND
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (3, 48), (8, -1)])
+def test_float_offsets_on_the_dense_prefill_kernel(bits, group_size):
+    layer = _layer(576, 1536, bits=bits, group_size=group_size, symmetric=False, zero_point="float", super_weights=[(2, 3)])
+    x = torch.randn(8, 16, 1536)
+    out = layer(x.bfloat16())
+    assert layer.kernel == "cpu-dense"
+    assert _rel(out, _exact(layer, x)) < BF16_BOUND
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_float_offsets_super_weight_contribution_is_exact(tokens):
+    """Float offsets: the held-out code decodes near 0, not to 0; the kernels add ``value - decoded``."""
+    row, col, value = 11, 1229, 5.875
+    layer = _layer(576, 1536, bits=4, group_size=64, symmetric=False, zero_point="float", super_weights=[(row, col)])
+    with torch.no_grad():
+        layer.super_weight_values.fill_(value)
+    _decode_everything() if tokens == 1 else None
+    x = torch.randn(tokens, 1536).bfloat16() * 0.01
+    x[:, col] = 2996.0
+    out = layer(x)
+    assert layer.kernel == ("cpu-int4" if tokens == 1 else "cpu-dense")
+    dense = layer.dequantize_weight(torch.float32)
+    assert dense[row, col].item() == value
+    expected = x.float() @ dense.T
+    # bfloat16 output of a ~17,600 value: spacing 128; the rest of the row adds bfloat16 scale rounding.
+    assert (out[:, row].float() - expected[:, row]).abs().max().item() <= 160.0
+    assert _rel(out, expected) < BF16_BOUND
+
+
+def test_float_offsets_state_dict_round_trip():
+    source = _layer(576, 1536, bits=4, group_size=64, symmetric=False, zero_point="float", bias=True, super_weights=[(1, 2)])
+    assert set(source.state_dict()) == {"weight", "weight_scale", "weight_offset", "super_weight_indices", "super_weight_values", "bias"}
+    assert source.weight_offset.dtype == torch.float16 and source.weight_offset.shape == (576, 24)
+    x = torch.randn(1, 1536).bfloat16()
+    expected = source(x)
+    target = SuperWeightLinear(1536, 576, bias=True, bits=4, group_size=64, symmetric=False, num_super_weights=1, zero_point="float")
+    target(x)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target(x), expected)

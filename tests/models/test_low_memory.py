@@ -58,9 +58,10 @@ def test_streaming_detection_validates_input(tmp_path, tiny_folder):
 @pytest.mark.parametrize(
     "options",
     [
-        {},  # streaming detection
+        {},  # streaming detection; the default method (HQQ grids, float offsets)
         {"super_weights": [{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}]},
-        {"bits": 3, "group_size": 32, "symmetric": False, "clip_search": True},
+        {"bits": 3, "group_size": 32, "symmetric": False, "clip_search": True, "method": "rtn"},
+        {"bits": 4, "group_size": 32, "method": "rtn"},
     ],
 )
 def test_quantize_on_load_equals_in_memory_quantization(tiny_folder, tmp_path, options):
@@ -192,10 +193,15 @@ def test_quantize_on_load_succeeds_under_an_enforced_memory_cap(capped_runs):
 @pytest.mark.parametrize(
     "options",
     [
-        {"bits": 4, "group_size": 32},
-        {"bits": 3, "group_size": 24, "symmetric": False},  # 100 inputs: a short last group
+        {"bits": 4, "group_size": 32, "method": "rtn"},
+        {"bits": 3, "group_size": 24, "symmetric": False, "method": "rtn"},  # 100 inputs: a short last group
+        {"bits": 4, "group_size": -1, "scale_dtype": "bfloat16", "method": "rtn"},
+        {"bits": 4, "group_size": 32, "symmetric": False, "clip_search": True, "method": "rtn"},
+        {"bits": 4, "group_size": 32},  # the default method: HQQ grids, float offsets
+        {"bits": 3, "group_size": 24},
         {"bits": 4, "group_size": -1, "scale_dtype": "bfloat16"},
-        {"bits": 4, "group_size": 32, "symmetric": False, "clip_search": True},
+        {"bits": 2, "group_size": 32, "zero_point": "uint8"},
+        {"bits": 8, "group_size": 32, "symmetric": True},
     ],
 )
 def test_quantize_by_rows_equals_the_whole_matrix(monkeypatch, options):
@@ -214,9 +220,17 @@ def test_quantize_by_rows_equals_the_whole_matrix(monkeypatch, options):
     got = loading.quantize_by_rows(weight, coordinates, config)
     kwargs = dict(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
                   scale_dtype=getattr(torch, config.scale_dtype), holdout=torch.tensor(coordinates, dtype=torch.int32))
-    expected = (clip_quantize_weight if config.clip_search else quantize_weight)(weight, **kwargs)
+    if config.method == "hqq":
+        from optimum_superweight.tensor.hqq import hqq_quantize_weight
+
+        expected = hqq_quantize_weight(weight, zero_point=config.zero_point, **kwargs)
+    else:
+        expected = (clip_quantize_weight if config.clip_search else quantize_weight)(weight, **kwargs)
     assert torch.equal(got.packed, expected.packed) and torch.equal(got.scale, expected.scale)
-    assert (got.zero_point is None) == config.symmetric
+    assert (got.zero_point is None) == (config.symmetric or config.zero_point == "float")
     assert got.zero_point is None or torch.equal(got.zero_point, expected.zero_point)
+    assert (got.offset is None) == (expected.offset is None)
+    assert got.offset is None or torch.equal(got.offset, expected.offset)
     assert got.layout == expected.layout
-    assert all(got.dequantize()[r, c] == 0 for r, c in coordinates)
+    if got.offset is None:
+        assert all(got.dequantize()[r, c] == 0 for r, c in coordinates)

@@ -21,7 +21,9 @@ INPUT = torch.arange(2, 34).reshape(2, 16)
 
 def _config(**kwargs):
     kwargs.setdefault("super_weights", [{"module": MODULE, "row": ROW, "col": COL}])
-    return SuperWeightConfig(bits=4, group_size=48, **kwargs)
+    kwargs.setdefault("bits", 4)
+    kwargs.setdefault("group_size", 48)
+    return SuperWeightConfig(**kwargs)
 
 
 @pytest.fixture()
@@ -67,6 +69,11 @@ def test_save_reload_resave_gives_identical_logits(quantized, tmp_path):
     tensors = load_file(tmp_path / "a" / "model.safetensors")
     assert tensors[f"{MODULE}.weight"].dtype == torch.uint8 and tensors[f"{MODULE}.weight"].dim() == 3
     assert tensors[f"{MODULE}.super_weight_indices"].tolist() == [[ROW, COL]]
+    # The default layout: float16 scale and float offset per group of 48 (w = s*q + m), no zero-points.
+    assert tensors[f"{MODULE}.weight_offset"].dtype == torch.float16
+    assert tensors[f"{MODULE}.weight_offset"].shape == tensors[f"{MODULE}.weight_scale"].shape
+    assert f"{MODULE}.weight_zero_point" not in tensors
+    assert config["quantization_config"]["method"] == "hqq" and config["quantization_config"]["zero_point"] == "float"
 
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     assert torch.equal(_logits(again), expected)
@@ -82,10 +89,12 @@ def test_sharded_checkpoint_round_trip(quantized, tmp_path):
     assert torch.equal(_logits(again), _logits(quantized))
 
 
-@pytest.mark.parametrize("bits, symmetric, group_size", [(8, True, -1), (3, False, 32), (2, True, 64)])
-def test_other_widths_round_trip(tiny_llama_dir, tmp_path, bits, symmetric, group_size):
-    config = _config()
-    config.bits, config.symmetric, config.group_size = bits, symmetric, group_size
+@pytest.mark.parametrize(
+    "bits, symmetric, group_size, method",
+    [(8, True, -1, "hqq"), (3, False, 32, "hqq"), (2, True, 64, "hqq"), (4, False, 48, "rtn"), (8, False, -1, "hqq")],
+)
+def test_other_widths_round_trip(tiny_llama_dir, tmp_path, bits, symmetric, group_size, method):
+    config = _config(bits=bits, symmetric=symmetric, group_size=group_size, method=method)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -150,6 +159,8 @@ def test_device_map_cpu_works(tiny_llama_dir):
         ("out_of_range", "outside the 64x128 matrix"),
         ("change_value", "holds 0.5 in the checkpoint but config.json's field 'super_weights' records"),
         ("reshape_indices", r"super_weight_indices is stored as I32 \[1, 3\].*requires int32 \[1, 2\]"),
+        ("drop_offset", "weight_offset is missing from the checkpoint"),
+        ("nan_offset", "weight_offset"),
     ],
 )
 def test_corrupt_checkpoint_fails_naming_the_module(quantized, tmp_path, tamper, message):
@@ -169,6 +180,10 @@ def test_corrupt_checkpoint_fails_naming_the_module(quantized, tmp_path, tamper,
         tensors[f"{MODULE}.super_weight_values"] = torch.tensor([0.5])
     elif tamper == "reshape_indices":
         tensors[key] = torch.tensor([[ROW, COL, 0]], dtype=torch.int32)
+    elif tamper == "drop_offset":
+        del tensors[f"{MODULE}.weight_offset"]
+    elif tamper == "nan_offset":
+        tensors[f"{MODULE}.weight_offset"][0, 0] = float("nan")
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises((ValueError, RuntimeError), match=message) as info:
         AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.slow
 MODULE, ROW, COL = DEFAULT_MODEL_SUPER_WEIGHT
 MAX_TOKENS = 2048  # half the benchmark protocol keeps this test short; ratios are what matter here
 
-# Measured on this package (2048 tokens of built-in text, windows of 512): fp32 ppl 14.0;
-# 4-bit symmetric group 64: x1.53. The bound leaves room for CPU nondeterminism, not for regressions.
-RATIO_BOUND_4BIT_SYM_G64 = 1.65
+# Measured on this package (2048 tokens of built-in text, windows of 512 with BOS): fp32 ppl 15.3;
+# the default (HQQ grids, 4 bits, group 64, float offsets): x1.19; plain RTN symmetric group 64 was x1.53.
+# The bound leaves room for CPU nondeterminism, not for regressions.
+RATIO_BOUND_DEFAULT_4BIT = 1.28
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def full_ppl(smollm2_path, tokenizer):
 @pytest.fixture(scope="module")
 def quantized(smollm2_path):
     return AutoModelForCausalLM.from_pretrained(
-        smollm2_path, dtype=torch.float32, quantization_config=SuperWeightConfig(bits=4, group_size=64)
+        smollm2_path, dtype=torch.float32, quantization_config=SuperWeightConfig()  # the default
     )
 
 
@@ -55,7 +56,7 @@ def test_detects_layer_11_super_weight_on_load(quantized):
 
 def test_4bit_perplexity_within_measured_bound(quantized, tokenizer, full_ppl):
     ratio = float(perplexity(quantized, tokenizer, max_tokens=MAX_TOKENS)) / full_ppl
-    assert 1.0 < ratio < RATIO_BOUND_4BIT_SYM_G64
+    assert 1.0 < ratio < RATIO_BOUND_DEFAULT_4BIT
 
 
 def test_round_trip_and_plain_transformers_refuses(quantized, tmp_path):
