@@ -41,7 +41,7 @@ def paths(tmp_path_factory):
     build_tiny_model("llama", super_weights=[(1, 5, 7)]).save_pretrained(model)
     tiny_tokenizer().save_pretrained(model)
     quantized = root / "tiny-sw4"
-    config = SuperWeightConfig(bits=4, group_size=32, super_weights=[PLANTED])
+    config = SuperWeightConfig(bits=4, group_size=32, method="rtn", super_weights=[PLANTED])
     AutoModelForCausalLM.from_pretrained(model, quantization_config=config).save_pretrained(quantized)
     config_only = root / "config-only"
     config_only.mkdir()
@@ -193,7 +193,7 @@ def test_quantize_refuses_existing_outputs_and_the_input(paths, capsys):
 
 def test_commands_that_need_full_precision_refuse_a_quantized_checkpoint(paths, capsys):
     code, _, err = run(capsys, "quantize", paths.quantized, paths.root / "again", "--bits", "2")
-    assert code == 2 and "already quantized (superweight, 4-bit, group 32, symmetric)" in err
+    assert code == 2 and "already quantized (superweight, 4-bit, group 32, symmetric, method rtn)" in err
     assert not (paths.root / "again").exists()
     for argv in (["detect", paths.quantized, "--quiet"], ["detect", paths.quantized, "--quiet", "--streaming"],
                  ["ablate", paths.quantized, "--quiet"], ["demo", "--model", paths.quantized, "--output", paths.root / "d"]):

@@ -295,9 +295,9 @@ class QualitySweep:
 
     def superweight(self, bits: int, group_size: int, **options: Any) -> None:
         start = time.perf_counter()
-        options.setdefault("method", "rtn")  # the suite's rows name RTN / clip / GPTQ variants explicitly
+        method = options.pop("method", "rtn")  # the suite's rows are RTN / clip / GPTQ variants of a symmetric grid
         config = SuperWeightConfig(bits=bits, group_size=group_size, super_weights=[sw.to_dict() for sw in self.super_weights],
-                                   **options)
+                                   method=method, **options)
         # Calibrated options reuse the sweep's statistics (same text, same numbers, collected once).
         calibrated = config.method == "gptq" or (config.clip_search and config.clip_objective == "output")
         quantized = quantize_model(copy.deepcopy(self.model), config, tokenizer=self.tokenizer,
@@ -310,7 +310,7 @@ class QualitySweep:
         label = f"int{bits} sym {'per-channel' if group_size == -1 else f'g{group_size}'}"
         output = config.clip_search and config.clip_objective == "output"
         method_note = config.method + ("+output clip" if output else "+clip" if config.clip_search else "")
-        if options:
+        if options or method != "rtn":
             label += f" ({method_note})"
         self._add("superweight", label, bits, group_size, 8 * stored / n_weights, ppl, time.perf_counter() - start,
                   note=f"package ({method_note}), {len(self.super_weights)} super weight(s) exact", layers=len(layers))

@@ -87,7 +87,9 @@ def check_not_quantized(source: str, what: str = "MODEL", consequence: str = _RE
     method = quantization.get("quant_method", "unknown")
     if method == "superweight":
         scheme = "symmetric" if quantization.get("symmetric", True) else "asymmetric"
+        method_name = quantization.get("method")
         settings = f"superweight, {quantization.get('bits')}-bit, group {quantization.get('group_size')}, {scheme}"
+        settings += f", method {method_name}" if isinstance(method_name, str) else ""
     else:
         settings = str(method)
     raise ValueError(f"{what} {source} is already quantized ({settings}); {consequence}")
