@@ -37,11 +37,13 @@ def tiny_checkpoint(tiny_llama_dir, tmp_path):
     return quantize_tiny(tiny_llama_dir, tmp_path / "tiny-q", group_size=64)
 
 
-def load_isolated(export_dir: Path, tmp_path: Path, ids: torch.Tensor = IDS) -> dict:
+def load_isolated(export_dir: Path, tmp_path: Path, ids: torch.Tensor = IDS, modules: list[str] | None = None) -> dict:
     """Load ``export_dir`` with plain transformers in a child interpreter where optimum_superweight is absent."""
     ids_file, out_file = tmp_path / "ids.pt", tmp_path / "isolated.pt"
     torch.save(ids, ids_file)
     command = [sys.executable, "-I", "-S", str(_ISOLATED), *site.getsitepackages(), "--", str(export_dir), str(ids_file), str(out_file)]
+    if modules is not None:
+        command.append(",".join(modules))
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out_file)
