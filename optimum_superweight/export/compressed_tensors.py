@@ -13,12 +13,14 @@ dtype would round) is refused, or re-quantized only with ``allow_requantize=True
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..tensor.packing import unpack_codes
 from ..tensor.quantize import quantize_weight
 from .codes import ModuleCodes, exactly_representable
 from .errors import NotExpressibleError, require
@@ -102,9 +104,7 @@ def _check_module(codes: ModuleCodes, serving: torch.dtype) -> None:
 
 
 def _requantized(codes: ModuleCodes) -> ModuleCodes:
-    """Codes recomputed (RTN, super weights held out) at a group size compressed-tensors can hold."""
-    import math
-
+    """Codes recomputed (RTN, symmetric, super weights held out) at a group size compressed-tensors can hold."""
     group = math.gcd(codes.in_features, codes.group_size)
     dense = codes.dequantize()
     quantized = quantize_weight(
@@ -115,8 +115,6 @@ def _requantized(codes: ModuleCodes) -> ModuleCodes:
         scale_dtype=codes.scale.dtype,
         holdout=codes.super_indices,
     )
-    from ..tensor.packing import unpack_codes
-
     new = ModuleCodes(**{**codes.__dict__})
     new.variant = "symmetric" if quantized.symmetric else "zero_point"
     new.group_size = group

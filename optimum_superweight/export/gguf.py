@@ -262,7 +262,7 @@ def _dense_types(dense_folder: Path, names: set[str], super_names: set[str], sup
     return types
 
 
-def _metadata(records: list, plan: _Plan, summary: dict[str, Any]) -> Callable[[Any], None]:
+def _metadata(records: list, summary: dict[str, Any]) -> Callable[[Any], None]:
     def write(writer: Any) -> None:
         writer.add_uint32("superweight.version", 1)
         writer.add_uint32("superweight.count", len(records))
@@ -335,7 +335,7 @@ def export_gguf(
     }
     hparams = conversion.ModelBase.load_hparams(dense_folder, False)
     base = conversion.get_model_class(conversion.get_model_architecture(hparams, conversion.ModelType.TEXT))
-    model_class = _exporting_class(base, plan, _metadata(records, plan, summary), pre_tokenizer)
+    model_class = _exporting_class(base, plan, _metadata(records, summary), pre_tokenizer)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     target = out if llama_quantize is None else out.with_suffix(".f32.gguf")
@@ -346,7 +346,8 @@ def export_gguf(
         raise RuntimeError(f"tensors {sorted(plan.written)} were encoded but never written; the file is incomplete.")
     super_gguf = sorted(plan.gguf_names[f"{n}.weight"] for n in super_modules if f"{n}.weight" in plan.gguf_names)
     if llama_quantize is not None:
-        _llama_quantize(target, out, llama_quantize, {name: dense_types.get(name, "F32") for name in super_gguf}, plan)
+        keep = {plan.gguf_names[f"{n}.weight"]: dense_types.get(f"{n}.weight", "F32") for n in super_modules}
+        _llama_quantize(target, out, llama_quantize, keep)
         target.unlink()
     types = {plan.gguf_names[k]: enc.name for k, enc in ((k, encoding_for(c)) for k, c in encoded.items())}
     return {
@@ -359,7 +360,7 @@ def export_gguf(
     }
 
 
-def _llama_quantize(source: Path, out: Path, ftype_name: str, keep: dict[str, str], plan: _Plan) -> None:
+def _llama_quantize(source: Path, out: Path, ftype_name: str, keep: dict[str, str]) -> None:
     """llama.cpp's quantizer on ``source``, with the super-weight tensors pinned to their type."""
     import ctypes
 
@@ -373,7 +374,7 @@ def _llama_quantize(source: Path, out: Path, ftype_name: str, keep: dict[str, st
     gguf = _gguf()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    keep_gguf = {name: type_name for name, type_name in keep.items()}
+    keep_gguf = dict(keep)
     overrides = (llama_cpp.llama_model_tensor_override * (len(keep_gguf) + 1))()
     patterns = []
     for i, (name, type_name) in enumerate(sorted(keep_gguf.items())):

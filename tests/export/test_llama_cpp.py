@@ -38,3 +38,16 @@ def test_smollm2_gguf_in_llama_cpp(tmp_path, converter):
     theirs = llama_perplexity(llm, ids, tokenizer.bos_token_id)
     print(f"perplexity on {len(ids)} tokens: transformers {ours:.4f}, llama.cpp {theirs:.4f}, ratio {theirs / ours:.4f}")
     assert abs(theirs / ours - 1) < 0.01
+
+
+def test_llama_quantize_keeps_super_weight_tensor(tiny_checkpoint, tmp_path, converter):
+    import gguf
+
+    out = tmp_path / "tiny-q4km.gguf"
+    result = export(tiny_checkpoint, out, format="gguf", converter=converter, pre_tokenizer="default",
+                    llama_quantize="Q4_K_M", super_weight_type="f32")
+    assert result["llama_quantize"] == "Q4_K_M" and not result["encoded"]
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.F32  # pinned by the override
+    assert types["blk.0.ffn_down.weight"] not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    assert not out.with_suffix(".f32.gguf").exists()
