@@ -338,17 +338,21 @@ def export_gguf(
     model_class = _exporting_class(base, plan, _metadata(records, summary), pre_tokenizer)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    target = out if llama_quantize is None else out.with_suffix(".f32.gguf")
-    with torch.inference_mode():
-        instance = model_class(dense_folder, gguf.LlamaFileType.ALL_F32, target, eager=True)
-        instance.write()
-    if plan.written:
-        raise RuntimeError(f"tensors {sorted(plan.written)} were encoded but never written; the file is incomplete.")
+    # Written under a temporary name: a failed export never leaves a file that looks complete.
+    target = out.with_suffix(".partial.gguf" if llama_quantize is None else ".f32.gguf")
+    try:
+        with torch.inference_mode():
+            model_class(dense_folder, gguf.LlamaFileType.ALL_F32, target, eager=True).write()
+        if plan.written:
+            raise RuntimeError(f"tensors {sorted(plan.written)} were encoded but never written; nothing was exported.")
+        if llama_quantize is None:
+            target.replace(out)
+        else:
+            keep = {plan.gguf_names[f"{n}.weight"]: dense_types.get(f"{n}.weight", "F32") for n in super_modules}
+            _llama_quantize(target, out, llama_quantize, keep)
+    finally:
+        target.unlink(missing_ok=True)
     super_gguf = sorted(plan.gguf_names[f"{n}.weight"] for n in super_modules if f"{n}.weight" in plan.gguf_names)
-    if llama_quantize is not None:
-        keep = {plan.gguf_names[f"{n}.weight"]: dense_types.get(f"{n}.weight", "F32") for n in super_modules}
-        _llama_quantize(target, out, llama_quantize, keep)
-        target.unlink()
     types = {plan.gguf_names[k]: enc.name for k, enc in ((k, encoding_for(c)) for k, c in encoded.items())}
     return {
         "format": "gguf",

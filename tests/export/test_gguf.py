@@ -103,3 +103,15 @@ def test_missing_converter_names_what_to_install(tiny_checkpoint, tmp_path, monk
     monkeypatch.delenv(CONVERTER_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match="pip download --no-binary :all: --no-deps llama-cpp-python"):
         export(tiny_checkpoint, tmp_path / "x.gguf", format="gguf")
+
+
+def test_export_refuses_then_requantizes_on_request(tiny_llama_dir, tmp_path, converter):
+    checkpoint = quantize_tiny(tiny_llama_dir, tmp_path / "g48", group_size=48)
+    out = tmp_path / "g48.gguf"
+    with pytest.raises(NotExpressibleError, match="group_size 48"):
+        export(checkpoint, out, format="gguf", converter=converter, pre_tokenizer="default")
+    assert not out.exists() and not list(tmp_path.glob("*.gguf"))
+    result = export(checkpoint, out, format="gguf", converter=converter, pre_tokenizer="default", allow_requantize=True)
+    assert "model.layers.0.self_attn.q_proj" in result["requantized"] and not result["encoded"]
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
