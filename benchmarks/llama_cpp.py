@@ -4,8 +4,8 @@
 
 Size, perplexity (the package's protocol: disjoint windows of 512 after BOS, built-in text) and batch-1 CPU
 decode tokens/s. llama.cpp's own rows: the full-precision model converted to F16 by its converter, then
-quantized by ``llama_model_quantize``. Writes ``benchmarks/results/llama_cpp.json`` and the llama.cpp section
-of ``benchmarks/RESULTS.md``. Needs llama-cpp-python and llama.cpp's converter (see scripts/test_llama_cpp.sh).
+quantized by ``llama_model_quantize``. Writes ``benchmarks/results/llama_cpp.json`` and rebuilds
+``benchmarks/RESULTS.md`` (``run.py --report-only``), which renders it with :func:`llama_cpp_markdown`. Needs llama-cpp-python and llama.cpp's converter (see scripts/test_llama_cpp.sh).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def measure(tokens: int, converter: str | None, decode_tokens: int) -> dict:
             "decode_tokens": decode_tokens, "threads": torch.get_num_threads(), "model": "SmolLM2-135M-Instruct", "rows": rows}
 
 
-def markdown(result: dict) -> str:
+def llama_cpp_markdown(result: dict) -> str:
+    """The llama.cpp section of ``benchmarks/RESULTS.md`` from ``results/llama_cpp.json``."""
     base = result["rows"]["transformers float32"]["ppl"]
     lines = [
         HEADING, "",
@@ -113,33 +114,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(result: dict) -> None:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text()
-    section = markdown(result)
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("" if end == -1 else text[end:])
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--converter", default=None)
-    parser.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from the JSON")
+    parser.add_argument("--render-only", action="store_true", help="rebuild RESULTS.md from the recorded JSON")
     args = parser.parse_args()
     if args.render_only:
         result = json.loads(RESULT.read_text())
     else:
         result = measure(args.tokens, args.converter, args.decode_tokens)
         RESULT.write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    write_section(result)
+    print(llama_cpp_markdown(result))
+    # RESULTS.md is rebuilt from every result file, this one included (suite/report.py standalone_sections).
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--report-only"], check=True)
 
 
 if __name__ == "__main__":
