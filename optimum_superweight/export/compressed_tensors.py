@@ -260,6 +260,12 @@ def _card(plan: CompressedTensorsPlan, records: list, serving: torch.dtype, sour
     if plan.requantized:
         lines += ["", f"Re-quantized on request (`allow_requantize=True`), not our codes: {', '.join(plan.requantized)}"]
     lines += ["", "## vLLM kernels for these shapes", ""] + [f"- {note}" for note in kernel_notes(shapes)]
+    if serving == torch.float32:
+        lines.append(
+            "- float32 export: exact for transformers; vLLM's weight-only GPU kernels run float16/bfloat16. For vLLM, "
+            "export with `dtype=float16` (or bfloat16) a checkpoint whose scales and super weights that dtype holds "
+            "exactly (e.g. quantized from a float16 model); otherwise the export refuses rather than round them."
+        )
     if plan.bits not in (4, 8):
         lines.append(f"- vLLM's weight-only kernels take 4 or 8 bits; this export has {plan.bits}-bit codes.")
     return "\n".join(lines) + "\n"
