@@ -71,7 +71,7 @@ def measure(tokens: int, converter: str | None, decode_tokens: int) -> dict:
         quantized.save_pretrained(scratch / "ours")
         tokenizer.save_pretrained(scratch / "ours")
         size = sum(f.stat().st_size for f in (scratch / "ours").glob("*.safetensors")) / 2**20
-        ppl = float(osw.perplexity(quantized, tokenizer, token_ids=ids))
+        ppl = float(osw.perplexity(osw.dequantize_model(quantized), tokenizer, token_ids=ids))  # the exact weights
         bf16 = AutoModelForCausalLM.from_pretrained(scratch / "ours", dtype=torch.bfloat16)
         rows["ours, transformers (int4 g64 RTN, bf16 cpu-int4 kernel for decode)"] = {
             "ppl": ppl, "size_mb": size, "decode_tok_s": _transformers_decode(bf16, prompt, decode_tokens)}
@@ -115,6 +115,8 @@ def llama_cpp_markdown(result: dict) -> str:
 
 
 def main() -> None:
+    # This script is named like the llama_cpp package: keep its own folder off the import path.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=64)
