@@ -67,7 +67,7 @@ def measure(tokens: int, converter: str | None, decode_tokens: int) -> dict:
         rows["transformers float32"] = {"ppl": float(osw.perplexity(fp, tokenizer, token_ids=ids)), "size_mb": None,
                                         "decode_tok_s": _transformers_decode(fp, prompt, decode_tokens)}
         del fp
-        quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=osw.SuperWeightConfig(bits=4, group_size=64))
+        quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=osw.SuperWeightConfig(bits=4, group_size=64, method="rtn", symmetric=True))
         quantized.save_pretrained(scratch / "ours")
         tokenizer.save_pretrained(scratch / "ours")
         size = sum(f.stat().st_size for f in (scratch / "ours").glob("*.safetensors")) / 2**20

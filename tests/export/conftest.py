@@ -25,6 +25,9 @@ def quantize_tiny(folder: Path, out: Path, **config) -> Path:
     from optimum_superweight.testing import tiny_tokenizer
 
     config.setdefault("super_weights", [{"module": MODULE, "row": ROW, "col": COL}])
+    # Pinned, whatever the package default: these tests are about the layouts they name.
+    config.setdefault("method", "rtn")
+    config.setdefault("symmetric", True)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=SuperWeightConfig(bits=config.pop("bits", 4), **config))
     model.save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)

@@ -115,3 +115,20 @@ def test_export_refuses_then_requantizes_on_request(tiny_llama_dir, tmp_path, co
     assert "model.layers.0.self_attn.q_proj" in result["requantized"] and not result["encoded"]
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_float_offset_checkpoint_exports_losslessly_as_q4_1(tiny_llama_dir, tmp_path, converter):
+    import inspect
+
+    from optimum_superweight import SuperWeightConfig
+
+    if "zero_point" not in inspect.signature(SuperWeightConfig).parameters:
+        pytest.skip("this checkpoint format has no float offsets (SuperWeightConfig(zero_point='float'))")
+    checkpoint = quantize_tiny(tiny_llama_dir, tmp_path / "fo", group_size=64, symmetric=False, zero_point="float")
+    result = export(checkpoint, tmp_path / "fo.gguf", format="gguf", converter=converter, pre_tokenizer="default")
+    assert set(result["encoded"].values()) == {"Q4_1"}  # encode() checked every block against our weights
+    _, codes = _codes(checkpoint)
+    layer = codes["model.layers.0.mlp.up_proj"]
+    tensor = {t.name: t for t in gguf.GGUFReader(tmp_path / "fo.gguf").tensors}["blk.0.ffn_up.weight"]
+    back = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(layer.out_features, layer.in_features)
+    assert np.array_equal(back, layer.dequantize().numpy())

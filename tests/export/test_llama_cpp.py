@@ -22,7 +22,7 @@ def test_smollm2_gguf_in_llama_cpp(tmp_path, converter):
 
     source = osw.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=osw.SuperWeightConfig(bits=4, group_size=64))
+    quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=osw.SuperWeightConfig(bits=4, group_size=64, method="rtn", symmetric=True))
     quantized.save_pretrained(tmp_path / "q")
     tokenizer.save_pretrained(tmp_path / "q")
     result = export(tmp_path / "q", tmp_path / "smollm2.gguf", format="gguf", converter=converter)

@@ -28,7 +28,7 @@ def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def test_smollm2_compressed_tensors(tmp_path):
     source = osw.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=osw.SuperWeightConfig(bits=4, group_size=64))
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=osw.SuperWeightConfig(bits=4, group_size=64, method="rtn", symmetric=True))
     model.save_pretrained(tmp_path / "q")
     tokenizer.save_pretrained(tmp_path / "q")
     result = export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)  # from the loaded model
