@@ -105,7 +105,14 @@ def llama_cpp_markdown(result: dict) -> str:
         f"`python3 benchmarks/llama_cpp.py` ({result['date']}, {result['threads']} threads). {result['model']}; perplexity on "
         f"{result['tokens']} tokens of the built-in text (windows of 512 with BOS, the same token ids in both runtimes); "
         f"batch-1 greedy decode of {result['decode_tokens']} tokens after a 17-token prompt (a shared 2-core machine: "
-        "compare rows of one run). Sizes: the GGUF file, or our checkpoint's safetensors (fp32 embeddings included).",
+        "compare rows of one run). Sizes: the GGUF file, or our checkpoint's safetensors (fp32 embeddings included). "
+        "Our export keeps `token_embd` (tied: also the output projection) at F32, since SmolLM2's float32 embeddings "
+        "are not exact in F16 (`dense_type=\"auto\"`): 108 MiB of its size and the largest per-token matmul; "
+        "`--dense-type f16` / `q8_0` trade that exactness for size and speed (not measured here). Its perplexity "
+        "differs from ours in transformers only by llama.cpp's 8-bit activation quantization on CPU."
+        + (f" Transformers decode rows re-measured at {result['transformers_decode_date']}: torch decode on this "
+           "oversubscribed shared machine was far below the 17-24 tok/s of the main benchmark's quieter runs, so "
+           "compare llama.cpp rows with each other, not with those." if result.get("transformers_decode_date") else ""),
         "", "| model | size (MiB) | perplexity | ratio to float32 | decode tok/s |", "|---|---:|---:|---:|---:|",
     ]
     for name, row in result["rows"].items():
