@@ -174,3 +174,4 @@ def test_recorded_standalone_results_render():
     text = standalone_sections(BENCHMARKS / "results")
     assert "## W8A8" in text and "1B-shaped layers" in text and "reference kernel" in text
     assert "torch.compile-fused ms" in text and "CPU seconds" in text
+    assert "## llama.cpp: our GGUF export" in text and "llama.cpp Q4_K_M" in text
