@@ -150,6 +150,14 @@ ROWS: tuple[RowSpec, ...] = (
 # ---- one model -------------------------------------------------------------------------------------------
 
 
+def add_ratios(row: dict[str, Any], fp_ppl: dict[str, float]) -> None:
+    """Per-text ratio to full precision, and its spread over the texts."""
+    row["ratio"] = {k: row["ppl"][k] / fp_ppl[k] for k in row["ppl"]}
+    values = list(row["ratio"].values())
+    row.update(ratio_min=min(values), ratio_max=max(values),
+               ratio_geomean=math.exp(sum(math.log(v) for v in values) / len(values)))
+
+
 class ModelRun:
     """Loads one model, tokenizes the texts, detects super weights once, then evaluates every row."""
 
@@ -270,14 +278,13 @@ class ModelRun:
                 ppl = self._perplexities()
             del denses
             result = {"bits_per_weight": 8 * stored / self.n_weights, "quantize_seconds": seconds, "extra": extra}
-        ratios = {k: ppl[k] / self.fp_ppl[k] for k in ppl}
-        values = list(ratios.values())
-        row_out = {"key": row.key, "label": row.label, "kind": row.kind, **result, "ppl": ppl, "ratio": ratios,
-                   "ratio_min": min(values), "ratio_max": max(values),
-                   "ratio_geomean": math.exp(sum(math.log(v) for v in values) / len(values)),
+        row_out = {"key": row.key, "label": row.label, "kind": row.kind, **result, "ppl": ppl,
                    "row_seconds": time.perf_counter() - started}
+        if self.fp_ppl:  # else the ratios are computed when the jobs are merged
+            add_ratios(row_out, self.fp_ppl)
         self.rows.append(row_out)
-        per_text = "  ".join(f"{k} x{v:.3f}" for k, v in ratios.items())
+        per_text = "  ".join(f"{k} x{v:.3f}" for k, v in row_out.get("ratio", {}).items()) or \
+            "  ".join(f"{k} ppl {v:.3f}" for k, v in ppl.items())
         self.log(f"[{self.key}] {row.key:<16} {result['bits_per_weight']:6.3f} bpw  q {result['quantize_seconds']:6.1f} s  "
                  f"{per_text}  ({row_out['row_seconds']:.0f} s)")
 
@@ -286,6 +293,9 @@ class ModelRun:
         for r in self.rows:
             if rtn and r.get("quantize_seconds") and rtn["quantize_seconds"] > 0 and not r.get("reused_from"):
                 r["quantize_over_rtn"] = r["quantize_seconds"] / rtn["quantize_seconds"]
+                if r["kind"] == "ours":  # what a load costs: detection + quantization
+                    r["load_over_rtn"] = ((self.detection_seconds + r["quantize_seconds"])
+                                          / (self.detection_seconds + rtn["quantize_seconds"]))
         counts = {t.key: {"text_tokens": len(self.ids[t.key]), "evaluated": min(len(self.ids[t.key]), self.tokens)}
                   for t in self.texts}
         bos = getattr(self.tokenizer, "bos_token", None)
@@ -328,7 +338,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         + ", ".join(f"{k}: {len(v)}" for k, v in run.ids.items()))
     run.detect()
     for row in ROWS:
-        if args.child not in row.models or not (wanted is None or row.key in wanted or row.kind == "fp"):
+        if args.child not in row.models or not (wanted is None or row.key in wanted or row.key in reused):
             continue
         if row.key in reused:
             run.rows.append({**reused[row.key], "label": row.label, "reused_from": reused_date})
@@ -407,7 +417,8 @@ def _goal_checks(model: dict[str, Any]) -> dict[str, Any]:
                 low["ratio"][t] < rows["nf4"]["ratio"][t] for t in low["ratio"])
         checks["default_bits_per_weight_le_4.5"] = default["bits_per_weight"] <= 4.5 + 5e-4
         if "quantize_over_rtn" in default:
-            checks["default_time_le_3x_rtn"] = default["quantize_over_rtn"] <= 3.0
+            checks["default_quantize_time_le_3x_rtn"] = default["quantize_over_rtn"] <= 3.0
+            checks["default_load_time_le_3x_rtn (detection included)"] = default["load_over_rtn"] <= 3.0
     if "default_3bit" in rows:
         three = rows["default_3bit"]
         checks["3bit_le_x2.0"] = three["ratio_max"] <= 2.0 and three["bits_per_weight"] <= 3.5 + 5e-4
@@ -424,10 +435,18 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
     lines = [
         "## Quality on unseen text: three domains, two model families",
         "",
-        f"Produced by `{meta['command']}` on {meta['date']} in {meta['total_seconds'] / 60:.1f} min "
-        f"({meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s) per model process, models in parallel; "
+        f"Produced by `{meta['command']}` on {meta['date']}"
+        + (f" in {meta['total_seconds'] / 60:.1f} min" if not meta.get("combined_from") else "")
+        + f" ({meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s) per process, several processes at once; "
         f"package imported from `{meta['package_path']}`). Peers: {', '.join(f'{k} {v}' for k, v in meta['peers'].items())}.",
         "",
+    ]
+    if meta.get("combined_from"):
+        lines += ["Combined from these runs of the script (same protocol per model; each row's JSON names its run):", ""]
+        lines += [f"- `{run['command']}` on {run['date']}, {(run['total_seconds'] or 0) / 60:.1f} min, package from "
+                  f"`{run['package_path']}`" for run in meta["combined_from"]]
+        lines.append("")
+    lines += [
         f"Every decoder `nn.Linear` quantized in float32 by each method, dequantized, and evaluated in "
         f"**{meta['eval_dtype']}** (dense; the same path for every row); perplexity on the first "
         + ", ".join(f"{n:,} ({m})" for m, n in meta.get("model_tokens", {"all": meta["tokens"]}).items())
@@ -472,6 +491,9 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
         default = next((r for r in model["rows"] if r["key"] == "default" and "extra" in r), None)
         if default and default["extra"].get("config"):
             lines += ["", "Default configuration: " + ", ".join(f"`{k}={v!r}`" for k, v in default["extra"]["config"].items()) + "."]
+        if default and default.get("load_over_rtn"):
+            lines += ["", f"Quantize-on-load cost (detection {model['detection_seconds']:.1f} s + quantization): default "
+                      f"x{default['load_over_rtn']:.2f} the RTN default's; quantization alone x{default['quantize_over_rtn']:.2f}."]
         checks = model.get("goals", {})
         if checks:
             lines += ["", "Goals (issue 14): " + "; ".join(f"{k.replace('_', ' ')}: **{'yes' if v else 'no'}**"
@@ -565,6 +587,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help=f"result JSON (default {DEFAULT_OUTPUT.relative_to(HERE.parent)})")
     parser.add_argument("--reuse", default=None, help="earlier result JSON: take its full-precision and peer rows (same "
                         "protocol only; marked as reused) instead of recomputing them")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="merge earlier result files (same protocol per model; first file's row wins) into --output "
+                        "instead of running anything")
+    parser.add_argument("--note", action="append", default=[], help="a line added to the notes (e.g. which commit of the package ran)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -605,8 +631,17 @@ def merge_jobs(results: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str,
             continue
         seen = {row["key"] for row in merged[model]["rows"]}
         merged[model]["rows"] += [row for row in result["rows"] if row["key"] not in seen]
-    for result in merged.values():
+    for model, result in merged.items():
         result["rows"].sort(key=lambda row: order[row["key"]])
+        fp = next((row for row in result["rows"] if row["key"] == "fp"), None)
+        if fp is None:  # ratios wait for --combine with a result that has it
+            print(f"no full-precision row for {model} (add 'fp' to a job, --reuse, or --combine later)", file=sys.stderr)
+            result["fp_ppl"] = {}
+            continue
+        result["fp_ppl"] = dict(fp["ppl"])
+        for row in result["rows"]:
+            if "ppl" in row:
+                add_ratios(row, result["fp_ppl"])
     return merged
 
 
@@ -630,11 +665,46 @@ def _spawn(args: argparse.Namespace, model: str, rows: str | None, out: Path) ->
     return process
 
 
+def combine(files: list[str]) -> dict[str, Any]:
+    """One result from several runs of this script (e.g. the peers' rows run before the package's were ready):
+    rows merged per model, which must share one protocol; every row says which run it came from."""
+    runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in files]
+    parts, protocols = [], {}
+    for index, run in enumerate(runs):
+        for model, result in run["models"].items():
+            protocol = result.get("protocol")
+            if protocols.setdefault(model, protocol) != protocol:
+                raise SystemExit(f"--combine: {files[index]} evaluated {model} with {protocol}, an earlier file with "
+                                 f"{protocols[model]}")
+            result = copy.deepcopy(result)
+            for row in result["rows"]:
+                row.setdefault("run", run["meta"].get("date"))
+                row.pop("ratio", None)
+            parts.append((model, result))
+    with_scaling = next((run for run in reversed(runs) if run.get("scaling")), runs[-1])
+    meta = dict(with_scaling["meta"])
+    meta["combined_from"] = [{"file": Path(f).name, "command": run["meta"].get("command"), "date": run["meta"].get("date"),
+                              "package_path": run["meta"].get("package_path"), "total_seconds": run["meta"].get("total_seconds")}
+                             for f, run in zip(files, runs)]
+    meta["model_tokens"] = {model: protocol["tokens"] for model, protocol in protocols.items()}
+    # The first file's texts and model details (token counts, detection) describe the combined result.
+    return {"meta": meta, "texts": runs[0]["texts"], "models": merge_jobs(parts), "scaling": with_scaling.get("scaling")}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         result = run_child(args)
         Path(args.child_output).write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+        return 0
+    if args.combine:
+        output = Path(args.output) if args.output else DEFAULT_OUTPUT
+        result = combine(args.combine)
+        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto")
+        earlier = [note for f in args.combine for note in json.loads(Path(f).read_text(encoding="utf-8")).get("notes", [])]
+        args.note = list(dict.fromkeys(n for n in earlier + list(args.note) if not n.startswith(fixed)))
+        result["meta"]["command"] = "python3 benchmarks/quality_multitext.py --combine " + " ".join(Path(f).name for f in args.combine)
+        finish(result, output, args, time.perf_counter())
         return 0
 
     import torch
@@ -682,9 +752,20 @@ def main(argv=None) -> int:
         },
         "texts": [t.describe() for t in texts],
         "models": merged,
+        "scaling": scaling,
     }
+    finish(result, output, args, started)
+    return 0
+
+
+def finish(result: dict[str, Any], output: Path, args: argparse.Namespace, started: float) -> None:
+    """Goals, notes, plot; write the JSON, print the section and rebuild RESULTS.md when every model has its
+    full-precision row."""
+    from suite import peers
+
+    complete = all(model.get("fp_ppl") for model in result["models"].values())
     for model in result["models"].values():
-        model["goals"] = _goal_checks(model)
+        model["goals"] = _goal_checks(model) if complete else {}
     error = peers.torchao_int4_cpu_error()
     result["notes"] = [
         "torchao's `Int4WeightOnlyConfig(group_size=64)` on a bfloat16 CPU layer: "
@@ -693,18 +774,17 @@ def main(argv=None) -> int:
         "with `BaseQuantizeConfig(nbits, group_size=64)` (default optimizer, float16 scale and zero).",
         "optimum-quanto is not run: each row costs a full evaluation and it was x1.475 at 4.63 bits/weight in the earlier single-text run "
         "(REFERENCE.md section 7).",
-    ]
-    if scaling is not None:
-        result["scaling"] = scaling
+    ] + list(args.note)
+    if result.get("scaling"):
         result["scaling_plot"] = scaling_plot(result, output.parent)
     result["meta"]["total_seconds"] = time.perf_counter() - started
     result["meta"]["load_average_at_end"] = list(os.getloadavg())
     output.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    print(quality_multitext_markdown(result))
-    if not args.no_render and output.parent == DEFAULT_OUTPUT.parent and (output.parent / "results.json").is_file():
-        print(f"wrote {render_results_md(output.parent)}")
+    if complete:
+        print(quality_multitext_markdown(result))
+        if not args.no_render and output.parent == DEFAULT_OUTPUT.parent and (output.parent / "results.json").is_file():
+            print(f"wrote {render_results_md(output.parent)}")
     print(f"wrote {output} ({result['meta']['total_seconds'] / 60:.1f} min)")
-    return 0
 
 
 if __name__ == "__main__":

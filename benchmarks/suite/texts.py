@@ -8,7 +8,7 @@ standard library of the running interpreter, so a run needs no network beyond th
   ``r-cran-janeaustenr`` (an R data package, MIT; its lazy-load database is read here without R).
 - ``jargon``: *The Jargon File* 4.4.7 (public domain), encyclopedic / glossary prose about hacker culture, from
   Debian's ``jargon-text``; the front matter (table of contents, character table) is skipped.
-- ``python``: source code of CPython's ``argparse`` and ``difflib`` modules (PSF-2.0) of the running interpreter.
+- ``python``: source code of CPython's ``argparse`` module (PSF-2.0) of the running interpreter (about 22k tokens).
 
     >>> from suite.texts import evaluation_texts
     >>> [t.key for t in evaluation_texts()]  # doctest: +SKIP
@@ -178,10 +178,9 @@ def jargon() -> EvalText:
 
 def python_source() -> EvalText:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = ("argparse.py", "difflib.py")
-    text = "\n\n".join((stdlib / name).read_text(encoding="utf-8") for name in files)
+    text = (stdlib / "argparse.py").read_text(encoding="utf-8")
     version = ".".join(map(str, sys.version_info[:3]))
-    return EvalText("python", "source code (Python)", f"CPython {version} Lib/argparse.py + Lib/difflib.py",
+    return EvalText("python", "source code (Python)", f"CPython {version} Lib/argparse.py",
                     f"standard library of the running interpreter ({stdlib})", "PSF-2.0", text)
 
 
