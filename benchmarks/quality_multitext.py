@@ -347,6 +347,12 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             log(f"[{args.child}] {row.key:<16} reused")
         else:
             run.run_row(row)
+        # After every row, so that a job stopped early (a loaded machine, a deadline) keeps what it measured.
+        Path(args.child_output).write_text(json.dumps(_child_result(run, args), indent=2, default=str), encoding="utf-8")
+    return _child_result(run, args)
+
+
+def _child_result(run: "ModelRun", args: argparse.Namespace) -> dict[str, Any]:
     return {**run.result(), "protocol": _protocol(args), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
