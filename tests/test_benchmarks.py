@@ -174,3 +174,90 @@ def test_recorded_standalone_results_render():
     text = standalone_sections(BENCHMARKS / "results")
     assert "## W8A8" in text and "1B-shaped layers" in text and "reference kernel" in text
     assert "torch.compile-fused ms" in text and "CPU seconds" in text
+    assert "## llama.cpp: our GGUF export" in text and "llama.cpp Q4_K_M" in text
+
+
+def _r_int(value: int) -> bytes:
+    return value.to_bytes(4, "big", signed=True)
+
+
+def _r_strings(values: list[str], flags: int = 16) -> bytes:
+    out = _r_int(flags) + _r_int(len(values))
+    for value in values:
+        raw = value.encode("utf-8")
+        out += _r_int(9 | (1 << 15)) + _r_int(len(raw)) + raw  # CHARSXP, UTF-8 flag
+    return out
+
+
+def _r_names_attribute(names: list[str]) -> bytes:
+    # pairlist node with a tag: the symbol `names` and a character vector; then the end of the pairlist
+    return _r_int(2 | (1 << 10)) + _r_int(1) + _r_strings(["names"])[8:] + _r_strings(names) + _r_int(254)
+
+
+def test_r_lazyload_reader_reads_character_vectors(tmp_path):
+    """The reader of R lazy-load databases (the Jane Austen text) on a hand-built two-object database."""
+    import gzip
+    import zlib
+
+    from suite.texts import read_r_lazyload
+
+    header = b"X\n" + _r_int(2) + _r_int(0x040201) + _r_int(0x020300)
+    objects = {"first": ["It is a truth", "", "universally acknowledged"], "second": ["ünïcode"]}
+    blob, spans = b"", []
+    for values in objects.values():
+        payload = header + _r_strings(values)
+        record = len(payload).to_bytes(4, "big") + zlib.compress(payload)
+        spans.append((len(blob), len(record)))
+        blob += record
+    variables = _r_int(19 | (1 << 9)) + _r_int(len(spans))
+    for offset, length in spans:
+        variables += _r_int(13) + _r_int(2) + _r_int(offset) + _r_int(length)
+    variables += _r_names_attribute(list(objects))
+    index = header + _r_int(19 | (1 << 9)) + _r_int(3) + variables + _r_int(254) + _r_int(254)
+    index += _r_names_attribute(["variables", "references", "compressed"])
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
+    (tmp_path / "Rdata.rdb").write_bytes(blob)
+    assert read_r_lazyload(tmp_path / "Rdata") == objects
+
+
+def test_multitext_quality_runs_end_to_end(tmp_path):
+    """benchmarks/quality_multitext.py --quick: every row on the tiny model and every available text; no timing
+    assertions. Peers whose library is missing are reported as failed rows, never crash the run."""
+    import quality_multitext
+
+    from suite.texts import TEXT_LOADERS
+
+    texts = []
+    for key, loader in TEXT_LOADERS.items():
+        try:
+            assert len(loader().text) > 50_000
+            texts.append(key)
+        except FileNotFoundError:
+            pass
+    assert "python" in texts
+    out = tmp_path / "q.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "quality_multitext.py"), "--quick", "--output", str(out), "--no-render",
+         "--texts", ",".join(texts)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    model = result["models"]["tiny"]
+    rows = {row["key"]: row for row in model["rows"]}
+    assert set(rows) == {spec.key for spec in quality_multitext.ROWS}
+    assert rows["fp"]["ratio"] == {key: 1.0 for key in texts}
+    for key in ("default", "low_bpw", "default_3bit", "per_channel", "rtn_per_channel", "rtn_g64", "nf4"):
+        row = rows[key]
+        assert "error" not in row, row
+        assert set(row["ratio"]) == set(texts) and all(math.isfinite(v) and v > 0 for v in row["ratio"].values())
+        assert row["ratio_min"] <= row["ratio_geomean"] <= row["ratio_max"]
+    assert rows["default_3bit"]["bits_per_weight"] < rows["default"]["bits_per_weight"]
+    assert rows["nf4"]["bits_per_weight"] == pytest.approx(4.5)
+    # The package stores the exact super weight on top of the plain codes and scales.
+    assert rows["per_channel"]["bits_per_weight"] > rows["rtn_per_channel"]["bits_per_weight"]
+    assert [sw["row"] for sw in model["super_weights"]] == [5]
+    assert all(model["tokens"][key]["evaluated"] == 256 for key in texts)
+    assert [p["weights"] for p in result["scaling"]["points"]] == sorted(p["weights"] for p in result["scaling"]["points"])
+    text = quality_multitext.quality_multitext_markdown(result)
+    assert "| method | bits/weight |" in text and "Goals (issue 14)" in text

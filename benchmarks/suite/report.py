@@ -205,15 +205,19 @@ def plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
 
 def standalone_sections(data_dir: Path) -> str:
     """Sections of the benchmarks that run on their own (their own processes, caps or long runs), rendered from
-    their result files when present: ``low_memory.json`` (``benchmarks/low_memory.py``), ``w8a8.json``
-    (``benchmarks/w8a8.py``) and ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``). Each states its own command and date."""
+    their result files when present: ``quality_multitext.json`` (``benchmarks/quality_multitext.py``),
+    ``low_memory.json`` (``benchmarks/low_memory.py``), ``w8a8.json`` (``benchmarks/w8a8.py``),
+    ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``) and ``llama_cpp.json`` (``benchmarks/llama_cpp.py``).
+    Each states its own command and date."""
     import importlib.util
 
     parts = []
     for script, result_file, render in (
+        ("quality_multitext.py", "quality_multitext.json", "quality_multitext_markdown"),
         ("low_memory.py", "low_memory.json", "low_memory_markdown"),
         ("w8a8.py", "w8a8.json", "w8a8_markdown"),
         ("kernels_by_cpu.py", "kernels_by_cpu.json", "kernels_by_cpu_markdown"),
+        ("llama_cpp.py", "llama_cpp.json", "llama_cpp_markdown"),
     ):
         path = data_dir / result_file
         if not path.is_file():

