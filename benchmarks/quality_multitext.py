@@ -706,6 +706,7 @@ def combine(files: list[str]) -> dict[str, Any]:
                               "package_path": run["meta"].get("package_path"), "total_seconds": run["meta"].get("total_seconds")}
                              for f, run in zip(files, runs)]
     meta["model_tokens"] = {model: protocol["tokens"] for model, protocol in protocols.items()}
+    meta["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     # The first file's texts and model details (token counts, detection) describe the combined result.
     return {"meta": meta, "texts": runs[0]["texts"], "models": merge_jobs(parts), "scaling": with_scaling.get("scaling")}
 
