@@ -16,6 +16,16 @@ os.environ.setdefault("OPTIMUM_SUPERWEIGHT_SPEED_CHECK", "0")
 PLANTED = ("model.layers.1.mlp.down_proj", 5, 7)
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    matrices gain nothing from two, and on a shared machine a second thread only adds scheduling stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     from optimum_superweight.default_model import default_model_path

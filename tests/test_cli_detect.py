@@ -11,12 +11,7 @@ from optimum_superweight.cli import build_parser, main
 from optimum_superweight.testing import build_tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

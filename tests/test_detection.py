@@ -16,13 +16,8 @@ from optimum_superweight.records import SuperWeight
 from optimum_superweight.testing import TINY_MODEL_TYPES, build_tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one thread avoids the scheduling overhead of two on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny matrices: one thread avoids the scheduling overhead of two on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _snapshot(model):

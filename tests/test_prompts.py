@@ -20,12 +20,7 @@ from optimum_superweight.testing import build_tiny_model, tiny_tokenizer
 PLANTED = [(1, 5, 7)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
