@@ -222,25 +222,45 @@ class DenseState:
     offset: torch.Tensor | None = None  # [out, groups, 1] float offsets in the compute dtype: w = s*q + m
 
 
-def dequantize_fast(module: nn.Module, state: DenseState) -> torch.Tensor:
-    """Dense ``[out, in]`` weight in ``state.dtype`` computed in that dtype (super weights still 0)."""
+def dequantize_fast(module: nn.Module, state: DenseState, rows: slice = slice(None)) -> torch.Tensor:
+    """Dense ``[out, in]`` weight (or the output rows ``rows`` of it, 4-bit codes only) in ``state.dtype``,
+    computed in that dtype (super weights still 0)."""
     layout = module.layout
-    packed = module.weight.detach()
+    packed = module.weight.detach()[rows]
     if layout.bits == 4:
         # Two nibbles per byte, low first, written straight into the output (converted on the way): fewer
         # passes and temporaries than unpack -> convert -> subtract.
         codes = torch.empty((*packed.shape, 2), dtype=state.dtype, device=packed.device)
         codes[..., 0] = packed & 0x0F
         codes[..., 1] = packed >> 4
-        codes = codes.reshape(layout.out_features, layout.num_groups, -1)[..., : layout.effective_group_size]
+        codes = codes.reshape(packed.shape[0], layout.num_groups, -1)[..., : layout.effective_group_size]
     else:
+        if rows != slice(None):
+            raise ValueError("dequantize_fast dequantizes row blocks of 4-bit codes only")
         codes = _codes(module).to(state.dtype)
     if state.offset is not None:
-        weight = codes.mul_(state.scale).add_(state.offset).reshape(layout.out_features, -1)
+        weight = codes.mul_(state.scale[rows]).add_(state.offset[rows]).reshape(packed.shape[0], -1)
         return weight[:, : layout.in_features]
     # Codes and zero codes are integers below 256: exact in bfloat16, so only the scale product rounds.
-    weight = codes.sub_(state.zero).mul_(state.scale).reshape(layout.out_features, -1)
+    weight = codes.sub_(state.zero[rows]).mul_(state.scale[rows]).reshape(packed.shape[0], -1)
     return weight[:, : layout.in_features]
+
+
+#: Matrices with more weights than this are dequantized in blocks of output rows of about
+#: :data:`_DENSE_BLOCK_WEIGHTS` weights, each multiplied while still in cache ("Kernels by CPU" in
+#: benchmarks/RESULTS.md): a whole 2048 x 8192 bfloat16 matrix is written to memory and read back otherwise.
+_DENSE_BLOCKED_ABOVE = 1 << 22
+_DENSE_BLOCK_WEIGHTS = 1 << 20
+
+
+def _blocked_linear(module: nn.Module, state: DenseState, x2: torch.Tensor) -> torch.Tensor:
+    out_features, in_features = module.out_features, module.in_features
+    step = max(32, _DENSE_BLOCK_WEIGHTS // in_features)
+    y = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
+    for start in range(0, out_features, step):
+        block = slice(start, min(start + step, out_features))
+        y[:, block] = nn.functional.linear(x2, dequantize_fast(module, state, block))
+    return y
 
 
 class DenseCpuKernel:
@@ -266,6 +286,8 @@ class DenseCpuKernel:
     def run(self, module: nn.Module, state: DenseState, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        weight = dequantize_fast(module, state)
-        y = nn.functional.linear(x2, weight)
+        if module.layout.bits == 4 and module.out_features * module.in_features > _DENSE_BLOCKED_ABOVE:
+            y = _blocked_linear(module, state, x2)
+        else:
+            y = nn.functional.linear(x2, dequantize_fast(module, state))
         return _finish(module, y, x2, state.sparse, shape)

@@ -306,3 +306,26 @@ def test_float_offsets_state_dict_round_trip():
     target(x)
     target.load_state_dict(source.state_dict())
     assert torch.equal(target(x), expected)
+
+
+@pytest.mark.parametrize("zero_point", ["uint8", "float"])
+def test_dense_kernel_in_row_blocks_equals_the_whole_matrix(monkeypatch, zero_point):
+    """Large matrices are dequantized and multiplied in blocks of output rows: the same weights, and outputs
+    equal to the one-block product up to bfloat16 GEMM rounding."""
+    from optimum_superweight.kernels import cpu
+
+    torch.manual_seed(3)
+    layer = SuperWeightLinear.from_linear(
+        nn.Linear(200, 96), bits=4, group_size=64, symmetric=False, zero_point=zero_point, super_weights=[(5, 7)]
+    )
+    kernel = cpu.DenseCpuKernel()
+    state = kernel.prepare(layer, torch.device("cpu"), torch.bfloat16)
+    whole = cpu.dequantize_fast(layer, state)
+    assert torch.equal(torch.cat([cpu.dequantize_fast(layer, state, slice(r, r + 32)) for r in range(0, 96, 32)]), whole)
+    x = torch.randn(3, 5, 200, dtype=torch.bfloat16)
+    one_block = kernel.run(layer, state, x)
+    monkeypatch.setattr(cpu, "_DENSE_BLOCKED_ABOVE", 0)
+    monkeypatch.setattr(cpu, "_DENSE_BLOCK_WEIGHTS", 32 * 200)
+    blocked = kernel.run(layer, state, x)
+    assert blocked.shape == one_block.shape == (3, 5, 96)
+    torch.testing.assert_close(blocked.float(), one_block.float(), rtol=1e-2, atol=1e-2)
