@@ -436,6 +436,53 @@ def ablate(
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    factors = _check_ablation_inputs(outlier_fraction, scale_factors)
+    records, protected = _choose_weights(model, tokenizer, super_weights, protect, detection_kwargs, started, timings)
+    # Resolve every coordinate before touching the model.
+    located = _locate(model, records)
+    protected_located = _locate(model, protected)
+    sites, labels = _activation_sites(model, records)
+
+    token_ids = tokenize_text(tokenizer, builtin_text() if text is None else text, max_tokens)
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 32) or 32)
+    probe = torch.tensor([_probe_ids(tokenizer, vocab_size, add_bos)], device=device)
+    bench = _Bench(
+        model=model, tokenizer=tokenizer, token_ids=token_ids, probe=probe, sites=sites, labels=labels,
+        window=window, stride=stride, batch_size=batch_size, add_bos=add_bos, progress=progress, timings=timings,
+        protocol={"source": "pydoc_data.topics" if text is None else "user text"},
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        raw_rows = _measure_rows(bench, located, protected_located, restore_activation, outlier_fraction, factors)
+    finally:
+        if was_training:
+            model.train()
+
+    base = raw_rows[0].ppl
+    rows = [
+        AblationRow(name=r.name, description=r.description, ppl=r.ppl, ratio=r.ppl / base,
+                    weights_changed=r.weights_changed, super_activation=r.super_activation)
+        for r in raw_rows
+    ]
+    timings["total"] = time.perf_counter() - started
+    return AblationReport(
+        rows=rows,
+        super_weights=records,
+        protected=protected,
+        protocol=bench.protocol,
+        outlier_fraction=float(outlier_fraction or 0.0),
+        timings=timings,
+    )
+
+
+# One located weight: the record, its dense storage tensor, and the flat index of the weight in it.
+_Located = tuple[SuperWeight, torch.Tensor, int]
+
+
+def _check_ablation_inputs(outlier_fraction: Any, scale_factors: Sequence[float] | None) -> list[float]:
+    """Validate ``outlier_fraction`` and return ``scale_factors`` as floats (before anything runs)."""
     if outlier_fraction is not None and (
         isinstance(outlier_fraction, bool) or not isinstance(outlier_fraction, (int, float))
         or not 0 <= outlier_fraction < 1
@@ -446,7 +493,23 @@ def ablate(
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
             raise ValueError(f"scale_factors entry {factor!r} is invalid: expected a finite number.")
         factors.append(float(factor))
+    return factors
 
+
+def _choose_weights(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    super_weights: Sequence[SuperWeight | dict | tuple] | None,
+    protect: Sequence[SuperWeight | dict | tuple] | None,
+    detection_kwargs: dict[str, Any] | None,
+    started: float,
+    timings: dict[str, float],
+) -> tuple[list[SuperWeight], list[SuperWeight]]:
+    """The super weights to ablate (given, or detected) and the weights kept when pruning outliers.
+
+    Without ``super_weights`` detection runs (its time goes to ``timings["detection"]``), and its weak
+    candidates are protected unless ``protect`` says otherwise. Protected weights never include a super weight.
+    """
     detected_protect: list[SuperWeight] = []
     if super_weights is None:
         from .detection import detect_super_weights
@@ -466,19 +529,23 @@ def ablate(
             raise ValueError("super_weights is empty: pass at least one super weight, or None to detect them.")
     protected = _coerce_records("protect", protect) if protect is not None else detected_protect
     protected = [p for p in protected if (p.module, p.row, p.col) not in {(r.module, r.row, r.col) for r in records}]
+    return records, protected
 
-    # Resolve every coordinate before touching the model.
+
+def _locate(model: torch.nn.Module, records: list[SuperWeight]) -> list[_Located]:
+    """Each record with its dense weight tensor and flat storage index (raises on a bad coordinate)."""
     located = []
     for sw in records:
         module, weight = _dense_weight(model, sw.module)
         row, col = _storage_index(module, sw)
         located.append((sw, weight, row * weight.shape[1] + col))
-    protected_located = []
-    for sw in protected:
-        module, weight = _dense_weight(model, sw.module)
-        row, col = _storage_index(module, sw)
-        protected_located.append((weight, row * weight.shape[1] + col))
+    return located
 
+
+def _activation_sites(
+    model: torch.nn.Module, records: list[SuperWeight]
+) -> tuple[dict[str, list[int]], dict[tuple[str, int], str]]:
+    """Decoder layers whose output carries a super activation (layer name -> channels), with labels ``L<i>[<row>]``."""
     sites: dict[str, list[int]] = {}
     labels: dict[tuple[str, int], str] = {}
     for sw in records:
@@ -488,101 +555,112 @@ def ablate(
             channels.append(sw.row)
             layer = layer_name.rsplit(".", 1)[-1]
             labels[(layer_name, sw.row)] = f"L{layer}[{sw.row}]"
+    return sites, labels
 
-    source_text = builtin_text() if text is None else text
-    token_ids = tokenize_text(tokenizer, source_text, max_tokens)
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 32) or 32)
-    probe = torch.tensor([_probe_ids(tokenizer, vocab_size, add_bos)], device=device)
-    was_training = model.training
-    model.eval()
 
-    def measure(name: str, description: str, edits_count: int) -> tuple[float, dict[str, float], int]:
+@dataclass
+class _RawRow:
+    name: str
+    description: str
+    ppl: float
+    super_activation: dict[str, float]
+    weights_changed: int
+
+
+@dataclass
+class _Bench:
+    """What every row is measured with: the perplexity protocol, the activation probe, and where results go."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    token_ids: list[int]
+    probe: torch.Tensor
+    sites: dict[str, list[int]]
+    labels: dict[tuple[str, int], str]
+    window: int
+    stride: int | None
+    batch_size: int
+    add_bos: bool
+    progress: bool
+    timings: dict[str, float]
+    protocol: dict[str, Any]
+
+    def measure(self, name: str, description: str, edits_count: int) -> _RawRow:
+        """Perplexity and super activation of the model as it is now (one row of the table)."""
         t0 = time.perf_counter()
         result = perplexity(
-            model, tokenizer, token_ids=token_ids, max_tokens=None, window=window, stride=stride,
-            batch_size=batch_size, add_bos=add_bos,
+            self.model, self.tokenizer, token_ids=self.token_ids, max_tokens=None, window=self.window,
+            stride=self.stride, batch_size=self.batch_size, add_bos=self.add_bos,
         )
-        activation = _super_activation(model, probe, sites, labels)
-        timings[name] = time.perf_counter() - t0
-        if progress:
+        activation = _super_activation(self.model, self.probe, self.sites, self.labels)
+        self.timings[name] = time.perf_counter() - t0
+        if self.progress:
             import sys
 
-            print(f"[ablate] {description}: ppl {result.ppl:.3f} ({timings[name]:.1f} s)", file=sys.stderr, flush=True)
-        protocol.update(text_tokens=result.text_tokens, window=result.window, stride=result.stride,
-                        add_bos=result.add_bos, n_tokens=result.n_tokens)
-        return result.ppl, activation, edits_count
+            print(f"[ablate] {description}: ppl {result.ppl:.3f} ({self.timings[name]:.1f} s)", file=sys.stderr, flush=True)
+        self.protocol.update(text_tokens=result.text_tokens, window=result.window, stride=result.stride,
+                             add_bos=result.add_bos, n_tokens=result.n_tokens)
+        return _RawRow(name, description, result.ppl, activation, edits_count)
 
-    protocol: dict[str, Any] = {"source": "pydoc_data.topics" if text is None else "user text"}
-    raw_rows: list[tuple[str, str, float, dict[str, float], int]] = []
+
+def _measure_rows(
+    bench: _Bench,
+    located: list[_Located],
+    protected_located: list[_Located],
+    restore_activation: bool,
+    outlier_fraction: float | None,
+    factors: list[float],
+) -> list[_RawRow]:
+    """Measure each row of the table in order (original, zeroed, restored, pruned, scaled); every edit is undone."""
+    rows = [bench.measure("original", "original", 0)]
 
     def zero_super(edits: _Edits) -> None:
         for _, weight, flat in located:
             edits.set(weight, torch.tensor([flat]), 0.0)
 
-    try:
-        ppl, act, n = measure("original", "original", 0)
-        raw_rows.append(("original", "original", ppl, act, n))
+    with _edited(zero_super) as edits:
+        rows.append(bench.measure("zero_sw", "super weights zeroed", edits.count))
+        if restore_activation:
+            description = "super weights zeroed, super activation restored"
+            with _ActivationRestorer(bench.model, bench.sites, edits):
+                rows.append(bench.measure("zero_sw_restore_sa", description, edits.count))
 
-        with _edited(zero_super) as edits:
-            ppl, act, n = measure("zero_sw", "super weights zeroed", edits.count)
-            raw_rows.append(("zero_sw", "super weights zeroed", ppl, act, n))
-            if restore_activation:
-                with _ActivationRestorer(model, sites, edits):
-                    ppl, act, n = measure(
-                        "zero_sw_restore_sa", "super weights zeroed, super activation restored", edits.count
-                    )
-                raw_rows.append(("zero_sw_restore_sa", "super weights zeroed, super activation restored", ppl, act, n))
+    if outlier_fraction:
+        rows.append(_measure_pruned(bench, located, protected_located, outlier_fraction))
 
-        if outlier_fraction:
-            keep: dict[int, list[int]] = {}
+    for factor in factors:
+        def scale(edits: _Edits, factor: float = factor) -> None:
             for _, weight, flat in located:
-                keep.setdefault(id(weight), []).append(flat)
-            for weight, flat in protected_located:
-                keep.setdefault(id(weight), []).append(flat)
-            matrices = _decoder_matrices(model, sites)
+                index = torch.tensor([flat])
+                edits.set(weight, index, weight.view(-1)[index.to(weight.device)] * factor)
 
-            def prune(edits: _Edits) -> None:
-                for _, module in matrices:
-                    weight = module.weight
-                    k = math.ceil(outlier_fraction * weight.numel())
-                    magnitude = weight.detach().abs().flatten().float()
-                    kept = keep.get(id(weight))
-                    if kept:
-                        magnitude[torch.tensor(kept, device=magnitude.device)] = -1.0
-                    edits.set(weight, torch.topk(magnitude, k).indices, 0.0)
+        with _edited(scale) as edits:
+            rows.append(bench.measure(f"scale_sw_x{factor:g}", f"super weights scaled x{factor:g}", edits.count))
+    return rows
 
-            description = f"top {outlier_fraction:g} of each matrix zeroed, SW kept"
-            with _edited(prune) as edits:
-                ppl, act, n = measure("prune_outliers", description, edits.count)
-            raw_rows.append(("prune_outliers", description, ppl, act, n))
-            protocol["pruned_matrices"] = len(matrices)
 
-        for factor in factors:
-            def scale(edits: _Edits, factor: float = factor) -> None:
-                for _, weight, flat in located:
-                    index = torch.tensor([flat])
-                    edits.set(weight, index, weight.view(-1)[index.to(weight.device)] * factor)
+def _measure_pruned(
+    bench: _Bench, located: list[_Located], protected_located: list[_Located], outlier_fraction: float
+) -> _RawRow:
+    """The ``prune_outliers`` row: the largest ``outlier_fraction`` of each decoder matrix zeroed, the
+    super weights and protected weights kept."""
+    keep: dict[int, list[int]] = {}
+    for _, weight, flat in [*located, *protected_located]:
+        keep.setdefault(id(weight), []).append(flat)
+    matrices = _decoder_matrices(bench.model, bench.sites)
 
-            name = f"scale_sw_x{factor:g}"
-            with _edited(scale) as edits:
-                ppl, act, n = measure(name, f"super weights scaled x{factor:g}", edits.count)
-            raw_rows.append((name, f"super weights scaled x{factor:g}", ppl, act, n))
-    finally:
-        if was_training:
-            model.train()
+    def prune(edits: _Edits) -> None:
+        for _, module in matrices:
+            weight = module.weight
+            k = math.ceil(outlier_fraction * weight.numel())
+            magnitude = weight.detach().abs().flatten().float()
+            kept = keep.get(id(weight))
+            if kept:
+                magnitude[torch.tensor(kept, device=magnitude.device)] = -1.0
+            edits.set(weight, torch.topk(magnitude, k).indices, 0.0)
 
-    base = raw_rows[0][2]
-    rows = [
-        AblationRow(name=name, description=desc, ppl=ppl, ratio=ppl / base, weights_changed=n, super_activation=act)
-        for name, desc, ppl, act, n in raw_rows
-    ]
-    timings["total"] = time.perf_counter() - started
-    return AblationReport(
-        rows=rows,
-        super_weights=records,
-        protected=protected,
-        protocol=protocol,
-        outlier_fraction=float(outlier_fraction or 0.0),
-        timings=timings,
-    )
+    description = f"top {outlier_fraction:g} of each matrix zeroed, SW kept"
+    with _edited(prune) as edits:
+        row = bench.measure("prune_outliers", description, edits.count)
+    bench.protocol["pruned_matrices"] = len(matrices)
+    return row

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -332,13 +332,15 @@ def _fmt(value: float | None, spec: str) -> str:
 # ----------------------------------------------------------------------------------------- inputs
 
 
-def _check_number(name: str, value: Any, minimum: float) -> float:
+def check_number(name: str, value: Any, minimum: float) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` unless it is a finite number >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid: expected a finite number >= {minimum:g}.")
     return float(value)
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """``value``, or a ValueError naming ``name`` unless it is an integer (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {minimum}.")
     return value
@@ -348,14 +350,16 @@ def _vocab_size(model: torch.nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def _encode_prompts(
+def encode_prompts(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str | Sequence[int]] | None
 ) -> tuple[list[str], list[list[int]]]:
+    """The detection prompts as (texts, token ids): one rule for every detection path."""
     # One rule for every detection path (text, default prompts, fixed ids without a tokenizer): see prompts.py.
     return detection_inputs(tokenizer, prompts, _vocab_size(model))
 
 
-def _batch(encoded: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(encoded: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of the prompts, right-padded with ``pad_id``."""
     # Right padding: causal attention keeps real tokens independent of the pads, which hooks then mask out.
     length = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -389,14 +393,51 @@ def _device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _layer_output(output: Any) -> torch.Tensor:
+def layer_output(output: Any) -> torch.Tensor:
+    """The hidden states of a module's output (the first element of a tuple output)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 # ----------------------------------------------------------------------------------------- search
 
 
-class _Spy:
+@dataclass
+class Candidate:
+    """One weight ``W[row, col]`` of ``site`` found by the search, with the spikes that found it.
+
+    ``token`` indexes the valid (unpadded) prompt tokens of the search pass; ``prompt_index`` and
+    ``token_index`` are the same token as (prompt, position), filled in by :func:`collect_candidates`.
+    """
+
+    site: ProjectionSite
+    row: int
+    col: int
+    value: float
+    input_spike: float
+    output_spike: float
+    input_ratio: float
+    output_ratio: float
+    share: float
+    token: int
+    iteration: int
+    prompt_index: int = 0
+    token_index: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """``(layer, row, col)``: how the weight is zeroed and restored."""
+        return (self.site.layer, self.row, self.col)
+
+    def search_extra(self) -> dict[str, Any]:
+        """The search statistics every record carries in ``SuperWeight.extra``."""
+        return {
+            "input_ratio": round(self.input_ratio, 1),
+            "output_ratio": round(self.output_ratio, 1),
+            "iteration": self.iteration,
+        }
+
+
+class SpikeSearch:
     """Forward hooks on the projection sites: spike statistics and candidates of one search pass.
 
     Within a layer the paper's zero-and-look-again loop runs on the recorded activations: once a
@@ -410,7 +451,7 @@ class _Spy:
         self.threshold, self.min_ratio, self.rounds = threshold, min_ratio, rounds
         self.stats: dict[int, dict[str, Any]] = {}
         self.looks: dict[int, int] = {}
-        self.found: list[dict[str, Any]] = []
+        self.found: list[Candidate] = []
         self.handles = [site.module.register_forward_hook(self._hook(site)) for site in sites]
 
     def _spikes(self, value: float, median: float) -> bool:
@@ -419,7 +460,7 @@ class _Spy:
     def _hook(self, site: ProjectionSite):
         def hook(_module, args, output):
             x = args[0].detach()
-            y = _layer_output(output).detach()
+            y = layer_output(output).detach()
             x = x.reshape(-1, x.shape[-1]).float()
             y = y.reshape(-1, y.shape[-1]).float()
             if x.shape[0] == self.valid.numel():  # drop padding tokens
@@ -463,19 +504,19 @@ class _Spy:
                     break
                 taken.add((row, col))
                 self.found.append(
-                    {
-                        "site": site,
-                        "row": row,
-                        "col": col,
-                        "value": float(weight[weight_index(site, row, col)]),
-                        "input_spike": input_spike,
-                        "output_spike": output_spike,
-                        "input_ratio": input_spike / max(in_median, 1e-30),
-                        "output_ratio": output_spike / max(out_median, 1e-30),
-                        "share": contribution / max(output_spike, 1e-30),
-                        "token": token,
-                        "iteration": look,
-                    }
+                    Candidate(
+                        site=site,
+                        row=row,
+                        col=col,
+                        value=float(weight[weight_index(site, row, col)]),
+                        input_spike=input_spike,
+                        output_spike=output_spike,
+                        input_ratio=input_spike / max(in_median, 1e-30),
+                        output_ratio=output_spike / max(out_median, 1e-30),
+                        share=contribution / max(output_spike, 1e-30),
+                        token=token,
+                        iteration=look,
+                    )
                 )
                 # What the layer outputs with this weight zeroed, on the same input.
                 y[:, row] -= x[:, col] * w_row[col]
@@ -493,7 +534,7 @@ def _paper_row(site: ProjectionSite, row: int) -> torch.Tensor:
     return (weight[:, row] if site.transposed else weight[row, :]).float()
 
 
-def _token_position(valid: torch.Tensor, flat_valid_index: int) -> tuple[int, int]:
+def token_position(valid: torch.Tensor, flat_valid_index: int) -> tuple[int, int]:
     """Map an index among the valid (unpadded) tokens back to (prompt, position)."""
     positions = valid.nonzero()
     prompt, position = positions[flat_valid_index].tolist()
@@ -562,13 +603,27 @@ def _classify(kl: float, ppl_ratio: float) -> str:
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def candidate_record(candidate: dict[str, Any], **fields: Any) -> SuperWeight:
+def candidate_record(candidate: Candidate, **fields: Any) -> SuperWeight:
     """The :class:`SuperWeight` of a search candidate (site, row, col, value, spikes) plus ``fields``."""
-    site = candidate["site"]
+    site = candidate.site
     return SuperWeight(
-        module=site.name, row=candidate["row"], col=candidate["col"], value=candidate["value"], layer=site.layer,
-        input_spike=candidate["input_spike"], output_spike=candidate["output_spike"], source="detected", **fields,
+        module=site.name, row=candidate.row, col=candidate.col, value=candidate.value, layer=site.layer,
+        input_spike=candidate.input_spike, output_spike=candidate.output_spike, source="detected", **fields,
     )
+
+
+def collect_candidates(
+    search: SpikeSearch, search_sites: list[ProjectionSite], valid: torch.Tensor, max_super_weights: int
+) -> tuple[int, list[LayerSpikes], list[Candidate]]:
+    """After a search pass: the most rounds any layer took, each searched layer's spike statistics, and
+    the candidates, largest output spike first, capped at ``max_super_weights``, with their (prompt,
+    position) filled in."""
+    iterations = max(search.looks.values(), default=0)
+    layer_spikes = [LayerSpikes(layer=site.layer, module=site.name, **search.stats[site.layer]) for site in search_sites]
+    found = sorted(search.found, key=lambda c: -c.output_spike)[:max_super_weights]
+    for c in found:
+        c.prompt_index, c.token_index = token_position(valid, c.token)
+    return iterations, layer_spikes, found
 
 
 def detect_super_weights(
@@ -640,15 +695,93 @@ def detect_super_weights(
         'layers[11].mlp.down_proj.weight[507, 1229]'
     """
     started = time.perf_counter()
-    threshold = _check_number("threshold", threshold, 0.0)
-    min_ratio = _check_number("min_ratio", min_ratio, 1.0)
-    max_super_weights = _check_count("max_super_weights", max_super_weights, 0)
-    max_iterations = _check_count("max_iterations", max_iterations, 1)
-    confirm_tokens = _check_count("confirm_tokens", confirm_tokens, 8)
-    if not isinstance(confirm, bool):
-        raise ValueError(f"confirm={confirm!r} is invalid: expected True or False.")
+    settings = _Settings.check(threshold, min_ratio, max_super_weights, max_iterations, confirm, confirm_tokens)
     sites = projection_sites(model, projection)
     projection_name = projection or sites[0].name[len(sites[0].layer_name) + 1 :]
+    search_sites = _search_sites(sites, layers)
+    run = _DetectionRun.start(model, tokenizer, prompts, sites, progress, started)
+    report = DetectionReport(
+        model_type=getattr(getattr(model, "config", None), "model_type", None),
+        projection=projection_name,
+        prompts=run.texts,
+        threshold=settings.threshold,
+        min_ratio=settings.min_ratio,
+        iterations=0,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _run_stages(run, report, search_sites, settings, known_layout=projection is None)
+    finally:
+        # Whatever happened, every zeroed weight gets its exact original value back.
+        run.restore(list(run.zeroed))
+        model.train(was_training)
+    report.timings["total"] = time.perf_counter() - started
+    run.say(f"done: {len(report.super_weights)} super weight(s) among {len(report.candidates)} candidate(s)")
+    return report
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked numeric arguments of :func:`detect_super_weights`."""
+
+    threshold: float
+    min_ratio: float
+    max_super_weights: int
+    max_iterations: int
+    confirm: bool
+    confirm_tokens: int
+
+    @classmethod
+    def check(
+        cls, threshold: Any, min_ratio: Any, max_super_weights: Any, max_iterations: Any, confirm: Any,
+        confirm_tokens: Any,
+    ) -> "_Settings":
+        """Fail on the first invalid argument, naming it, its value and what is accepted."""
+        threshold = check_number("threshold", threshold, 0.0)
+        min_ratio = check_number("min_ratio", min_ratio, 1.0)
+        max_super_weights = check_count("max_super_weights", max_super_weights, 0)
+        max_iterations = check_count("max_iterations", max_iterations, 1)
+        confirm_tokens = check_count("confirm_tokens", confirm_tokens, 8)
+        if not isinstance(confirm, bool):
+            raise ValueError(f"confirm={confirm!r} is invalid: expected True or False.")
+        return cls(threshold, min_ratio, max_super_weights, max_iterations, confirm, confirm_tokens)
+
+
+def _run_stages(
+    run: _DetectionRun, report: DetectionReport, search_sites: list[ProjectionSite], settings: _Settings,
+    known_layout: bool,
+) -> None:
+    """Search, confirm, classify, trace: fills ``report`` (the caller restores the weights whatever happens)."""
+    found: list[Candidate] = []
+    if settings.max_super_weights > 0:
+        report.iterations, report.layer_spikes, found = _search(
+            run, search_sites, settings.threshold, settings.min_ratio, settings.max_iterations,
+            settings.max_super_weights,
+        )
+    run.restore(list(run.zeroed))
+    report.timings["search"] = time.perf_counter() - run.started
+
+    confirmation = None
+    if settings.confirm and found:
+        t0 = time.perf_counter()
+        # Skip only where the layout is known: an unlisted architecture may pass state between
+        # layers outside their outputs (shared KV, per-layer inputs), where skipping is unsafe.
+        skippable = known_layout and _layers_are_contiguous(run.model, run.sites)
+        confirmation = _confirm(run, found, settings.confirm_tokens, skippable)
+        report.confirmation = confirmation.summary
+        report.timings["confirmation"] = time.perf_counter() - t0
+
+    report.candidates = _classify_records(found, confirmation)
+
+    t0 = time.perf_counter()
+    report.super_activations = _trace_super_activations(run, report.super_weights, found)
+    report.timings["activations"] = time.perf_counter() - t0
+
+
+def _search_sites(sites: list[ProjectionSite], layers: Iterable[int] | None) -> list[ProjectionSite]:
+    """The sites to search (those of ``layers``, default all); fails on an unknown layer or meta weights."""
     if layers is not None:
         wanted = list(layers)
         known = {site.layer for site in sites}
@@ -666,255 +799,283 @@ def detect_super_weights(
                 f"{site.name}.weight is on the meta device: detection needs materialised weights "
                 "(load the model without disk offload)."
             )
+    return search_sites
 
-    def say(message: str) -> None:
-        if progress:
-            print(f"[detect {time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    texts, encoded = _encode_prompts(model, tokenizer, prompts)
-    device = _device(model)
-    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    if pad_id is None:
-        pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-    if not isinstance(pad_id, int) or not 0 <= pad_id < _vocab_size(model):
-        pad_id = 0
-    input_ids, attention_mask = _batch(encoded, pad_id, device)
-    valid = attention_mask.bool()
+@dataclass
+class _DetectionRun:
+    """The model, its prompts as a padded batch, and the weights zeroed so far (restored bit-exactly)."""
 
-    report = DetectionReport(
-        model_type=getattr(getattr(model, "config", None), "model_type", None),
-        projection=projection_name,
-        prompts=texts,
-        threshold=threshold,
-        min_ratio=min_ratio,
-        iterations=0,
-    )
-    by_layer = {site.layer: site for site in sites}
-    decoder_layers = [model.get_submodule(site.layer_name) for site in sites]
-    was_training = model.training
-    zeroed: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, row, col) -> original value
-    found: list[dict[str, Any]] = []
-    residual_trace: dict[int, torch.Tensor] = {}
+    model: torch.nn.Module
+    tokenizer: Any
+    sites: list[ProjectionSite]
+    decoder_layers: list[torch.nn.Module]
+    texts: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    progress: bool
+    started: float
+    zeroed: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # (layer, row, col) -> original
+    residual_trace: dict[int, torch.Tensor] = field(default_factory=dict)  # |residual| after each layer, search pass
 
-    def zero(layer: int, row: int, col: int) -> None:
-        site = by_layer[layer]
+    def __post_init__(self) -> None:
+        self.by_layer = {site.layer: site for site in self.sites}
+
+    @classmethod
+    def start(
+        cls, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str | Sequence[int]] | None,
+        sites: list[ProjectionSite], progress: bool, started: float,
+    ) -> "_DetectionRun":
+        """Encode and pad the prompts (pad id: the tokenizer's, else the config's, else 0)."""
+        texts, encoded = encode_prompts(model, tokenizer, prompts)
+        pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad_id is None:
+            pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        if not isinstance(pad_id, int) or not 0 <= pad_id < _vocab_size(model):
+            pad_id = 0
+        input_ids, attention_mask = pad_batch(encoded, pad_id, _device(model))
+        decoder_layers = [model.get_submodule(site.layer_name) for site in sites]
+        return cls(model, tokenizer, sites, decoder_layers, texts, input_ids, attention_mask, progress, started)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.attention_mask.bool()
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(f"[detect {time.perf_counter() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def _site(self, layer: int) -> ProjectionSite:
+        return self.by_layer[layer]
+
+    def zero(self, layer: int, row: int, col: int) -> None:
+        site = self._site(layer)
         index = weight_index(site, row, col)
-        zeroed.setdefault((layer, row, col), site.module.weight.data[index].clone())
+        self.zeroed.setdefault((layer, row, col), site.module.weight.data[index].clone())
         site.module.weight.data[index] = 0
 
-    def restore(keys: Iterable[tuple[int, int, int]]) -> None:
+    def restore(self, keys: Iterable[tuple[int, int, int]]) -> None:
         for key in list(keys):
             layer, row, col = key
-            site = by_layer[layer]
-            site.module.weight.data[weight_index(site, row, col)] = zeroed.pop(key)
+            site = self._site(layer)
+            site.module.weight.data[weight_index(site, row, col)] = self.zeroed.pop(key)
 
-    model.eval()
+    def residual_hooks(self, into: dict[int, torch.Tensor]) -> list[Any]:
+        """Hooks keeping ``|residual|`` after every decoder layer in ``into`` (by layer index)."""
+        return [
+            layer_module.register_forward_hook(
+                lambda _m, _a, out, i=site.layer: into.__setitem__(i, layer_output(out).detach().float().abs()) and None
+            )
+            for site, layer_module in zip(self.sites, self.decoder_layers)
+        ]
+
+
+def _search(
+    run: _DetectionRun, search_sites: list[ProjectionSite], threshold: float, min_ratio: float,
+    max_iterations: int, max_super_weights: int,
+) -> tuple[int, list[LayerSpikes], list[Candidate]]:
+    """Search stage: one pass over the prompts; each layer's zero-and-look-again loop runs in its hook.
+
+    Also keeps the residual stream after every layer (``run.residual_trace``) for the super-activation trace.
+    """
+    # (Re-running the whole model with every candidate zeroed would surface spikes of a broken
+    # model, e.g. SmolLM2 layer 27 [199, 903] once layer 11's super weight is gone, all harmless,
+    # and would hide weights whose spike needs an upstream super activation.)
+    spy = SpikeSearch(search_sites, run.valid, threshold, min_ratio, max_iterations)
+    trace_handles = run.residual_hooks(run.residual_trace)
     try:
-        with torch.no_grad():
-            # ---- search: one pass over the prompts; each layer's zero-and-look-again loop runs in its hook.
-            # (Re-running the whole model with every candidate zeroed would surface spikes of a broken
-            # model, e.g. SmolLM2 layer 27 [199, 903] once layer 11's super weight is gone, all harmless,
-            # and would hide weights whose spike needs an upstream super activation.)
-            if max_super_weights > 0:
-                spy = _Spy(search_sites, valid, threshold, min_ratio, max_iterations)
-                trace_handles = [
-                    # Keep the residual stream after every decoder layer for the super-activation trace.
-                    layer_module.register_forward_hook(
-                        lambda _m, _a, out, i=site.layer: residual_trace.__setitem__(
-                            i, _layer_output(out).detach().float().abs()
-                        )
-                        and None
-                    )
-                    for site, layer_module in zip(sites, decoder_layers)
-                ]
-                try:
-                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                finally:
-                    spy.remove()
-                    for handle in trace_handles:
-                        handle.remove()
-                report.iterations = max(spy.looks.values(), default=0)
-                report.layer_spikes = [
-                    LayerSpikes(layer=site.layer, module=site.name, **spy.stats[site.layer]) for site in search_sites
-                ]
-                # Respect the cap, keeping the largest spikes.
-                found = sorted(spy.found, key=lambda c: -c["output_spike"])[:max_super_weights]
-                for c in found:
-                    c["prompt_index"], c["token_index"] = _token_position(valid, c["token"])
-                say(
-                    "search: "
-                    + (", ".join(f"L{c['site'].layer} [{c['row']}, {c['col']}]" for c in found) or "no spike")
-                )
-            restore(list(zeroed))
-            report.timings["search"] = time.perf_counter() - started
-
-            # ---- confirmation
-            confirmed: dict[int, tuple[float, float, float]] = {}
-            group_result: dict[tuple[int, int], tuple[float, float, float]] = {}
-            group_members: dict[tuple[int, int], list[int]] = {}
-            if confirm and found:
-                t0 = time.perf_counter()
-                ids, text_name = _confirmation_ids(model, tokenizer, confirm_tokens)
-                text_ids = torch.tensor([ids], device=device)
-                # Hidden states after the layer preceding each candidate's layer (keyed by position in
-                # the decoder-layer list), so that each ablation starts at the candidate's layer.
-                cache: dict[int, Any] = {}
-                position = {site.layer: i for i, site in enumerate(sites)}
-                # Skip only where the layout is known: an unlisted architecture may pass state between
-                # layers outside their outputs (shared KV, per-layer inputs), where skipping is unsafe.
-                skippable = projection is None and _layers_are_contiguous(model, sites)
-                needed = {position[c["site"].layer] - 1 for c in found if skippable and position[c["site"].layer] > 0}
-                cache_handles = [
-                    decoder_layers[i].register_forward_hook(
-                        lambda _m, _a, out, i=i: cache.__setitem__(i, _clone_output(out)) and None
-                    )
-                    for i in sorted(needed)
-                ]
-                try:
-                    base_nll, base_logp = _nll_and_logprobs(model, text_ids)
-                finally:
-                    for handle in cache_handles:
-                        handle.remove()
-                base_p = base_logp.exp().reshape(-1)
-                # KL(p || q) summed over positions = sum p log p - sum p log q: the first term once, the
-                # second as one dot product per ablation (no [tokens, vocab] temporaries).
-                base_plogp = float(torch.dot(base_p, base_logp.reshape(-1)))
-                n_positions = base_logp.shape[0]
-                def ablate(keys: list[tuple[int, int, int]]) -> tuple[float, float, float]:
-                    start = min(position[k[0]] for k in keys) if skippable else 0
-                    for key in keys:
-                        zero(*key)
-                    try:
-                        with _LayerSkip(decoder_layers, cache, start):
-                            nll, logp = _nll_and_logprobs(model, text_ids)
-                    finally:
-                        restore(keys)
-                    kl = (base_plogp - float(torch.dot(base_p, logp.reshape(-1)))) / n_positions
-                    return nll, max(kl, 0.0), math.exp(nll - base_nll)
-
-                for i, c in enumerate(found):
-                    say(f"confirming {i + 1}/{len(found)}: L{c['site'].layer} [{c['row']}, {c['col']}]")
-                    confirmed[i] = ablate([(c["site"].layer, c["row"], c["col"])])
-                # Weights that build one activation together (same layer and row) may each be harmless
-                # alone, since the other still drives the row: ablate such a group at once too.
-                groups: dict[tuple[int, int], list[int]] = {}
-                for i, c in enumerate(found):
-                    groups.setdefault((c["site"].layer, c["row"]), []).append(i)
-                for (layer, row), members in groups.items():
-                    if len(members) < 2:
-                        continue
-                    group_members[(layer, row)] = members
-                    say(f"confirming group L{layer} row {row} ({len(members)} weights)")
-                    group_result[(layer, row)] = ablate(
-                        [(found[i]["site"].layer, found[i]["row"], found[i]["col"]) for i in members]
-                    )
-                report.confirmation = {
-                    "text": text_name,
-                    "tokens": len(ids),
-                    "loss": base_nll,
-                    "super_kl": SUPER_KL,
-                    "super_ppl_ratio": SUPER_PPL_RATIO,
-                    "weak_kl": WEAK_KL,
-                    "weak_ppl_ratio": WEAK_PPL_RATIO,
-                    "groups_ablated": len(group_result),
-                }
-                report.timings["confirmation"] = time.perf_counter() - t0
-
-            # ---- records
-            records = []
-            for i, c in enumerate(found):
-                extra: dict[str, Any] = {
-                    "input_ratio": round(c["input_ratio"], 1),
-                    "output_ratio": round(c["output_ratio"], 1),
-                    "iteration": c["iteration"],
-                }
-                classification = impact = None
-                if i in confirmed:
-                    nll, kl, ppl_ratio = confirmed[i]
-                    classification, impact = _classify(kl, ppl_ratio), ppl_ratio
-                    extra["kl"] = kl
-                    extra["loss_ratio"] = nll / report.confirmation["loss"] if report.confirmation["loss"] else None
-                    group = group_result.get((c["site"].layer, c["row"]))
-                    if group is not None:
-                        _, group_kl, group_ppl_ratio = group
-                        extra["group_kl"], extra["group_ppl_ratio"] = group_kl, group_ppl_ratio
-                        group_class = _classify(group_kl, group_ppl_ratio)
-                        members = [_classify(*confirmed[j][1:]) for j in group_members[(c["site"].layer, c["row"])]]
-                        # Upgrade only weights that matter jointly: when no member alone reaches the
-                        # group's class (two halves of one activation), each is as important as the
-                        # group. A group that is catastrophic because of one member upgrades nobody.
-                        if all(_CLASS_RANK[group_class] < _CLASS_RANK[m] for m in members):
-                            classification = group_class
-                records.append(
-                    candidate_record(
-                        c, classification=classification, impact=impact,
-                        extra={k: v for k, v in extra.items() if v is not None},
-                    )
-                )
-            if confirm and found:
-                records.sort(key=lambda r: (_CLASS_RANK[r.classification], -r.extra.get("kl", 0.0), -(r.impact or 0.0)))
-            else:
-                records.sort(key=lambda r: -(r.output_spike or 0.0))
-            report.candidates = records
-
-            # ---- super activations: one per row of the super weights (all candidates when unconfirmed)
-            t0 = time.perf_counter()
-            origin = {(c["site"].layer, c["row"], c["col"]): c for c in found}
-            chosen = report.super_weights
-            rows: dict[int, list[SuperWeight]] = {}
-            for record in chosen:
-                rows.setdefault(record.row, []).append(record)
-            for row, records_of_row in rows.items():
-                first = min(records_of_row, key=lambda r: r.layer)
-                c = origin[(first.layer, first.row, first.col)]
-                prompt_index, token_index = c["prompt_index"], c["token_index"]
-                trace_layers = [site.layer for site in sites]
-                with_weight = [float(residual_trace[l][prompt_index, token_index, row]) for l in trace_layers]
-                without_trace: dict[int, torch.Tensor] = {}
-                handles = [
-                    layer_module.register_forward_hook(
-                        lambda _m, _a, out, i=site.layer: without_trace.__setitem__(
-                            i, _layer_output(out).detach().float().abs()
-                        )
-                        and None
-                    )
-                    for site, layer_module in zip(sites, decoder_layers)
-                ]
-                keys = [(r.layer, r.row, r.col) for r in records_of_row]
-                try:
-                    for key in keys:
-                        zero(*key)
-                    n = int(valid[prompt_index].sum())
-                    model(input_ids=input_ids[prompt_index : prompt_index + 1, :n], use_cache=False)
-                finally:
-                    restore(keys)
-                    for handle in handles:
-                        handle.remove()
-                without = [float(without_trace[l][0, token_index, row]) for l in trace_layers]
-                token_text = None
-                if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):
-                    token_text = tokenizer.convert_ids_to_tokens(int(input_ids[prompt_index, token_index]))
-                report.super_activations.append(
-                    SuperActivation(
-                        channel=row,
-                        layer=first.layer,
-                        prompt_index=prompt_index,
-                        token_index=token_index,
-                        token=token_text,
-                        layers=trace_layers,
-                        magnitudes=with_weight,
-                        magnitudes_without=without,
-                        super_weights=[r.paper_notation() for r in records_of_row],
-                    )
-                )
-            report.timings["activations"] = time.perf_counter() - t0
+        run.model(input_ids=run.input_ids, attention_mask=run.attention_mask, use_cache=False)
     finally:
-        # Whatever happened, every zeroed weight gets its exact original value back.
-        restore(list(zeroed))
-        model.train(was_training)
-    report.timings["total"] = time.perf_counter() - started
-    say(f"done: {len(report.super_weights)} super weight(s) among {len(report.candidates)} candidate(s)")
-    return report
+        spy.remove()
+        for handle in trace_handles:
+            handle.remove()
+    iterations, layer_spikes, found = collect_candidates(spy, search_sites, run.valid, max_super_weights)
+    run.say("search: " + (", ".join(f"L{c.site.layer} [{c.row}, {c.col}]" for c in found) or "no spike"))
+    return iterations, layer_spikes, found
+
+
+class _Effect(NamedTuple):
+    """What zeroing some weights does to the confirmation text: its NLL, KL from the original, perplexity ratio."""
+
+    nll: float
+    kl: float
+    ppl_ratio: float
+
+
+@dataclass
+class _Confirmation:
+    """Ablation results: per candidate (by position in ``found``), per multi-weight (layer, row) group."""
+
+    alone: dict[int, _Effect]
+    groups: dict[tuple[int, int], _Effect]
+    group_members: dict[tuple[int, int], list[int]]
+    summary: dict[str, Any]
+
+
+def _confirm(run: _DetectionRun, found: list[Candidate], confirm_tokens: int, skippable: bool) -> _Confirmation:
+    """Confirmation stage: zero each candidate alone, then each group sharing a layer and row, and measure."""
+    ids, text_name = _confirmation_ids(run.model, run.tokenizer, confirm_tokens)
+    ablator = _Ablator(run, torch.tensor([ids], device=_device(run.model)), found, skippable)
+    alone: dict[int, _Effect] = {}
+    for i, c in enumerate(found):
+        run.say(f"confirming {i + 1}/{len(found)}: L{c.site.layer} [{c.row}, {c.col}]")
+        alone[i] = ablator.ablate([c.key])
+    # Weights that build one activation together (same layer and row) may each be harmless
+    # alone, since the other still drives the row: ablate such a group at once too.
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(found):
+        groups.setdefault((c.site.layer, c.row), []).append(i)
+    group_result: dict[tuple[int, int], _Effect] = {}
+    group_members: dict[tuple[int, int], list[int]] = {}
+    for (layer, row), members in groups.items():
+        if len(members) < 2:
+            continue
+        group_members[(layer, row)] = members
+        run.say(f"confirming group L{layer} row {row} ({len(members)} weights)")
+        group_result[(layer, row)] = ablator.ablate([found[i].key for i in members])
+    summary = {
+        "text": text_name,
+        "tokens": len(ids),
+        "loss": ablator.base_nll,
+        "super_kl": SUPER_KL,
+        "super_ppl_ratio": SUPER_PPL_RATIO,
+        "weak_kl": WEAK_KL,
+        "weak_ppl_ratio": WEAK_PPL_RATIO,
+        "groups_ablated": len(group_result),
+    }
+    return _Confirmation(alone, group_result, group_members, summary)
+
+
+class _Ablator:
+    """Scores the confirmation text with some weights zeroed, against the original model's predictions.
+
+    The original pass caches the hidden states after the layer preceding each candidate's layer (keyed by
+    position in the decoder-layer list), so that each ablation starts at the candidate's layer."""
+
+    def __init__(self, run: _DetectionRun, text_ids: torch.Tensor, found: list[Candidate], skippable: bool):
+        self.run, self.text_ids, self.skippable = run, text_ids, skippable
+        self.cache: dict[int, Any] = {}
+        self.position = {site.layer: i for i, site in enumerate(run.sites)}
+        needed = {self.position[c.site.layer] - 1 for c in found if skippable and self.position[c.site.layer] > 0}
+        cache_handles = [
+            run.decoder_layers[i].register_forward_hook(
+                lambda _m, _a, out, i=i: self.cache.__setitem__(i, _clone_output(out)) and None
+            )
+            for i in sorted(needed)
+        ]
+        try:
+            self.base_nll, base_logp = _nll_and_logprobs(run.model, text_ids)
+        finally:
+            for handle in cache_handles:
+                handle.remove()
+        self.base_p = base_logp.exp().reshape(-1)
+        # KL(p || q) summed over positions = sum p log p - sum p log q: the first term once, the
+        # second as one dot product per ablation (no [tokens, vocab] temporaries).
+        self.base_plogp = float(torch.dot(self.base_p, base_logp.reshape(-1)))
+        self.n_positions = base_logp.shape[0]
+
+    def ablate(self, keys: list[tuple[int, int, int]]) -> _Effect:
+        """The effect of zeroing the weights ``keys`` (layer, row, col) together; they are restored after."""
+        start = min(self.position[k[0]] for k in keys) if self.skippable else 0
+        for key in keys:
+            self.run.zero(*key)
+        try:
+            with _LayerSkip(self.run.decoder_layers, self.cache, start):
+                nll, logp = _nll_and_logprobs(self.run.model, self.text_ids)
+        finally:
+            self.run.restore(keys)
+        kl = (self.base_plogp - float(torch.dot(self.base_p, logp.reshape(-1)))) / self.n_positions
+        return _Effect(nll, max(kl, 0.0), math.exp(nll - self.base_nll))
+
+
+def _classify_records(found: list[Candidate], confirmation: _Confirmation | None) -> list[SuperWeight]:
+    """Records stage: one :class:`SuperWeight` per candidate with its class, super first then by effect
+    (unconfirmed: largest output spike first)."""
+    records = []
+    for i, c in enumerate(found):
+        extra: dict[str, Any] = c.search_extra()
+        classification = impact = None
+        if confirmation is not None and i in confirmation.alone:
+            nll, kl, ppl_ratio = confirmation.alone[i]
+            classification, impact = _classify(kl, ppl_ratio), ppl_ratio
+            extra["kl"] = kl
+            base_loss = confirmation.summary["loss"]
+            extra["loss_ratio"] = nll / base_loss if base_loss else None
+            group = confirmation.groups.get((c.site.layer, c.row))
+            if group is not None:
+                _, group_kl, group_ppl_ratio = group
+                extra["group_kl"], extra["group_ppl_ratio"] = group_kl, group_ppl_ratio
+                group_class = _classify(group_kl, group_ppl_ratio)
+                members = [
+                    _classify(*confirmation.alone[j][1:]) for j in confirmation.group_members[(c.site.layer, c.row)]
+                ]
+                # Upgrade only weights that matter jointly: when no member alone reaches the
+                # group's class (two halves of one activation), each is as important as the
+                # group. A group that is catastrophic because of one member upgrades nobody.
+                if all(_CLASS_RANK[group_class] < _CLASS_RANK[m] for m in members):
+                    classification = group_class
+        records.append(
+            candidate_record(
+                c, classification=classification, impact=impact, extra={k: v for k, v in extra.items() if v is not None}
+            )
+        )
+    if confirmation is not None:
+        records.sort(key=lambda r: (_CLASS_RANK[r.classification], -r.extra.get("kl", 0.0), -(r.impact or 0.0)))
+    else:
+        records.sort(key=lambda r: -(r.output_spike or 0.0))
+    return records
+
+
+def _trace_super_activations(
+    run: _DetectionRun, chosen: list[SuperWeight], found: list[Candidate]
+) -> list[SuperActivation]:
+    """Super-activation stage: one per row of the super weights (all candidates when unconfirmed)."""
+    origin = {c.key: c for c in found}
+    rows: dict[int, list[SuperWeight]] = {}
+    for record in chosen:
+        rows.setdefault(record.row, []).append(record)
+    activations = []
+    for row, records_of_row in rows.items():
+        first = min(records_of_row, key=lambda r: r.layer)
+        activations.append(_trace_row(run, row, records_of_row, first, origin[(first.layer, first.row, first.col)]))
+    return activations
+
+
+def _trace_row(
+    run: _DetectionRun, row: int, records_of_row: list[SuperWeight], first: SuperWeight, c: Candidate
+) -> SuperActivation:
+    """``|residual[row]|`` after each layer at the candidate's token, from the search pass and re-run on
+    its prompt alone with the row's super weights zeroed."""
+    prompt_index, token_index = c.prompt_index, c.token_index
+    trace_layers = [site.layer for site in run.sites]
+    with_weight = [float(run.residual_trace[l][prompt_index, token_index, row]) for l in trace_layers]
+    without_trace: dict[int, torch.Tensor] = {}
+    handles = run.residual_hooks(without_trace)
+    keys = [(r.layer, r.row, r.col) for r in records_of_row]
+    try:
+        for key in keys:
+            run.zero(*key)
+        n = int(run.valid[prompt_index].sum())
+        run.model(input_ids=run.input_ids[prompt_index : prompt_index + 1, :n], use_cache=False)
+    finally:
+        run.restore(keys)
+        for handle in handles:
+            handle.remove()
+    without = [float(without_trace[l][0, token_index, row]) for l in trace_layers]
+    token_text = None
+    if run.tokenizer is not None and hasattr(run.tokenizer, "convert_ids_to_tokens"):
+        token_text = run.tokenizer.convert_ids_to_tokens(int(run.input_ids[prompt_index, token_index]))
+    return SuperActivation(
+        channel=row,
+        layer=first.layer,
+        prompt_index=prompt_index,
+        token_index=token_index,
+        token=token_text,
+        layers=trace_layers,
+        magnitudes=with_weight,
+        magnitudes_without=without,
+        super_weights=[r.paper_notation() for r in records_of_row],
+    )
 
 
 def _layers_are_contiguous(model: torch.nn.Module, sites: list[ProjectionSite]) -> bool:

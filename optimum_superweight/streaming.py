@@ -25,25 +25,25 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .architectures import projection_sites
+from .architectures import ProjectionSite, projection_sites
 from .prompts import load_tokenizer
+from .records import SuperWeight
 from .detection import (
+    Candidate,
     DetectionReport,
-    LayerSpikes,
-    _batch,
-    _encode_prompts,
-    _layer_output,
-    _Spy,
-    _token_position,
-    _check_count,
-    _check_number,
+    SpikeSearch,
     candidate_record,
+    check_count,
+    check_number,
+    collect_candidates,
+    encode_prompts,
+    pad_batch,
 )
 
 __all__ = ["detect_super_weights_streaming", "checkpoint_files", "ShardReader", "meta_model"]
@@ -218,13 +218,65 @@ def _detect_streaming(
     source, tokenizer, *, config, files, prompts, threshold, min_ratio, layers, max_super_weights,
     max_iterations, projection, dtype, progress,
 ) -> DetectionReport:
+    """The body of :func:`detect_super_weights_streaming`: check, build on meta, search layer by layer, report."""
     started = time.perf_counter()
-    threshold = _check_number("threshold", threshold, 0.0)
-    min_ratio = _check_number("min_ratio", min_ratio, 0.0)
-    max_super_weights = _check_count("max_super_weights", max_super_weights, 0)
-    max_iterations = _check_count("max_iterations", max_iterations, 1)
+    threshold = check_number("threshold", threshold, 0.0)
+    min_ratio = check_number("min_ratio", min_ratio, 0.0)
+    max_super_weights = check_count("max_super_weights", max_super_weights, 0)
+    max_iterations = check_count("max_iterations", max_iterations, 1)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} is invalid: expected a floating torch.dtype such as torch.float32.")
+    config, files, tokenizer = _resolve_source(source, tokenizer, config, files)
+
+    model = meta_model(config)
+    reader = ShardReader(files, getattr(model, "base_model_prefix", "model"))
+    sites = projection_sites(model, projection)
+    projection_name = projection or sites[0].name.removeprefix(sites[0].layer_name + ".")
+    search_sites = _streaming_search_sites(sites, layers)
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[stream {time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    texts, encoded = encode_prompts(model, tokenizer, prompts)
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if not isinstance(pad_id, int) or not 0 <= pad_id < model.get_input_embeddings().weight.shape[0]:
+        pad_id = 0
+    input_ids, attention_mask = pad_batch(encoded, pad_id, torch.device("cpu"))
+    valid = attention_mask.bool()
+    inputs_embeds = _load_outside_layers(model, reader, input_ids, [site.layer_name for site in sites], dtype)
+
+    report = DetectionReport(
+        model_type=getattr(config, "model_type", None),
+        projection=projection_name,
+        prompts=texts,
+        threshold=threshold,
+        min_ratio=min_ratio,
+        iterations=0,
+    )
+    if max_super_weights == 0:
+        report.timings["total"] = time.perf_counter() - started
+        return report
+
+    spy = SpikeSearch(search_sites, valid, threshold, min_ratio, max_iterations)
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if inputs_embeds is not None:
+        kwargs["inputs_embeds"] = inputs_embeds
+    else:
+        kwargs["input_ids"] = input_ids
+    try:
+        _stream_layers(model, sites, max(site.layer for site in search_sites), reader, dtype, say, kwargs)
+    finally:
+        spy.remove()
+    report.iterations, report.layer_spikes, found = collect_candidates(spy, search_sites, valid, max_super_weights)
+    report.candidates = [_streaming_record(c) for c in found]
+    report.timings["search"] = report.timings["total"] = time.perf_counter() - started
+    say(f"done: {len(report.candidates)} candidate(s)")
+    return report
+
+
+def _resolve_source(source: Any, tokenizer: Any, config: Any, files: Any) -> tuple[Any, Any, Any]:
+    """``(config, files, tokenizer)``: those given, else read from the model folder ``source``."""
     if source is not None and not Path(source).is_dir():
         raise ValueError(f"model folder {str(source)!r} does not exist or is not a directory (streaming reads local shards).")
     if config is None:
@@ -241,33 +293,25 @@ def _detect_streaming(
         # The same rule as in memory (prompts.py): the model's own tokenizer and the default prompts when the
         # folder has one; fixed token ids, with a log line, only when it has none.
         tokenizer = load_tokenizer(source)
+    return config, files, tokenizer
 
-    model = meta_model(config)
-    reader = ShardReader(files, getattr(model, "base_model_prefix", "model"))
-    sites = projection_sites(model, projection)
-    projection_name = projection or sites[0].name.removeprefix(sites[0].layer_name + ".")
-    if layers is not None:
-        wanted = sorted(set(_check_count("layers[i]", i, 0) for i in layers))
-        known = {site.layer for site in sites}
-        if not wanted or any(i not in known for i in wanted):
-            raise ValueError(f"layers={wanted!r} is invalid: this model has decoder layers 0..{max(known)}.")
-        search_sites = [site for site in sites if site.layer in set(wanted)]
-    else:
-        search_sites = sites
-    layer_names = [site.layer_name for site in sites]
-    last_needed = max(site.layer for site in search_sites)
 
-    def say(message: str) -> None:
-        if progress:
-            print(f"[stream {time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+def _streaming_search_sites(sites: list[ProjectionSite], layers: Iterable[int] | None) -> list[ProjectionSite]:
+    """The sites of ``layers`` (default all); fails on an invalid or unknown layer index."""
+    if layers is None:
+        return sites
+    wanted = sorted(set(check_count("layers[i]", i, 0) for i in layers))
+    known = {site.layer for site in sites}
+    if not wanted or any(i not in known for i in wanted):
+        raise ValueError(f"layers={wanted!r} is invalid: this model has decoder layers 0..{max(known)}.")
+    return [site for site in sites if site.layer in set(wanted)]
 
-    texts, encoded = _encode_prompts(model, tokenizer, prompts)
-    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    if not isinstance(pad_id, int) or not 0 <= pad_id < model.get_input_embeddings().weight.shape[0]:
-        pad_id = 0
-    input_ids, attention_mask = _batch(encoded, pad_id, torch.device("cpu"))
-    valid = attention_mask.bool()
 
+def _load_outside_layers(
+    model: torch.nn.Module, reader: ShardReader, input_ids: torch.Tensor, layer_names: list[str], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Load everything outside the decoder layers and the LM head; returns the prompts' embeddings when
+    the token embedding is plain (only the prompts' rows are read), else ``None`` (then it is loaded whole)."""
     # Everything outside the decoder layers and the LM head (final norm, position embeddings, ...) is
     # small and loaded once; the token embedding is read only for the prompts' rows when it is plain.
     embedding = model.get_input_embeddings()
@@ -291,20 +335,15 @@ def _detect_streaming(
             if param.is_meta:
                 full = f"{name}.{leaf}" if name else leaf
                 module.register_parameter(leaf, torch.nn.Parameter(reader.get(full, dtype), requires_grad=False))
+    return inputs_embeds
 
-    report = DetectionReport(
-        model_type=getattr(config, "model_type", None),
-        projection=projection_name,
-        prompts=texts,
-        threshold=threshold,
-        min_ratio=min_ratio,
-        iterations=0,
-    )
-    if max_super_weights == 0:
-        report.timings["total"] = time.perf_counter() - started
-        return report
 
-    spy = _Spy(search_sites, valid, threshold, min_ratio, max_iterations)
+def _stream_layers(
+    model: torch.nn.Module, sites: list[ProjectionSite], last_needed: int, reader: ShardReader, dtype: torch.dtype,
+    say: Callable[[str], None], kwargs: dict[str, Any],
+) -> None:
+    """One forward pass that loads each decoder layer just before it runs and releases it after, stopping
+    after layer ``last_needed``; every parameter is back on ``meta`` afterwards."""
     handles = []
     for site in sites:
         layer_module = model.get_submodule(site.layer_name)
@@ -322,41 +361,17 @@ def _detect_streaming(
         handles.append(layer_module.register_forward_pre_hook(load))
         handles.append(layer_module.register_forward_hook(release))
     try:
-        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
-        if inputs_embeds is not None:
-            kwargs["inputs_embeds"] = inputs_embeds
-        else:
-            kwargs["input_ids"] = input_ids
         try:
             model(**kwargs)
         except _StopForward:
             pass
     finally:
-        spy.remove()
         for handle in handles:
             handle.remove()
         _release(model)
 
-    report.iterations = max(spy.looks.values(), default=0)
-    report.layer_spikes = [LayerSpikes(layer=site.layer, module=site.name, **spy.stats[site.layer]) for site in search_sites]
-    found = sorted(spy.found, key=lambda c: -c["output_spike"])[:max_super_weights]
-    records = []
-    for c in found:
-        prompt_index, token_index = _token_position(valid, c["token"])
-        records.append(
-            candidate_record(
-                c,
-                extra={
-                    "input_ratio": round(c["input_ratio"], 1),
-                    "output_ratio": round(c["output_ratio"], 1),
-                    "iteration": c["iteration"],
-                    "prompt_index": prompt_index,
-                    "token_index": token_index,
-                    "streaming": True,
-                },
-            )
-        )
-    report.candidates = records
-    report.timings["search"] = report.timings["total"] = time.perf_counter() - started
-    say(f"done: {len(records)} candidate(s)")
-    return report
+
+def _streaming_record(c: Candidate) -> SuperWeight:
+    """The unclassified :class:`SuperWeight` of a streaming candidate (marked ``extra["streaming"]``)."""
+    extra = {**c.search_extra(), "prompt_index": c.prompt_index, "token_index": c.token_index, "streaming": True}
+    return candidate_record(c, extra=extra)
