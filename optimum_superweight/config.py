@@ -11,7 +11,9 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .card_reading import read_super_weights
 from .format import DIGEST_ALGORITHMS, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
+from .known import known_super_weights
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
@@ -425,8 +427,6 @@ class SuperWeightConfig(QuantizationConfigMixin):
 
         >>> config = SuperWeightConfig.from_model_card("model_cards/huggyllama--llama-7b.md", bits=4)  # doctest: +SKIP
         """
-        from .cards import read_super_weights  # lazy: cards imports huggingface_hub
-
         return cls._with_super_weights(read_super_weights(source), "card", kwargs)
 
     @classmethod
@@ -436,8 +436,6 @@ class SuperWeightConfig(QuantizationConfigMixin):
         >>> SuperWeightConfig.from_known("huggyllama/llama-7b", bits=4).get_super_weights()[0].paper_notation()
         'layers[2].mlp.down_proj.weight[3968, 7003]'
         """
-        from .known import known_super_weights
-
         return cls._with_super_weights(known_super_weights(model_id), "index", kwargs)
 
     @classmethod

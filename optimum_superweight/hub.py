@@ -30,7 +30,6 @@ from typing import Any
 from .cards import (
     MAX_CARD_BYTES,
     _REPO_ID,
-    _read_text_file,
     _resolve_quantization,
     build_model_card,
     merge_cards,
@@ -38,6 +37,7 @@ from .cards import (
     parse_card,
     read_super_weights,
 )
+from .card_reading import read_text_file
 from .format import SCALE, SUPER_WEIGHT_INDICES, WEIGHT, read_safetensors_index
 from .errors import UPLOAD_REMEDY, SuperWeightHubError, reraise_hub_errors
 from .records import SuperWeight
@@ -80,7 +80,7 @@ def _check_commit_message(message: Any) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def _base_model_from_readme(readme: Path) -> str | None:
     try:
-        metadata, _ = parse_card(_read_text_file(readme, f"Model card {readme}"), f"Model card {readme}")
+        metadata, _ = parse_card(read_text_file(readme, f"Model card {readme}"), f"Model card {readme}")
     except (OSError, ValueError):
         return None
     value = metadata.get("base_model")
@@ -240,7 +240,7 @@ def card_for_folder(
     config, quantization, records = _check_folder(folder)
     readme = folder / "README.md"
     if existing_card is None and readme.is_file():
-        existing_card = _read_text_file(readme, f"Model card {readme}")
+        existing_card = read_text_file(readme, f"Model card {readme}")
     if base_model is None and readme.is_file():
         base_model = _base_model_from_readme(readme)
     if base_model is None:
@@ -316,7 +316,7 @@ def _remote_readme(api: Any, repo_id: str, revision: str | None, token: Any) -> 
             return None
         raise
     try:
-        return _read_text_file(Path(path), f"README.md of {repo_id}")
+        return read_text_file(Path(path), f"README.md of {repo_id}")
     except ValueError as error:
         logger.warning("%s; it will be replaced by the generated card.", error)
         return None
@@ -474,7 +474,7 @@ def _upload_modified_files(self: Any, working_dir: str | os.PathLike[str], repo_
     """
     folder = Path(working_dir)
     readme = folder / "README.md"
-    existing = _read_text_file(readme, f"README.md in {folder}") if readme.is_file() else None
+    existing = read_text_file(readme, f"README.md in {folder}") if readme.is_file() else None
     card = card_for_model(self, repo_id=repo_id, folder=folder)
     merged = merge_cards(existing, card)
     _check_card_round_trip(merged, _resolve_quantization(self)[1])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cards import CARD_KEY, _read_text_file, _records_from_entries, card_metadata_block, parse_card
+from .card_reading import CARD_KEY, card_metadata_block, parse_card, read_text_file, records_from_entries
 from .records import SuperWeight
 
 __all__ = [
@@ -92,11 +92,11 @@ def _string_list(value: Any, what: str, key: str) -> tuple[str, ...]:
 
 def _load_card(path: Path) -> KnownModel:
     what = f"Index card {path}"
-    metadata, _text = parse_card(_read_text_file(path, what), what)
+    metadata, _text = parse_card(read_text_file(path, what), what)
     block = card_metadata_block(metadata, what)
     if block is None or not isinstance(block.get("model"), str):
         raise ValueError(f"{what} has no '{CARD_KEY}' block with a 'model' id; index cards are written by build_index_card.")
-    records = _records_from_entries(block["super_weights"], what, f"{CARD_KEY}.super_weights", "index")
+    records = records_from_entries(block["super_weights"], what, f"{CARD_KEY}.super_weights", "index")
     if not records:
         raise ValueError(f"{what} lists no super weights.")
     return KnownModel(

@@ -59,6 +59,16 @@ def load_tokenizer(source: Any) -> Any:
         return None
 
 
+def model_tokenizer(model: Any) -> Any:
+    """The tokenizer saved with ``model`` (from its ``name_or_path``), or ``None`` (then fixed token ids are used).
+
+    Both quantize paths (in memory and ``low_memory=True``) call it, so they detect on the same prompts.
+
+    >>> model_tokenizer(model)  # doctest: +SKIP
+    """
+    return load_tokenizer(getattr(model.config, "name_or_path", None) or getattr(model, "name_or_path", None))
+
+
 def detection_inputs(
     tokenizer: Any, prompts: Sequence[str | Sequence[int]] | None, vocab_size: int
 ) -> tuple[list[str], list[list[int]]]:

@@ -40,7 +40,7 @@ def _looks_like_path(text: str) -> bool:
 def check_model_source(source: str, *, what: str = "MODEL", need_weights: bool = True) -> str:
     """``source`` if it names a usable local model folder or looks like a Hub repo id; else a ``ValueError``
     saying what is wrong (missing path, a file, no config.json, no weights) and what is expected."""
-    from ..cards import _REPO_ID
+    from ..card_reading import _REPO_ID
 
     path = Path(source).expanduser()
     expected = (

@@ -10,7 +10,7 @@ transformers loads a checkpoint one tensor at a time and, for each parameter the
 2. the targeted linear layers are swapped for empty :class:`SuperWeightLinear` skeletons, exactly as for
    a compressed checkpoint;
 3. each arriving ``<module>.weight`` is quantized by :class:`SuperWeightQuantize` with the very code of
-   the in-memory path (:func:`.replace._quantized_layer`), so the result is bit-identical to
+   the in-memory path (:func:`.replace.quantized_layer`), so the result is bit-identical to
    ``quantize_model`` on the loaded model, and only the packed tensors are kept.
 
 Peak memory: the compressed model + one full-precision weight (+ its quantization temporaries) + during
@@ -31,18 +31,11 @@ from transformers.core_model_loading import ConversionOps
 
 from ..config import SuperWeightConfig
 from ..format import BIAS, check_quantizable
+from ..prompts import model_tokenizer
 from ..records import SuperWeight
-from ..tensor.gptq import clip_quantize_weight
-from ..tensor.hqq import DEFAULT_ITERS, hqq_quantize_weight
-from ..tensor.quantize import GroupLayout, QuantizedWeight, quantize_weight
-from .replace import (
-    Conv1D,
-    _features,
-    _quantized_layer,
-    build_quantized_skeleton,
-    modules_to_convert,
-    resolve_modules_to_not_convert,
-)
+from ..tensor.rows import quantize_by_rows
+from .modules import Conv1D, features
+from .replace import build_quantized_skeleton, modules_to_convert, quantized_layer, resolve_modules_to_not_convert
 
 __all__ = ["LowMemoryPlan", "plan_low_memory", "SuperWeightQuantize", "quantize_by_rows"]
 
@@ -75,10 +68,8 @@ def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) 
             f"this checkpoint is {files or 'unknown'}. Give the coordinates (super_weights=... or "
             "SuperWeightConfig.from_known(...)), or convert the checkpoint to safetensors."
         )
-    from .quantizer import _load_tokenizer
-
     # As in memory: the model's own tokenizer and the default prompts (not fixed token ids) when it has one.
-    tokenizer = _load_tokenizer(model)
+    tokenizer = model_tokenizer(model)
     report = detect_super_weights_streaming(
         config=model.config,
         files=files,
@@ -115,7 +106,7 @@ def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_file
                 f"Super weight module '{sw.module}' is not a linear layer of this {type(model).__name__}; "
                 f"linear modules are named like {list(targets)[:3]}."
             )
-        in_features, out_features = _features(module)
+        in_features, out_features = features(module)
         if not (0 <= sw.row < out_features and 0 <= sw.col < in_features):
             raise ValueError(
                 f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] lies outside the matrix: row must be in "
@@ -124,67 +115,12 @@ def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_file
         by_module.setdefault(sw.module, []).append(sw)
     weights = {}
     for name, module in targets.items():
-        in_features, out_features = _features(module)
+        in_features, out_features = features(module)
         weights[f"{name}.weight"] = (name, in_features, out_features, not isinstance(module, nn.Linear))
     config.modules_to_not_convert = skip
     config.set_super_weights(records)
     build_quantized_skeleton(model, config)
     return LowMemoryPlan(config=config, weights=weights, records=by_module, check_values=check_values)
-
-
-#: Rows quantized together hold at most this many bytes of float32: the quantization temporaries (about ten
-#: times the block: float32 copies, masks, int64 packing words) then stay a few MiB whatever the matrix size.
-BLOCK_BYTES = 2 * 2**20
-
-
-def quantize_by_rows(
-    weight: torch.Tensor, coordinates: list[tuple[int, int]], config: SuperWeightConfig, hessian: torch.Tensor | None = None
-) -> QuantizedWeight:
-    """HQQ, round-to-nearest or clip-search codes of ``weight`` (``config.method``) computed a block of rows at a time.
-
-    ``hessian`` (the inputs' ``E[x xᵀ]``) is used by the clip search when ``config.clip_objective == "output"``;
-    its objective is per row too, so row blocks change nothing.
-
-    Groups lie within a row, so every scale, code and zero-point equals the whole-matrix computation's (the
-    in-memory path's), but the temporaries are those of one block instead of ~10x the weight: for a 16384 x
-    53248 down projection that is the difference between ~35 GB and ~20 MB of transient private memory.
-
-    >>> q = quantize_by_rows(torch.randn(300, 64), [(5, 7)], SuperWeightConfig(bits=4, group_size=32))
-    >>> q.packed.shape
-    torch.Size([300, 2, 16])
-    """
-    out_features, in_features = weight.shape
-    rows = max(1, BLOCK_BYTES // (4 * in_features))
-    scale_dtype = getattr(torch, config.scale_dtype)
-    held = torch.tensor(coordinates, dtype=torch.int32).reshape(-1, 2)
-    parts = []
-    for start in range(0, out_features, rows):
-        block = weight[start : start + rows]
-        inside = held[(held[:, 0] >= start) & (held[:, 0] < start + block.shape[0])]
-        inside = inside - torch.tensor([start, 0], dtype=torch.int32)
-        options = dict(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, scale_dtype=scale_dtype)
-        if config.method == "hqq" or config.zero_point == "float":  # float offsets with "rtn": min-max, no steps
-            iters = DEFAULT_ITERS if config.method == "hqq" else 0
-            parts.append(hqq_quantize_weight(
-                block, holdout=inside.to(block.device), zero_point=config.zero_point, iters=iters, **options
-            ))
-        elif config.clip_search:
-            output = config.clip_objective == "output"
-            if output and hessian is None:
-                raise ValueError("clip_objective='output' needs the layer's calibration statistics (hessian).")
-            parts.append(clip_quantize_weight(block, holdout=inside.to(block.device), hessian=hessian if output else None, **options))
-        else:
-            parts.append(quantize_weight(block, holdout=inside.to(block.device), **options))
-    zero_points = [p.zero_point for p in parts]
-    offsets = [p.offset for p in parts]
-    return QuantizedWeight(
-        packed=torch.cat([p.packed for p in parts]),
-        scale=torch.cat([p.scale for p in parts]),
-        zero_point=None if zero_points[0] is None else torch.cat(zero_points),
-        layout=GroupLayout(out_features, in_features, config.bits, config.group_size),
-        symmetric=config.symmetric,
-        offset=None if offsets[0] is None else torch.cat(offsets),
-    )
 
 
 def _libc_malloc_trim():
@@ -266,7 +202,7 @@ class SuperWeightQuantize(ConversionOps):
         dense.weight = nn.Parameter(weight, requires_grad=False)
         check_quantizable(module_name, weight)  # non-finite weights: refuse before any work
         quantized = quantize_by_rows(weight, coordinates, config)
-        layer = _quantized_layer(dense, coordinates, config, quantized=quantized, name=module_name)
+        layer = quantized_layer(dense, coordinates, config, quantized=quantized, name=module_name)
         # The bias is a full-precision tensor of the checkpoint, loaded as usual: only the format's own tensors here.
         out = {f"{module_name}.{name}": t.data for name, t in layer.stored_tensors().items() if name != BIAS}
         plan.done.add(target)

@@ -24,6 +24,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..config import QUANT_METHOD, SuperWeightConfig
 from ..format import DIGEST_ALGORITHM, DIGESTS_METADATA_KEY, read_safetensors_metadata
 from ..kernels import prepare_kernels
+from ..prompts import model_tokenizer
+from .loading import SuperWeightQuantize, plan_low_memory
 from .replace import (
     build_quantized_skeleton,
     check_finite_weights,
@@ -38,16 +40,6 @@ from .verify import check_checkpoint_layout, layer_digests, read_checkpoint_inde
 __all__ = ["SuperWeightQuantizer", "register"]
 
 logger = logging.getLogger(__name__)
-
-
-def _load_tokenizer(model: Any):
-    """The checkpoint's own tokenizer, or ``None`` (detection and calibration then use fixed token ids).
-
-    Used by both quantize paths (in memory and ``low_memory=True``), so they detect on the same prompts.
-    """
-    from ..prompts import load_tokenizer
-
-    return load_tokenizer(getattr(model.config, "name_or_path", None) or getattr(model, "name_or_path", None))
 
 
 class SuperWeightQuantizer(HfQuantizer):
@@ -89,8 +81,6 @@ class SuperWeightQuantizer(HfQuantizer):
                 check_checkpoint_layout(model, self._index)
                 self._metadata = read_safetensors_metadata(sorted({e.file for e in self._index.values()}))
         elif self.quantization_config.low_memory:
-            from .loading import plan_low_memory
-
             self._low_memory = plan_low_memory(model, self.quantization_config, kwargs.get("checkpoint_files"))
         return model
 
@@ -99,8 +89,6 @@ class SuperWeightQuantizer(HfQuantizer):
         return self._low_memory is not None and param_name in self._low_memory.weights
 
     def get_quantize_ops(self):
-        from .loading import SuperWeightQuantize
-
         return SuperWeightQuantize(self._low_memory)
 
     def _finish_low_memory(self, model):
@@ -136,7 +124,7 @@ class SuperWeightQuantizer(HfQuantizer):
             # NaN/inf would make detection and calibration fail obscurely: refuse them first, by module and coordinate.
             check_finite_weights(modules_to_convert(model, resolve_modules_to_not_convert(model, config)))
             records = config.get_super_weights()
-            tokenizer = _load_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
+            tokenizer = model_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
             if not records and config.detect:
                 from ..detection import detect_super_weights
 

@@ -1,7 +1,8 @@
-"""Model-level operations: pick the linear layers to convert, check super weights, swap modules.
+"""The in-memory pipeline: pick the linear layers to convert, check super weights, quantize and swap modules.
 
 These functions work on any ``torch.nn.Module`` and need none of transformers' loading machinery; the
-quantizer in :mod:`.quantizer` only wires them into ``from_pretrained``.
+quantizer in :mod:`.quantizer` only wires them into ``from_pretrained``. Imports run one way: quantizer ->
+loading -> here -> w8a8 (the W8A8 variation) -> :mod:`.modules` (module surgery); nothing below imports this.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from ..config import SuperWeightConfig
 from ..format import check_quantizable
 from ..nn.linear import SuperWeightLinear
 from ..records import SuperWeight
+from ..tensor.rows import quantize_by_rows
+from .calibration import collect_hessians, model_calibration_ids
+from .modules import Conv1D, dense_weight, features, set_module
+from .w8a8 import MASSIVE_SCAN_TOKENS, build_w8a8_skeleton, quantize_model_w8a8, smooth_activations
 
 __all__ = [
     "resolve_modules_to_not_convert",
@@ -28,26 +33,8 @@ __all__ = [
     "resolve_dtype",
     "check_finite_weights",
     "compressed_size_bytes",
+    "quantized_layer",
 ]
-
-try:  # GPT-2 style layers store their weight transposed ([in, out]).
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()
-
-
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as ``[out_features, in_features]`` whatever the module's storage layout."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    return module.weight.t()
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_features, out_features = module.weight.shape
-    return in_features, out_features
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -84,7 +71,7 @@ def modules_to_convert(model: nn.Module, skip: Iterable[str]) -> dict[str, nn.Mo
 def check_finite_weights(targets: dict[str, nn.Module]) -> None:
     """Refuse NaN/inf in a weight to quantize, naming the module and the coordinate (paper convention)."""
     for name, module in targets.items():
-        check_quantizable(name, _dense_weight(module))
+        check_quantizable(name, dense_weight(module))
 
 
 def check_super_weights(
@@ -112,14 +99,14 @@ def check_super_weights(
             )
         if isinstance(module, SuperWeightLinear):
             raise ValueError(f"Module '{sw.module}' is already quantized; load the full-precision checkpoint instead.")
-        in_features, out_features = _features(module)
+        in_features, out_features = features(module)
         if not (0 <= sw.row < out_features and 0 <= sw.col < in_features):
             raise ValueError(
                 f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] lies outside the matrix: "
                 f"row must be in [0, {out_features}) and col in [0, {in_features}) (paper convention: "
                 "row = output channel, col = input channel)."
             )
-        found = float(_dense_weight(module)[sw.row, sw.col].item())
+        found = float(dense_weight(module)[sw.row, sw.col].item())
         if sw.value is not None and not math.isclose(found, sw.value, rel_tol=1e-3, abs_tol=1e-6):
             raise ValueError(
                 f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] is recorded as {sw.value!r} but the checkpoint "
@@ -129,12 +116,6 @@ def check_super_weights(
     return checked
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _coordinates_by_module(records: Iterable[SuperWeight]) -> dict[str, list[tuple[int, int]]]:
     grouped: dict[str, list[tuple[int, int]]] = {}
     for sw in records:
@@ -142,7 +123,7 @@ def _coordinates_by_module(records: Iterable[SuperWeight]) -> dict[str, list[tup
     return grouped
 
 
-def _quantized_layer(
+def quantized_layer(
     dense: nn.Linear,
     coordinates: list[tuple[int, int]],
     config: SuperWeightConfig,
@@ -153,8 +134,6 @@ def _quantized_layer(
     """One low-bit layer: HQQ grids, plain RTN, RTN with clip search, or given (GPTQ) codes; one on-disk format."""
     if quantized is None:
         # Row blocks, as when quantizing while loading: identical codes, bounded temporaries.
-        from .loading import quantize_by_rows
-
         quantized = quantize_by_rows(dense.weight.detach(), coordinates, config, hessian=hessian)
     return SuperWeightLinear.from_linear(
         dense,
@@ -195,8 +174,6 @@ def quantize_model(
     targets = modules_to_convert(model, skip)
     check_finite_weights(targets)  # before calibration or GPTQ turn a NaN into an obscure failure
     if config.activation_bits is not None and config.smoothquant_alpha is not None:
-        from .w8a8 import MASSIVE_SCAN_TOKENS, smooth_activations
-
         # Before the super weights' exact values are read: the migration rescales weight columns.
         smooth_activations(model, config.smoothquant_alpha, tokenizer=tokenizer,
                            calibration_tokens=min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
@@ -205,13 +182,9 @@ def quantize_model(
     config.set_super_weights(records)
     coordinates = _coordinates_by_module(r for r in records if r.module in targets)
     if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
-        from .w8a8 import quantize_model_w8a8
-
         return quantize_model_w8a8(model, config, targets, records, coordinates, tokenizer=tokenizer)
     # GPTQ and the output clip objective need every layer's input second moment.
     if config.needs_calibration and hessians is None:
-        from .calibration import collect_hessians, model_calibration_ids
-
         ids, bos = model_calibration_ids(model, tokenizer, config.calibration_tokens)
         hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
     denses = {}
@@ -219,7 +192,7 @@ def quantize_model(
         if isinstance(module, nn.Linear):
             denses[name] = module
         else:  # Conv1D: present the transposed weight as a Linear
-            dense = nn.Linear(*_features(module), bias=module.bias is not None, device="meta")
+            dense = nn.Linear(*features(module), bias=module.bias is not None, device="meta")
             dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
             dense.bias = module.bias
             denses[name] = dense
@@ -236,8 +209,8 @@ def quantize_model(
             precomputed = _gptq_group(names, denses, coordinates, hessians[names[0]], config)
         for name, quantized in zip(names, precomputed):
             hessian = hessians[name] if config.needs_calibration and config.method == "rtn" else None
-            layer = _quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian, name=name)
-            _set_module(model, name, layer)
+            layer = quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian, name=name)
+            set_module(model, name, layer)
     return model
 
 
@@ -274,11 +247,9 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
                 f"config.json's field 'super_weights' names module '{sw.module}', which this model does not have."
             )
     if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
-        from .w8a8 import build_w8a8_skeleton
-
         return build_w8a8_skeleton(model, config, targets, counts)
     for name, module in targets.items():
-        in_features, out_features = _features(module)
+        in_features, out_features = features(module)
         bias = module.bias
         skeleton = SuperWeightLinear(
             in_features,
@@ -293,7 +264,7 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             device=module.weight.device,
             zero_point=config.zero_point,
         )
-        _set_module(model, name, skeleton)
+        set_module(model, name, skeleton)
     return model
 
 
@@ -320,7 +291,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     dtype = resolve_dtype(dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, SuperWeightLinear):
-            _set_module(model, name, module.to_linear(dtype))
+            set_module(model, name, module.to_linear(dtype))
     return model
 
 

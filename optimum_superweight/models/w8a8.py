@@ -31,7 +31,7 @@ from torch import nn
 from ..config import SuperWeightConfig
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
-from .replace import _features, _set_module
+from .modules import features, set_module
 
 __all__ = [
     "super_activation_channels",
@@ -127,7 +127,7 @@ def plan_activation_holdout(
         return {}
     hidden = _hidden_size(model, config.get_super_weights())
     plan = {
-        name: holdout_channels_for(_features(module)[0], coordinates.get(name, []), config, hidden)
+        name: holdout_channels_for(features(module)[0], coordinates.get(name, []), config, hidden)
         for name, module in targets.items()
     }
     if config.massive_activation_ratio is not None and config.max_holdout_channels > 0 and targets:
@@ -256,7 +256,7 @@ def quantize_model_w8a8(
             super_weights=own,
             name=name,
         )
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     return model
 
 
@@ -294,11 +294,11 @@ def build_w8a8_skeleton(
         config.activation_holdout = {
             name: channels
             for name, module in targets.items()
-            if (channels := holdout_channels_for(_features(module)[0], by_module.get(name, []), config, hidden))
+            if (channels := holdout_channels_for(features(module)[0], by_module.get(name, []), config, hidden))
         }
     _check_holdout_names(config, targets)
     for name, module in targets.items():
-        in_features, out_features = _features(module)
+        in_features, out_features = features(module)
         bias = module.bias
         skeleton = SuperWeightW8A8Linear(
             in_features,
@@ -311,5 +311,5 @@ def build_w8a8_skeleton(
             dtype=bias.dtype if bias is not None else None,
             device=module.weight.device,
         )
-        _set_module(model, name, skeleton)
+        set_module(model, name, skeleton)
     return model

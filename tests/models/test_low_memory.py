@@ -207,10 +207,11 @@ def test_quantize_on_load_succeeds_under_an_enforced_memory_cap(capped_runs):
 def test_quantize_by_rows_equals_the_whole_matrix(monkeypatch, options):
     """Quantize-on-load cuts each weight into row blocks (bounded temporaries): same codes as the whole matrix."""
     from optimum_superweight.models import loading
+    from optimum_superweight.tensor import rows
     from optimum_superweight.tensor.gptq import clip_quantize_weight
     from optimum_superweight.tensor.quantize import quantize_weight
 
-    monkeypatch.setattr(loading, "BLOCK_BYTES", 4 * 100 * 7)  # 7 rows per block: 6 blocks, the last one short
+    monkeypatch.setattr(rows, "BLOCK_BYTES", 4 * 100 * 7)  # 7 rows per block: 6 blocks, the last one short
     torch.manual_seed(0)
     weight = torch.randn(40, 100)
     coordinates = [(0, 3), (6, 99), (7, 0), (39, 50)]  # first/last rows of blocks
