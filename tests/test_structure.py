@@ -133,7 +133,6 @@ def _long_functions() -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 13: detection/ablation/streaming split in progress")
 def test_no_function_over_the_line_limit():
     offenders = _long_functions()
     assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines (longest first): " + ", ".join(
