@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from .evaluation import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, builtin_text, perplexity, tokenize_text
+from .detection import layer_output
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
@@ -197,10 +198,6 @@ def _decoder_layer_name(model: torch.nn.Module, sw: SuperWeight) -> str:
     raise ValueError(f"Cannot find the decoder layer of {sw.module!r} (expected a name like 'model.layers.11.mlp.down_proj').")
 
 
-def _layer_hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _decoder_matrices(model: torch.nn.Module, layer_prefixes: Iterable[str]) -> list[tuple[str, torch.nn.Module]]:
     """Every module with a 2-D floating weight inside the decoder layers (a name under a ``<...>.<i>`` prefix)."""
     prefixes = sorted({p.rsplit(".", 1)[0] + "." for p in layer_prefixes})  # e.g. "model.layers."
@@ -299,7 +296,7 @@ class _ActivationRestorer:
         handles = []
         for name, channels in self.sites.items():
             def capture(module, args, output, name=name, channels=channels):
-                captured[name] = _layer_hidden(output)[0, 0, channels].detach().clone()
+                captured[name] = layer_output(output)[0, 0, channels].detach().clone()
 
             handles.append(self.model.get_submodule(name).register_forward_hook(capture))
         # The ablated values, to put back after one forward with the intact weights.
@@ -325,7 +322,7 @@ class _ActivationRestorer:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
             if self._busy or self._first_tokens is None:
                 return None
-            hidden = _layer_hidden(output).clone()
+            hidden = layer_output(output).clone()
             for b, token in enumerate(self._first_tokens.tolist()):
                 hidden[b, 0, channels] = self.cache[int(token)][name].to(hidden.dtype)
             if isinstance(output, tuple):
@@ -377,7 +374,7 @@ def _super_activation(
     handles = []
     for name, channels in sites.items():
         def capture(module, args, output, name=name, channels=channels):
-            hidden = _layer_hidden(output)
+            hidden = layer_output(output)
             for channel in channels:
                 captured[labels[(name, channel)]] = float(hidden[0, 0, channel].abs())
 

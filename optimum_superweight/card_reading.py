@@ -99,13 +99,23 @@ _MODULE_ROOTS = ("model.", "transformer.", "gpt_neox.", "base_model.")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(?:/[A-Za-z0-9][\w.\-]{0,95})?$")
 
 
+def check_repo_id(value: Any, field: str = "repo_id") -> str:
+    """``value`` if it is a Hub repo id (``'namespace/name'`` or ``'name'``), else a ValueError naming ``field``.
+
+    >>> check_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct")
+    'HuggingFaceTB/SmolLM2-135M-Instruct'
+    """
+    if not isinstance(value, str) or not _REPO_ID.match(value) or ".." in value or "--" in value:
+        raise ValueError(
+            f"{field}={value!r} is invalid: accepted is a Hub repo id 'namespace/name' or 'name' (letters, digits, "
+            "'-', '_', '.'; no '--' or '..'), such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+        )
+    return value
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Safe parsing
 # ---------------------------------------------------------------------------------------------------------------
-def _what(source: Any) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
-
-
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 # YAML 1.1 (PyYAML) also reads 1:30 (sexagesimal, 90), 1_0 (10), 0x1F, 0o7, 017 (octal) and 1_000.5 as numbers:

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .card_reading import (
+    check_repo_id,
     CARD_KEY,
     CARD_VERSION,
     GENERATED_BEGIN,
@@ -135,13 +136,7 @@ def normalize_perplexity(perplexity: Any) -> dict[str, Any] | None:
 
 
 def _check_repo_id(name: str, value: str | None) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _REPO_ID.match(value) or ".." in value or "--" in value:
-        raise ValueError(
-            f"{name}={value!r} is invalid: accepted is a Hub repo id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
-        )
-    return value
+    return None if value is None else check_repo_id(value, name)
 
 
 def _human_bytes(size: int) -> str:

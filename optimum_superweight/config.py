@@ -13,6 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .card_reading import read_super_weights
 from .format import DIGEST_ALGORITHMS, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
+from .kernels.w8a8 import ACTIVATION_SCALES
 from .known import known_super_weights
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
@@ -37,7 +38,6 @@ ZERO_POINTS = ("uint8", "float")
 CLIP_OBJECTIVES = ("weight", "output")
 #: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
 ACTIVATION_BITS = (None, 8)
-ACTIVATION_SCALES = ("per_tensor", "per_token")
 #: Prompt the paper's authors used to find super weights (defined once, in prompts.py).
 DEFAULT_DETECTION_PROMPT = PAPER_PROMPT
 

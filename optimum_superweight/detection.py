@@ -389,8 +389,14 @@ def _confirmation_ids(model: torch.nn.Module, tokenizer: Any, n_tokens: int) -> 
     return ids, "pydoc_data.topics"
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device (else its first parameter's, else the CPU)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def layer_output(output: Any) -> torch.Tensor:
@@ -529,9 +535,6 @@ class SpikeSearch:
             handle.remove()
 
 
-def _paper_row(site: ProjectionSite, row: int) -> torch.Tensor:
-    weight = site.module.weight.detach()
-    return (weight[:, row] if site.transposed else weight[row, :]).float()
 
 
 def token_position(valid: torch.Tensor, flat_valid_index: int) -> tuple[int, int]:
@@ -833,7 +836,7 @@ class _DetectionRun:
             pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         if not isinstance(pad_id, int) or not 0 <= pad_id < _vocab_size(model):
             pad_id = 0
-        input_ids, attention_mask = pad_batch(encoded, pad_id, _device(model))
+        input_ids, attention_mask = pad_batch(encoded, pad_id, model_device(model))
         decoder_layers = [model.get_submodule(site.layer_name) for site in sites]
         return cls(model, tokenizer, sites, decoder_layers, texts, input_ids, attention_mask, progress, started)
 
@@ -915,7 +918,7 @@ class _Confirmation:
 def _confirm(run: _DetectionRun, found: list[Candidate], confirm_tokens: int, skippable: bool) -> _Confirmation:
     """Confirmation stage: zero each candidate alone, then each group sharing a layer and row, and measure."""
     ids, text_name = _confirmation_ids(run.model, run.tokenizer, confirm_tokens)
-    ablator = _Ablator(run, torch.tensor([ids], device=_device(run.model)), found, skippable)
+    ablator = _Ablator(run, torch.tensor([ids], device=model_device(run.model)), found, skippable)
     alone: dict[int, _Effect] = {}
     for i, c in enumerate(found):
         run.say(f"confirming {i + 1}/{len(found)}: L{c.site.layer} [{c.row}, {c.col}]")

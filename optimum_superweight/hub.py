@@ -37,7 +37,7 @@ from .cards import (
     parse_card,
     read_super_weights,
 )
-from .card_reading import read_text_file
+from .card_reading import check_repo_id, read_text_file
 from .format import SCALE, SUPER_WEIGHT_INDICES, WEIGHT, read_safetensors_index
 from .errors import UPLOAD_REMEDY, SuperWeightHubError, reraise_hub_errors
 from .records import SuperWeight
@@ -58,15 +58,6 @@ _HOOK_MARK = "_optimum_superweight_card_hook"
 _CARD_KWARGS_ATTR = "_optimum_superweight_card_kwargs"
 # Files and folders of a save_pretrained folder that never belong on the Hub.
 _SKIP_NAMES = {".git", ".cache", "__pycache__", ".DS_Store", ".ipynb_checkpoints"}
-
-
-def _check_repo_id(repo_id: Any) -> str:
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
-        raise ValueError(
-            f"repo_id={repo_id!r} is invalid: accepted is a Hub repo id 'namespace/name' or 'name' "
-            "(letters, digits, '-', '_', '.'; no '--' or '..')."
-        )
-    return repo_id
 
 
 def _check_commit_message(message: Any) -> str:
@@ -368,7 +359,7 @@ def push_folder_to_hub(
     """
     from huggingface_hub import HfApi
 
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     _check_commit_message(commit_message)
     folder = Path(folder)
     perplexity = normalize_perplexity(perplexity)
@@ -437,7 +428,7 @@ def push_to_hub(
     >>> import optimum_superweight
     >>> optimum_superweight.push_to_hub(model, "user/tiny-sw4", tokenizer=tokenizer, perplexity=(14.99, 15.9))  # doctest: +SKIP
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     _check_commit_message(commit_message)
     perplexity = normalize_perplexity(perplexity)
     _resolve_quantization(model)  # a clear error for a model that is not quantized with optimum-superweight
@@ -505,9 +496,7 @@ def attach_card_hook(
     """
     kwargs = dict(getattr(model, _CARD_KWARGS_ATTR, {}))
     if base_model is not None:
-        from .cards import _check_repo_id as check_id
-
-        kwargs["base_model"] = check_id("base_model", base_model)
+        kwargs["base_model"] = check_repo_id(base_model, "base_model")
     if perplexity is not None:
         kwargs["perplexity"] = normalize_perplexity(perplexity)
     if license is not None:

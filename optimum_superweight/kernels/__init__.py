@@ -149,18 +149,24 @@ def force_reference(enabled: bool = True) -> None:
     _settings["generation"] += 1
 
 
-def register_kernel(kernel: Any, *, before: str = "reference") -> None:
-    """Add a kernel (``name``, ``unsupported(module, dtype, device, tokens)``, ``prepare``, ``run``) before another."""
+def insert_kernel(registry: list, kernel: Any, before: str, what: str = "kernel") -> None:
+    """Insert ``kernel`` into ``registry`` before the kernel named ``before``, after checking it has what every
+    kernel needs (``name``, ``unsupported``, ``prepare``, ``run``) and that its name is new."""
     for attribute in ("name", "unsupported", "prepare", "run"):
         if not hasattr(kernel, attribute):
-            raise TypeError(f"kernel {kernel!r} lacks {attribute!r}: kernels need name, unsupported, prepare and run.")
-    names = [k.name for k in _KERNELS]
+            raise TypeError(f"{what} {kernel!r} lacks {attribute!r}: kernels need name, unsupported, prepare and run.")
+    names = [k.name for k in registry]
     if kernel.name in names:
-        raise ValueError(f"a kernel named {kernel.name!r} is already registered ({names}).")
+        raise ValueError(f"a {what} named {kernel.name!r} is already registered ({names}).")
     if before not in names:
-        raise ValueError(f"before={before!r} is not a registered kernel: choose one of {names}.")
-    _KERNELS.insert(names.index(before), kernel)
+        raise ValueError(f"before={before!r} is not a registered {what}: choose one of {names}.")
+    registry.insert(names.index(before), kernel)
     _settings["generation"] += 1
+
+
+def register_kernel(kernel: Any, *, before: str = "reference") -> None:
+    """Add a kernel (``name``, ``unsupported(module, dtype, device, tokens)``, ``prepare``, ``run``) before another."""
+    insert_kernel(_KERNELS, kernel, before)
 
 
 def registered_kernels() -> list[str]:

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..tensor.packing import unpack_codes
-from . import KernelSelection, dense_threshold
+from . import KernelSelection, dense_threshold, insert_kernel
 from .fused import ACTIVATION_ZERO_POINT, quantize_fused, scale_rows_fused
 from .guard import stepped_aside
 
@@ -446,15 +446,7 @@ _W8A8_KERNELS: list = [
 
 def register_w8a8_kernel(kernel, *, before: str = "w8a8-reference") -> None:
     """Add a W8A8 kernel (``name``, ``unsupported``, ``prepare``, ``run``) before another."""
-    for attribute in ("name", "unsupported", "prepare", "run"):
-        if not hasattr(kernel, attribute):
-            raise TypeError(f"kernel {kernel!r} lacks {attribute!r}: kernels need name, unsupported, prepare and run.")
-    names = registered_w8a8_kernels()
-    if kernel.name in names:
-        raise ValueError(f"a W8A8 kernel named {kernel.name!r} is already registered ({names}).")
-    if before not in names:
-        raise ValueError(f"before={before!r} is not a registered W8A8 kernel: choose one of {names}.")
-    _W8A8_KERNELS.insert(names.index(before), kernel)
+    insert_kernel(_W8A8_KERNELS, kernel, before, "W8A8 kernel")
 
 
 def registered_w8a8_kernels() -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..detection import model_device
 from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
 
 __all__ = ["calibration_token_ids", "model_calibration_ids", "collect_hessians", "collect_input_absmax", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]
@@ -88,10 +89,6 @@ def _windows(token_ids: Sequence[int], window: int, bos_id: int | None) -> torch
     return rows
 
 
-def _device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _run_with_input_hooks(
@@ -112,7 +109,7 @@ def _run_with_input_hooks(
     if missing:
         raise ValueError(f"{caller}: no module named {missing[:3]} in {type(model).__name__}.")
     batches = _windows(token_ids, window, bos_id).split(batch_size)
-    device = _device(model)
+    device = model_device(model)
     alias: dict[str, str] = {}  # module -> module whose accumulator it shares
     # The previous hooked call's input and module. q/k/v (and gate/up) are called one after the other on
     # the very same tensor object; identity (not data_ptr, which the allocator reuses) detects that.
