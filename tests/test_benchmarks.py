@@ -175,6 +175,8 @@ def test_recorded_standalone_results_render():
     assert "## W8A8" in text and "1B-shaped layers" in text and "reference kernel" in text
     assert "torch.compile-fused ms" in text and "CPU seconds" in text
     assert "## llama.cpp: our GGUF export" in text and "llama.cpp Q4_K_M" in text
+    assert "## Kernels by CPU" in text and "dispatcher's pick" in text
+    assert "## Checkpoint integrity" in text and "every check (default)" in text
 
 
 def _r_int(value: int) -> bytes:

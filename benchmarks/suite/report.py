@@ -207,7 +207,8 @@ def standalone_sections(data_dir: Path) -> str:
     """Sections of the benchmarks that run on their own (their own processes, caps or long runs), rendered from
     their result files when present: ``quality_multitext.json`` (``benchmarks/quality_multitext.py``),
     ``low_memory.json`` (``benchmarks/low_memory.py``), ``w8a8.json`` (``benchmarks/w8a8.py``),
-    ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``) and ``llama_cpp.json`` (``benchmarks/llama_cpp.py``).
+    ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``), ``llama_cpp.json`` (``benchmarks/llama_cpp.py``) and
+    ``checkpoint_integrity.json`` (``benchmarks/checkpoint_integrity.py``).
     Each states its own command and date."""
     import importlib.util
 
@@ -218,6 +219,7 @@ def standalone_sections(data_dir: Path) -> str:
         ("w8a8.py", "w8a8.json", "w8a8_markdown"),
         ("kernels_by_cpu.py", "kernels_by_cpu.json", "kernels_by_cpu_markdown"),
         ("llama_cpp.py", "llama_cpp.json", "llama_cpp_markdown"),
+        ("checkpoint_integrity.py", "checkpoint_integrity.json", "checkpoint_integrity_markdown"),
     ):
         path = data_dir / result_file
         if not path.is_file():
