@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from contextlib import contextmanager
@@ -34,7 +33,8 @@ sys.path.insert(0, str(ROOT.parent))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from optimum_superweight import SuperWeightConfig  # noqa: E402
-from optimum_superweight.default_model import default_model_path  # noqa: E402
+from optimum_superweight.default_model import default_model_path
+from optimum_superweight.kernels.guard import cpu_name  # noqa: E402
 from optimum_superweight.evaluation import perplexity  # noqa: E402
 from optimum_superweight.kernels import kernel_summary  # noqa: E402
 
@@ -376,7 +376,7 @@ def w8a8_markdown(result: dict) -> str:
         f"`python3 benchmarks/w8a8.py` ({result.get('date', 'date not recorded')}"
         + (f"; quality rows from {result['quality_date']}" if result.get("quality_date") else "")
         + (f"; speed rows from {result['speed_date']}" if result.get("speed_date") else "")
-        + f", {result.get('threads')} threads, "
+        + f", {result.get('threads')} threads, {result.get('machine', 'CPU not recorded')}, "
         f"torch {result.get('torch')}). {result['model']}, 8-bit symmetric per-row weights and dynamic 8-bit "
         f"activations for every decoder projection; perplexity on {result['tokens']} tokens of the built-in text "
         "(windows of 512 with BOS), float32 model; *recovered* = share of naive W8A8's perplexity increase the "
@@ -463,7 +463,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     result = {"model": "SmolLM2-135M-Instruct", "date": time.strftime("%Y-%m-%d %H:%M"), "super_weight": SUPER_WEIGHT,
               "tokens": args.tokens, "window": 512, "threads": args.threads, "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine()}
+              "machine": cpu_name()}
     previous = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
     if not args.no_quality:
         result["quality"] = quality(path, tokenizer, args.tokens)
