@@ -60,7 +60,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines += [
             "",
             "`superweight` rows run the package's real `SuperWeightLinear` modules (quantize_model with "
-            "`SuperWeightConfig(bits, group_size)` defaults and the detected super weights). `rtn` rows are the same "
+            "`SuperWeightConfig(bits, group_size, method=\"rtn\")`, symmetric round-to-nearest unless the row names "
+            "clip or GPTQ (the package default until 2026-11-30; the default now is `method=\"hqq\"`, measured in "
+            "\"Quality on unseen text\" below), and the detected super weights). `rtn` rows are the same "
             "group quantization without held-out coordinates (simulated: quantize -> dequantize). `flat` rows simulate "
             "the paper's setting: asymmetric min-max over flat 1-D blocks of the row-major matrix, fp16 scale and "
             "offset per block. `bnb` rows are bitsandbytes' own quantize/dequantize functions (simulated).",
