@@ -126,7 +126,8 @@ MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {"smollm2": _smoll
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One method. ``kind``: ``fp`` | ``ours`` (SuperWeightConfig ``options``) | ``rtn`` | ``nf4`` | ``hqq`` | ``torchao``."""
+    """One method. ``kind``: ``fp`` | ``ours`` (SuperWeightConfig ``options``) | ``rtn`` | ``nf4`` | ``hqq`` | ``torchao``
+    | ``llama_cpp`` (``{"ftype": ...}``, :mod:`suite.llama_cpp_peer`)."""
 
     key: str
     label: str
@@ -154,6 +155,9 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("hqq4", "HQQ 4-bit g64 (hqq library)", "hqq", {"bits": 4, "group_size": 64}),
     RowSpec("hqq3", "HQQ 3-bit g64 (hqq library)", "hqq", {"bits": 3, "group_size": 64}),
     RowSpec("torchao4", "torchao int4 asym g64 (`IntxWeightOnlyConfig`)", "torchao", {"group_size": 64}, ("smollm2", "tiny")),
+    *(RowSpec(ftype.lower(), f"llama.cpp {ftype} (`llama_model_quantize` of its converter's F32 GGUF, no imatrix; "
+              "time = conversion + quantization)", "llama_cpp", {"ftype": ftype})
+      for ftype in ("Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S")),
 )
 
 
@@ -258,6 +262,10 @@ class ModelRun:
             return self._per_matrix(lambda w: peers.hqq_quantize(w, o["bits"], o["group_size"]))
         if row.kind == "torchao":
             return self._per_matrix(lambda w: peers.torchao_int4(w, o["group_size"]))
+        if row.kind == "llama_cpp":
+            from suite import llama_cpp_peer
+
+            return llama_cpp_peer.quantize(self.source, {n: m.weight.data for n, m in self.modules.items()}, o["ftype"])
         raise ValueError(f"unknown row kind {row.kind!r}")
 
     # -- evaluation -----------------------------------------------------------------------------------------
@@ -319,7 +327,7 @@ class ModelRun:
 
 
 #: Row kinds whose numbers do not depend on this package's code: ``--reuse`` may take them from an earlier run.
-REUSABLE_KINDS = ("fp", "rtn", "nf4", "hqq", "torchao")
+REUSABLE_KINDS = ("fp", "rtn", "nf4", "hqq", "torchao", "llama_cpp")
 
 
 def reusable_rows(previous: dict[str, Any], model: str, protocol: dict[str, Any]) -> tuple[dict[str, dict], str | None]:

@@ -45,6 +45,9 @@ def library_versions() -> dict[str, str | None]:
             versions[name] = getattr(module, "__version__", None) or _dist_version(name)
         except Exception as error:  # noqa: BLE001 - reported, not raised
             versions[name] = f"unavailable: {type(error).__name__}: {error}"
+    from suite.llama_cpp_peer import llama_cpp_version  # llama-cpp-python, kept apart from benchmarks/llama_cpp.py
+
+    versions["llama-cpp-python"] = llama_cpp_version()
     return versions
 
 
