@@ -155,9 +155,13 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("hqq4", "HQQ 4-bit g64 (hqq library)", "hqq", {"bits": 4, "group_size": 64}),
     RowSpec("hqq3", "HQQ 3-bit g64 (hqq library)", "hqq", {"bits": 3, "group_size": 64}),
     RowSpec("torchao4", "torchao int4 asym g64 (`IntxWeightOnlyConfig`)", "torchao", {"group_size": 64}, ("smollm2", "tiny")),
+    # Gemma 3's reference is llama.cpp's Q4_K_M dequantized (Q4_K, Q5_0, Q6_K, Q8_0 tensors): ftypes that use those
+    # types land back on its grid (Q4_K_M leaves almost every weight unchanged: extra.unchanged_fraction), so only Q4_0 and
+    # Q3_K_S (Q4_0 + Q3_K tensors) run there.
     *(RowSpec(ftype.lower(), f"llama.cpp {ftype} (`llama_model_quantize` of its converter's F32 GGUF, no imatrix; "
-              "time = conversion + quantization)", "llama_cpp", {"ftype": ftype})
-      for ftype in ("Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S")),
+              "time = conversion + quantization)", "llama_cpp", {"ftype": ftype}, models)
+      for ftype, models in (("Q4_K_M", ("smollm2", "tiny")), ("Q4_K_S", ("smollm2", "tiny")), ("Q4_0", ("smollm2", "gemma3", "tiny")),
+                            ("Q3_K_M", ("smollm2", "tiny")), ("Q3_K_S", ("smollm2", "gemma3", "tiny")))),
 )
 
 
