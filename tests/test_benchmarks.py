@@ -263,3 +263,55 @@ def test_multitext_quality_runs_end_to_end(tmp_path):
     assert [p["weights"] for p in result["scaling"]["points"]] == sorted(p["weights"] for p in result["scaling"]["points"])
     text = quality_multitext.quality_multitext_markdown(result)
     assert "| method | bits/weight |" in text and "Goals (issue 14)" in text
+
+
+def _write_gguf(path: Path, tensors: dict[str, torch.Tensor], heads: int, kv_heads: int, blocks: int) -> None:
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(blocks)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's rotary layout written out: in each head, GGUF row 2i + j is transformers row i + j * head_dim / 2."""
+    dim = weight.shape[0] // heads
+    rows = [h * dim + j * dim // 2 + i for h in range(heads) for i in range(dim // 2) for j in range(2)]
+    return weight[rows]
+
+
+def test_llama_cpp_mapping_undoes_the_rotary_row_order_and_refuses_a_wrong_tensor(tmp_path):
+    """The llama.cpp peer maps GGUF tensors back to modules only when they reproduce the weights exactly."""
+    pytest.importorskip("gguf")
+    from suite.llama_cpp_peer import tensor_mapping
+
+    torch.manual_seed(0)
+    heads, kv_heads, hidden = 4, 2, 32
+    weights = {"model.layers.0.self_attn.q_proj": torch.randn(hidden, hidden),
+               "model.layers.0.self_attn.k_proj": torch.randn(hidden // heads * kv_heads, hidden),
+               "model.layers.0.self_attn.v_proj": torch.randn(hidden // heads * kv_heads, hidden),
+               "model.layers.0.mlp.down_proj": torch.randn(hidden, 48)}
+    stored = {"blk.0.attn_q.weight": _interleaved(weights["model.layers.0.self_attn.q_proj"], heads),
+              "blk.0.attn_k.weight": _interleaved(weights["model.layers.0.self_attn.k_proj"], kv_heads),
+              "blk.0.attn_v.weight": weights["model.layers.0.self_attn.v_proj"],
+              "blk.0.ffn_down.weight": weights["model.layers.0.mlp.down_proj"]}
+    _write_gguf(tmp_path / "good.gguf", stored, heads, kv_heads, 1)
+    mapping = tensor_mapping(tmp_path / "good.gguf", weights)
+    assert {m: e.gguf_name for m, e in mapping.items()} == {
+        "model.layers.0.self_attn.q_proj": "blk.0.attn_q.weight", "model.layers.0.self_attn.k_proj": "blk.0.attn_k.weight",
+        "model.layers.0.self_attn.v_proj": "blk.0.attn_v.weight", "model.layers.0.mlp.down_proj": "blk.0.ffn_down.weight"}
+    assert [m for m, e in mapping.items() if e.order is not None] == ["model.layers.0.self_attn.q_proj",
+                                                                      "model.layers.0.self_attn.k_proj"]
+    for module, entry in mapping.items():
+        assert torch.equal(entry.to_module(stored[entry.gguf_name]), weights[module])
+    # A tensor in an order the mapping does not know (here: v with its rows reversed) is refused, not guessed.
+    stored["blk.0.attn_v.weight"] = weights["model.layers.0.self_attn.v_proj"].flip(0)
+    _write_gguf(tmp_path / "bad.gguf", stored, heads, kv_heads, 1)
+    with pytest.raises(ValueError, match="v_proj"):
+        tensor_mapping(tmp_path / "bad.gguf", weights)
