@@ -732,7 +732,7 @@ def main(argv=None) -> int:
     if args.combine:
         output = Path(args.output) if args.output else DEFAULT_OUTPUT
         result = combine(args.combine)
-        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto")
+        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto", "llama.cpp rows:")
         earlier = [note for f in args.combine for note in json.loads(Path(f).read_text(encoding="utf-8")).get("notes", [])]
         args.note = list(dict.fromkeys(n for n in earlier + list(args.note) if not n.startswith(fixed)))
         result["meta"]["command"] = "python3 benchmarks/quality_multitext.py --combine " + " ".join(Path(f).name for f in args.combine)
@@ -806,6 +806,13 @@ def finish(result: dict[str, Any], output: Path, args: argparse.Namespace, start
         "with `BaseQuantizeConfig(nbits, group_size=64)` (default optimizer, float16 scale and zero).",
         "optimum-quanto is not run: each row costs a full evaluation and it was x1.475 at 4.63 bits/weight in the earlier single-text run "
         "(REFERENCE.md section 7).",
+        "llama.cpp rows: the full-precision folder converted to GGUF F32 by llama.cpp's `convert_hf_to_gguf.py`, quantized by "
+        "`llama_model_quantize` (llama-cpp-python, no imatrix), read back with gguf-py and mapped to the modules (the "
+        "converter's rotary q/k row order undone; the F32 tensors must equal the weights exactly). k-quant types need "
+        "input widths that are multiples of 256: matrices reading SmolLM2's 576-wide or Gemma 3's 640-wide hidden state "
+        "fall back to 32-element types (Q5_0, Q5_1, Q4_0, Q8_0), so bits/weight count the types actually written (each "
+        "row's `extra.tensor_types`). On Gemma 3, whose reference is llama.cpp's Q4_K_M dequantized, only Q4_0 and Q3_K_S "
+        "run: the other ftypes reuse its tensor types and land back on its grid.",
     ] + list(args.note)
     if result.get("scaling"):
         result["scaling_plot"] = scaling_plot(result, output.parent)

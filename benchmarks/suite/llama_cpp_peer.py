@@ -252,9 +252,11 @@ def quantize(source: str | os.PathLike[str], weights: dict[str, torch.Tensor], f
     out.unlink()
     # Near 1 when the reference weights already lie on this ftype's grid (a model dequantized from a llama.cpp file):
     # then the row measures nothing.
-    extra = {"ftype": ftype, "tensor_types": types, "unchanged_fraction": unchanged / sum(w.numel() for w in weights.values()), "convert_seconds": converted.seconds,
-             "llama_quantize_seconds": quantize_seconds, "read_dequantize_seconds": time.perf_counter() - start,
-             "mapping_check_seconds": converted.mapping_seconds, "rope_permuted_matrices": sum(e.order is not None for e in mapping.values()),
+    extra = {"ftype": ftype, "tensor_types": types,
+             "unchanged_fraction": unchanged / sum(w.numel() for w in weights.values()),
+             "convert_seconds": converted.seconds, "llama_quantize_seconds": quantize_seconds,
+             "read_dequantize_seconds": time.perf_counter() - start, "mapping_check_seconds": converted.mapping_seconds,
+             "rope_permuted_matrices": sum(e.order is not None for e in mapping.values()),
              "gguf_input": "F32 (convert_hf_to_gguf.py --outtype f32)", "imatrix": None,
              "llama_cpp_python": llama_cpp_version(), "converter": str(converted.converter)}
     return denses, stored, converted.seconds + quantize_seconds, extra
