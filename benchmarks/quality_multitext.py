@@ -812,7 +812,9 @@ def finish(result: dict[str, Any], output: Path, args: argparse.Namespace, start
         "input widths that are multiples of 256: matrices reading SmolLM2's 576-wide or Gemma 3's 640-wide hidden state "
         "fall back to 32-element types (Q5_0, Q5_1, Q4_0, Q8_0), so bits/weight count the types actually written (each "
         "row's `extra.tensor_types`). On Gemma 3, whose reference is llama.cpp's Q4_K_M dequantized, only Q4_0 and Q3_K_S "
-        "run: the other ftypes reuse its tensor types and land back on its grid.",
+        "run: the other ftypes reuse its tensor types and land back on its grid; even Q4_0's grid (twice Q5_0's step on the same "
+        "blocks of 32) nests in the reference's Q5_0 tensors, so part of the weights come back unchanged there (each row's "
+        "`extra.unchanged_fraction`): an advantage to llama.cpp, not against it.",
     ] + list(args.note)
     if result.get("scaling"):
         result["scaling_plot"] = scaling_plot(result, output.parent)
