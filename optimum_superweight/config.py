@@ -7,6 +7,7 @@ import difflib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -18,7 +19,7 @@ from .known import known_super_weights
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
-__all__ = ["SuperWeightConfig", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
+__all__ = ["SuperWeightConfig", "QuantizationResult", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,24 @@ def _normalise(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _normalise(v) for k, v in value.items()}
     return copy.copy(value)
+
+
+@dataclass(frozen=True)
+class QuantizationResult:
+    """What quantizing one model found and resolved: returned by the pipeline, recorded on a copy of the config.
+
+    The caller's :class:`SuperWeightConfig` is a request and is never written to; the model's own
+    ``config.quantization_config`` (what ``save_pretrained`` writes) is ``config.with_results(result)``.
+    ``None`` for an activation field means "not a W8A8 model: keep the config's value".
+
+    >>> QuantizationResult([SuperWeight("model.layers.1.mlp.down_proj", 5, 7, value=2.5)], ["lm_head"]).modules_to_not_convert
+    ['lm_head']
+    """
+
+    super_weights: Sequence[SuperWeight]
+    modules_to_not_convert: Sequence[str]
+    super_activation_channels: Sequence[int] | None = None
+    activation_holdout: dict[str, list[int]] | None = None
 
 
 class SuperWeightConfig(QuantizationConfigMixin):
@@ -417,6 +436,24 @@ class SuperWeightConfig(QuantizationConfigMixin):
     def set_super_weights(self, records: Iterable[SuperWeight]) -> None:
         """Replace the configured super weights (stored as JSON-ready dicts)."""
         self.super_weights = [sw.to_dict() for sw in records]
+
+    def with_results(self, result: QuantizationResult) -> "SuperWeightConfig":
+        """A copy of this config that records ``result`` (this config is left as it was), validated like any config.
+
+        >>> request = SuperWeightConfig()
+        >>> recorded = request.with_results(QuantizationResult([SuperWeight("model.layers.1.mlp.down_proj", 5, 7)], ["lm_head"]))
+        >>> len(recorded.super_weights), request.super_weights
+        (1, [])
+        """
+        recorded = copy.deepcopy(self)
+        recorded.set_super_weights(result.super_weights)
+        recorded.modules_to_not_convert = list(result.modules_to_not_convert)
+        if result.super_activation_channels is not None:
+            recorded.super_activation_channels = list(result.super_activation_channels)
+        if result.activation_holdout is not None:
+            recorded.activation_holdout = {name: list(channels) for name, channels in result.activation_holdout.items()}
+        recorded.post_init()
+        return recorded
 
     @classmethod
     def from_model_card(cls, source: Any, **kwargs: Any) -> "SuperWeightConfig":

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 
-from ..config import SuperWeightConfig
+from ..config import QuantizationResult, SuperWeightConfig
 from ..format import BIAS, check_quantizable
 from ..prompts import model_tokenizer
 from ..records import SuperWeight
@@ -44,7 +44,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LowMemoryPlan:
-    """What quantize-on-load needs per weight: coordinates, layout, and the records to complete."""
+    """What quantize-on-load needs per weight: coordinates, layout, and the records to complete.
+
+    ``config`` is the caller's config with the planned super weights and exclusions recorded: a copy.
+    """
 
     config: SuperWeightConfig
     # "<module>.weight" -> (module name, in_features, out_features, transposed in the checkpoint)
@@ -56,6 +59,10 @@ class LowMemoryPlan:
 
     def finished_records(self) -> list[SuperWeight]:
         return [sw for module_records in self.records.values() for sw in module_records]
+
+    def result(self) -> QuantizationResult:
+        """The super weights with the exact values read while loading, and the resolved exclusions."""
+        return QuantizationResult(self.finished_records(), list(self.config.modules_to_not_convert or []))
 
 
 def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) -> list[SuperWeight]:
@@ -117,10 +124,9 @@ def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_file
     for name, module in targets.items():
         in_features, out_features = features(module)
         weights[f"{name}.weight"] = (name, in_features, out_features, not isinstance(module, nn.Linear))
-    config.modules_to_not_convert = skip
-    config.set_super_weights(records)
-    build_quantized_skeleton(model, config)
-    return LowMemoryPlan(config=config, weights=weights, records=by_module, check_values=check_values)
+    planned = config.with_results(QuantizationResult(records, skip))  # the caller's config is never written to
+    build_quantized_skeleton(model, planned)
+    return LowMemoryPlan(config=planned, weights=weights, records=by_module, check_values=check_values)
 
 
 def _libc_malloc_trim():

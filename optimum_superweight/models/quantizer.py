@@ -14,6 +14,7 @@ The quantizer only wires hooks. Detection lives in :mod:`..detection`, module re
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -32,6 +33,7 @@ from .replace import (
     dequantize_model,
     modules_to_convert,
     quantize_model,
+    record_results,
     resolve_dtype,
     resolve_modules_to_not_convert,
 )
@@ -48,6 +50,8 @@ class SuperWeightQuantizer(HfQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config: SuperWeightConfig, **kwargs: Any) -> None:
+        # The caller's config is a request that may load several models: work on a copy, never write to it.
+        quantization_config = copy.deepcopy(quantization_config)
         super().__init__(quantization_config, **kwargs)
         self.quantization_config: SuperWeightConfig = quantization_config
         quantization_config.post_init()  # again: fields may have been assigned after construction
@@ -100,9 +104,9 @@ class SuperWeightQuantizer(HfQuantizer):
             raise ValueError(
                 "Quantizing while loading failed: " + "; ".join(plan.errors or [f"never received {missing[:3]}"])
             )
-        plan.config.set_super_weights(plan.finished_records())
-        verify_quantized_model(model, plan.config, loaded_by_transformers=True)
-        model.config.quantization_config = plan.config
+        record_results(model, plan.config, plan.result())
+        self.quantization_config = model.config.quantization_config
+        verify_quantized_model(model, self.quantization_config, loaded_by_transformers=True)
         prepare_kernels(model)
         return attach_card_hook(model)
 
@@ -141,8 +145,8 @@ class SuperWeightQuantizer(HfQuantizer):
                 records = [c for c in report.candidates if c.classification in ("super", "weak")]
                 logger.info("optimum-superweight detected %d super weight(s).", len(records))
             # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.
-            quantize_model(model, config, records, tokenizer=tokenizer)
-        model.config.quantization_config = config
+            quantize_model(model, config, records, tokenizer=tokenizer)  # records the results on model.config
+        self.quantization_config = model.config.quantization_config
         prepare_kernels(model)
         return attach_card_hook(model)
 
