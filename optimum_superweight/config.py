@@ -232,7 +232,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         act_order: ``"gptq"`` quantizes input columns by decreasing activation energy.
         low_memory: Quantize while loading: each full-precision weight is quantized as it arrives, so the
             whole full-precision model is never in memory; missing coordinates are found by streaming
-            detection layer by layer from the shards (:mod:`optimum_superweight.streaming`, unconfirmed
+            detection layer by layer from the shards (:mod:`optimum_superweight.detection.streaming`, unconfirmed
             spikes). ``method="rtn"`` only: GPTQ needs every layer's calibration activations.
         activation_bits: ``None`` (default: weight-only) or ``8`` for W8A8: int8 activations x int8 weights on
             ``torch._int_mm``; then ``bits=8``, ``group_size=-1`` and ``symmetric=True`` are required (8-bit

@@ -5,7 +5,7 @@ transformers loads a checkpoint one tensor at a time and, for each parameter the
 (``get_quantize_ops``) before it is assigned. The plan built here, before weights load:
 
 1. super weights: the configured coordinates, or (``detect=True``) streaming detection straight from
-   the shards (:mod:`optimum_superweight.streaming`: one decoder layer in memory at a time, raw spikes
+   the shards (:mod:`optimum_superweight.detection.streaming`: one decoder layer in memory at a time, raw spikes
    kept without ablation confirmation);
 2. the targeted linear layers are swapped for empty :class:`SuperWeightLinear` skeletons, exactly as for
    a compressed checkpoint;
@@ -66,7 +66,7 @@ class LowMemoryPlan:
 
 
 def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) -> list[SuperWeight]:
-    from ..streaming import detect_super_weights_streaming
+    from ..detection import DetectionSettings, records_to_keep, run_detection
 
     files = [str(f) for f in (checkpoint_files or [])]
     if not files or not all(f.endswith(".safetensors") for f in files):
@@ -77,18 +77,9 @@ def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) 
         )
     # As in memory: the model's own tokenizer and the default prompts (not fixed token ids) when it has one.
     tokenizer = model_tokenizer(model)
-    report = detect_super_weights_streaming(
-        config=model.config,
-        files=files,
-        tokenizer=tokenizer,
-        prompts=config.detection_prompts,
-        threshold=config.detection_threshold,
-        min_ratio=config.detection_min_ratio,
-        layers=config.detection_layers,
-        max_super_weights=config.max_super_weights,
-    )
+    report = run_detection(DetectionSettings.from_config(config), config=model.config, files=files, tokenizer=tokenizer)
     logger.info("optimum-superweight streaming detection: %d candidate(s).", len(report.candidates))
-    return list(report.candidates)
+    return records_to_keep(report)
 
 
 def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any = None) -> LowMemoryPlan:

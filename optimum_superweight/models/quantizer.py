@@ -130,19 +130,10 @@ class SuperWeightQuantizer(HfQuantizer):
             records = config.get_super_weights()
             tokenizer = model_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
             if not records and config.detect:
-                from ..detection import detect_super_weights
+                from ..detection import DetectionSettings, records_to_keep, run_detection
 
-                report = detect_super_weights(
-                    model,
-                    tokenizer,
-                    prompts=config.detection_prompts,
-                    threshold=config.detection_threshold,
-                    min_ratio=config.detection_min_ratio,
-                    layers=config.detection_layers,
-                    max_super_weights=config.max_super_weights,
-                )
-                # A few exact scalars cost nothing: keep weak candidates as well as confirmed ones.
-                records = [c for c in report.candidates if c.classification in ("super", "weak")]
+                report = run_detection(DetectionSettings.from_config(config), model=model, tokenizer=tokenizer)
+                records = records_to_keep(report)
                 logger.info("optimum-superweight detected %d super weight(s).", len(records))
             # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.
             quantize_model(model, config, records, tokenizer=tokenizer)  # records the results on model.config

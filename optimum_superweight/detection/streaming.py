@@ -4,7 +4,7 @@ A 70B model in float32 does not fit most machines, yet detection only needs one 
 time: the model is built on the ``meta`` device (no memory), the prompt's embedding rows are read from
 the shards, and then each decoder layer is loaded (``safetensors.safe_open``, only that layer's
 tensors), run on the carried hidden states, searched with the same per-layer spike statistics and
-zero-and-look-again loop as :func:`optimum_superweight.detection.detect_super_weights`, and released.
+zero-and-look-again loop as :func:`optimum_superweight.detection.detect_super_weights` (:mod:`.search`), and released.
 Peak memory is one decoder layer in float32 plus the activations of the prompts, flat in the number
 of layers.
 
@@ -31,20 +31,12 @@ from typing import Any
 
 import torch
 
-from .architectures import ProjectionSite, projection_sites
-from .prompts import load_tokenizer
-from .records import SuperWeight
-from .detection import (
-    Candidate,
-    DetectionReport,
-    SpikeSearch,
-    candidate_record,
-    check_count,
-    check_number,
-    collect_candidates,
-    encode_prompts,
-    pad_batch,
-)
+from ..architectures import ProjectionSite, projection_sites
+from ..prompts import load_tokenizer
+from ..records import SuperWeight
+from .inputs import DetectionSettings, encode_prompts, pad_batch
+from .report import DetectionReport
+from .search import Candidate, SpikeSearch, candidate_record, collect_candidates, select_sites
 
 __all__ = ["detect_super_weights_streaming", "checkpoint_files", "ShardReader", "meta_model"]
 
@@ -220,10 +212,10 @@ def _detect_streaming(
 ) -> DetectionReport:
     """The body of :func:`detect_super_weights_streaming`: check, build on meta, search layer by layer, report."""
     started = time.perf_counter()
-    threshold = check_number("threshold", threshold, 0.0)
-    min_ratio = check_number("min_ratio", min_ratio, 0.0)
-    max_super_weights = check_count("max_super_weights", max_super_weights, 0)
-    max_iterations = check_count("max_iterations", max_iterations, 1)
+    settings = DetectionSettings(
+        prompts=prompts, threshold=threshold, min_ratio=min_ratio, layers=layers, max_super_weights=max_super_weights,
+        max_iterations=max_iterations, confirm=False, projection=projection,
+    ).checked()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} is invalid: expected a floating torch.dtype such as torch.float32.")
     config, files, tokenizer = _resolve_source(source, tokenizer, config, files)
@@ -232,7 +224,7 @@ def _detect_streaming(
     reader = ShardReader(files, getattr(model, "base_model_prefix", "model"))
     sites = projection_sites(model, projection)
     projection_name = projection or sites[0].name.removeprefix(sites[0].layer_name + ".")
-    search_sites = _streaming_search_sites(sites, layers)
+    search_sites = select_sites(sites, settings.layers)
 
     def say(message: str) -> None:
         if progress:
@@ -250,15 +242,15 @@ def _detect_streaming(
         model_type=getattr(config, "model_type", None),
         projection=projection_name,
         prompts=texts,
-        threshold=threshold,
-        min_ratio=min_ratio,
+        threshold=settings.threshold,
+        min_ratio=settings.min_ratio,
         iterations=0,
     )
-    if max_super_weights == 0:
+    if settings.max_super_weights == 0:
         report.timings["total"] = time.perf_counter() - started
         return report
 
-    spy = SpikeSearch(search_sites, valid, threshold, min_ratio, max_iterations)
+    spy = SpikeSearch(search_sites, valid, settings.threshold, settings.min_ratio, settings.max_iterations)
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
     if inputs_embeds is not None:
         kwargs["inputs_embeds"] = inputs_embeds
@@ -268,7 +260,7 @@ def _detect_streaming(
         _stream_layers(model, sites, max(site.layer for site in search_sites), reader, dtype, say, kwargs)
     finally:
         spy.remove()
-    report.iterations, report.layer_spikes, found = collect_candidates(spy, search_sites, valid, max_super_weights)
+    report.iterations, report.layer_spikes, found = collect_candidates(spy, search_sites, valid, settings.max_super_weights)
     report.candidates = [_streaming_record(c) for c in found]
     report.timings["search"] = report.timings["total"] = time.perf_counter() - started
     say(f"done: {len(report.candidates)} candidate(s)")
@@ -294,17 +286,6 @@ def _resolve_source(source: Any, tokenizer: Any, config: Any, files: Any) -> tup
         # folder has one; fixed token ids, with a log line, only when it has none.
         tokenizer = load_tokenizer(source)
     return config, files, tokenizer
-
-
-def _streaming_search_sites(sites: list[ProjectionSite], layers: Iterable[int] | None) -> list[ProjectionSite]:
-    """The sites of ``layers`` (default all); fails on an invalid or unknown layer index."""
-    if layers is None:
-        return sites
-    wanted = sorted(set(check_count("layers[i]", i, 0) for i in layers))
-    known = {site.layer for site in sites}
-    if not wanted or any(i not in known for i in wanted):
-        raise ValueError(f"layers={wanted!r} is invalid: this model has decoder layers 0..{max(known)}.")
-    return [site for site in sites if site.layer in set(wanted)]
 
 
 def _load_outside_layers(
