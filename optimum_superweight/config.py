@@ -12,10 +12,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .card_reading import read_super_weights
 from .format import DIGEST_ALGORITHMS, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
 from .kernels.w8a8 import ACTIVATION_SCALES
-from .known import known_super_weights
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
@@ -464,6 +462,9 @@ class SuperWeightConfig(QuantizationConfigMixin):
 
         >>> config = SuperWeightConfig.from_model_card("model_cards/huggyllama--llama-7b.md", bits=4)  # doctest: +SKIP
         """
+        # Imported here: the hub package builds cards from configs, so it imports this module when it loads.
+        from .hub.reading import read_super_weights
+
         return cls._with_super_weights(read_super_weights(source), "card", kwargs)
 
     @classmethod
@@ -473,6 +474,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
         >>> SuperWeightConfig.from_known("huggyllama/llama-7b", bits=4).get_super_weights()[0].paper_notation()
         'layers[2].mlp.down_proj.weight[3968, 7003]'
         """
+        from .hub.index import known_super_weights  # see from_model_card
+
         return cls._with_super_weights(known_super_weights(model_id), "index", kwargs)
 
     @classmethod

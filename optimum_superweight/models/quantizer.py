@@ -96,7 +96,7 @@ class SuperWeightQuantizer(HfQuantizer):
         return SuperWeightQuantize(self._low_memory)
 
     def _finish_low_memory(self, model):
-        from ..hub import attach_card_hook
+        from ..hub.push import attach_card_hook
 
         plan, self._low_memory = self._low_memory, None
         missing = sorted(set(plan.weights) - plan.done)
@@ -111,7 +111,7 @@ class SuperWeightQuantizer(HfQuantizer):
         return attach_card_hook(model)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        from ..hub import attach_card_hook
+        from ..hub.push import attach_card_hook
 
         config = self.quantization_config
         if self._low_memory is not None:

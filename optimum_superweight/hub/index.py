@@ -1,6 +1,6 @@
 """The index of known super weights: one card per model in ``model_cards/``, shipped with the package.
 
-Each card (written by :func:`optimum_superweight.cards.build_index_card`) names a model, the variants that
+Each card (written by :func:`.building.build_index_card`) names a model, the variants that
 share its coordinates (e.g. an instruct model fine-tuned from the base), where the coordinates come from,
 and the coordinates themselves. Look a model up by its Hub id, case-insensitively:
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .card_reading import CARD_KEY, card_metadata_block, parse_card, read_text_file, records_from_entries
-from .records import SuperWeight
+from .reading import CARD_KEY, card_metadata_block, parse_card, read_text_file, records_from_entries
+from ..records import SuperWeight
 
 __all__ = [
     "KnownModel",
@@ -73,7 +73,7 @@ def model_cards_dir() -> Path:
             return Path(str(packaged))
     except (ModuleNotFoundError, NotADirectoryError):  # pragma: no cover - zip imports
         pass
-    fallback = Path(__file__).resolve().parent.parent / "model_cards"
+    fallback = Path(__file__).resolve().parents[2] / "model_cards"  # optimum_superweight/hub/index.py -> the source tree
     if fallback.is_dir():
         return fallback
     raise FileNotFoundError(

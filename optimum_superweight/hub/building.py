@@ -1,25 +1,11 @@
-"""Model cards that carry super weights: build one for a quantized checkpoint, read coordinates from any card.
-
-Building lives here; reading (safe YAML, the ``superweight`` block, paper notation) is
-:mod:`optimum_superweight.card_reading`, whose public names this module re-exports.
+"""Building model cards that carry super weights: one for a quantized checkpoint, one per model of the index.
 
 A card written by :func:`build_model_card` holds the super weights twice: machine-readable in the YAML
 metadata (key ``superweight``, one entry per weight, ``SuperWeight.to_dict()`` fields) next to the
-quantization settings, and human-readable as a table in the text. :func:`read_super_weights` reads that
-block back, and also understands coordinates written by hand in the paper's notation anywhere in a card's
-text (``layers[2].mlp.down_proj.weight[3968, 7003]``), so a card that only mentions the coordinates is
-enough to quantize without running detection:
-
-    >>> from huggingface_hub import ModelCard
-    >>> card = ModelCard("The super weight is `layers[2].mlp.down_proj.weight[3968, 7003]`.")
-    >>> [(sw.module, sw.row, sw.col) for sw in read_super_weights(card)]
-    [('model.layers.2.mlp.down_proj', 3968, 7003)]
-
-Untrusted input is checked before it is parsed: a size cap on the card and on its YAML block, YAML
-anchors and aliases refused (they are how "billion laughs" bombs multiply), a cap on the number of YAML nodes
-and on nesting, and a safe loader only (:class:`CardLoader`, stricter than ``yaml.safe_load``). A card is read
-completely or not at all: a repeated key, a number not in plain decimal notation, or a coordinate that cannot
-be read is an error naming its line, never a silently shorter or different list.
+quantization settings, and human-readable as a table in the text. Reading them back (safe YAML, the
+``superweight`` block, coordinates in the paper's notation anywhere in a card's text) is :mod:`.reading`;
+every card built here passes that reader's checks before it is returned. :func:`merge_cards` puts a generated
+card into a repo's existing one, replacing only the generated part.
 """
 
 
@@ -30,58 +16,27 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .card_reading import (
-    check_repo_id,
+from ..config import SuperWeightConfig
+from ..records import SuperWeight
+from .reading import (
     CARD_KEY,
     CARD_VERSION,
-    GENERATED_BEGIN,
     GENERATED_END,
-    MAX_CARD_BYTES,
-    MAX_COORDINATE,
-    MAX_SUPER_WEIGHTS,
-    MAX_YAML_BYTES,
-    MAX_YAML_DEPTH,
+    GENERATED_BEGIN,
     MAX_YAML_NODES,
     PACKAGE_URL,
-    PAPER_CODE_URL,
     PAPER_URL,
     _GENERATED_BEGIN_PREFIX,
-    _REPO_ID,
     _TRANSFORMERS_DEFAULT_CARD_MARK,
-    CardLoader,
     _bounded_copy,
-    card_metadata_block,
-    load_card,
+    check_repo_id,
     parse_card,
-    read_super_weights,
-    super_weights_from_text,
 )
-from .config import SuperWeightConfig
-from .records import SuperWeight
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
-__all__ = [
-    "CardLoader",
-    "CARD_KEY",
-    "CARD_VERSION",
-    "MAX_CARD_BYTES",
-    "MAX_YAML_BYTES",
-    "MAX_YAML_NODES",
-    "MAX_SUPER_WEIGHTS",
-    "GENERATED_BEGIN",
-    "GENERATED_END",
-    "build_model_card",
-    "build_index_card",
-    "read_super_weights",
-    "super_weights_from_text",
-    "load_card",
-    "parse_card",
-    "merge_cards",
-    "card_metadata_block",
-    "normalize_perplexity",
-]
+__all__ = ["build_model_card", "build_index_card", "merge_cards", "normalize_perplexity"]
 
 
 
