@@ -223,7 +223,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         clip_objective: What ``clip_search`` minimises: ``"weight"`` (default; the weight error, data-free with
             ``"rtn"``) or ``"output"`` (activation-aware: each group's output error ``(w - q)ᵀ H (w - q)`` under the
             inputs' second moment on calibration text, as GPTQ collects it; ``"rtn"`` then calibrates too). It is
-            what makes coarse scales usable: int4 per-channel RTN on SmolLM2 goes from x2.05 to x1.32 perplexity.
+            what makes coarse scales usable (per-channel int4: measured in ``benchmarks/RESULTS.md``).
         calibration_tokens: Tokens of calibration text for ``"gptq"`` (and, up to 2048, for the W8A8 scan for
             massive activations).
         damp: ``"gptq"`` dampening, a fraction of the mean Hessian diagonal added to it.
@@ -243,7 +243,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         massive_activation_ratio: W8A8 with the hold-out: also hold out, per layer, the input channels whose
             largest magnitude on the calibration text (``calibration_tokens``) reaches this multiple of the
             median channel's — the massive activations that travel with the super activation (Sun et al.,
-            2024). ``None``: only the super activation. Measured on SmolLM2 per-tensor: see the README.
+            2024). ``None``: only the super activation. Measured: ``benchmarks/RESULTS.md``.
         max_holdout_channels: W8A8: at most this many held-out input channels per layer (the largest first).
         activation_holdout: W8A8: the held-out input channels of each layer (module name -> channels), recorded
             at quantization so a saved checkpoint reloads with the same ones. Leave ``None`` to compute them.

@@ -5,7 +5,7 @@
     optimum-superweight card --known mistralai/Mistral-7B-Instruct-v0.1   # from the shipped index
     optimum-superweight card --list-known
     optimum-superweight card out/smollm2-sw4 --generate --base-model HuggingFaceTB/SmolLM2-135M-Instruct
-    optimum-superweight push out/smollm2-sw4 user/SmolLM2-135M-Instruct-sw4 --ppl-before 14.99 --ppl-after 15.9
+    optimum-superweight push out/smollm2-sw4 user/SmolLM2-135M-Instruct-sw4 --ppl-before PPL_FULL --ppl-after PPL_QUANTIZED
 """
 
 from __future__ import annotations

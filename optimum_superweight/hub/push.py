@@ -4,7 +4,7 @@ Two ways, one commit each, and everything validated before the first byte is upl
 
     >>> import optimum_superweight
     >>> optimum_superweight.push_to_hub(model, "user/SmolLM2-135M-Instruct-sw4",
-    ...                                 perplexity={"before": 14.99, "after": 15.9})  # doctest: +SKIP
+    ...                                 perplexity={"before": ppl_full, "after": ppl_quantized})  # doctest: +SKIP
     >>> model.push_to_hub("user/SmolLM2-135M-Instruct-sw4")  # doctest: +SKIP
 
 The second works because the quantizer calls :func:`attach_card_hook` on every model it loads: transformers'
