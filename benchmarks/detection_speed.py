@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_superweight import default_model_path, detect_super_weights
-    from optimum_superweight.detection import _DEFAULT_CONFIRM_TOKENS, _confirmation_ids
+    from optimum_superweight.detection import DEFAULT_CONFIRM_TOKENS, confirmation_ids
 
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ids, _ = _confirmation_ids(model, tokenizer, _DEFAULT_CONFIRM_TOKENS)
+    ids, _ = confirmation_ids(model, tokenizer, DEFAULT_CONFIRM_TOKENS)
     input_ids = torch.tensor([ids])
 
     def forward_seconds() -> float:

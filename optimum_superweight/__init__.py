@@ -5,14 +5,12 @@ Importing the package registers the ``"superweight"`` quantization method with t
 compressed checkpoint with a plain call.
 """
 
-from .cards import build_model_card, read_super_weights
 from .config import SuperWeightConfig
 from .default_model import default_model_path
 from .detection import DetectionReport, detect_super_weights
 from .errors import SuperWeightError, SuperWeightHubError, SuperWeightRepoNotFoundError
-from .hub import attach_card_hook, push_to_hub
+from .hub import attach_card_hook, build_model_card, known_super_weights, push_to_hub, read_super_weights
 from .kernels import kernel_summary, prepare_kernels, set_float32_policy
-from .known import known_super_weights
 from .ablation import AblationReport, ablate
 from .evaluation import PerplexityResult, builtin_text, load_text, perplexity
 from .models import SuperWeightQuantizer, dequantize_model, quantize_model, register

@@ -7,18 +7,17 @@ import difflib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .card_reading import read_super_weights
 from .format import DIGEST_ALGORITHMS, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
 from .kernels.w8a8 import ACTIVATION_SCALES
-from .known import known_super_weights
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
-__all__ = ["SuperWeightConfig", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
+__all__ = ["SuperWeightConfig", "QuantizationResult", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +161,24 @@ def _normalise(value: Any) -> Any:
     return copy.copy(value)
 
 
+@dataclass(frozen=True)
+class QuantizationResult:
+    """What quantizing one model found and resolved: returned by the pipeline, recorded on a copy of the config.
+
+    The caller's :class:`SuperWeightConfig` is a request and is never written to; the model's own
+    ``config.quantization_config`` (what ``save_pretrained`` writes) is ``config.with_results(result)``.
+    ``None`` for an activation field means "not a W8A8 model: keep the config's value".
+
+    >>> QuantizationResult([SuperWeight("model.layers.1.mlp.down_proj", 5, 7, value=2.5)], ["lm_head"]).modules_to_not_convert
+    ['lm_head']
+    """
+
+    super_weights: Sequence[SuperWeight]
+    modules_to_not_convert: Sequence[str]
+    super_activation_channels: Sequence[int] | None = None
+    activation_holdout: dict[str, list[int]] | None = None
+
+
 class SuperWeightConfig(QuantizationConfigMixin):
     """Low-bit weight quantization that keeps a model's super weights bit-exact.
 
@@ -206,14 +223,14 @@ class SuperWeightConfig(QuantizationConfigMixin):
         clip_objective: What ``clip_search`` minimises: ``"weight"`` (default; the weight error, data-free with
             ``"rtn"``) or ``"output"`` (activation-aware: each group's output error ``(w - q)ᵀ H (w - q)`` under the
             inputs' second moment on calibration text, as GPTQ collects it; ``"rtn"`` then calibrates too). It is
-            what makes coarse scales usable: int4 per-channel RTN on SmolLM2 goes from x2.05 to x1.32 perplexity.
+            what makes coarse scales usable (per-channel int4: measured in ``benchmarks/RESULTS.md``).
         calibration_tokens: Tokens of calibration text for ``"gptq"`` (and, up to 2048, for the W8A8 scan for
             massive activations).
         damp: ``"gptq"`` dampening, a fraction of the mean Hessian diagonal added to it.
         act_order: ``"gptq"`` quantizes input columns by decreasing activation energy.
         low_memory: Quantize while loading: each full-precision weight is quantized as it arrives, so the
             whole full-precision model is never in memory; missing coordinates are found by streaming
-            detection layer by layer from the shards (:mod:`optimum_superweight.streaming`, unconfirmed
+            detection layer by layer from the shards (:mod:`optimum_superweight.detection.streaming`, unconfirmed
             spikes). ``method="rtn"`` only: GPTQ needs every layer's calibration activations.
         activation_bits: ``None`` (default: weight-only) or ``8`` for W8A8: int8 activations x int8 weights on
             ``torch._int_mm``; then ``bits=8``, ``group_size=-1`` and ``symmetric=True`` are required (8-bit
@@ -226,7 +243,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         massive_activation_ratio: W8A8 with the hold-out: also hold out, per layer, the input channels whose
             largest magnitude on the calibration text (``calibration_tokens``) reaches this multiple of the
             median channel's — the massive activations that travel with the super activation (Sun et al.,
-            2024). ``None``: only the super activation. Measured on SmolLM2 per-tensor: see the README.
+            2024). ``None``: only the super activation. Measured: ``benchmarks/RESULTS.md``.
         max_holdout_channels: W8A8: at most this many held-out input channels per layer (the largest first).
         activation_holdout: W8A8: the held-out input channels of each layer (module name -> channels), recorded
             at quantization so a saved checkpoint reloads with the same ones. Leave ``None`` to compute them.
@@ -418,6 +435,24 @@ class SuperWeightConfig(QuantizationConfigMixin):
         """Replace the configured super weights (stored as JSON-ready dicts)."""
         self.super_weights = [sw.to_dict() for sw in records]
 
+    def with_results(self, result: QuantizationResult) -> "SuperWeightConfig":
+        """A copy of this config that records ``result`` (this config is left as it was), validated like any config.
+
+        >>> request = SuperWeightConfig()
+        >>> recorded = request.with_results(QuantizationResult([SuperWeight("model.layers.1.mlp.down_proj", 5, 7)], ["lm_head"]))
+        >>> len(recorded.super_weights), request.super_weights
+        (1, [])
+        """
+        recorded = copy.deepcopy(self)
+        recorded.set_super_weights(result.super_weights)
+        recorded.modules_to_not_convert = list(result.modules_to_not_convert)
+        if result.super_activation_channels is not None:
+            recorded.super_activation_channels = list(result.super_activation_channels)
+        if result.activation_holdout is not None:
+            recorded.activation_holdout = {name: list(channels) for name, channels in result.activation_holdout.items()}
+        recorded.post_init()
+        return recorded
+
     @classmethod
     def from_model_card(cls, source: Any, **kwargs: Any) -> "SuperWeightConfig":
         """A config whose super weights come from a model card, so detection is skipped.
@@ -427,6 +462,9 @@ class SuperWeightConfig(QuantizationConfigMixin):
 
         >>> config = SuperWeightConfig.from_model_card("model_cards/huggyllama--llama-7b.md", bits=4)  # doctest: +SKIP
         """
+        # Imported here: the hub package builds cards from configs, so it imports this module when it loads.
+        from .hub.reading import read_super_weights
+
         return cls._with_super_weights(read_super_weights(source), "card", kwargs)
 
     @classmethod
@@ -436,6 +474,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
         >>> SuperWeightConfig.from_known("huggyllama/llama-7b", bits=4).get_super_weights()[0].paper_notation()
         'layers[2].mlp.down_proj.weight[3968, 7003]'
         """
+        from .hub.index import known_super_weights  # see from_model_card
+
         return cls._with_super_weights(known_super_weights(model_id), "index", kwargs)
 
     @classmethod

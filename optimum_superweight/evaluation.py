@@ -3,7 +3,7 @@
 The default protocol is the one every quality number of this package is quoted with:
 the first 4096 tokens of the built-in English text (``pydoc_data.topics``, shipped with every CPython),
 cut into non-overlapping windows of 512 tokens, each window preceded by the tokenizer's BOS token, every
-text token scored once. On SmolLM2-135M-Instruct in float32 this gives a perplexity of 14.99.
+text token scored once. Measured perplexities (SmolLM2-135M-Instruct and others): ``benchmarks/RESULTS.md``.
 
     >>> from transformers import AutoModelForCausalLM, AutoTokenizer
     >>> from optimum_superweight import perplexity, default_model_path
@@ -223,7 +223,7 @@ def perplexity(
 
     >>> result = perplexity(model, tokenizer, max_tokens=1024)  # doctest: +SKIP
     >>> print(result)  # doctest: +SKIP
-    perplexity 15.9... (nll 2.7... over 1024 tokens, 2 windows of 512, stride 512, bos=True)
+    perplexity ... (nll ... over 1024 tokens, 2 windows of 512, stride 512, bos=True)
     """
     _check_positive_int("window", window)
     _check_positive_int("batch_size", batch_size)

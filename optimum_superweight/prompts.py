@@ -1,7 +1,7 @@
 """What detection runs on: the prompts, the tokenizer, and the fallback when there is none (one rule for all paths).
 
 The rule, shared by in-memory detection (:func:`~optimum_superweight.detection.detect_super_weights`), streaming
-detection (:func:`~optimum_superweight.streaming.detect_super_weights_streaming`), the quantizer (in memory and
+detection (:func:`~optimum_superweight.detection.detect_super_weights_streaming`), the quantizer (in memory and
 ``low_memory=True``) and the CLI:
 
 1. Prompts given (``prompts=`` / ``SuperWeightConfig.detection_prompts`` / ``--prompt``) are used as given; text

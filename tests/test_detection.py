@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from optimum_superweight import detection as detection_module
+from optimum_superweight.detection import confirm as detection_module  # the confirmation stage (ablation internals)
 from optimum_superweight.architectures import projection_sites, weight_index
 from optimum_superweight.detection import DetectionReport, detect_super_weights
 from optimum_superweight.records import SuperWeight
@@ -295,3 +295,36 @@ def test_layer_skipping_puts_back_instance_forwards():
         assert layers[0].forward is not wrapper
     assert layers[0].__dict__["forward"] is wrapper
     assert "forward" not in layers[1].__dict__ and "forward" not in layers[2].__dict__
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"min_ratio": -1.0}, "min_ratio=-1.0"), ({"layers": []}, r"layers=\[\]"), ({"layers": [99]}, r"layers=\[99\]")],
+)
+def test_in_memory_and_streaming_share_one_check(tmp_path, kwargs, match):
+    """One entry point, one set of rules: what the in-memory run refuses, streaming refuses with the same words."""
+    from optimum_superweight.detection import DetectionSettings, run_detection
+
+    model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    model.save_pretrained(tmp_path)
+    settings = DetectionSettings(**kwargs)
+    for where in ({"model": model}, {"folder": tmp_path}):
+        with pytest.raises(ValueError, match=match):
+            run_detection(settings, **where)
+
+
+def test_entry_point_reads_a_config_and_keeps_what_the_quantizer_keeps(tmp_path):
+    from optimum_superweight.config import SuperWeightConfig
+    from optimum_superweight.detection import DetectionSettings, records_to_keep, run_detection
+
+    config = SuperWeightConfig(detection_min_ratio=0.5, detection_layers=[1, 2], max_super_weights=4)
+    settings = DetectionSettings.from_config(config)
+    assert (settings.min_ratio, settings.layers, settings.max_super_weights) == (0.5, [1, 2], 4)
+    model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    model.save_pretrained(tmp_path)
+    in_memory = records_to_keep(run_detection(settings, model=model))
+    streamed = records_to_keep(run_detection(settings, folder=tmp_path))
+    assert [(r.module, r.row, r.col) for r in in_memory] == [(r.module, r.row, r.col) for r in streamed] == [
+        ("model.layers.1.mlp.down_proj", 5, 7)
+    ]
+    assert in_memory[0].classification == "super" and streamed[0].classification is None

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import optimum_superweight  # noqa: F401  (registers the quantizer)
-from optimum_superweight import SuperWeightConfig, detection
+from optimum_superweight import SuperWeightConfig
+from optimum_superweight.detection import inputs as detection  # where every path encodes its prompts
 from optimum_superweight.ablation import PROBE_PROMPT
 from optimum_superweight.config import DEFAULT_DETECTION_PROMPT
 from optimum_superweight.detection import detect_super_weights

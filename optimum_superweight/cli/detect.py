@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..detection import detect_super_weights
+    from ..detection import run_detection
     from ..errors import reraise_hub_errors
 
     args.model = check_model_source(args.model)
@@ -85,20 +85,24 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = _load_tokenizer(args)
     if not args.quiet:
         print(f"loaded in {time.perf_counter() - start:.1f}s; detecting ...", file=sys.stderr, flush=True)
-    report = detect_super_weights(
-        model,
-        tokenizer,
+    report = run_detection(_settings(args), model=model, tokenizer=tokenizer, progress=not args.quiet)
+    _emit(report, args)
+    return 0
+
+
+def _settings(args: argparse.Namespace):
+    """The detection settings of the command line (checked, like a config's, by ``run_detection``)."""
+    from ..detection import DetectionSettings
+
+    return DetectionSettings(
         prompts=args.prompt,
         threshold=args.threshold,
         min_ratio=args.min_ratio,
         layers=args.layers,
         max_super_weights=args.max_super_weights,
-        confirm=not args.no_confirm,
+        confirm=not (args.no_confirm or args.streaming),
         projection=args.projection,
-        progress=not args.quiet,
     )
-    _emit(report, args)
-    return 0
 
 
 _PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -150,22 +154,13 @@ def _run_streaming(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..streaming import detect_super_weights_streaming
+    from ..detection import run_detection
 
     if not os.path.isdir(args.model):
         raise ValueError(f"--streaming reads a local model folder; {args.model!r} is not one.")
     tokenizer = _load_tokenizer(args)
-    report = detect_super_weights_streaming(
-        args.model,
-        tokenizer,
-        prompts=args.prompt,
-        threshold=args.threshold,
-        min_ratio=args.min_ratio,
-        layers=args.layers,
-        max_super_weights=args.max_super_weights,
-        projection=args.projection,
-        dtype=getattr(torch, args.dtype),
-        progress=not args.quiet,
+    report = run_detection(
+        _settings(args), folder=args.model, tokenizer=tokenizer, dtype=getattr(torch, args.dtype), progress=not args.quiet
     )
     _emit(report, args)
     print("note: streaming detection reports unconfirmed spikes (no ablation).", file=sys.stderr)

@@ -5,7 +5,7 @@
     optimum-superweight card --known mistralai/Mistral-7B-Instruct-v0.1   # from the shipped index
     optimum-superweight card --list-known
     optimum-superweight card out/smollm2-sw4 --generate --base-model HuggingFaceTB/SmolLM2-135M-Instruct
-    optimum-superweight push out/smollm2-sw4 user/SmolLM2-135M-Instruct-sw4 --ppl-before 14.99 --ppl-after 15.9
+    optimum-superweight push out/smollm2-sw4 user/SmolLM2-135M-Instruct-sw4 --ppl-before PPL_FULL --ppl-after PPL_QUANTIZED
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _print_records(records: list, as_json: bool, header: str | None = None) -> N
 
 
 def run_card(args: argparse.Namespace) -> int:
-    from ..known import find_known_model, known_models
+    from ..hub.index import find_known_model, known_models
 
     if args.list_known:
         for entry in known_models():
@@ -103,7 +103,7 @@ def run_card(args: argparse.Namespace) -> int:
     if args.known:
         entry = find_known_model(args.known)
         if entry is None:
-            from ..known import known_super_weights
+            from ..hub.index import known_super_weights
 
             known_super_weights(args.known)  # raises the ValueError that lists the index
         _print_records(list(entry.super_weights), args.json,
@@ -114,7 +114,7 @@ def run_card(args: argparse.Namespace) -> int:
     if args.output and not args.generate:
         raise ValueError("-o/--output writes a generated card: add --generate (SOURCE is then a quantized checkpoint folder).")
     if args.generate:
-        from ..hub import card_for_folder
+        from ..hub.push import card_for_folder
         from .paths import check_output_file
 
         check_output_file(args.output, args.overwrite, "-o/--output")
@@ -129,7 +129,7 @@ def run_card(args: argparse.Namespace) -> int:
         else:
             print(str(card))
         return 0
-    from ..cards import read_super_weights
+    from ..hub.reading import read_super_weights
 
     records = read_super_weights(args.source, revision=args.revision, token=args.token)
     _print_records(records, args.json, None)
@@ -137,7 +137,7 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from ..hub import DEFAULT_COMMIT_MESSAGE, card_for_folder, push_folder_to_hub
+    from ..hub.push import DEFAULT_COMMIT_MESSAGE, card_for_folder, push_folder_to_hub
 
     perplexity = _perplexity(args)
     if args.dry_run:

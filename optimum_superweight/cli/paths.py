@@ -40,7 +40,7 @@ def _looks_like_path(text: str) -> bool:
 def check_model_source(source: str, *, what: str = "MODEL", need_weights: bool = True) -> str:
     """``source`` if it names a usable local model folder or looks like a Hub repo id; else a ``ValueError``
     saying what is wrong (missing path, a file, no config.json, no weights) and what is expected."""
-    from ..card_reading import _REPO_ID
+    from ..hub.reading import REPO_ID
 
     path = Path(source).expanduser()
     expected = (
@@ -60,7 +60,7 @@ def check_model_source(source: str, *, what: str = "MODEL", need_weights: bool =
                 "files next to config.json."
             )
         return str(path)
-    if _looks_like_path(source) or not _REPO_ID.match(source) or ".." in source or "--" in source:
+    if _looks_like_path(source) or not REPO_ID.match(source) or ".." in source or "--" in source:
         raise ValueError(f"{what} {source} does not exist: {expected}. Check the path.")
     return source
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..detection import model_device
+from ..detection.inputs import model_device
 from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
 
 __all__ = ["calibration_token_ids", "model_calibration_ids", "collect_hessians", "collect_input_absmax", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]

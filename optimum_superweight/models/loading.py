@@ -5,7 +5,7 @@ transformers loads a checkpoint one tensor at a time and, for each parameter the
 (``get_quantize_ops``) before it is assigned. The plan built here, before weights load:
 
 1. super weights: the configured coordinates, or (``detect=True``) streaming detection straight from
-   the shards (:mod:`optimum_superweight.streaming`: one decoder layer in memory at a time, raw spikes
+   the shards (:mod:`optimum_superweight.detection.streaming`: one decoder layer in memory at a time, raw spikes
    kept without ablation confirmation);
 2. the targeted linear layers are swapped for empty :class:`SuperWeightLinear` skeletons, exactly as for
    a compressed checkpoint;
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 
-from ..config import SuperWeightConfig
+from ..config import QuantizationResult, SuperWeightConfig
 from ..format import BIAS, check_quantizable
 from ..prompts import model_tokenizer
 from ..records import SuperWeight
@@ -44,7 +44,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LowMemoryPlan:
-    """What quantize-on-load needs per weight: coordinates, layout, and the records to complete."""
+    """What quantize-on-load needs per weight: coordinates, layout, and the records to complete.
+
+    ``config`` is the caller's config with the planned super weights and exclusions recorded: a copy.
+    """
 
     config: SuperWeightConfig
     # "<module>.weight" -> (module name, in_features, out_features, transposed in the checkpoint)
@@ -57,9 +60,13 @@ class LowMemoryPlan:
     def finished_records(self) -> list[SuperWeight]:
         return [sw for module_records in self.records.values() for sw in module_records]
 
+    def result(self) -> QuantizationResult:
+        """The super weights with the exact values read while loading, and the resolved exclusions."""
+        return QuantizationResult(self.finished_records(), list(self.config.modules_to_not_convert or []))
+
 
 def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) -> list[SuperWeight]:
-    from ..streaming import detect_super_weights_streaming
+    from ..detection import DetectionSettings, records_to_keep, run_detection
 
     files = [str(f) for f in (checkpoint_files or [])]
     if not files or not all(f.endswith(".safetensors") for f in files):
@@ -70,18 +77,9 @@ def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) 
         )
     # As in memory: the model's own tokenizer and the default prompts (not fixed token ids) when it has one.
     tokenizer = model_tokenizer(model)
-    report = detect_super_weights_streaming(
-        config=model.config,
-        files=files,
-        tokenizer=tokenizer,
-        prompts=config.detection_prompts,
-        threshold=config.detection_threshold,
-        min_ratio=config.detection_min_ratio,
-        layers=config.detection_layers,
-        max_super_weights=config.max_super_weights,
-    )
+    report = run_detection(DetectionSettings.from_config(config), config=model.config, files=files, tokenizer=tokenizer)
     logger.info("optimum-superweight streaming detection: %d candidate(s).", len(report.candidates))
-    return list(report.candidates)
+    return records_to_keep(report)
 
 
 def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any = None) -> LowMemoryPlan:
@@ -117,10 +115,9 @@ def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_file
     for name, module in targets.items():
         in_features, out_features = features(module)
         weights[f"{name}.weight"] = (name, in_features, out_features, not isinstance(module, nn.Linear))
-    config.modules_to_not_convert = skip
-    config.set_super_weights(records)
-    build_quantized_skeleton(model, config)
-    return LowMemoryPlan(config=config, weights=weights, records=by_module, check_values=check_values)
+    planned = config.with_results(QuantizationResult(records, skip))  # the caller's config is never written to
+    build_quantized_skeleton(model, planned)
+    return LowMemoryPlan(config=planned, weights=weights, records=by_module, check_values=check_values)
 
 
 def _libc_malloc_trim():

@@ -14,6 +14,7 @@ The quantizer only wires hooks. Detection lives in :mod:`..detection`, module re
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -32,6 +33,7 @@ from .replace import (
     dequantize_model,
     modules_to_convert,
     quantize_model,
+    record_results,
     resolve_dtype,
     resolve_modules_to_not_convert,
 )
@@ -48,6 +50,8 @@ class SuperWeightQuantizer(HfQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config: SuperWeightConfig, **kwargs: Any) -> None:
+        # The caller's config is a request that may load several models: work on a copy, never write to it.
+        quantization_config = copy.deepcopy(quantization_config)
         super().__init__(quantization_config, **kwargs)
         self.quantization_config: SuperWeightConfig = quantization_config
         quantization_config.post_init()  # again: fields may have been assigned after construction
@@ -92,7 +96,7 @@ class SuperWeightQuantizer(HfQuantizer):
         return SuperWeightQuantize(self._low_memory)
 
     def _finish_low_memory(self, model):
-        from ..hub import attach_card_hook
+        from ..hub.push import attach_card_hook
 
         plan, self._low_memory = self._low_memory, None
         missing = sorted(set(plan.weights) - plan.done)
@@ -100,14 +104,14 @@ class SuperWeightQuantizer(HfQuantizer):
             raise ValueError(
                 "Quantizing while loading failed: " + "; ".join(plan.errors or [f"never received {missing[:3]}"])
             )
-        plan.config.set_super_weights(plan.finished_records())
-        verify_quantized_model(model, plan.config, loaded_by_transformers=True)
-        model.config.quantization_config = plan.config
+        record_results(model, plan.config, plan.result())
+        self.quantization_config = model.config.quantization_config
+        verify_quantized_model(model, self.quantization_config, loaded_by_transformers=True)
         prepare_kernels(model)
         return attach_card_hook(model)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        from ..hub import attach_card_hook
+        from ..hub.push import attach_card_hook
 
         config = self.quantization_config
         if self._low_memory is not None:
@@ -126,23 +130,14 @@ class SuperWeightQuantizer(HfQuantizer):
             records = config.get_super_weights()
             tokenizer = model_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
             if not records and config.detect:
-                from ..detection import detect_super_weights
+                from ..detection import DetectionSettings, records_to_keep, run_detection
 
-                report = detect_super_weights(
-                    model,
-                    tokenizer,
-                    prompts=config.detection_prompts,
-                    threshold=config.detection_threshold,
-                    min_ratio=config.detection_min_ratio,
-                    layers=config.detection_layers,
-                    max_super_weights=config.max_super_weights,
-                )
-                # A few exact scalars cost nothing: keep weak candidates as well as confirmed ones.
-                records = [c for c in report.candidates if c.classification in ("super", "weak")]
+                report = run_detection(DetectionSettings.from_config(config), model=model, tokenizer=tokenizer)
+                records = records_to_keep(report)
                 logger.info("optimum-superweight detected %d super weight(s).", len(records))
             # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.
-            quantize_model(model, config, records, tokenizer=tokenizer)
-        model.config.quantization_config = config
+            quantize_model(model, config, records, tokenizer=tokenizer)  # records the results on model.config
+        self.quantization_config = model.config.quantization_config
         prepare_kernels(model)
         return attach_card_hook(model)
 

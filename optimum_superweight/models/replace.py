@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SuperWeightConfig
+from ..config import QuantizationResult, SuperWeightConfig
 from ..format import check_quantizable
 from ..nn.linear import SuperWeightLinear
 from ..records import SuperWeight
@@ -28,6 +28,7 @@ __all__ = [
     "modules_to_convert",
     "check_super_weights",
     "quantize_model",
+    "record_results",
     "build_quantized_skeleton",
     "dequantize_model",
     "resolve_dtype",
@@ -159,9 +160,10 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every targeted linear layer of ``model`` in place by a :class:`SuperWeightLinear`.
 
-    ``super_weights`` default to ``config.get_super_weights()``; they are validated, their exact values
-    recorded, and written back into ``config`` (together with the resolved exclusions) so the checkpoint's
-    ``config.json`` describes the model completely.
+    ``super_weights`` default to ``config.get_super_weights()``; they are validated and their exact values
+    recorded, with the resolved exclusions (and W8A8's hold-out), on a copy of ``config`` set as
+    ``model.config.quantization_config`` (:func:`record_results`), so the checkpoint's ``config.json`` describes
+    the model completely. ``config`` itself is never written to: one config can quantize many models.
 
     With ``config.method == "gptq"`` the layers' input statistics are first collected on built-in
     calibration text (:mod:`.calibration`; ``tokenizer`` encodes it, fixed token ids are used without one),
@@ -178,11 +180,11 @@ def quantize_model(
         smooth_activations(model, config.smoothquant_alpha, tokenizer=tokenizer,
                            calibration_tokens=min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
     records = check_super_weights(model, config.get_super_weights() if super_weights is None else super_weights, targets)
-    config.modules_to_not_convert = skip
-    config.set_super_weights(records)
+    result = QuantizationResult(super_weights=records, modules_to_not_convert=skip)
     coordinates = _coordinates_by_module(r for r in records if r.module in targets)
     if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
-        return quantize_model_w8a8(model, config, targets, records, coordinates, tokenizer=tokenizer)
+        result = quantize_model_w8a8(model, config, targets, result, coordinates, tokenizer=tokenizer)
+        return record_results(model, config, result)
     # GPTQ and the output clip objective need every layer's input second moment.
     if config.needs_calibration and hessians is None:
         ids, bos = model_calibration_ids(model, tokenizer, config.calibration_tokens)
@@ -211,6 +213,14 @@ def quantize_model(
             hessian = hessians[name] if config.needs_calibration and config.method == "rtn" else None
             layer = quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian, name=name)
             set_module(model, name, layer)
+    return record_results(model, config, result)
+
+
+def record_results(model: nn.Module, config: SuperWeightConfig, result: QuantizationResult) -> nn.Module:
+    """Record ``result`` on the model: ``model.config.quantization_config`` becomes ``config.with_results(result)``,
+    a copy (what ``save_pretrained`` writes); the caller's ``config`` is left as it was."""
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = config.with_results(result)
     return model
 
 

@@ -12,7 +12,8 @@ A layer holds out of its activation quantization:
   (on SmolLM2, down_proj inputs of layers 11, 28 and 29 spike on the first token as well; with per-tensor scales
   each of them alone sets the scale of its layer). At most ``config.max_holdout_channels`` per layer.
 
-The lists are recorded in ``config.activation_holdout`` (``config.json``) while quantizing, so loading rebuilds
+The lists are returned as the result's ``activation_holdout`` and recorded in the model's ``config.json`` (never in
+the caller's config), so loading rebuilds
 the same modules and the checkpoint needs no extra tensor.
 
 The alternative the paper compares against, SmoothQuant's migration (``config.smoothquant_alpha``,
@@ -22,13 +23,14 @@ ordinary parameters of the saved checkpoint, so reloading needs nothing either.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import SuperWeightConfig
+from ..config import QuantizationResult, SuperWeightConfig
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
 from .modules import features, set_module
@@ -234,14 +236,15 @@ def quantize_model_w8a8(
     model: nn.Module,
     config: SuperWeightConfig,
     targets: dict[str, nn.Module],
-    records: list[SuperWeight],
+    result: QuantizationResult,
     coordinates: dict[str, list[tuple[int, int]]],
     *,
     tokenizer: Any = None,
-) -> nn.Module:
-    """Swap every target for a :class:`SuperWeightW8A8Linear`; records the held-out channels in ``config``."""
+) -> QuantizationResult:
+    """Swap every target for a :class:`SuperWeightW8A8Linear`; returns ``result`` with the held-out channels."""
+    config = config.with_results(result)  # a working copy: the caller's config is never written to
     if config.super_activation_channels is None:
-        config.super_activation_channels = super_activation_channels(records)
+        config.super_activation_channels = super_activation_channels(result.super_weights)
     if config.activation_holdout is None:
         config.activation_holdout = plan_activation_holdout(model, config, targets, coordinates, tokenizer=tokenizer)
     _check_holdout_names(config, targets)
@@ -257,7 +260,9 @@ def quantize_model_w8a8(
             name=name,
         )
         set_module(model, name, layer)
-    return model
+    return dataclasses.replace(
+        result, super_activation_channels=config.super_activation_channels, activation_holdout=config.activation_holdout
+    )
 
 
 def _check_holdout_names(config: SuperWeightConfig, targets: dict[str, nn.Module]) -> None:

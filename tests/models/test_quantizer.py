@@ -202,3 +202,66 @@ def test_loading_without_the_package_fails_loudly(quantized, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode != 0
     assert "mismatch" in result.stderr.lower(), result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def two_planted_dirs(tmp_path_factory):
+    """Two tiny Llamas whose super weights sit at different coordinates."""
+    from optimum_superweight.testing import build_tiny_model
+
+    dirs = {}
+    for name, planted in (("p1", [(1, 5, 7)]), ("p2", [(2, 9, 30)])):
+        dirs[name] = tmp_path_factory.mktemp(name)
+        build_tiny_model("llama", super_weights=planted).save_pretrained(dirs[name])
+    return dirs
+
+
+def _found(model):
+    return [(sw["module"], sw["row"], sw["col"]) for sw in model.config.quantization_config.super_weights]
+
+
+@pytest.mark.parametrize(
+    "loader, options",
+    [
+        ("LlamaForCausalLM", {}),
+        ("AutoModelForCausalLM", {}),
+        ("LlamaForCausalLM", {"low_memory": True, "method": "rtn"}),
+        ("LlamaForCausalLM", {"bits": 8, "group_size": -1, "activation_bits": 8, "massive_activation_ratio": None}),
+    ],
+    ids=["in_memory", "in_memory_auto", "low_memory", "w8a8"],
+)
+def test_one_config_loads_two_models_each_with_its_own_super_weights(two_planted_dirs, tmp_path, loader, options):
+    """The caller's config is a request, never the result record: loading p2 with the config that loaded p1
+    detects p2's own super weights, and the config (and what it would serialise) is unchanged by both loads.
+    (The Auto class deep-copies its keyword arguments; a model class's own from_pretrained does not.)"""
+    import transformers
+
+    cls = getattr(transformers, loader)
+    cfg = SuperWeightConfig(**options)
+    before = cfg.to_dict()
+    a = cls.from_pretrained(two_planted_dirs["p1"], quantization_config=cfg)
+    b = cls.from_pretrained(two_planted_dirs["p2"], quantization_config=cfg)
+    assert _found(a) == [("model.layers.1.mlp.down_proj", 5, 7)]
+    assert _found(b) == [("model.layers.2.mlp.down_proj", 9, 30)]
+    assert a.config.quantization_config is not cfg and b.config.quantization_config is not cfg
+    assert a.config.quantization_config.modules_to_not_convert == ["lm_head"]
+    b.save_pretrained(tmp_path)
+    assert cfg.to_dict() == before and cfg.super_weights == [] and cfg.digests is None
+    written = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert [(sw["module"], sw["row"], sw["col"]) for sw in written["super_weights"]] == _found(b)
+    if options.get("activation_bits"):
+        assert written["super_activation_channels"] == [9] and cfg.activation_holdout is None
+        assert a.config.quantization_config.super_activation_channels == [5]
+
+
+def test_quantize_model_records_results_on_the_model_not_on_the_config():
+    from optimum_superweight import quantize_model
+    from optimum_superweight.testing import build_tiny_model
+
+    config = SuperWeightConfig(bits=4, group_size=32)
+    before = config.to_dict()
+    first = quantize_model(build_tiny_model("llama", super_weights=[(1, 5, 7)]), config, [optimum_superweight.SuperWeight(MODULE, ROW, COL)])
+    second = quantize_model(build_tiny_model("llama", super_weights=[(2, 9, 30)]), config)  # none given, none configured
+    assert config.to_dict() == before
+    assert _found(first) == [(MODULE, ROW, COL)] and first.config.quantization_config.super_weights[0]["value"] == 2.5
+    assert _found(second) == [] and second.config.quantization_config.modules_to_not_convert == ["lm_head"]

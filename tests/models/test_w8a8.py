@@ -36,7 +36,9 @@ def test_quantize_model_records_channels_and_holds_them_out(tiny_llama):
     reference = _logits(tiny_llama)
     config = _config()
     quantize_model(tiny_llama, config)
-    assert config.super_activation_channels == [ROW]
+    # recorded on the model's config (what save_pretrained writes), not on the caller's
+    assert tiny_llama.config.quantization_config.super_activation_channels == [ROW]
+    assert config.super_activation_channels is None and config.activation_holdout is None
     layers = tiny_llama.model.layers
     assert isinstance(layers[2].self_attn.q_proj, SuperWeightW8A8Linear)
     assert layers[2].self_attn.q_proj.holdout_channels == [ROW]  # hidden-size input: the residual channel
@@ -66,7 +68,8 @@ def test_massive_activation_scan_finds_the_super_activation_and_respects_the_cap
     modules = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, SuperWeightW8A8Linear)}
     assert all(len(m.holdout_channels) <= 2 for m in modules.values())
     # what the modules hold out is what config.json records
-    assert config.activation_holdout == {n: m.holdout_channels for n, m in modules.items() if m.holdout_channels}
+    recorded = tiny_llama.config.quantization_config.activation_holdout
+    assert recorded == {n: m.holdout_channels for n, m in modules.items() if m.holdout_channels}
 
 
 def test_recorded_holdout_is_validated_against_the_model(tiny_llama):

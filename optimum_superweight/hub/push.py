@@ -4,7 +4,7 @@ Two ways, one commit each, and everything validated before the first byte is upl
 
     >>> import optimum_superweight
     >>> optimum_superweight.push_to_hub(model, "user/SmolLM2-135M-Instruct-sw4",
-    ...                                 perplexity={"before": 14.99, "after": 15.9})  # doctest: +SKIP
+    ...                                 perplexity={"before": ppl_full, "after": ppl_quantized})  # doctest: +SKIP
     >>> model.push_to_hub("user/SmolLM2-135M-Instruct-sw4")  # doctest: +SKIP
 
 The second works because the quantizer calls :func:`attach_card_hook` on every model it loads: transformers'
@@ -27,20 +27,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .cards import (
-    MAX_CARD_BYTES,
-    _REPO_ID,
-    _resolve_quantization,
-    build_model_card,
-    merge_cards,
-    normalize_perplexity,
-    parse_card,
-    read_super_weights,
-)
-from .card_reading import check_repo_id, read_text_file
-from .format import SCALE, SUPER_WEIGHT_INDICES, WEIGHT, read_safetensors_index
-from .errors import UPLOAD_REMEDY, SuperWeightHubError, reraise_hub_errors
-from .records import SuperWeight
+from ..errors import UPLOAD_REMEDY, SuperWeightHubError, reraise_hub_errors
+from ..format import SCALE, SUPER_WEIGHT_INDICES, WEIGHT, read_safetensors_index
+from ..records import SuperWeight
+from .building import _resolve_quantization, build_model_card, merge_cards, normalize_perplexity
+from .reading import MAX_CARD_BYTES, REPO_ID, check_repo_id, parse_card, read_super_weights, read_text_file
 
 __all__ = [
     "push_to_hub",
@@ -77,7 +68,7 @@ def _base_model_from_readme(readme: Path) -> str | None:
     value = metadata.get("base_model")
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
-    return value if isinstance(value, str) and _REPO_ID.match(value) else None
+    return value if isinstance(value, str) and REPO_ID.match(value) else None
 
 
 def _infer_base_model(name_or_path: str | None) -> str | None:
@@ -96,7 +87,7 @@ def _infer_base_model(name_or_path: str | None) -> str | None:
             base = _base_model_from_readme(readme)
             if base:
                 return base
-        from .known import find_known_model
+        from .index import find_known_model
 
         try:
             entry = find_known_model(path.name)
@@ -106,7 +97,7 @@ def _infer_base_model(name_or_path: str | None) -> str | None:
             matches = [i for i in entry.ids if i.split("/")[-1].lower() == path.name.lower()]
             return matches[0] if matches else None
         return None
-    if _REPO_ID.match(name_or_path) and "/" in name_or_path:
+    if REPO_ID.match(name_or_path) and "/" in name_or_path:
         return name_or_path
     return None
 
@@ -126,7 +117,7 @@ def _checkpoint_bytes(folder: Path) -> int | None:
 def _dense_16bit_bytes(model: Any) -> int | None:
     """Size of the model's weights in a 16-bit dtype: quantized layers counted as their dense matrices."""
     try:
-        from .nn.linear import SuperWeightLinear
+        from ..nn.linear import SuperWeightLinear
     except ImportError:  # pragma: no cover
         return None
     counted: set[int] = set()
@@ -290,7 +281,6 @@ def _remote_readme(api: Any, repo_id: str, revision: str | None, token: Any) -> 
 
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from .errors import reraise_hub_errors
 
     try:
         with reraise_hub_errors(repo_id, "reading the existing README.md of", UPLOAD_REMEDY):

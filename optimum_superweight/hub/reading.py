@@ -1,9 +1,8 @@
 """Reading super weights from model cards: safe YAML, the card's ``superweight`` block, coordinates in text.
 
-The reading half of the card format (:mod:`optimum_superweight.cards` builds cards and re-exports these
-names). It knows records and YAML only, not the quantization config, so the config can read a card
-(:meth:`SuperWeightConfig.from_model_card`) and the shipped index (:mod:`optimum_superweight.known`) can
-parse its cards without an import cycle.
+The reading half of the card format (:mod:`.building` builds cards). It knows records and YAML only, not the
+quantization config, so the config can read a card (:meth:`SuperWeightConfig.from_model_card`) and the shipped
+index (:mod:`.index`) can parse its cards without an import cycle.
 
     >>> from huggingface_hub import ModelCard
     >>> card = ModelCard("The super weight is `layers[2].mlp.down_proj.weight[3968, 7003]`.")
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .records import SuperWeight, layer_index_from_module_name
+from ..records import SuperWeight, layer_index_from_module_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
@@ -51,6 +50,8 @@ __all__ = [
     "card_metadata_block",
     "read_text_file",
     "records_from_entries",
+    "check_repo_id",
+    "REPO_ID",
 ]
 
 #: Top-level YAML key of the machine-readable block.
@@ -96,7 +97,7 @@ _MAX_PATH_CHARS = 256
 _MODULE_PATH = re.compile(r"[A-Za-z_]\w*(?:\.(?:\d+|[A-Za-z_]\w*))*")
 # Module roots that already name the model's base module; anything else is relative to ``model.`` like the paper's.
 _MODULE_ROOTS = ("model.", "transformer.", "gpt_neox.", "base_model.")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(?:/[A-Za-z0-9][\w.\-]{0,95})?$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(?:/[A-Za-z0-9][\w.\-]{0,95})?$")
 
 
 def check_repo_id(value: Any, field: str = "repo_id") -> str:
@@ -105,7 +106,7 @@ def check_repo_id(value: Any, field: str = "repo_id") -> str:
     >>> check_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct")
     'HuggingFaceTB/SmolLM2-135M-Instruct'
     """
-    if not isinstance(value, str) or not _REPO_ID.match(value) or ".." in value or "--" in value:
+    if not isinstance(value, str) or not REPO_ID.match(value) or ".." in value or "--" in value:
         raise ValueError(
             f"{field}={value!r} is invalid: accepted is a Hub repo id 'namespace/name' or 'name' (letters, digits, "
             "'-', '_', '.'; no '--' or '..'), such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
@@ -586,7 +587,7 @@ def _read_folder(folder: Path) -> list[SuperWeight]:
 
 
 def _read_hub(repo_id: str, revision: str | None, token: str | bool | None) -> list[SuperWeight]:
-    from .errors import reraise_hub_errors
+    from ..errors import reraise_hub_errors
 
     with reraise_hub_errors(repo_id, "reading the model card of"):
         return _read_hub_files(repo_id, revision, token)
@@ -630,7 +631,7 @@ def _read_hub_files(repo_id: str, revision: str | None, token: str | bool | None
             return _records_from_card(metadata, text, card_what, "card", card) or []
     config = fetch("config.json", MAX_CARD_BYTES * 16)
     if readme is None and config is None and constants.HF_HUB_OFFLINE:
-        from .errors import SuperWeightHubError
+        from ..errors import SuperWeightHubError
 
         raise SuperWeightHubError(
             f"Cannot read the model card of {repo_id}: offline mode is on (HF_HUB_OFFLINE=1) and neither its README.md "
@@ -713,7 +714,7 @@ def read_super_weights(
         if records is None:
             raise _no_super_weights(what)
         return records
-    if isinstance(source, str) and _REPO_ID.match(source) and not source.endswith((".md", ".json")):
+    if isinstance(source, str) and REPO_ID.match(source) and not source.endswith((".md", ".json")):
         return _read_hub(source, revision, token)
     raise ValueError(
         f"read_super_weights: {str(source)!r} is not an existing file or folder, nor a Hub repo id ('user/model'); "
