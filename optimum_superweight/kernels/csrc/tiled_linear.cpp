@@ -1,0 +1,258 @@
+// Fused 4-bit dequantize + GEMM for CPU (optimum_superweight.kernels.native builds this at first use).
+//
+// y[T, N] = x[T, K] @ W[N, K]^T with W group-quantized to 4-bit codes (two per byte, low nibble first, each
+// group's bytes starting at a byte boundary: the plain packed format of tensor/packing.py).
+// Output rows are processed in tiles: the tile's weights are decoded into a buffer that stays in cache, then
+// one GEMM (at::mm_out, oneDNN for bfloat16) multiplies the whole token block by it, writing the output
+// columns of the tile in place. A 4-bit group has only 16 distinct weights, so each group's 16 values are
+// computed once, exactly as the reference dequantization does (float32 (q - z) * s or q * s + m, then
+// rounded to the output dtype), and the codes are decoded by a table lookup (vpermw / vpermps): the decoded
+// weights are bit-identical to the reference's. Super weights are written into the tile at their exact
+// value (rounded to the output dtype, as the reference does).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define OSW_AVX512 1
+#else
+#define OSW_AVX512 0
+#endif
+
+namespace {
+
+struct Packed {
+  const uint8_t* codes;  // [N, G, B]
+  const float* scale;    // [N, G]
+  const float* zero;     // [N, G] zero codes, or nullptr with float offsets
+  const float* offset;   // [N, G] float offsets (w = s*q + m), or nullptr
+  int64_t N, G, B, group, K;
+};
+
+struct Patches {
+  const int64_t* rows;
+  const int64_t* cols;
+  const float* values;
+  int64_t count;
+};
+
+// The 16 values a group decodes to, in float32, computed as the reference does (no fused multiply-add: the
+// file is compiled with -ffp-contract=off).
+inline void group_values(const Packed& w, int64_t index, float* out) {
+  const float s = w.scale[index];
+  if (w.offset != nullptr) {
+    const float m = w.offset[index];
+    for (int c = 0; c < 16; ++c) {
+      const float q = static_cast<float>(c) * s;
+      out[c] = q + m;
+    }
+  } else {
+    const float z = w.zero[index];
+    for (int c = 0; c < 16; ++c) out[c] = (static_cast<float>(c) - z) * s;
+  }
+}
+
+#if OSW_AVX512
+inline __m512 group_values_avx512(const Packed& w, int64_t index) {
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 s = _mm512_set1_ps(w.scale[index]);
+  if (w.offset != nullptr) return _mm512_add_ps(_mm512_mul_ps(codes, s), _mm512_set1_ps(w.offset[index]));
+  return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(w.zero[index])), s);
+}
+
+// float32 -> 16-bit patterns, rounded to nearest even exactly as c10::BFloat16(float) / c10::Half(float).
+template <typename T> inline __m256i to_bits16(__m512 v);
+template <> inline __m256i to_bits16<c10::BFloat16>(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+template <> inline __m256i to_bits16<c10::Half>(__m512 v) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// 16 packed bytes (32 codes) -> 32 word indices in code order: word 2i = low nibble of byte i, 2i+1 = high.
+inline __m512i nibble_words(const uint8_t* src) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)), _mm512_slli_epi32(_mm512_srli_epi32(d, 4), 16));
+}
+
+template <typename T>
+inline void decode_group(const uint8_t* src, T* dst, int64_t n, __m512 values) {
+  const __m512i table = _mm512_zextsi256_si512(to_bits16<T>(values));
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    _mm512_storeu_si512(dst + j, _mm512_permutexvar_epi16(nibble_words(src + j / 2), table));
+  }
+  if (j < n) {
+    alignas(64) uint16_t lut[32];
+    _mm512_store_si512(lut, table);
+    for (; j < n; ++j) {
+      const int code = (src[j >> 1] >> ((j & 1) * 4)) & 0xF;
+      std::memcpy(dst + j, lut + code, sizeof(uint16_t));
+    }
+  }
+}
+
+template <>
+inline void decode_group<float>(const uint8_t* src, float* dst, int64_t n, __m512 values) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512i words = nibble_words(src + j / 2);
+    const __m512i low = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(words));
+    const __m512i high = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1));
+    _mm512_storeu_ps(dst + j, _mm512_permutexvar_ps(low, values));
+    _mm512_storeu_ps(dst + j + 16, _mm512_permutexvar_ps(high, values));
+  }
+  if (j < n) {
+    alignas(64) float lut[16];
+    _mm512_store_ps(lut, values);
+    for (; j < n; ++j) dst[j] = lut[(src[j >> 1] >> ((j & 1) * 4)) & 0xF];
+  }
+}
+#endif
+
+template <typename T>
+void decode_rows(const Packed& w, const Patches& p, int64_t r0, int64_t r1, T* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = out + (r - r0) * w.K;
+    for (int64_t g = 0; g < w.G; ++g) {
+      const int64_t index = r * w.G + g;
+      const int64_t start = g * w.group;
+      const int64_t n = std::min(w.group, w.K - start);
+      const uint8_t* src = w.codes + index * w.B;
+#if OSW_AVX512
+      decode_group<T>(src, row + start, n, group_values_avx512(w, index));
+#else
+      float values[16];
+      group_values(w, index, values);
+      T lut[16];
+      for (int c = 0; c < 16; ++c) lut[c] = static_cast<T>(values[c]);
+      for (int64_t j = 0; j < n; ++j) row[start + j] = lut[(src[j >> 1] >> ((j & 1) * 4)) & 0xF];
+#endif
+    }
+  }
+  for (int64_t i = 0; i < p.count; ++i) {  // super weights: few per layer
+    const int64_t r = p.rows[i];
+    if (r >= r0 && r < r1) out[(r - r0) * w.K + p.cols[i]] = static_cast<T>(p.values[i]);
+  }
+}
+
+// One growing, 64-byte aligned decode buffer per thread (no page faults per call).
+void* tile_buffer(size_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  static thread_local Buffer buffer;
+  if (buffer.size < bytes) {
+    std::free(buffer.data);
+    const size_t size = (bytes + 63) / 64 * 64;
+    buffer.data = std::aligned_alloc(64, size);
+    TORCH_CHECK(buffer.data != nullptr, "optimum-superweight tiled kernel: cannot allocate ", size, " bytes");
+    buffer.size = size;
+  }
+  return buffer.data;
+}
+
+Packed packed_of(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
+                 const torch::Tensor& offset, int64_t group, int64_t K) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 3 && codes.is_contiguous(), "codes: uint8 [N, G, B]");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous(), "scale: float32 [N, G]");
+  const int64_t N = codes.size(0), G = codes.size(1), B = codes.size(2);
+  TORCH_CHECK(scale.numel() == N * G, "scale: one per group");
+  TORCH_CHECK(B * 2 >= group && G * group >= K && (G - 1) * group < K, "codes do not match group and K");
+  const bool has_offset = offset.numel() > 0;
+  TORCH_CHECK(has_offset ? offset.numel() == N * G && offset.dtype() == torch::kFloat32 && offset.is_contiguous()
+                         : zero.numel() == N * G && zero.dtype() == torch::kFloat32 && zero.is_contiguous(),
+              "zero codes or offsets: float32 [N, G]");
+  return Packed{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), has_offset ? nullptr : zero.data_ptr<float>(),
+                has_offset ? offset.data_ptr<float>() : nullptr, N, G, B, group, K};
+}
+
+Patches patches_of(const torch::Tensor& rows, const torch::Tensor& cols, const torch::Tensor& values) {
+  TORCH_CHECK(rows.dtype() == torch::kInt64 && cols.dtype() == torch::kInt64 && values.dtype() == torch::kFloat32 &&
+                  rows.numel() == cols.numel() && rows.numel() == values.numel() && rows.is_contiguous() &&
+                  cols.is_contiguous() && values.is_contiguous(),
+              "super weights: int64 rows, int64 cols, float32 values of one length");
+  return Patches{rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), values.data_ptr<float>(), rows.numel()};
+}
+
+template <typename T>
+void tiled_mm(const torch::Tensor& x, const Packed& w, const Patches& p, const torch::Tensor& bias, int64_t tile,
+              torch::Tensor& y) {
+  const int64_t tiles = (w.N + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    T* buffer = static_cast<T*>(tile_buffer(sizeof(T) * tile * w.K));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * tile, r1 = std::min(w.N, r0 + tile);
+      decode_rows<T>(w, p, r0, r1, buffer);
+      auto weight = torch::from_blob(buffer, {r1 - r0, w.K}, x.options());
+      auto out = y.narrow(1, r0, r1 - r0);
+      if (bias.defined()) {
+        at::addmm_out(out, bias.narrow(0, r0, r1 - r0), x, weight.t());  // as F.linear adds it: before rounding
+      } else {
+        at::mm_out(out, x, weight.t());
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                           torch::Tensor offset, torch::Tensor rows, torch::Tensor cols, torch::Tensor values,
+                           c10::optional<torch::Tensor> bias, int64_t group, int64_t tile) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous 2-D CPU tensor");
+  TORCH_CHECK(tile > 0, "tile > 0");
+  const Packed w = packed_of(codes, scale, zero, offset, group, x.size(1));
+  const Patches p = patches_of(rows, cols, values);
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N && bias->scalar_type() == x.scalar_type(),
+                "bias: [N] in the input dtype");
+    b = *bias;
+  }
+  auto y = torch::empty({x.size(0), w.N}, x.options());
+  switch (x.scalar_type()) {
+    case torch::kBFloat16: tiled_mm<c10::BFloat16>(x, w, p, b, tile, y); break;
+    case torch::kHalf: tiled_mm<c10::Half>(x, w, p, b, tile, y); break;
+    case torch::kFloat32: tiled_mm<float>(x, w, p, b, tile, y); break;
+    default: TORCH_CHECK(false, "x: bfloat16, float16 or float32, got ", x.scalar_type());
+  }
+  return y;
+}
+
+torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, torch::Tensor offset,
+                         torch::Tensor rows, torch::Tensor cols, torch::Tensor values, int64_t group, int64_t K,
+                         torch::ScalarType dtype) {
+  const Packed w = packed_of(codes, scale, zero, offset, group, K);
+  const Patches p = patches_of(rows, cols, values);
+  auto out = torch::empty({w.N, K}, torch::dtype(dtype));
+  switch (dtype) {
+    case torch::kBFloat16: decode_rows<c10::BFloat16>(w, p, 0, w.N, out.data_ptr<c10::BFloat16>()); break;
+    case torch::kHalf: decode_rows<c10::Half>(w, p, 0, w.N, out.data_ptr<c10::Half>()); break;
+    case torch::kFloat32: decode_rows<float>(w, p, 0, w.N, out.data_ptr<float>()); break;
+    default: TORCH_CHECK(false, "dtype: bfloat16, float16 or float32, got ", dtype);
+  }
+  return out;
+}
+
+bool vectorized() { return OSW_AVX512; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tiled_linear", &tiled_linear, "y = x @ dequantize(codes)^T, decoded tile by tile");
+  m.def("dequantize", &dequantize, "the dense weight, decoded as tiled_linear decodes it");
+  m.def("vectorized", &vectorized, "whether the AVX-512 decoder was compiled in");
+}
