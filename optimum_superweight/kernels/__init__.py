@@ -30,6 +30,8 @@ back to float32; the rest of the model stays float32) with ``set_float32_policy(
 environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16``; or load the model with
 ``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
 ``OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD`` (default 64) sets the token count from which ``cpu-dense`` wins.
+``OPTIMUM_SUPERWEIGHT_NATIVE=0`` (or ``set_native_kernels(False)``) never builds nor runs ``cpu-tiled``; if its
+build fails (no C++ compiler or ninja) it says why once in the log and the other kernels run.
 
 Kernel layouts are built on first use and cached on the module as plain attributes — never in the
 ``state_dict``, so the on-disk format stays the plain packed one — and rebuilt whenever the packed weight,
@@ -56,7 +58,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from . import guard
+from . import build, guard
 from .cpu import DenseCpuKernel, Int4CpuKernel, Int8CpuKernel
 from .guard import cpu_name, set_speed_check, speed_check_enabled
 from .reference import ReferenceKernel
@@ -77,6 +79,8 @@ __all__ = [
     "set_dense_threshold",
     "dense_threshold",
     "force_reference",
+    "set_native_kernels",
+    "token_band",
     "set_speed_check",
     "speed_check_enabled",
     "cpu_name",
@@ -147,6 +151,13 @@ def set_dense_threshold(tokens: int) -> None:
 
 def dense_threshold() -> int:
     return _settings["threshold"]
+
+
+def set_native_kernels(enabled: bool) -> None:
+    """Use the compiled CPU kernel ``cpu-tiled`` (default; built at first use) or never (same as
+    ``OPTIMUM_SUPERWEIGHT_NATIVE=0``); re-enabling retries a failed build."""
+    build.set_native_kernels(enabled)
+    _settings["generation"] += 1
 
 
 def force_reference(enabled: bool = True) -> None:
