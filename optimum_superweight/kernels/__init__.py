@@ -25,8 +25,8 @@ available to test its (different) packing.
 
 **Float32 inputs.** The int kernels are fast only with bfloat16 activations. A float32 model therefore
 runs ``cpu-tiled`` for 4-bit layers (exact float32 arithmetic) and the reference path otherwise (exact too,
-but a full dequantization per call: slow, said once in the log). Opt in to casting the activations of the quantized layers to bfloat16 (outputs are cast
-back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
+but a full dequantization per call: slow, said once in the log). Opt in to casting the activations of the
+quantized layers to bfloat16 (outputs are cast back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
 environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16``; or load the model with
 ``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
 ``OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD`` (default 64) sets the token count from which ``cpu-dense`` wins.
