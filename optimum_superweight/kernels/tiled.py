@@ -1,18 +1,18 @@
-"""``cpu-tiled``: 4-bit weights decoded tile by tile in native code, each tile multiplied while in cache.
+"""``cpu-tiled``: 4- and 8-bit weights decoded tile by tile in native code, each tile multiplied while in cache.
 
 The prefill kernel of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
-symmetric codes; any group size, per-channel included; super weights held out). The C++ extension
+symmetric codes; any group size, per-channel included; super weights held out), and of 8-bit codes. The C++ extension
 (``csrc/tiled_linear.cpp``, built at first use by :mod:`~optimum_superweight.kernels.build`) walks the
 output rows in tiles: it decodes a tile's codes into a buffer in the activation dtype in one pass (a 4-bit
 group has 16 distinct values, computed as the reference dequantization computes them, then looked up per
-code with AVX-512 permutes), writes the tile's super weights at their exact value, and multiplies the
+code with AVX-512 permutes; 8-bit codes are converted and scaled 16 at a time), writes the tile's super weights at their exact value, and multiplies the
 whole token block by the tile (``at::mm_out``: oneDNN for bfloat16) into the tile's output columns. Tiles
 run in parallel over torch's threads.
 
 The decoded weights are bit-identical to ``module.dequantize_weight(dtype)`` (super weights included), so
 the output equals the reference kernel's up to GEMM summation order; the tests check both. This replaces
 the eager ``cpu-dense`` path (several full-size passes and temporaries per call) and, from
-:data:`MIN_TOKENS` tokens per call, the per-token int4 kernel; float32 and float16 inputs take it at any
+:data:`MIN_TOKENS` tokens per call, the per-token int4/int8 kernels; float32 and float16 inputs take it at any
 token count (exact float32 arithmetic, unlike the reference kernel without a full dequantization per call).
 Speed against bfloat16 dense: the "Kernels by CPU" table of benchmarks/RESULTS.md.
 
@@ -23,7 +23,7 @@ itself unsupported with the reason and the dispatcher falls back to the other ke
 >>> from optimum_superweight.nn.linear import SuperWeightLinear
 >>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(128, 64), bits=4, group_size=64)
 >>> TiledCpuKernel().unsupported(layer, torch.bfloat16, torch.device("cpu"), tokens=1)
-'1 tokens per call (< 12: cpu-int4 is faster)'
+'1 tokens per call (< 12: the int kernels are faster)'
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from . import build
 __all__ = ["TiledCpuKernel", "MIN_TOKENS", "tile_rows"]
 
 _SOURCE = "tiled_linear"
-#: bfloat16 calls of fewer tokens go to the per-token int4 kernel (faster there; crossover measured at
+#: bfloat16 calls of fewer tokens go to the per-token int4/int8 kernels (faster there; crossover measured at
 #: 8-16 tokens on SmolLM2 and 1B-class layer shapes).
 MIN_TOKENS = 12
 #: Decoded weights per tile, in bytes: large tiles keep the GEMM efficient, and a tile still fits the
@@ -74,10 +74,11 @@ class TiledState:
     cols: torch.Tensor  # int64 [k]
     values: torch.Tensor  # float32 [k]
     group: int
+    bits: int
 
 
 class TiledCpuKernel:
-    """Native tile-by-tile dequantize + GEMM for 4-bit codes (see the module docstring)."""
+    """Native tile-by-tile dequantize + GEMM for 4- and 8-bit codes (see the module docstring)."""
 
     name = "cpu-tiled"
 
@@ -86,10 +87,10 @@ class TiledCpuKernel:
             return f"device {device.type}"
         if dtype not in _DTYPES:
             return f"{dtype} input"
-        if module.bits != 4:
-            return f"bits={module.bits} (needs 4)"
+        if module.bits not in (4, 8):
+            return f"bits={module.bits} (needs 4 or 8)"
         if dtype == torch.bfloat16 and tokens < MIN_TOKENS:
-            return f"{tokens} tokens per call (< {MIN_TOKENS}: cpu-int4 is faster)"
+            return f"{tokens} tokens per call (< {MIN_TOKENS}: the int kernels are faster)"
         library = _library()
         if library is None:
             return build.native_failure(_SOURCE)
@@ -115,7 +116,9 @@ class TiledCpuKernel:
             rows, cols = indices.detach()[:, 0].long().contiguous(), indices.detach()[:, 1].long().contiguous()
             values = module.super_weight_values.detach().to(torch.float32).contiguous()
         codes = module.weight.detach().contiguous()
-        return TiledState(codes, scale, zero, offset, rows, cols, values, module.layout.effective_group_size)
+        return TiledState(
+            codes, scale, zero, offset, rows, cols, values, module.layout.effective_group_size, module.bits
+        )
 
     def run(self, module: nn.Module, state: TiledState, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -127,7 +130,7 @@ class TiledCpuKernel:
         native_bias = None if bias is None or tracked else bias.detach().to(x2.dtype).contiguous()
         y = _library().tiled_linear(
             x2, state.codes, state.scale, state.zero, state.offset, state.rows, state.cols, state.values, native_bias,
-            state.group, tile,
+            state.group, state.bits, tile,
         )
         if tracked:
             y = y + bias.to(y.dtype)
@@ -137,5 +140,5 @@ class TiledCpuKernel:
         """The dense weight as this kernel decodes it (tests compare it bit for bit with the reference)."""
         return _library().dequantize(
             state.codes, state.scale, state.zero, state.offset, state.rows, state.cols, state.values, state.group,
-            module.in_features, dtype,
+            state.bits, module.in_features, dtype,
         )

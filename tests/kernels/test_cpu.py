@@ -137,12 +137,12 @@ def test_dense_prefill_kernel_matches_reference(out_features, in_features, bits,
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, -1), (8, 64)])
-def test_float32_reference_is_exact_and_default(bits, group_size):
+def test_float32_default_is_exact(bits, group_size):
     layer = _layer(576, 1536, bits=bits, group_size=group_size, bias=True)
     x = torch.randn(2, 3, 1536)
     out = layer(x)
-    # 4-bit layers run the compiled kernel, exact float32 arithmetic on the reference's weights.
-    assert layer.kernel == ("cpu-tiled" if bits == 4 and _native() else "reference") and out.dtype == torch.float32
+    # 4- and 8-bit layers run the compiled kernel, exact float32 arithmetic on the reference's weights.
+    assert layer.kernel == ("cpu-tiled" if _native() else "reference") and out.dtype == torch.float32
     assert _rel(out, _exact(layer, x)) < FP32_BOUND
 
 
@@ -228,7 +228,7 @@ def test_fallbacks_are_reported():
     assert "out_features=100" in select_kernel(_layer(100, 128, bits=4, group_size=64), torch.bfloat16, CPU).reason
     grouped8 = _layer(64, 256, bits=8, group_size=64)
     assert select_kernel(grouped8, torch.bfloat16, CPU).label == "cpu-dense"
-    assert select_kernel(grouped8, torch.float32, CPU).label == "reference"
+    assert select_kernel(grouped8, torch.float32, CPU).label == ("cpu-tiled" if _native() else "reference")
     assert select_kernel(grouped8, torch.bfloat16, torch.device("meta")).label == "reference"
     assert "kernel=" in repr(grouped8)
 
@@ -238,8 +238,8 @@ def test_summary_and_prepare():
     assert kernel_summary(model, torch.bfloat16) == {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}
     summary = prepare_kernels(model, torch.bfloat16)
     if _native():
-        assert summary == {"decode": {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}, "prefill": {"cpu-tiled": 1, "cpu-dense": 2}}
-        assert kernel_summary(model, torch.float32) == {"cpu-tiled": 1, "reference": 2}
+        assert summary == {"decode": {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}, "prefill": {"cpu-tiled": 3}}
+        assert kernel_summary(model, torch.float32) == {"cpu-tiled": 3}
     _without_native()
     assert prepare_kernels(model, torch.bfloat16)["prefill"] == {"cpu-dense": 3}
     assert kernel_summary(model, torch.float32) == {"reference": 3}

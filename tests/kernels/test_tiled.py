@@ -39,14 +39,14 @@ def library():
 FORMS = [(False, "float"), (False, "uint8"), (True, "uint8")]
 
 
-def _layer(out_features, in_features, *, group_size, symmetric, zero_point, bias=True, super_weights=((5, 7),), seed=0):
+def _layer(out_features, in_features, *, group_size, symmetric, zero_point, bias=True, super_weights=((5, 7),), seed=0, bits=4):
     torch.manual_seed(seed)
     dense = nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         for row, col in super_weights:
             dense.weight[row, col] = 4.0
     return SuperWeightLinear.from_linear(
-        dense, bits=4, group_size=group_size, symmetric=symmetric, zero_point=zero_point, super_weights=list(super_weights)
+        dense, bits=bits, group_size=group_size, symmetric=symmetric, zero_point=zero_point, super_weights=list(super_weights)
     )
 
 
@@ -57,9 +57,10 @@ def _rel(a, b):
 @pytest.mark.parametrize("symmetric, zero_point", FORMS)
 @pytest.mark.parametrize("out_features, in_features, group_size", [(64, 256, 32), (96, 200, 64), (48, 384, 128), (40, 100, -1), (32, 144, 48)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_decoded_weights_are_the_reference_bit_for_bit(library, symmetric, zero_point, out_features, in_features, group_size, dtype):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decoded_weights_are_the_reference_bit_for_bit(library, symmetric, zero_point, out_features, in_features, group_size, dtype, bits):
     layer = _layer(out_features, in_features, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
-                   super_weights=[(5, 7), (out_features - 1, in_features - 1)])
+                   super_weights=[(5, 7), (out_features - 1, in_features - 1)], bits=bits)
     state = KERNEL.prepare(layer, CPU, dtype)
     decoded = KERNEL.dequantize(layer, state, dtype)
     expected = layer.dequantize_weight(dtype)
@@ -73,13 +74,26 @@ def test_decoded_weights_are_the_reference_bit_for_bit(library, symmetric, zero_
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_outputs_match_the_reference_kernel(library, symmetric, zero_point, group_size, tokens, dtype):
     layer = _layer(96, 384, group_size=group_size, symmetric=symmetric, zero_point=zero_point)
-    x = torch.randn(tokens, 384, dtype=dtype)
+    _check_outputs(layer, tokens, dtype, "cpu-int4")
+
+
+@pytest.mark.parametrize("symmetric, zero_point", FORMS)
+@pytest.mark.parametrize("group_size", [64, -1])
+@pytest.mark.parametrize("tokens", [1, 16, 100])
+def test_8bit_outputs_match_the_reference_kernel(library, symmetric, zero_point, group_size, tokens):
+    layer = _layer(48, 200, group_size=group_size, symmetric=symmetric, zero_point=zero_point, bits=8)
+    # Below MIN_TOKENS: the int8 kernel takes per-row scales, cpu-dense the grouped ones.
+    _check_outputs(layer, tokens, torch.bfloat16, "cpu-int8" if group_size == -1 else "cpu-dense")
+
+
+def _check_outputs(layer, tokens, dtype, decode_kernel):
+    x = torch.randn(tokens, layer.in_features, dtype=dtype)
     with torch.no_grad():
         out = layer(x)
         expected = kernels.REFERENCE.run(layer, None, x)
     uses_tiled = dtype == torch.float32 or tokens >= tiled.MIN_TOKENS
-    assert layer.kernel == ("cpu-tiled" if uses_tiled else "cpu-int4")
-    assert out.dtype == dtype and out.shape == (tokens, 96)
+    assert layer.kernel == ("cpu-tiled" if uses_tiled else decode_kernel)
+    assert out.dtype == dtype and out.shape == (tokens, layer.out_features)
     assert _rel(out, expected) < (FP32_BOUND if dtype == torch.float32 else 1e-2 if not uses_tiled else BF16_BOUND)
 
 
@@ -141,9 +155,9 @@ def test_inputs_that_need_gradients_avoid_it(library):
 
 def test_other_bit_widths_are_left_to_the_other_kernels(library):
     torch.manual_seed(0)
-    layer = SuperWeightLinear.from_linear(nn.Linear(256, 64), bits=8, group_size=64)
+    layer = SuperWeightLinear.from_linear(nn.Linear(256, 64), bits=3, group_size=64)
     selection = kernels.select_kernel(layer, torch.bfloat16, CPU, 100)
-    assert selection.label == "cpu-dense" and "cpu-tiled: bits=8 (needs 4)" in selection.reason
+    assert selection.label == "cpu-dense" and "cpu-tiled: bits=3 (needs 4 or 8)" in selection.reason
 
 
 def test_a_failing_build_falls_back_with_one_log_line(monkeypatch, caplog):

@@ -1,13 +1,14 @@
-// Fused 4-bit dequantize + GEMM for CPU (optimum_superweight.kernels.native builds this at first use).
+// Fused 4-/8-bit dequantize + GEMM for CPU (optimum_superweight.kernels.build compiles this at first use).
 //
 // y[T, N] = x[T, K] @ W[N, K]^T with W group-quantized to 4-bit codes (two per byte, low nibble first, each
-// group's bytes starting at a byte boundary: the plain packed format of tensor/packing.py).
+// group's bytes starting at a byte boundary: the plain packed format of tensor/packing.py) or 8-bit codes.
 // Output rows are processed in tiles: the tile's weights are decoded into a buffer that stays in cache, then
 // one GEMM (at::mm_out, oneDNN for bfloat16) multiplies the whole token block by it, writing the output
 // columns of the tile in place. A 4-bit group has only 16 distinct weights, so each group's 16 values are
 // computed once, exactly as the reference dequantization does (float32 (q - z) * s or q * s + m, then
-// rounded to the output dtype), and the codes are decoded by a table lookup (vpermw / vpermps): the decoded
-// weights are bit-identical to the reference's. Super weights are written into the tile at their exact
+// rounded to the output dtype), and the codes are decoded by a table lookup (vpermw / vpermps); 8-bit codes
+// are converted and scaled 16 at a time with the same float32 operations. The decoded weights are
+// bit-identical to the reference's. Super weights are written into the tile at their exact
 // value (rounded to the output dtype, as the reference does).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -34,7 +36,7 @@ struct Packed {
   const float* scale;    // [N, G]
   const float* zero;     // [N, G] zero codes, or nullptr with float offsets
   const float* offset;   // [N, G] float offsets (w = s*q + m), or nullptr
-  int64_t N, G, B, group, K;
+  int64_t N, G, B, group, K, bits;
 };
 
 struct Patches {
@@ -120,7 +122,48 @@ inline void decode_group<float>(const uint8_t* src, float* dst, int64_t n, __m51
     for (; j < n; ++j) dst[j] = lut[(src[j >> 1] >> ((j & 1) * 4)) & 0xF];
   }
 }
+
+// 8-bit codes: 16 at a time, (q - z) * s or q * s + m in float32, rounded to T.
+inline __m512 scaled16(const uint8_t* src, __m512 s, __m512 zm, bool offset) {
+  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  return offset ? _mm512_add_ps(_mm512_mul_ps(q, s), zm) : _mm512_mul_ps(_mm512_sub_ps(q, zm), s);
+}
+
+template <typename T>
+inline void decode_group8_avx512(const uint8_t* src, T* dst, int64_t n, float s, float zm, bool offset) {
+  const __m512 vs = _mm512_set1_ps(s), vzm = _mm512_set1_ps(zm);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 w = scaled16(src + j, vs, vzm, offset);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(dst + j, w);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), to_bits16<T>(w));
+    }
+  }
+  for (; j < n; ++j) {
+    const float q = static_cast<float>(src[j]);
+    dst[j] = static_cast<T>(offset ? q * s + zm : (q - zm) * s);
+  }
+}
 #endif
+
+template <typename T>
+void decode_group8(const uint8_t* src, T* dst, int64_t n, float s, float zm, bool offset) {
+#if OSW_AVX512
+  decode_group8_avx512<T>(src, dst, n, s, zm, offset);
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    const float q = static_cast<float>(src[j]);
+    if (offset) {
+      const float scaled = q * s;
+      dst[j] = static_cast<T>(scaled + zm);
+    } else {
+      dst[j] = static_cast<T>((q - zm) * s);
+    }
+  }
+#endif
+}
 
 template <typename T>
 void decode_rows(const Packed& w, const Patches& p, int64_t r0, int64_t r1, T* out) {
@@ -131,6 +174,11 @@ void decode_rows(const Packed& w, const Patches& p, int64_t r0, int64_t r1, T* o
       const int64_t start = g * w.group;
       const int64_t n = std::min(w.group, w.K - start);
       const uint8_t* src = w.codes + index * w.B;
+      if (w.bits == 8) {
+        const bool offset = w.offset != nullptr;
+        decode_group8<T>(src, row + start, n, w.scale[index], offset ? w.offset[index] : w.zero[index], offset);
+        continue;
+      }
 #if OSW_AVX512
       decode_group<T>(src, row + start, n, group_values_avx512(w, index));
 #else
@@ -167,18 +215,19 @@ void* tile_buffer(size_t bytes) {
 }
 
 Packed packed_of(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
-                 const torch::Tensor& offset, int64_t group, int64_t K) {
+                 const torch::Tensor& offset, int64_t group, int64_t bits, int64_t K) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8, got ", bits);
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 3 && codes.is_contiguous(), "codes: uint8 [N, G, B]");
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous(), "scale: float32 [N, G]");
   const int64_t N = codes.size(0), G = codes.size(1), B = codes.size(2);
   TORCH_CHECK(scale.numel() == N * G, "scale: one per group");
-  TORCH_CHECK(B * 2 >= group && G * group >= K && (G - 1) * group < K, "codes do not match group and K");
+  TORCH_CHECK(B * (8 / bits) >= group && G * group >= K && (G - 1) * group < K, "codes do not match group and K");
   const bool has_offset = offset.numel() > 0;
   TORCH_CHECK(has_offset ? offset.numel() == N * G && offset.dtype() == torch::kFloat32 && offset.is_contiguous()
                          : zero.numel() == N * G && zero.dtype() == torch::kFloat32 && zero.is_contiguous(),
               "zero codes or offsets: float32 [N, G]");
   return Packed{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), has_offset ? nullptr : zero.data_ptr<float>(),
-                has_offset ? offset.data_ptr<float>() : nullptr, N, G, B, group, K};
+                has_offset ? offset.data_ptr<float>() : nullptr, N, G, B, group, K, bits};
 }
 
 Patches patches_of(const torch::Tensor& rows, const torch::Tensor& cols, const torch::Tensor& values) {
@@ -213,10 +262,10 @@ void tiled_mm(const torch::Tensor& x, const Packed& w, const Patches& p, const t
 
 torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                            torch::Tensor offset, torch::Tensor rows, torch::Tensor cols, torch::Tensor values,
-                           c10::optional<torch::Tensor> bias, int64_t group, int64_t tile) {
+                           c10::optional<torch::Tensor> bias, int64_t group, int64_t bits, int64_t tile) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous 2-D CPU tensor");
   TORCH_CHECK(tile > 0, "tile > 0");
-  const Packed w = packed_of(codes, scale, zero, offset, group, x.size(1));
+  const Packed w = packed_of(codes, scale, zero, offset, group, bits, x.size(1));
   const Patches p = patches_of(rows, cols, values);
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -235,9 +284,9 @@ torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
 }
 
 torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, torch::Tensor offset,
-                         torch::Tensor rows, torch::Tensor cols, torch::Tensor values, int64_t group, int64_t K,
-                         torch::ScalarType dtype) {
-  const Packed w = packed_of(codes, scale, zero, offset, group, K);
+                         torch::Tensor rows, torch::Tensor cols, torch::Tensor values, int64_t group, int64_t bits,
+                         int64_t K, torch::ScalarType dtype) {
+  const Packed w = packed_of(codes, scale, zero, offset, group, bits, K);
   const Patches p = patches_of(rows, cols, values);
   auto out = torch::empty({w.N, K}, torch::dtype(dtype));
   switch (dtype) {
