@@ -35,7 +35,7 @@ from torch import nn
 
 from . import build
 
-__all__ = ["TiledCpuKernel", "MIN_TOKENS", "tile_rows"]
+__all__ = ["TiledCpuKernel", "MIN_TOKENS", "tile_rows", "unavailable"]
 
 _SOURCE = "tiled_linear"
 #: bfloat16 calls of fewer tokens go to the per-token int4/int8 kernels (faster there; crossover measured at
@@ -62,6 +62,17 @@ def tile_rows(out_features: int, in_features: int, element_size: int, threads: i
 
 def _library():
     return build.load(_SOURCE)
+
+
+def unavailable() -> str | None:
+    """Why ``cpu-tiled`` cannot run on this machine (build failed or disabled, no AVX-512), or ``None``; the first
+    call builds the library if needed."""
+    library = _library()
+    if library is None:
+        return build.native_failure(_SOURCE)
+    if not library.vectorized():
+        return "the native library was built without AVX-512 (its scalar decoder is slower than cpu-dense)"
+    return None
 
 
 @dataclass
@@ -91,12 +102,7 @@ class TiledCpuKernel:
             return f"bits={module.bits} (needs 4 or 8)"
         if dtype == torch.bfloat16 and tokens < MIN_TOKENS:
             return f"{tokens} tokens per call (< {MIN_TOKENS}: the int kernels are faster)"
-        library = _library()
-        if library is None:
-            return build.native_failure(_SOURCE)
-        if not library.vectorized():
-            return "the native library was built without AVX-512 (its scalar decoder is slower than cpu-dense)"
-        return None
+        return unavailable()
 
     def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> TiledState:
         empty = torch.empty(0, dtype=torch.float32)

@@ -45,7 +45,7 @@ def _default_settings():
 
 def _native() -> bool:
     """Whether cpu-tiled is available here (built once per machine; OPTIMUM_SUPERWEIGHT_NATIVE=0 turns it off)."""
-    return kernels.build.load("tiled_linear") is not None
+    return kernels.tiled.unavailable() is None
 
 
 def _without_native():

@@ -22,7 +22,7 @@ def _logits(model, ids, reference=False):
 
 def _prefill_kernel() -> str:
     """The compiled kernel where it builds (it does wherever a C++ compiler and ninja are installed)."""
-    return "cpu-tiled" if kernels.build.load("tiled_linear") is not None else "cpu-dense"
+    return "cpu-tiled" if kernels.tiled.unavailable() is None else "cpu-dense"
 
 
 def _rel(a, b):

@@ -26,13 +26,21 @@ FP32_BOUND = 1e-5
 
 
 @pytest.fixture(scope="module")
-def library():
+def built():
+    """The compiled library (its decoder runs on any x86 CPU: AVX-512 or scalar)."""
     if os.environ.get("OPTIMUM_SUPERWEIGHT_NATIVE", "1").strip().lower() in ("0", "false"):
         pytest.skip("OPTIMUM_SUPERWEIGHT_NATIVE=0")
     module = build.load("tiled_linear")
     assert module is not None, build.native_failure("tiled_linear")  # a machine with g++ and ninja must build it
-    assert module.vectorized()  # CI and this project's machines have AVX-512
     return module
+
+
+@pytest.fixture(scope="module")
+def library(built):
+    """The kernel in the dispatcher: needs the AVX-512 decoder (the scalar one would lose to cpu-dense)."""
+    if tiled.unavailable() is not None:
+        pytest.skip(tiled.unavailable())
+    return built
 
 
 #: (symmetric, zero_point): float offsets (the default method), uint8 zero-points, symmetric codes.
@@ -58,7 +66,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("out_features, in_features, group_size", [(64, 256, 32), (96, 200, 64), (48, 384, 128), (40, 100, -1), (32, 144, 48)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_decoded_weights_are_the_reference_bit_for_bit(library, symmetric, zero_point, out_features, in_features, group_size, dtype, bits):
+def test_decoded_weights_are_the_reference_bit_for_bit(built, symmetric, zero_point, out_features, in_features, group_size, dtype, bits):
     layer = _layer(out_features, in_features, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
                    super_weights=[(5, 7), (out_features - 1, in_features - 1)], bits=bits)
     state = KERNEL.prepare(layer, CPU, dtype)
@@ -198,3 +206,22 @@ def test_invalid_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("OPTIMUM_SUPERWEIGHT_NATIVE", "maybe")
     with pytest.raises(ValueError, match="OPTIMUM_SUPERWEIGHT_NATIVE='maybe'"):
         build._env_enabled()
+
+
+@pytest.mark.slow
+def test_a_build_without_avx512_decodes_exactly_and_steps_aside(built, monkeypatch):
+    """CPUs without AVX-512 get the scalar decoder: still bit-exact, but the dispatcher leaves it (cpu-dense is
+    faster). Compiled here for x86-64-v2 (a second build, about a minute)."""
+    monkeypatch.setattr(build, "_FLAGS", ["-O3", "-march=x86-64-v2", "-ffp-contract=off"])
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_failures", {})
+    scalar = build.load("tiled_linear")
+    assert scalar is not None and not scalar.vectorized()
+    for bits in (4, 8):
+        for symmetric, zero_point in FORMS:
+            layer = _layer(40, 200, group_size=64, symmetric=symmetric, zero_point=zero_point, bits=bits)
+            for dtype in (torch.bfloat16, torch.float32, torch.float16):
+                state = KERNEL.prepare(layer, CPU, dtype)
+                assert torch.equal(KERNEL.dequantize(layer, state, dtype), layer.dequantize_weight(dtype))
+    assert "without AVX-512" in tiled.unavailable()
+    assert kernels.select_kernel(layer, torch.bfloat16, CPU, 100).label == "cpu-dense"
