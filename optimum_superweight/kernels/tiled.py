@@ -19,6 +19,10 @@ Speed against bfloat16 dense: the "Kernels by CPU" table of benchmarks/RESULTS.m
 Without AVX-512 (the library then decodes with scalar code) or when the build fails, the kernel reports
 itself unsupported with the reason and the dispatcher falls back to the other kernels.
 
+Memory: the layer's state holds float32 copies of the scales and zero-points or offsets (a quarter of a
+4-bit group-64 packed weight) and references the packed codes; each thread keeps one decode buffer of
+about :data:`_TILE_BYTES`, reused across calls and layers.
+
 >>> import torch
 >>> from optimum_superweight.nn.linear import SuperWeightLinear
 >>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(128, 64), bits=4, group_size=64)
