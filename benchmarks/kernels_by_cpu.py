@@ -61,6 +61,9 @@ def _layers(out_features: int, in_features: int) -> dict[str, nn.Module]:
         "int4 g64 float offsets": SuperWeightLinear.from_linear(
             dense, bits=4, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
         ),
+        "int3 g64 float offsets": SuperWeightLinear.from_linear(
+            dense, bits=3, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
+        ),
         "int8 per row": SuperWeightLinear.from_linear(dense, bits=8, group_size=-1, super_weights=[(5, 7)]),
         "W8A8 per tensor, held out": SuperWeightW8A8Linear.from_linear(
             dense, activation_scale="per_tensor", holdout_channels=[7], super_weights=[(5, 7)]
@@ -154,8 +157,8 @@ def kernels_by_cpu_markdown(result: dict) -> str:
         "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
         "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
         "steps aside with a log line). `cpu-tiled` is the compiled kernel (`optimum_superweight/kernels/tiled.py`, built "
-        "once per machine at first use): it decodes tiles of output rows in cache and multiplies each, for 4- and "
-        "8-bit codes from 12 tokens per call. One table per CPU model the script ran on.",
+        "once per machine at first use): it decodes tiles of output rows in cache and multiplies each, for 2-, 3-, "
+        "4- and 8-bit codes from 12 tokens per call. One table per CPU model the script ran on.",
     ]
     for cpu, run in sorted(result.get("cpus", {}).items()):
         parts += [

@@ -8,7 +8,7 @@ runs; the reference kernel (dequantize + ``F.linear``) supports everything and c
 ================  ===========================================================================================
 kernel            when
 ================  ===========================================================================================
-``cpu-tiled``     CPU, 4- or 8-bit codes (any group size), bfloat16 input from ``tiled.MIN_TOKENS`` (12) tokens per
+``cpu-tiled``     CPU, 2-, 3-, 4- or 8-bit codes (any group size), bfloat16 input from ``tiled.MIN_TOKENS`` (12) tokens per
                   call, float32/float16 input at any token count: compiled at first use (C++, AVX-512), decodes
                   tiles of output rows in cache and multiplies each (:mod:`~optimum_superweight.kernels.tiled`)
 ``cpu-int4``      CPU, bfloat16 input, bits <= 4, group size a multiple of 32, out_features % 16 == 0,
@@ -24,7 +24,7 @@ CUDA stays on the reference path for now: torch's CUDA int4 kernel was not wired
 available to test its (different) packing.
 
 **Float32 inputs.** The int kernels are fast only with bfloat16 activations. A float32 model therefore
-runs ``cpu-tiled`` for 4- and 8-bit layers (exact float32 arithmetic) and the reference path otherwise (exact too,
+runs ``cpu-tiled`` for 2-, 3-, 4- and 8-bit layers (exact float32 arithmetic) and the reference path otherwise (exact too,
 but a full dequantization per call: slow, said once in the log). Opt in to casting the activations of the
 quantized layers to bfloat16 (outputs are cast back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
 environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16``; or load the model with

@@ -1,11 +1,13 @@
-"""``cpu-tiled``: 4- and 8-bit weights decoded tile by tile in native code, each tile multiplied while in cache.
+"""``cpu-tiled``: 2- to 4- and 8-bit weights decoded tile by tile in native code, each multiplied while in cache.
 
 The prefill kernel of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
-symmetric codes; any group size, per-channel included; super weights held out), and of 8-bit codes. The C++ extension
+symmetric codes; any group size, per-channel included; super weights held out), and of 2-, 3- and 8-bit
+codes. The C++ extension
 (``csrc/tiled_linear.cpp``, built at first use by :mod:`~optimum_superweight.kernels.build`) walks the
 output rows in tiles: it decodes a tile's codes into a buffer in the activation dtype in one pass (a 4-bit
 group has 16 distinct values, computed as the reference dequantization computes them, then looked up per
-code with AVX-512 permutes; 8-bit codes are converted and scaled 16 at a time), writes the tile's super weights at their exact value, and multiplies the
+code with AVX-512 permutes; 2- and 3-bit codes likewise after a shuffle and shift extract them; 8-bit codes
+are converted and scaled 16 at a time), writes the tile's super weights at their exact value, and multiplies the
 whole token block by the tile (``at::mm_out``: oneDNN for bfloat16) into the tile's output columns. Tiles
 run in parallel over torch's threads.
 
@@ -49,6 +51,7 @@ MIN_TOKENS = 12
 #: last-level cache (measured best at 2-8 MiB on AMD EPYC).
 _TILE_BYTES = 4 << 20
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_BITS = (2, 3, 4, 8)
 
 
 def tile_rows(out_features: int, in_features: int, element_size: int, threads: int) -> int:
@@ -93,7 +96,7 @@ class TiledState:
 
 
 class TiledCpuKernel:
-    """Native tile-by-tile dequantize + GEMM for 4- and 8-bit codes (see the module docstring)."""
+    """Native tile-by-tile dequantize + GEMM for 2-, 3-, 4- and 8-bit codes (see the module docstring)."""
 
     name = "cpu-tiled"
 
@@ -102,8 +105,8 @@ class TiledCpuKernel:
             return f"device {device.type}"
         if dtype not in _DTYPES:
             return f"{dtype} input"
-        if module.bits not in (4, 8):
-            return f"bits={module.bits} (needs 4 or 8)"
+        if module.bits not in _BITS:
+            return f"bits={module.bits} (needs one of {', '.join(map(str, _BITS))})"
         if dtype == torch.bfloat16 and tokens < MIN_TOKENS:
             return f"{tokens} tokens per call (< {MIN_TOKENS}: the int kernels are faster)"
         return unavailable()

@@ -65,7 +65,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("symmetric, zero_point", FORMS)
 @pytest.mark.parametrize("out_features, in_features, group_size", [(64, 256, 32), (96, 200, 64), (48, 384, 128), (40, 100, -1), (32, 144, 48)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_decoded_weights_are_the_reference_bit_for_bit(built, symmetric, zero_point, out_features, in_features, group_size, dtype, bits):
     layer = _layer(out_features, in_features, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
                    super_weights=[(5, 7), (out_features - 1, in_features - 1)], bits=bits)
@@ -88,10 +88,13 @@ def test_outputs_match_the_reference_kernel(library, symmetric, zero_point, grou
 @pytest.mark.parametrize("symmetric, zero_point", FORMS)
 @pytest.mark.parametrize("group_size", [64, -1])
 @pytest.mark.parametrize("tokens", [1, 16, 100])
-def test_8bit_outputs_match_the_reference_kernel(library, symmetric, zero_point, group_size, tokens):
-    layer = _layer(48, 200, group_size=group_size, symmetric=symmetric, zero_point=zero_point, bits=8)
-    # Below MIN_TOKENS: the int8 kernel takes per-row scales, cpu-dense the grouped ones.
-    _check_outputs(layer, tokens, torch.bfloat16, "cpu-int8" if group_size == -1 else "cpu-dense")
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_widths_outputs_match_the_reference_kernel(library, symmetric, zero_point, group_size, tokens, bits):
+    layer = _layer(48, 200, group_size=group_size, symmetric=symmetric, zero_point=zero_point, bits=bits)
+    # Below MIN_TOKENS: the int kernels where they take the layout (int4: groups of a multiple of 32; int8: one
+    # scale per row), cpu-dense otherwise.
+    decode = ("cpu-int8" if group_size == -1 else "cpu-dense") if bits == 8 else ("cpu-int4" if group_size == 64 else "cpu-dense")
+    _check_outputs(layer, tokens, torch.bfloat16, decode)
 
 
 def _check_outputs(layer, tokens, dtype, decode_kernel):
@@ -163,9 +166,9 @@ def test_inputs_that_need_gradients_avoid_it(library):
 
 def test_other_bit_widths_are_left_to_the_other_kernels(library):
     torch.manual_seed(0)
-    layer = SuperWeightLinear.from_linear(nn.Linear(256, 64), bits=3, group_size=64)
+    layer = SuperWeightLinear.from_linear(nn.Linear(256, 64), bits=6, group_size=64)
     selection = kernels.select_kernel(layer, torch.bfloat16, CPU, 100)
-    assert selection.label == "cpu-dense" and "cpu-tiled: bits=3 (needs 4 or 8)" in selection.reason
+    assert selection.label == "cpu-dense" and "cpu-tiled: bits=6 (needs one of 2, 3, 4, 8)" in selection.reason
 
 
 def test_a_failing_build_falls_back_with_one_log_line(monkeypatch, caplog):
@@ -217,7 +220,7 @@ def test_a_build_without_avx512_decodes_exactly_and_steps_aside(built, monkeypat
     monkeypatch.setattr(build, "_failures", {})
     scalar = build.load("tiled_linear")
     assert scalar is not None and not scalar.vectorized()
-    for bits in (4, 8):
+    for bits in (2, 3, 4, 8):
         for symmetric, zero_point in FORMS:
             layer = _layer(40, 200, group_size=64, symmetric=symmetric, zero_point=zero_point, bits=bits)
             for dtype in (torch.bfloat16, torch.float32, torch.float16):

@@ -1,7 +1,8 @@
-// Fused 4-/8-bit dequantize + GEMM for CPU (optimum_superweight.kernels.build compiles this at first use).
+// Fused 2-/3-/4-/8-bit dequantize + GEMM for CPU (optimum_superweight.kernels.build compiles this at first use).
 //
 // y[T, N] = x[T, K] @ W[N, K]^T with W group-quantized to 4-bit codes (two per byte, low nibble first, each
-// group's bytes starting at a byte boundary: the plain packed format of tensor/packing.py) or 8-bit codes.
+// group's bytes starting at a byte boundary: the plain packed format of tensor/packing.py), 2- or 3-bit codes
+// (runs of 8 codes in 2 or 3 bytes) or 8-bit codes.
 // Output rows are processed in tiles: the tile's weights are decoded into a buffer that stays in cache, then
 // one GEMM (at::mm_out, oneDNN for bfloat16) multiplies the whole token block by it, writing the output
 // columns of the tile in place. A 4-bit group has only 16 distinct weights, so each group's 16 values are
@@ -62,6 +63,16 @@ inline void group_values(const Packed& w, int64_t index, float* out) {
   }
 }
 
+// Code j of a group of `bits`-bit codes: runs of 8 codes in `bits` bytes, little-endian (tensor/packing.py).
+inline int code_at(const uint8_t* src, int64_t j, int bits) {
+  const int64_t bit = (j >> 3) * bits * 8 + (j & 7) * bits;
+  const uint8_t* byte = src + (bit >> 3);
+  const int shift = static_cast<int>(bit & 7);
+  unsigned window = byte[0];
+  if (shift + bits > 8) window |= static_cast<unsigned>(byte[1]) << 8;
+  return static_cast<int>((window >> shift) & ((1u << bits) - 1));
+}
+
 #if OSW_AVX512
 inline __m512 group_values_avx512(const Packed& w, int64_t index) {
   const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -89,28 +100,57 @@ inline __m512i nibble_words(const uint8_t* src) {
   return _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)), _mm512_slli_epi32(_mm512_srli_epi32(d, 4), 16));
 }
 
+// 2- or 3-bit codes: 4 runs (32 codes, 4*bits bytes) -> 32 word indices. The bytes are broadcast to the four
+// 128-bit lanes (lane L decodes run L); each word gathers the two bytes holding its code (vpshufb), then a
+// per-word shift (vpsrlvw) and a mask leave the code.
+struct Windows {
+  __m512i bytes, shifts, mask;
+  explicit Windows(int bits) {
+    alignas(64) uint8_t index[64];
+    alignas(64) uint16_t shift[32];
+    for (int lane = 0; lane < 4; ++lane) {
+      for (int i = 0; i < 8; ++i) {
+        const int bit = lane * bits * 8 + i * bits;
+        index[lane * 16 + 2 * i] = static_cast<uint8_t>(bit >> 3);
+        index[lane * 16 + 2 * i + 1] = static_cast<uint8_t>((bit >> 3) + 1);
+        shift[lane * 8 + i] = static_cast<uint16_t>(bit & 7);
+      }
+    }
+    bytes = _mm512_load_si512(index);
+    shifts = _mm512_load_si512(shift);
+    mask = _mm512_set1_epi16(static_cast<int16_t>((1 << bits) - 1));
+  }
+  __m512i words(const uint8_t* src, int bits) const {
+    const __m128i packed = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (4 * bits)) - 1), src);
+    const __m512i pairs = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(packed), bytes);
+    return _mm512_and_si512(_mm512_srlv_epi16(pairs, shifts), mask);
+  }
+};
+
+inline __m512i code_words(const uint8_t* src, int64_t j, int bits, const Windows* windows) {
+  return bits == 4 ? nibble_words(src + j / 2) : windows->words(src + (j >> 3) * bits, bits);
+}
+
 template <typename T>
-inline void decode_group(const uint8_t* src, T* dst, int64_t n, __m512 values) {
+inline void decode_group(const uint8_t* src, T* dst, int64_t n, __m512 values, int bits, const Windows* windows) {
   const __m512i table = _mm512_zextsi256_si512(to_bits16<T>(values));
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
-    _mm512_storeu_si512(dst + j, _mm512_permutexvar_epi16(nibble_words(src + j / 2), table));
+    _mm512_storeu_si512(dst + j, _mm512_permutexvar_epi16(code_words(src, j, bits, windows), table));
   }
   if (j < n) {
     alignas(64) uint16_t lut[32];
     _mm512_store_si512(lut, table);
-    for (; j < n; ++j) {
-      const int code = (src[j >> 1] >> ((j & 1) * 4)) & 0xF;
-      std::memcpy(dst + j, lut + code, sizeof(uint16_t));
-    }
+    for (; j < n; ++j) std::memcpy(dst + j, lut + code_at(src, j, bits), sizeof(uint16_t));
   }
 }
 
 template <>
-inline void decode_group<float>(const uint8_t* src, float* dst, int64_t n, __m512 values) {
+inline void decode_group<float>(const uint8_t* src, float* dst, int64_t n, __m512 values, int bits,
+                                const Windows* windows) {
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
-    const __m512i words = nibble_words(src + j / 2);
+    const __m512i words = code_words(src, j, bits, windows);
     const __m512i low = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(words));
     const __m512i high = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1));
     _mm512_storeu_ps(dst + j, _mm512_permutexvar_ps(low, values));
@@ -119,7 +159,7 @@ inline void decode_group<float>(const uint8_t* src, float* dst, int64_t n, __m51
   if (j < n) {
     alignas(64) float lut[16];
     _mm512_store_ps(lut, values);
-    for (; j < n; ++j) dst[j] = lut[(src[j >> 1] >> ((j & 1) * 4)) & 0xF];
+    for (; j < n; ++j) dst[j] = lut[code_at(src, j, bits)];
   }
 }
 
@@ -167,6 +207,10 @@ void decode_group8(const uint8_t* src, T* dst, int64_t n, float s, float zm, boo
 
 template <typename T>
 void decode_rows(const Packed& w, const Patches& p, int64_t r0, int64_t r1, T* out) {
+  const int bits = static_cast<int>(w.bits);
+#if OSW_AVX512
+  const Windows windows(bits < 4 ? bits : 2);
+#endif
   for (int64_t r = r0; r < r1; ++r) {
     T* row = out + (r - r0) * w.K;
     for (int64_t g = 0; g < w.G; ++g) {
@@ -180,13 +224,13 @@ void decode_rows(const Packed& w, const Patches& p, int64_t r0, int64_t r1, T* o
         continue;
       }
 #if OSW_AVX512
-      decode_group<T>(src, row + start, n, group_values_avx512(w, index));
+      decode_group<T>(src, row + start, n, group_values_avx512(w, index), bits, &windows);
 #else
       float values[16];
       group_values(w, index, values);
       T lut[16];
       for (int c = 0; c < 16; ++c) lut[c] = static_cast<T>(values[c]);
-      for (int64_t j = 0; j < n; ++j) row[start + j] = lut[(src[j >> 1] >> ((j & 1) * 4)) & 0xF];
+      for (int64_t j = 0; j < n; ++j) row[start + j] = lut[code_at(src, j, bits)];
 #endif
     }
   }
@@ -216,12 +260,13 @@ void* tile_buffer(size_t bytes) {
 
 Packed packed_of(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
                  const torch::Tensor& offset, int64_t group, int64_t bits, int64_t K) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8, got ", bits);
+  TORCH_CHECK((bits >= 2 && bits <= 4) || bits == 8, "bits: 2, 3, 4 or 8, got ", bits);
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 3 && codes.is_contiguous(), "codes: uint8 [N, G, B]");
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous(), "scale: float32 [N, G]");
   const int64_t N = codes.size(0), G = codes.size(1), B = codes.size(2);
   TORCH_CHECK(scale.numel() == N * G, "scale: one per group");
-  TORCH_CHECK(B * (8 / bits) >= group && G * group >= K && (G - 1) * group < K, "codes do not match group and K");
+  TORCH_CHECK(B == (bits == 8 ? group : (group + 7) / 8 * bits) && G * group >= K && (G - 1) * group < K,
+              "codes do not match group and K");
   const bool has_offset = offset.numel() > 0;
   TORCH_CHECK(has_offset ? offset.numel() == N * G && offset.dtype() == torch::kFloat32 && offset.is_contiguous()
                          : zero.numel() == N * G && zero.dtype() == torch::kFloat32 && zero.is_contiguous(),
