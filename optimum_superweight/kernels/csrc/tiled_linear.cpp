@@ -105,7 +105,8 @@ inline __m512i nibble_words(const uint8_t* src) {
 // per-word shift (vpsrlvw) and a mask leave the code.
 struct Windows {
   __m512i bytes, shifts, mask;
-  explicit Windows(int bits) {
+  const uint8_t* end;
+  Windows(int bits, const uint8_t* codes_end) : end(codes_end) {
     alignas(64) uint8_t index[64];
     alignas(64) uint16_t shift[32];
     for (int lane = 0; lane < 4; ++lane) {
@@ -120,15 +121,18 @@ struct Windows {
     shifts = _mm512_load_si512(shift);
     mask = _mm512_set1_epi16(static_cast<int16_t>((1 << bits) - 1));
   }
-  __m512i words(const uint8_t* src, int bits) const {
-    const __m128i packed = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (4 * bits)) - 1), src);
+  // `end`: the end of the codes buffer. A full 16-byte load is faster than a masked one (bytes past the 4 runs
+  // are never used); only the last chunk of the buffer needs the mask, not to read past it.
+  __m512i words(const uint8_t* src, int bits, const uint8_t* end) const {
+    const __m128i packed = src + 16 <= end ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src))
+                                           : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (4 * bits)) - 1), src);
     const __m512i pairs = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(packed), bytes);
     return _mm512_and_si512(_mm512_srlv_epi16(pairs, shifts), mask);
   }
 };
 
 inline __m512i code_words(const uint8_t* src, int64_t j, int bits, const Windows* windows) {
-  return bits == 4 ? nibble_words(src + j / 2) : windows->words(src + (j >> 3) * bits, bits);
+  return bits == 4 ? nibble_words(src + j / 2) : windows->words(src + (j >> 3) * bits, bits, windows->end);
 }
 
 template <typename T>
@@ -209,7 +213,7 @@ template <typename T>
 void decode_rows(const Packed& w, const Patches& p, int64_t r0, int64_t r1, T* out) {
   const int bits = static_cast<int>(w.bits);
 #if OSW_AVX512
-  const Windows windows(bits < 4 ? bits : 2);
+  const Windows windows(bits < 4 ? bits : 2, w.codes + w.N * w.G * w.B);
 #endif
   for (int64_t r = r0; r < r1; ++r) {
     T* row = out + (r - r0) * w.K;
