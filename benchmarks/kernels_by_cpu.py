@@ -38,9 +38,15 @@ from optimum_superweight.kernels import w8a8 as w8a8_kernels  # noqa: E402
 from optimum_superweight.nn.linear import SuperWeightLinear  # noqa: E402
 from optimum_superweight.nn.w8a8 import SuperWeightW8A8Linear  # noqa: E402
 
-#: (name, out_features, in_features): SmolLM2's down_proj and a 1B-class (Llama-3.2-1B) down_proj.
-SHAPES = (("SmolLM2 down_proj", 576, 1536), ("1B down_proj", 2048, 8192))
-TOKENS = (1, 512)
+#: (name, out_features, in_features): SmolLM2's and a 1B-class (Llama-3.2-1B-like) down_proj and up_proj.
+SHAPES = (
+    ("SmolLM2 down_proj", 576, 1536),
+    ("SmolLM2 up_proj", 1536, 576),
+    ("1B down_proj", 2048, 8192),
+    ("1B up_proj", 8192, 2048),
+)
+#: Tokens per call: decode, short prompts (16, 64: between the int kernels' and the GEMM kernels' ranges), prefill.
+TOKENS = (1, 16, 64, 256, 512)
 
 
 def _layers(out_features: int, in_features: int) -> dict[str, nn.Module]:
@@ -51,6 +57,13 @@ def _layers(out_features: int, in_features: int) -> dict[str, nn.Module]:
         dense.weight[5, 7] = 2.0
     return {
         "int4 g64": SuperWeightLinear.from_linear(dense, bits=4, group_size=64, super_weights=[(5, 7)]),
+        # The default checkpoint format: asymmetric with float offsets (w = s*q + m).
+        "int4 g64 float offsets": SuperWeightLinear.from_linear(
+            dense, bits=4, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
+        ),
+        "int3 g64 float offsets": SuperWeightLinear.from_linear(
+            dense, bits=3, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
+        ),
         "int8 per row": SuperWeightLinear.from_linear(dense, bits=8, group_size=-1, super_weights=[(5, 7)]),
         "W8A8 per tensor, held out": SuperWeightW8A8Linear.from_linear(
             dense, activation_scale="per_tensor", holdout_channels=[7], super_weights=[(5, 7)]
@@ -85,12 +98,17 @@ def _dispatcher_pick(module: nn.Module, x: torch.Tensor) -> str:
     return module.kernel
 
 
-def bench_shape(name: str, out_features: int, in_features: int, repeats: int, clock) -> list[dict]:
+def bench_shape(
+    name: str, out_features: int, in_features: int, repeats: int, clock, formats: list[str] | None = None,
+    tokens_list: tuple[int, ...] = TOKENS,
+) -> list[dict]:
     layers, dense = _layers(out_features, in_features)
     rows = []
-    for tokens in TOKENS:
+    for tokens in tokens_list:
         x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
         for fmt, module in layers.items():
+            if formats and fmt not in formats:
+                continue
             variants = {"bf16 dense": lambda: dense(x)}
             for kernel in _candidates(fmt, module, tokens):
                 variants[kernel.name] = _runner(kernel, module, x)
@@ -138,7 +156,9 @@ def kernels_by_cpu_markdown(result: dict) -> str:
         "`python3 benchmarks/kernels_by_cpu.py`: every CPU kernel forced on the same random layers (bfloat16 input, "
         "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
         "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
-        "steps aside with a log line). One table per CPU model the script ran on.",
+        "steps aside with a log line). `cpu-tiled` is the compiled kernel (`optimum_superweight/kernels/tiled.py`, built "
+        "once per machine at first use): it decodes tiles of output rows in cache and multiplies each, for 2-, 3-, "
+        "4- and 8-bit codes from 12 tokens per call. One table per CPU model the script ran on.",
     ]
     for cpu, run in sorted(result.get("cpus", {}).items()):
         parts += [
@@ -170,6 +190,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time (default) or wall time")
     parser.add_argument("--quick", action="store_true", help="3 repeats, SmolLM2 shape only")
+    parser.add_argument("--formats", nargs="*", help="only these layer formats (e.g. 'int4 g64 float offsets')")
+    parser.add_argument("--tokens", type=int, nargs="*", help=f"tokens per call (default {TOKENS})")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "kernels_by_cpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -179,7 +201,8 @@ def main() -> int:
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (process CPU time adds up every thread's time)")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    rows = [row for shape in shapes for row in bench_shape(*shape, repeats, clock)]
+    tokens = tuple(args.tokens) if args.tokens else TOKENS
+    rows = [row for shape in shapes for row in bench_shape(*shape, repeats, clock, args.formats, tokens)]
     run = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": args.threads, "clock": args.clock,
         "repeats": repeats, "flags": _cpu_flags(), "rows": rows,

@@ -8,11 +8,14 @@ runs; the reference kernel (dequantize + ``F.linear``) supports everything and c
 ================  ===========================================================================================
 kernel            when
 ================  ===========================================================================================
+``cpu-tiled``     CPU, 2-, 3-, 4- or 8-bit codes (any group size), bfloat16 input from ``tiled.MIN_TOKENS`` (12) tokens per
+                  call, float32/float16 input at any token count: compiled at first use (C++, AVX-512), decodes
+                  tiles of output rows in cache and multiplies each (:mod:`~optimum_superweight.kernels.tiled`)
 ``cpu-int4``      CPU, bfloat16 input, bits <= 4, group size a multiple of 32, out_features % 16 == 0,
                   fewer than ``dense_threshold`` tokens (decode)
 ``cpu-int8``      CPU, bfloat16 input, bits 5-8, one scale per row, fewer than ``dense_threshold`` tokens
-``cpu-dense``     CPU, bfloat16/float16 input otherwise (prefill, shapes the int kernels refuse, inputs that
-                  need a gradient):
+``cpu-dense``     CPU, bfloat16/float16 input otherwise (prefill of other bit widths, or when the compiled
+                  kernel is unavailable; shapes the int kernels refuse; inputs that need a gradient):
                   dequantize in the input dtype per call, dense GEMM
 ``reference``     everything else: float32 input (unless cast, below), CUDA and other devices
 ================  ===========================================================================================
@@ -21,12 +24,14 @@ CUDA stays on the reference path for now: torch's CUDA int4 kernel was not wired
 available to test its (different) packing.
 
 **Float32 inputs.** The int kernels are fast only with bfloat16 activations. A float32 model therefore
-runs the reference path (exact float32 arithmetic, but a full dequantization per call: slow), and says so
-once in the log. Opt in to casting the activations of the quantized layers to bfloat16 (outputs are cast
-back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
+runs ``cpu-tiled`` for 2-, 3-, 4- and 8-bit layers (exact float32 arithmetic) and the reference path otherwise (exact too,
+but a full dequantization per call: slow, said once in the log). Opt in to casting the activations of the
+quantized layers to bfloat16 (outputs are cast back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
 environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16``; or load the model with
 ``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
 ``OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD`` (default 64) sets the token count from which ``cpu-dense`` wins.
+``OPTIMUM_SUPERWEIGHT_NATIVE=0`` (or ``set_native_kernels(False)``) never builds nor runs ``cpu-tiled``; if its
+build fails (no C++ compiler or ninja) it says why once in the log and the other kernels run.
 
 Kernel layouts are built on first use and cached on the module as plain attributes — never in the
 ``state_dict``, so the on-disk format stays the plain packed one — and rebuilt whenever the packed weight,
@@ -38,7 +43,7 @@ They cost about as much memory as the packed weight again; no dense copy is kept
 >>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(128, 64), bits=4, group_size=64)
 >>> _ = layer(torch.randn(1, 128, dtype=torch.bfloat16)); layer.kernel
 'cpu-int4'
->>> select_kernel(layer, torch.float32, torch.device("cpu"), tokens=1).label
+>>> select_kernel(layer, torch.bfloat16, torch.device("meta"), tokens=1).label
 'reference'
 """
 
@@ -53,10 +58,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from . import guard
+from . import build, guard
 from .cpu import DenseCpuKernel, Int4CpuKernel, Int8CpuKernel
 from .guard import cpu_name, set_speed_check, speed_check_enabled
 from .reference import ReferenceKernel
+from .tiled import MIN_TOKENS as TILED_MIN_TOKENS
+from .tiled import TiledCpuKernel
 
 __all__ = [
     "KernelSelection",
@@ -72,6 +79,8 @@ __all__ = [
     "set_dense_threshold",
     "dense_threshold",
     "force_reference",
+    "set_native_kernels",
+    "token_band",
     "set_speed_check",
     "speed_check_enabled",
     "cpu_name",
@@ -81,9 +90,11 @@ logger = logging.getLogger(__name__)
 
 _FLOAT32_POLICIES = ("reference", "bfloat16")
 REFERENCE = ReferenceKernel()
-_KERNELS: list[Any] = [Int4CpuKernel(), Int8CpuKernel(), DenseCpuKernel(), REFERENCE]
+_KERNELS: list[Any] = [TiledCpuKernel(), Int4CpuKernel(), Int8CpuKernel(), DenseCpuKernel(), REFERENCE]
 # Kernels worth running per token; the others are only chosen for many tokens at once or as fallbacks.
 _DECODE_KERNELS = {"cpu-int4", "cpu-int8"}
+# Kernels without a backward (native or int arithmetic): passed over when the input needs a gradient.
+_NO_BACKWARD = _DECODE_KERNELS | {"cpu-tiled"}
 
 
 def _env_policy() -> str:
@@ -142,6 +153,13 @@ def dense_threshold() -> int:
     return _settings["threshold"]
 
 
+def set_native_kernels(enabled: bool) -> None:
+    """Use the compiled CPU kernel ``cpu-tiled`` (default; built at first use) or never (same as
+    ``OPTIMUM_SUPERWEIGHT_NATIVE=0``); re-enabling retries a failed build."""
+    build.set_native_kernels(enabled)
+    _settings["generation"] += 1
+
+
 def force_reference(enabled: bool = True) -> None:
     """Run every layer on the reference kernel (tests, benchmarks, debugging); same as
     ``OPTIMUM_SUPERWEIGHT_KERNELS=reference``."""
@@ -187,6 +205,17 @@ class KernelSelection:
         return self.kernel.name + ("+bf16-cast" if self.cast else "")
 
 
+def token_band(module: nn.Module, tokens: int) -> int:
+    """Which token counts share a kernel choice (cached per layer) and a speed verdict: ``1`` from
+    ``dense_threshold()`` tokens per call, ``0`` below it; layers of the default kernels also get ``2`` for
+    ``tiled.MIN_TOKENS`` up to the threshold (cpu-tiled's range where the int kernels would run otherwise)."""
+    if tokens >= _settings["threshold"]:
+        return 1
+    if getattr(module, "select_own_kernel", None) is None and tokens >= TILED_MIN_TOKENS:
+        return 2
+    return 0
+
+
 def select_kernel(
     module: nn.Module, dtype: torch.dtype, device: torch.device | str, tokens: int = 1, requires_grad: bool = False
 ) -> KernelSelection:
@@ -207,12 +236,12 @@ def select_kernel(
         if many and kernel.name in _DECODE_KERNELS:
             passed.append(f"{kernel.name}: {tokens} tokens >= dense threshold {_settings['threshold']}")
             continue
-        if requires_grad and kernel.name in _DECODE_KERNELS:
+        if requires_grad and kernel.name in _NO_BACKWARD:
             passed.append(f"{kernel.name}: input requires grad (no backward)")
             continue
         why = kernel.unsupported(module, compute_dtype, device, tokens)
         if why is None and kernel is not REFERENCE:
-            why = guard.stepped_aside(module, kernel.name, dtype, many)
+            why = guard.stepped_aside(module, kernel.name, dtype, token_band(module, tokens))
         if why is None:
             if kernel is REFERENCE:
                 return KernelSelection(REFERENCE, dtype, False, "; ".join(passed))
@@ -263,13 +292,13 @@ def _announce(selection: KernelSelection, dtype: torch.dtype) -> None:
 def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``SuperWeightLinear.forward``: pick the kernel for this call, build its layout if needed, run it."""
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    many = tokens >= _settings["threshold"]
+    band = token_band(module, tokens)
     grad = x.requires_grad and torch.is_grad_enabled()
     selections = module.__dict__.setdefault("_kernel_selections", {})
-    slot = (x.dtype, x.device, many, grad, _settings["generation"])
+    slot = (x.dtype, x.device, band, grad, _settings["generation"])
     selection = selections.get(slot)
     if selection is None:
-        selection = _first_selection(module, x, tokens, many, grad)
+        selection = _first_selection(module, x, tokens, band, grad)
         selections[slot] = selection
         _announce(selection, x.dtype)
     module.__dict__["_last_kernel"] = selection.label
@@ -289,7 +318,7 @@ def _run(module: nn.Module, selection: KernelSelection, x: torch.Tensor) -> torc
     return selection.kernel.run(module, state, x)
 
 
-def _first_selection(module: nn.Module, x: torch.Tensor, tokens: int, many: bool, grad: bool) -> KernelSelection:
+def _first_selection(module: nn.Module, x: torch.Tensor, tokens: int, band: int, grad: bool) -> KernelSelection:
     """The registry's choice, speed-checked against dense on this CPU the first time a layer shape meets it
     (:mod:`~optimum_superweight.kernels.guard`): CPU only, not while tracing or computing gradients."""
     select = lambda: select_kernel(module, x.dtype, x.device, tokens, grad)  # noqa: E731
@@ -299,10 +328,10 @@ def _first_selection(module: nn.Module, x: torch.Tensor, tokens: int, many: bool
         or grad
         or x.device.type != "cpu"
         or torch.compiler.is_compiling()
-        or guard.checked(module, x.dtype, many)
+        or guard.checked(module, x.dtype, band)
     ):
         return select()
-    return guard.check_speed(module, x, many, select, lambda selection, rows: _run(module, selection, rows), _is_reference)
+    return guard.check_speed(module, x, band, select, lambda selection, rows: _run(module, selection, rows), _is_reference)
 
 
 @runtime_checkable
@@ -333,8 +362,8 @@ def kernel_summary(model: nn.Module, dtype: torch.dtype | None = None, tokens: i
 
     >>> from optimum_superweight.nn.linear import SuperWeightLinear
     >>> model = torch.nn.Sequential(SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32))
-    >>> kernel_summary(model, torch.bfloat16), kernel_summary(model, torch.bfloat16, tokens=512)
-    ({'cpu-int4': 1}, {'cpu-dense': 1})
+    >>> kernel_summary(model, torch.bfloat16), kernel_summary(model, torch.bfloat16, tokens=512)  # compiler present
+    ({'cpu-int4': 1}, {'cpu-tiled': 1})
     """
     modules = _quantized_modules(model)
     if dtype is None:
@@ -359,8 +388,8 @@ def prepare_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> dict[
 
     >>> from optimum_superweight.nn.linear import SuperWeightLinear
     >>> model = torch.nn.Sequential(SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32))
-    >>> prepare_kernels(model, torch.bfloat16)
-    {'decode': {'cpu-int4': 1}, 'prefill': {'cpu-dense': 1}}
+    >>> prepare_kernels(model, torch.bfloat16)  # with a C++ compiler (else cpu-dense for prefill)
+    {'decode': {'cpu-int4': 1}, 'prefill': {'cpu-tiled': 1}}
     """
     if dtype is None:
         dtype = _model_dtype(model)

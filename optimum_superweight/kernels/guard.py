@@ -9,7 +9,7 @@ kernel slower than dense by more than :data:`STEP_ASIDE_RATIO` (and by more than
 shape from then on, with a warning naming the CPU, and the next kernel is checked the same way. If every
 candidate is slow, the fastest one measured keeps the shape (the reference kernel, which closes each
 registry, is timed only then). Verdicts are per process and per (module type, shape, bits, group size,
-activation mode, dtype, prefill-or-decode).
+activation mode, dtype, token band: decode, prefill, or in between; see ``kernels.token_band``).
 
 Turn the check off with ``set_speed_check(False)`` or ``OPTIMUM_SUPERWEIGHT_SPEED_CHECK=0`` (for example to
 benchmark a kernel on a CPU where it loses).

@@ -40,6 +40,17 @@ def _default_settings():
     yield
     set_dense_threshold(threshold)
     set_float32_policy(policy)
+    kernels.set_native_kernels(True)
+
+
+def _native() -> bool:
+    """Whether cpu-tiled is available here (built once per machine; OPTIMUM_SUPERWEIGHT_NATIVE=0 turns it off)."""
+    return kernels.tiled.unavailable() is None
+
+
+def _without_native():
+    # These tests are about the PyTorch kernels, which also serve as cpu-tiled's fallback (tests/kernels/test_tiled.py).
+    kernels.set_native_kernels(False)
 
 
 def _layer(out_features, in_features, *, bits, group_size, symmetric=True, bias=False, super_weights=(), seed=0, zero_point="uint8"):
@@ -79,6 +90,7 @@ INPUTS = [(1, 1), (8, 16)]
 def _decode_everything():
     # Forces the int kernels even for 8 x 16 tokens, so that they are tested on many rows too.
     set_dense_threshold(10**9)
+    _without_native()
 
 
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
@@ -116,6 +128,7 @@ def test_int8_kernel_matches_reference(out_features, in_features, bits, symmetri
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, True), (4, 128, False), (8, 128, True), (3, 48, False), (8, -1, False)])
 def test_dense_prefill_kernel_matches_reference(out_features, in_features, bits, group_size, symmetric):
+    _without_native()
     layer = _layer(out_features, in_features, bits=bits, group_size=group_size, symmetric=symmetric, super_weights=[(2, 3)])
     x = torch.randn(8, 16, in_features)  # 128 tokens >= the default threshold of 64
     out = layer(x.bfloat16())
@@ -124,11 +137,12 @@ def test_dense_prefill_kernel_matches_reference(out_features, in_features, bits,
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (8, -1), (8, 64)])
-def test_float32_reference_is_exact_and_default(bits, group_size):
+def test_float32_default_is_exact(bits, group_size):
     layer = _layer(576, 1536, bits=bits, group_size=group_size, bias=True)
     x = torch.randn(2, 3, 1536)
     out = layer(x)
-    assert layer.kernel == "reference" and out.dtype == torch.float32
+    # 4- and 8-bit layers run the compiled kernel, exact float32 arithmetic on the reference's weights.
+    assert layer.kernel == ("cpu-tiled" if _native() else "reference") and out.dtype == torch.float32
     assert _rel(out, _exact(layer, x)) < FP32_BOUND
 
 
@@ -141,10 +155,11 @@ def test_float32_opt_in_casts_to_bfloat16_kernels():
     assert _rel(out, _exact(layer, x)) < BF16_BOUND
     set_float32_policy("reference")
     layer(x)
-    assert layer.kernel == "reference"
+    assert layer.kernel == ("cpu-tiled" if _native() else "reference")  # exact float32 (tests/kernels/test_tiled.py)
 
 
 def test_float32_reference_is_announced_once(caplog):
+    _without_native()
     layer = _layer(64, 128, bits=4, group_size=64, seed=3)
     kernels._announced.clear()
     with caplog.at_level(logging.INFO, logger="optimum_superweight.kernels"):
@@ -213,7 +228,7 @@ def test_fallbacks_are_reported():
     assert "out_features=100" in select_kernel(_layer(100, 128, bits=4, group_size=64), torch.bfloat16, CPU).reason
     grouped8 = _layer(64, 256, bits=8, group_size=64)
     assert select_kernel(grouped8, torch.bfloat16, CPU).label == "cpu-dense"
-    assert select_kernel(grouped8, torch.float32, CPU).label == "reference"
+    assert select_kernel(grouped8, torch.float32, CPU).label == ("cpu-tiled" if _native() else "reference")
     assert select_kernel(grouped8, torch.bfloat16, torch.device("meta")).label == "reference"
     assert "kernel=" in repr(grouped8)
 
@@ -222,7 +237,11 @@ def test_summary_and_prepare():
     model = nn.Sequential(_layer(64, 128, bits=4, group_size=64), _layer(128, 64, bits=8, group_size=-1), _layer(64, 128, bits=8, group_size=32))
     assert kernel_summary(model, torch.bfloat16) == {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}
     summary = prepare_kernels(model, torch.bfloat16)
-    assert summary == {"decode": {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}, "prefill": {"cpu-dense": 3}}
+    if _native():
+        assert summary == {"decode": {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}, "prefill": {"cpu-tiled": 3}}
+        assert kernel_summary(model, torch.float32) == {"cpu-tiled": 3}
+    _without_native()
+    assert prepare_kernels(model, torch.bfloat16)["prefill"] == {"cpu-dense": 3}
     assert kernel_summary(model, torch.float32) == {"reference": 3}
 
 
@@ -269,6 +288,7 @@ def test_float_offsets_on_the_int8_kernel(out_features, in_features, bits):
 
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (3, 48), (8, -1)])
 def test_float_offsets_on_the_dense_prefill_kernel(bits, group_size):
+    _without_native()
     layer = _layer(576, 1536, bits=bits, group_size=group_size, symmetric=False, zero_point="float", super_weights=[(2, 3)])
     x = torch.randn(8, 16, 1536)
     out = layer(x.bfloat16())
@@ -287,7 +307,7 @@ def test_float_offsets_super_weight_contribution_is_exact(tokens):
     x = torch.randn(tokens, 1536).bfloat16() * 0.01
     x[:, col] = 2996.0
     out = layer(x)
-    assert layer.kernel == ("cpu-int4" if tokens == 1 else "cpu-dense")
+    assert layer.kernel == ("cpu-int4" if tokens == 1 else "cpu-tiled" if _native() else "cpu-dense")
     dense = layer.dequantize_weight(torch.float32)
     assert dense[row, col].item() == value
     expected = x.float() @ dense.T

@@ -82,7 +82,7 @@ def test_a_fast_kernel_keeps_the_call(checked_registry, caplog):
 
 def test_when_every_kernel_is_slow_the_fastest_stays(checked_registry, monkeypatch, caplog):
     checked_registry[:0] = [SleepyKernel("test-slower", delay=0.12), SleepyKernel("test-slow", delay=0.04)]
-    for name in ("cpu-int4", "cpu-int8", "cpu-dense"):  # leave the two sleepy kernels and the reference
+    for name in ("cpu-tiled", "cpu-int4", "cpu-int8", "cpu-dense"):  # leave the two sleepy kernels and the reference
         checked_registry[:] = [k for k in checked_registry if k.name != name]
     reference_run = kernels.REFERENCE.run
 

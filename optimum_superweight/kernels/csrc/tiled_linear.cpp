@@ -1,0 +1,356 @@
+// Fused 2-/3-/4-/8-bit dequantize + GEMM for CPU (optimum_superweight.kernels.build compiles this at first use).
+//
+// y[T, N] = x[T, K] @ W[N, K]^T with W group-quantized to 4-bit codes (two per byte, low nibble first, each
+// group's bytes starting at a byte boundary: the plain packed format of tensor/packing.py), 2- or 3-bit codes
+// (runs of 8 codes in 2 or 3 bytes) or 8-bit codes.
+// Output rows are processed in tiles: the tile's weights are decoded into a buffer that stays in cache, then
+// one GEMM (at::mm_out, oneDNN for bfloat16) multiplies the whole token block by it, writing the output
+// columns of the tile in place. A 4-bit group has only 16 distinct weights, so each group's 16 values are
+// computed once, exactly as the reference dequantization does (float32 (q - z) * s or q * s + m, then
+// rounded to the output dtype), and the codes are decoded by a table lookup (vpermw / vpermps); 8-bit codes
+// are converted and scaled 16 at a time with the same float32 operations. The decoded weights are
+// bit-identical to the reference's. Super weights are written into the tile at their exact
+// value (rounded to the output dtype, as the reference does).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define OSW_AVX512 1
+#else
+#define OSW_AVX512 0
+#endif
+
+namespace {
+
+struct Packed {
+  const uint8_t* codes;  // [N, G, B]
+  const float* scale;    // [N, G]
+  const float* zero;     // [N, G] zero codes, or nullptr with float offsets
+  const float* offset;   // [N, G] float offsets (w = s*q + m), or nullptr
+  int64_t N, G, B, group, K, bits;
+};
+
+struct Patches {
+  const int64_t* rows;
+  const int64_t* cols;
+  const float* values;
+  int64_t count;
+};
+
+// The 16 values a group decodes to, in float32, computed as the reference does (no fused multiply-add: the
+// file is compiled with -ffp-contract=off).
+inline void group_values(const Packed& w, int64_t index, float* out) {
+  const float s = w.scale[index];
+  if (w.offset != nullptr) {
+    const float m = w.offset[index];
+    for (int c = 0; c < 16; ++c) {
+      const float q = static_cast<float>(c) * s;
+      out[c] = q + m;
+    }
+  } else {
+    const float z = w.zero[index];
+    for (int c = 0; c < 16; ++c) out[c] = (static_cast<float>(c) - z) * s;
+  }
+}
+
+// Code j of a group of `bits`-bit codes: runs of 8 codes in `bits` bytes, little-endian (tensor/packing.py).
+inline int code_at(const uint8_t* src, int64_t j, int bits) {
+  const int64_t bit = (j >> 3) * bits * 8 + (j & 7) * bits;
+  const uint8_t* byte = src + (bit >> 3);
+  const int shift = static_cast<int>(bit & 7);
+  unsigned window = byte[0];
+  if (shift + bits > 8) window |= static_cast<unsigned>(byte[1]) << 8;
+  return static_cast<int>((window >> shift) & ((1u << bits) - 1));
+}
+
+#if OSW_AVX512
+inline __m512 group_values_avx512(const Packed& w, int64_t index) {
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 s = _mm512_set1_ps(w.scale[index]);
+  if (w.offset != nullptr) return _mm512_add_ps(_mm512_mul_ps(codes, s), _mm512_set1_ps(w.offset[index]));
+  return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(w.zero[index])), s);
+}
+
+// float32 -> 16-bit patterns, rounded to nearest even exactly as c10::BFloat16(float) / c10::Half(float).
+template <typename T> inline __m256i to_bits16(__m512 v);
+template <> inline __m256i to_bits16<c10::BFloat16>(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+template <> inline __m256i to_bits16<c10::Half>(__m512 v) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// 16 packed bytes (32 codes) -> 32 word indices in code order: word 2i = low nibble of byte i, 2i+1 = high.
+inline __m512i nibble_words(const uint8_t* src) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)), _mm512_slli_epi32(_mm512_srli_epi32(d, 4), 16));
+}
+
+// 2- or 3-bit codes: 4 runs (32 codes, 4*bits bytes) -> 32 word indices. The bytes are broadcast to the four
+// 128-bit lanes (lane L decodes run L); each word gathers the two bytes holding its code (vpshufb), then a
+// per-word shift (vpsrlvw) and a mask leave the code.
+struct Windows {
+  __m512i bytes, shifts, mask;
+  const uint8_t* end;
+  Windows(int bits, const uint8_t* codes_end) : end(codes_end) {
+    alignas(64) uint8_t index[64];
+    alignas(64) uint16_t shift[32];
+    for (int lane = 0; lane < 4; ++lane) {
+      for (int i = 0; i < 8; ++i) {
+        const int bit = lane * bits * 8 + i * bits;
+        index[lane * 16 + 2 * i] = static_cast<uint8_t>(bit >> 3);
+        index[lane * 16 + 2 * i + 1] = static_cast<uint8_t>((bit >> 3) + 1);
+        shift[lane * 8 + i] = static_cast<uint16_t>(bit & 7);
+      }
+    }
+    bytes = _mm512_load_si512(index);
+    shifts = _mm512_load_si512(shift);
+    mask = _mm512_set1_epi16(static_cast<int16_t>((1 << bits) - 1));
+  }
+  // `end`: the end of the codes buffer. A full 16-byte load is faster than a masked one (bytes past the 4 runs
+  // are never used); only the last chunk of the buffer needs the mask, not to read past it.
+  __m512i words(const uint8_t* src, int bits, const uint8_t* end) const {
+    const __m128i packed = src + 16 <= end ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src))
+                                           : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (4 * bits)) - 1), src);
+    const __m512i pairs = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(packed), bytes);
+    return _mm512_and_si512(_mm512_srlv_epi16(pairs, shifts), mask);
+  }
+};
+
+inline __m512i code_words(const uint8_t* src, int64_t j, int bits, const Windows* windows) {
+  return bits == 4 ? nibble_words(src + j / 2) : windows->words(src + (j >> 3) * bits, bits, windows->end);
+}
+
+template <typename T>
+inline void decode_group(const uint8_t* src, T* dst, int64_t n, __m512 values, int bits, const Windows* windows) {
+  const __m512i table = _mm512_zextsi256_si512(to_bits16<T>(values));
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    _mm512_storeu_si512(dst + j, _mm512_permutexvar_epi16(code_words(src, j, bits, windows), table));
+  }
+  if (j < n) {
+    alignas(64) uint16_t lut[32];
+    _mm512_store_si512(lut, table);
+    for (; j < n; ++j) std::memcpy(dst + j, lut + code_at(src, j, bits), sizeof(uint16_t));
+  }
+}
+
+template <>
+inline void decode_group<float>(const uint8_t* src, float* dst, int64_t n, __m512 values, int bits,
+                                const Windows* windows) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512i words = code_words(src, j, bits, windows);
+    const __m512i low = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(words));
+    const __m512i high = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1));
+    _mm512_storeu_ps(dst + j, _mm512_permutexvar_ps(low, values));
+    _mm512_storeu_ps(dst + j + 16, _mm512_permutexvar_ps(high, values));
+  }
+  if (j < n) {
+    alignas(64) float lut[16];
+    _mm512_store_ps(lut, values);
+    for (; j < n; ++j) dst[j] = lut[code_at(src, j, bits)];
+  }
+}
+
+// 8-bit codes: 16 at a time, (q - z) * s or q * s + m in float32, rounded to T.
+inline __m512 scaled16(const uint8_t* src, __m512 s, __m512 zm, bool offset) {
+  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  return offset ? _mm512_add_ps(_mm512_mul_ps(q, s), zm) : _mm512_mul_ps(_mm512_sub_ps(q, zm), s);
+}
+
+template <typename T>
+inline void decode_group8_avx512(const uint8_t* src, T* dst, int64_t n, float s, float zm, bool offset) {
+  const __m512 vs = _mm512_set1_ps(s), vzm = _mm512_set1_ps(zm);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 w = scaled16(src + j, vs, vzm, offset);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(dst + j, w);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), to_bits16<T>(w));
+    }
+  }
+  for (; j < n; ++j) {
+    const float q = static_cast<float>(src[j]);
+    dst[j] = static_cast<T>(offset ? q * s + zm : (q - zm) * s);
+  }
+}
+#endif
+
+template <typename T>
+void decode_group8(const uint8_t* src, T* dst, int64_t n, float s, float zm, bool offset) {
+#if OSW_AVX512
+  decode_group8_avx512<T>(src, dst, n, s, zm, offset);
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    const float q = static_cast<float>(src[j]);
+    if (offset) {
+      const float scaled = q * s;
+      dst[j] = static_cast<T>(scaled + zm);
+    } else {
+      dst[j] = static_cast<T>((q - zm) * s);
+    }
+  }
+#endif
+}
+
+template <typename T>
+void decode_rows(const Packed& w, const Patches& p, int64_t r0, int64_t r1, T* out) {
+  const int bits = static_cast<int>(w.bits);
+#if OSW_AVX512
+  const Windows windows(bits < 4 ? bits : 2, w.codes + w.N * w.G * w.B);
+#endif
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = out + (r - r0) * w.K;
+    for (int64_t g = 0; g < w.G; ++g) {
+      const int64_t index = r * w.G + g;
+      const int64_t start = g * w.group;
+      const int64_t n = std::min(w.group, w.K - start);
+      const uint8_t* src = w.codes + index * w.B;
+      if (w.bits == 8) {
+        const bool offset = w.offset != nullptr;
+        decode_group8<T>(src, row + start, n, w.scale[index], offset ? w.offset[index] : w.zero[index], offset);
+        continue;
+      }
+#if OSW_AVX512
+      decode_group<T>(src, row + start, n, group_values_avx512(w, index), bits, &windows);
+#else
+      float values[16];
+      group_values(w, index, values);
+      T lut[16];
+      for (int c = 0; c < 16; ++c) lut[c] = static_cast<T>(values[c]);
+      for (int64_t j = 0; j < n; ++j) row[start + j] = lut[code_at(src, j, bits)];
+#endif
+    }
+  }
+  for (int64_t i = 0; i < p.count; ++i) {  // super weights: few per layer
+    const int64_t r = p.rows[i];
+    if (r >= r0 && r < r1) out[(r - r0) * w.K + p.cols[i]] = static_cast<T>(p.values[i]);
+  }
+}
+
+// One growing, 64-byte aligned decode buffer per thread (no page faults per call).
+void* tile_buffer(size_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  static thread_local Buffer buffer;
+  if (buffer.size < bytes) {
+    std::free(buffer.data);
+    const size_t size = (bytes + 63) / 64 * 64;
+    buffer.data = std::aligned_alloc(64, size);
+    TORCH_CHECK(buffer.data != nullptr, "optimum-superweight tiled kernel: cannot allocate ", size, " bytes");
+    buffer.size = size;
+  }
+  return buffer.data;
+}
+
+Packed packed_of(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
+                 const torch::Tensor& offset, int64_t group, int64_t bits, int64_t K) {
+  TORCH_CHECK((bits >= 2 && bits <= 4) || bits == 8, "bits: 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 3 && codes.is_contiguous(), "codes: uint8 [N, G, B]");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous(), "scale: float32 [N, G]");
+  const int64_t N = codes.size(0), G = codes.size(1), B = codes.size(2);
+  TORCH_CHECK(scale.numel() == N * G, "scale: one per group");
+  TORCH_CHECK(B == (bits == 8 ? group : (group + 7) / 8 * bits) && G * group >= K && (G - 1) * group < K,
+              "codes do not match group and K");
+  const bool has_offset = offset.numel() > 0;
+  TORCH_CHECK(has_offset ? offset.numel() == N * G && offset.dtype() == torch::kFloat32 && offset.is_contiguous()
+                         : zero.numel() == N * G && zero.dtype() == torch::kFloat32 && zero.is_contiguous(),
+              "zero codes or offsets: float32 [N, G]");
+  return Packed{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), has_offset ? nullptr : zero.data_ptr<float>(),
+                has_offset ? offset.data_ptr<float>() : nullptr, N, G, B, group, K, bits};
+}
+
+Patches patches_of(const torch::Tensor& rows, const torch::Tensor& cols, const torch::Tensor& values) {
+  TORCH_CHECK(rows.dtype() == torch::kInt64 && cols.dtype() == torch::kInt64 && values.dtype() == torch::kFloat32 &&
+                  rows.numel() == cols.numel() && rows.numel() == values.numel() && rows.is_contiguous() &&
+                  cols.is_contiguous() && values.is_contiguous(),
+              "super weights: int64 rows, int64 cols, float32 values of one length");
+  return Patches{rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), values.data_ptr<float>(), rows.numel()};
+}
+
+template <typename T>
+void tiled_mm(const torch::Tensor& x, const Packed& w, const Patches& p, const torch::Tensor& bias, int64_t tile,
+              torch::Tensor& y) {
+  const int64_t tiles = (w.N + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    T* buffer = static_cast<T*>(tile_buffer(sizeof(T) * tile * w.K));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * tile, r1 = std::min(w.N, r0 + tile);
+      decode_rows<T>(w, p, r0, r1, buffer);
+      auto weight = torch::from_blob(buffer, {r1 - r0, w.K}, x.options());
+      auto out = y.narrow(1, r0, r1 - r0);
+      if (bias.defined()) {
+        at::addmm_out(out, bias.narrow(0, r0, r1 - r0), x, weight.t());  // as F.linear adds it: before rounding
+      } else {
+        at::mm_out(out, x, weight.t());
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                           torch::Tensor offset, torch::Tensor rows, torch::Tensor cols, torch::Tensor values,
+                           c10::optional<torch::Tensor> bias, int64_t group, int64_t bits, int64_t tile) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous 2-D CPU tensor");
+  TORCH_CHECK(tile > 0, "tile > 0");
+  const Packed w = packed_of(codes, scale, zero, offset, group, bits, x.size(1));
+  const Patches p = patches_of(rows, cols, values);
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N && bias->scalar_type() == x.scalar_type(),
+                "bias: [N] in the input dtype");
+    b = *bias;
+  }
+  auto y = torch::empty({x.size(0), w.N}, x.options());
+  switch (x.scalar_type()) {
+    case torch::kBFloat16: tiled_mm<c10::BFloat16>(x, w, p, b, tile, y); break;
+    case torch::kHalf: tiled_mm<c10::Half>(x, w, p, b, tile, y); break;
+    case torch::kFloat32: tiled_mm<float>(x, w, p, b, tile, y); break;
+    default: TORCH_CHECK(false, "x: bfloat16, float16 or float32, got ", x.scalar_type());
+  }
+  return y;
+}
+
+torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, torch::Tensor offset,
+                         torch::Tensor rows, torch::Tensor cols, torch::Tensor values, int64_t group, int64_t bits,
+                         int64_t K, torch::ScalarType dtype) {
+  const Packed w = packed_of(codes, scale, zero, offset, group, bits, K);
+  const Patches p = patches_of(rows, cols, values);
+  auto out = torch::empty({w.N, K}, torch::dtype(dtype));
+  switch (dtype) {
+    case torch::kBFloat16: decode_rows<c10::BFloat16>(w, p, 0, w.N, out.data_ptr<c10::BFloat16>()); break;
+    case torch::kHalf: decode_rows<c10::Half>(w, p, 0, w.N, out.data_ptr<c10::Half>()); break;
+    case torch::kFloat32: decode_rows<float>(w, p, 0, w.N, out.data_ptr<float>()); break;
+    default: TORCH_CHECK(false, "dtype: bfloat16, float16 or float32, got ", dtype);
+  }
+  return out;
+}
+
+bool vectorized() { return OSW_AVX512; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tiled_linear", &tiled_linear, "y = x @ dequantize(codes)^T, decoded tile by tile");
+  m.def("dequantize", &dequantize, "the dense weight, decoded as tiled_linear decodes it");
+  m.def("vectorized", &vectorized, "whether the AVX-512 decoder was compiled in");
+}

@@ -1,0 +1,157 @@
+"""``cpu-tiled``: 2- to 4- and 8-bit weights decoded tile by tile in native code, each multiplied while in cache.
+
+The prefill kernel of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
+symmetric codes; any group size, per-channel included; super weights held out), and of 2-, 3- and 8-bit
+codes. The C++ extension
+(``csrc/tiled_linear.cpp``, built at first use by :mod:`~optimum_superweight.kernels.build`) walks the
+output rows in tiles: it decodes a tile's codes into a buffer in the activation dtype in one pass (a 4-bit
+group has 16 distinct values, computed as the reference dequantization computes them, then looked up per
+code with AVX-512 permutes; 2- and 3-bit codes likewise after a shuffle and shift extract them; 8-bit codes
+are converted and scaled 16 at a time), writes the tile's super weights at their exact value, and multiplies the
+whole token block by the tile (``at::mm_out``: oneDNN for bfloat16) into the tile's output columns. Tiles
+run in parallel over torch's threads.
+
+The decoded weights are bit-identical to ``module.dequantize_weight(dtype)`` (super weights included), so
+the output equals the reference kernel's up to GEMM summation order; the tests check both. This replaces
+the eager ``cpu-dense`` path (several full-size passes and temporaries per call) and, from
+:data:`MIN_TOKENS` tokens per call, the per-token int4/int8 kernels; float32 and float16 inputs take it at any
+token count (exact float32 arithmetic, unlike the reference kernel without a full dequantization per call).
+Speed against bfloat16 dense: the "Kernels by CPU" table of benchmarks/RESULTS.md.
+
+Without AVX-512 (the library then decodes with scalar code) or when the build fails, the kernel reports
+itself unsupported with the reason and the dispatcher falls back to the other kernels.
+
+Memory: the layer's state holds float32 copies of the scales and zero-points or offsets (a quarter of a
+4-bit group-64 packed weight) and references the packed codes; each thread keeps one decode buffer of
+about :data:`_TILE_BYTES`, reused across calls and layers.
+
+>>> import torch
+>>> from optimum_superweight.nn.linear import SuperWeightLinear
+>>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(128, 64), bits=4, group_size=64)
+>>> TiledCpuKernel().unsupported(layer, torch.bfloat16, torch.device("cpu"), tokens=1)
+'1 tokens per call (< 12: the int kernels are faster)'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import build
+
+__all__ = ["TiledCpuKernel", "MIN_TOKENS", "tile_rows", "unavailable"]
+
+_SOURCE = "tiled_linear"
+#: bfloat16 calls of fewer tokens go to the per-token int4/int8 kernels (faster there; crossover measured at
+#: 8-16 tokens on SmolLM2 and 1B-class layer shapes).
+MIN_TOKENS = 12
+#: Decoded weights per tile, in bytes: large tiles keep the GEMM efficient, and a tile still fits the
+#: last-level cache (measured best at 2-8 MiB on AMD EPYC).
+_TILE_BYTES = 4 << 20
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_BITS = (2, 3, 4, 8)
+
+
+def tile_rows(out_features: int, in_features: int, element_size: int, threads: int) -> int:
+    """Output rows per tile: about :data:`_TILE_BYTES` of decoded weights, a multiple of 16, and at least
+    one tile per thread.
+
+    >>> tile_rows(2048, 8192, 2, 1), tile_rows(576, 1536, 2, 1), tile_rows(576, 1536, 2, 2)
+    (256, 576, 288)
+    """
+    rows = max(16, _TILE_BYTES // max(1, in_features * element_size) // 16 * 16)
+    if threads > 1:
+        rows = min(rows, -(-out_features // threads))
+    return max(1, min(rows, out_features))
+
+
+def _library():
+    return build.load(_SOURCE)
+
+
+def unavailable() -> str | None:
+    """Why ``cpu-tiled`` cannot run on this machine (build failed or disabled, no AVX-512), or ``None``; the first
+    call builds the library if needed."""
+    library = _library()
+    if library is None:
+        return build.native_failure(_SOURCE)
+    if not library.vectorized():
+        return "the native library was built without AVX-512 (its scalar decoder is slower than cpu-dense)"
+    return None
+
+
+@dataclass
+class TiledState:
+    codes: torch.Tensor  # uint8 [out, groups, bytes per group], contiguous
+    scale: torch.Tensor  # float32 [out, groups]
+    zero: torch.Tensor  # float32 [out, groups] zero codes (empty with float offsets)
+    offset: torch.Tensor  # float32 [out, groups] float offsets (empty otherwise)
+    rows: torch.Tensor  # int64 [k] super weights
+    cols: torch.Tensor  # int64 [k]
+    values: torch.Tensor  # float32 [k]
+    group: int
+    bits: int
+
+
+class TiledCpuKernel:
+    """Native tile-by-tile dequantize + GEMM for 2-, 3-, 4- and 8-bit codes (see the module docstring)."""
+
+    name = "cpu-tiled"
+
+    def unsupported(self, module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> str | None:
+        if device.type != "cpu":
+            return f"device {device.type}"
+        if dtype not in _DTYPES:
+            return f"{dtype} input"
+        if module.bits not in _BITS:
+            return f"bits={module.bits} (needs one of {', '.join(map(str, _BITS))})"
+        if dtype == torch.bfloat16 and tokens < MIN_TOKENS:
+            return f"{tokens} tokens per call (< {MIN_TOKENS}: the int kernels are faster)"
+        return unavailable()
+
+    def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> TiledState:
+        empty = torch.empty(0, dtype=torch.float32)
+        scale = module.weight_scale.detach().to(torch.float32).contiguous()
+        offset = getattr(module, "weight_offset", None)
+        if offset is not None:
+            zero, offset = empty, offset.detach().to(torch.float32).contiguous()
+        elif module.symmetric:
+            zero, offset = torch.full_like(scale, float(2 ** (module.bits - 1))), empty
+        else:
+            zero, offset = module.weight_zero_point.detach().to(torch.float32).contiguous(), empty
+        indices = module.super_weight_indices
+        if indices is None or indices.numel() == 0:
+            rows = cols = torch.empty(0, dtype=torch.int64)
+            values = empty
+        else:
+            rows, cols = indices.detach()[:, 0].long().contiguous(), indices.detach()[:, 1].long().contiguous()
+            values = module.super_weight_values.detach().to(torch.float32).contiguous()
+        codes = module.weight.detach().contiguous()
+        return TiledState(
+            codes, scale, zero, offset, rows, cols, values, module.layout.effective_group_size, module.bits
+        )
+
+    def run(self, module: nn.Module, state: TiledState, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        tile = tile_rows(module.out_features, module.in_features, x2.element_size(), torch.get_num_threads())
+        bias = module.bias
+        # Added inside the GEMM as F.linear adds it (before rounding), unless its gradient is wanted.
+        tracked = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+        native_bias = None if bias is None or tracked else bias.detach().to(x2.dtype).contiguous()
+        y = _library().tiled_linear(
+            x2, state.codes, state.scale, state.zero, state.offset, state.rows, state.cols, state.values, native_bias,
+            state.group, state.bits, tile,
+        )
+        if tracked:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*shape[:-1], module.out_features)  # super weights are in the decoded tiles
+
+    def dequantize(self, module: nn.Module, state: TiledState, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight as this kernel decodes it (tests compare it bit for bit with the reference)."""
+        return _library().dequantize(
+            state.codes, state.scale, state.zero, state.offset, state.rows, state.cols, state.values, state.group,
+            state.bits, module.in_features, dtype,
+        )
