@@ -18,6 +18,7 @@ from ..config import QuantizationResult, SuperWeightConfig
 from ..format import check_quantizable
 from ..nn.linear import SuperWeightLinear
 from ..records import SuperWeight
+from ..tensor.methods import code_method, code_settings
 from ..tensor.rows import quantize_by_rows
 from .calibration import collect_hessians, model_calibration_ids
 from .modules import Conv1D, dense_weight, features, set_module
@@ -132,7 +133,8 @@ def quantized_layer(
     hessian: torch.Tensor | None = None,
     name: str = "SuperWeightLinear",
 ) -> SuperWeightLinear:
-    """One low-bit layer: HQQ grids, plain RTN, RTN with clip search, or given (GPTQ) codes; one on-disk format."""
+    """One low-bit layer: the codes ``config`` asks for (:func:`~optimum_superweight.tensor.methods.code_method`,
+    in row blocks), or the given ``quantized`` codes (GPTQ's batches); one on-disk format."""
     if quantized is None:
         # Row blocks, as when quantizing while loading: identical codes, bounded temporaries.
         quantized = quantize_by_rows(dense.weight.detach(), coordinates, config, hessian=hessian)
@@ -198,20 +200,11 @@ def quantize_model(
             dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
             dense.bias = module.bias
             denses[name] = dense
-    # Layers reading the same input (q/k/v, gate/up) share one Hessian: one GPTQ sweep for all of them.
-    shared: dict[int, list[str]] = {}
-    if config.method == "gptq":
-        for name in targets:
-            if hessians.get(name) is None:
-                raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
-            shared.setdefault(id(hessians[name]), []).append(name)
-    for names in shared.values() or [[name] for name in targets]:
-        precomputed = [None] * len(names)
-        if config.method == "gptq":
-            precomputed = _gptq_group(names, denses, coordinates, hessians[names[0]], config)
-        for name, quantized in zip(names, precomputed):
-            hessian = hessians[name] if config.needs_calibration and config.method == "rtn" else None
-            layer = quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian, name=name)
+    method, settings = code_method(config), code_settings(config)
+    for names, quantized in _shared_codes(method, settings, targets, denses, coordinates, hessians):
+        for name, codes in zip(names, quantized):
+            hessian = hessians.get(name) if hessians else None
+            layer = quantized_layer(denses[name], coordinates.get(name, []), config, codes, hessian, name=name)
             set_module(model, name, layer)
     return record_results(model, config, result)
 
@@ -224,17 +217,22 @@ def record_results(model: nn.Module, config: SuperWeightConfig, result: Quantiza
     return model
 
 
-def _gptq_group(names, denses, coordinates, hessian, config):
-    from ..tensor.gptq import DEFAULT_CLIP_GRID, gptq_quantize_weights
-
-    weights = [denses[n].weight.detach() for n in names]
-    holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]
-    return gptq_quantize_weights(
-        weights, hessian, holdouts=holdouts, bits=config.bits, group_size=config.group_size,
-        symmetric=config.symmetric, scale_dtype=getattr(torch, config.scale_dtype), damp=config.damp,
-        act_order=config.act_order, clip_grid=DEFAULT_CLIP_GRID if config.clip_search else None,
-        clip_objective="hessian" if config.clip_objective == "output" else "diagonal",
-    )
+def _shared_codes(method, settings, targets, denses, coordinates, hessians):
+    """``(names, codes)`` per batch of layers: with a method that quantizes layers reading one input together
+    (GPTQ: one sweep for q/k/v, gate/up), their codes; otherwise one layer each and ``None`` (row blocks later)."""
+    if method.choose_shared is None:
+        return [([name], [None]) for name in targets]
+    shared: dict[int, list[str]] = {}
+    for name in targets:
+        if hessians is None or hessians.get(name) is None:
+            raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
+        shared.setdefault(id(hessians[name]), []).append(name)
+    batches = []
+    for names in shared.values():
+        weights = [denses[n].weight.detach() for n in names]
+        holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]
+        batches.append((names, method.choose_shared(weights, settings, holdouts, hessians[names[0]])))
+    return batches
 
 
 def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.Module:
