@@ -1,5 +1,8 @@
 """Quantize while loading (``SuperWeightConfig(low_memory=True)``): the full-precision model never exists.
 
+The low-memory variation of the pipeline (:mod:`.replace`): planned on the meta device before weights load,
+then the pipeline's quantize and build steps (:func:`.replace.quantized_layer`) run once per arriving weight.
+
 transformers loads a checkpoint one tensor at a time and, for each parameter the quantizer claims
 (``param_needs_quantization``), hands the full-precision tensor to the quantizer's op
 (``get_quantize_ops``) before it is assigned. The plan built here, before weights load:
@@ -35,7 +38,8 @@ from ..prompts import model_tokenizer
 from ..records import SuperWeight
 from ..tensor.rows import quantize_by_rows
 from .modules import Conv1D, features
-from .replace import build_quantized_skeleton, modules_to_convert, quantized_layer, resolve_modules_to_not_convert
+from .plan import modules_to_convert, resolve_modules_to_not_convert
+from .replace import build_quantized_skeleton, quantized_layer
 
 __all__ = ["LowMemoryPlan", "plan_low_memory", "SuperWeightQuantize", "quantize_by_rows"]
 

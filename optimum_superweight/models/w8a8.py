@@ -33,7 +33,7 @@ from torch import nn
 from ..config import QuantizationResult, SuperWeightConfig
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
-from .modules import features, set_module
+from .modules import as_linear, features, set_module
 
 __all__ = [
     "super_activation_channels",
@@ -87,17 +87,6 @@ def holdout_channels_for(
     if in_features == hidden_size:
         channels.update(c for c in config.super_activation_channels or [] if c < in_features)
     return sorted(channels)
-
-
-def _dense(module: nn.Module) -> nn.Linear:
-    if isinstance(module, nn.Linear):
-        return module
-    # transformers Conv1D stores [in, out]: present it as a Linear.
-    in_features, out_features = module.weight.shape
-    dense = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
-    dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
-    dense.bias = module.bias
-    return dense
 
 
 def massive_channels(peaks: torch.Tensor, ratio: float, limit: int) -> list[int]:
@@ -249,7 +238,7 @@ def quantize_model_w8a8(
         config.activation_holdout = plan_activation_holdout(model, config, targets, coordinates, tokenizer=tokenizer)
     _check_holdout_names(config, targets)
     for name, module in targets.items():
-        dense = _dense(module)
+        dense = as_linear(module)
         own = coordinates.get(name, [])
         layer = SuperWeightW8A8Linear.from_linear(
             dense,

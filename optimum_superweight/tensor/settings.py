@@ -15,12 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .quantize import QuantizedWeight
+from .quantize import QuantizedWeight
 
 __all__ = ["CodeSettings", "CodeChooser", "SharedCodeChooser"]
 
@@ -59,6 +56,6 @@ class CodeSettings:
 
 
 #: One way of choosing codes: ``(weight, settings, holdout, hessian=None) -> QuantizedWeight``.
-CodeChooser = Callable[..., "QuantizedWeight"]
+CodeChooser = Callable[..., QuantizedWeight]
 #: Several weights reading one input, one ``hessian``: ``(weights, settings, holdouts, hessian) -> [QuantizedWeight]``.
-SharedCodeChooser = Callable[[Sequence[torch.Tensor], CodeSettings, Sequence["torch.Tensor | None"], torch.Tensor], list]
+SharedCodeChooser = Callable[[Sequence[torch.Tensor], CodeSettings, Sequence["torch.Tensor | None"], torch.Tensor], list[QuantizedWeight]]
