@@ -70,7 +70,7 @@ class LowMemoryPlan:
 
 
 def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) -> list[SuperWeight]:
-    from ..detection import DetectionSettings, records_to_keep, run_detection
+    from ..detection import records_to_keep, run_detection
 
     files = [str(f) for f in (checkpoint_files or [])]
     if not files or not all(f.endswith(".safetensors") for f in files):
@@ -81,14 +81,14 @@ def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) 
         )
     # As in memory: the model's own tokenizer and the default prompts (not fixed token ids) when it has one.
     tokenizer = model_tokenizer(model)
-    report = run_detection(DetectionSettings.from_config(config), config=model.config, files=files, tokenizer=tokenizer)
+    report = run_detection(config.detection, config=model.config, files=files, tokenizer=tokenizer)
     logger.info("optimum-superweight streaming detection: %d candidate(s).", len(report.candidates))
     return records_to_keep(report)
 
 
 def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any = None) -> LowMemoryPlan:
     """Before weights load (model on ``meta``): fix the super weights and swap in low-bit skeletons."""
-    if getattr(config, "activation_bits", None) is not None:
+    if config.activations.enabled:
         raise ValueError(
             f"SuperWeightConfig.low_memory=True is not available with activation_bits={config.activation_bits!r} "
             "(W8A8): quantize with low_memory=False."

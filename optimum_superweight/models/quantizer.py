@@ -122,9 +122,9 @@ class SuperWeightQuantizer(HfQuantizer):
             records = config.get_super_weights()
             tokenizer = model_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
             if not records and config.detect:
-                from ..detection import DetectionSettings, records_to_keep, run_detection
+                from ..detection import records_to_keep, run_detection
 
-                report = run_detection(DetectionSettings.from_config(config), model=model, tokenizer=tokenizer)
+                report = run_detection(config.detection, model=model, tokenizer=tokenizer)
                 records = records_to_keep(report)
                 logger.info("optimum-superweight detected %d super weight(s).", len(records))
             # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.

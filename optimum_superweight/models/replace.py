@@ -134,9 +134,10 @@ def _quantize_weight_only(
 
 
 def _smooth_for_w8a8(model: nn.Module, config: SuperWeightConfig, tokenizer: Any) -> None:
-    if config.smoothquant_alpha is not None:
-        smooth_activations(model, config.smoothquant_alpha, tokenizer=tokenizer,
-                           calibration_tokens=min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
+    alpha = config.activations.smoothquant_alpha
+    if alpha is not None:
+        smooth_activations(model, alpha, tokenizer=tokenizer,
+                           calibration_tokens=min(config.algorithm.calibration_tokens, MASSIVE_SCAN_TOKENS))
 
 
 def _quantize_w8a8(
@@ -159,7 +160,7 @@ def variation_for(config: SuperWeightConfig) -> Variation:
     >>> variation_for(SuperWeightConfig(bits=4)).name
     'weight-only'
     """
-    return W8A8 if config.activation_bits is not None else WEIGHT_ONLY
+    return W8A8 if config.activations.enabled else WEIGHT_ONLY
 
 
 def calibrate(
@@ -167,10 +168,11 @@ def calibrate(
     hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Every target's input second moment ``E[x xᵀ]`` on calibration text when the way of choosing codes needs
-    it (``config.needs_calibration``: GPTQ, the output clip objective) and ``hessians`` are not given; else
-    ``hessians`` as given (``None`` for the data-free methods)."""
-    if config.needs_calibration and hessians is None:
-        ids, bos = model_calibration_ids(model, tokenizer, config.calibration_tokens)
+    it (``config.algorithm.needs_hessians``: GPTQ, the output clip objective) and ``hessians`` are not given;
+    else ``hessians`` as given (``None`` for the data-free methods)."""
+    algorithm = config.algorithm
+    if algorithm.needs_hessians and hessians is None:
+        ids, bos = model_calibration_ids(model, tokenizer, algorithm.calibration_tokens)
         hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
     return hessians
 
@@ -271,7 +273,7 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             raise ValueError(
                 f"config.json's field 'super_weights' names module '{sw.module}', which this model does not have."
             )
-    if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
+    if config.activations.enabled:  # W8A8: its own module class (see .w8a8)
         return build_w8a8_skeleton(model, config, targets, counts)
     for name, module in targets.items():
         in_features, out_features = features(module)

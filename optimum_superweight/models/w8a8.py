@@ -34,6 +34,7 @@ from ..config import QuantizationResult, SuperWeightConfig
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
 from .modules import as_linear, features, set_module
+from .plan import coordinates_by_module
 
 __all__ = [
     "super_activation_channels",
@@ -81,11 +82,12 @@ def holdout_channels_for(
     in_features: int, coordinates: Iterable[tuple[int, int]], config: SuperWeightConfig, hidden_size: int | None
 ) -> list[int]:
     """Input channels a layer with ``in_features`` inputs and its own super weights ``coordinates`` holds out."""
-    if not config.hold_out_super_activation:
+    activations = config.activations
+    if not activations.hold_out_super_activation:
         return []
     channels = {col for _, col in coordinates}
     if in_features == hidden_size:
-        channels.update(c for c in config.super_activation_channels or [] if c < in_features)
+        channels.update(c for c in activations.super_activation_channels or () if c < in_features)
     return sorted(channels)
 
 
@@ -114,24 +116,26 @@ def plan_activation_holdout(
     own super-weight columns, plus its massive activations measured on the calibration text when
     ``config.massive_activation_ratio`` is set. ``model`` must still be in full precision.
     """
-    if not config.hold_out_super_activation:
+    activations = config.activations
+    if not activations.hold_out_super_activation:
         return {}
     hidden = _hidden_size(model, config.get_super_weights())
     plan = {
         name: holdout_channels_for(features(module)[0], coordinates.get(name, []), config, hidden)
         for name, module in targets.items()
     }
-    if config.massive_activation_ratio is not None and config.max_holdout_channels > 0 and targets:
+    ratio, limit = activations.massive_activation_ratio, activations.max_holdout_channels
+    if ratio is not None and limit > 0 and targets:
         from .calibration import collect_input_absmax, model_calibration_ids
 
         # Peaks need far fewer tokens than GPTQ's second moments: massive activations sit on the first token
         # of every window and on frequent delimiters.
-        ids, bos = model_calibration_ids(model, tokenizer, min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
+        ids, bos = model_calibration_ids(model, tokenizer, min(config.algorithm.calibration_tokens, MASSIVE_SCAN_TOKENS))
         window = min(512, len(ids))
         peaks = collect_input_absmax(model, list(targets), ids, window=window, bos_id=bos)
         for name, channels in plan.items():
-            room = max(config.max_holdout_channels - len(channels), 0)
-            extra = [c for c in massive_channels(peaks[name], config.massive_activation_ratio, room + len(channels))
+            room = max(limit - len(channels), 0)
+            extra = [c for c in massive_channels(peaks[name], ratio, room + len(channels))
                      if c not in channels]
             plan[name] = sorted(channels + extra[:room])
     return {name: channels for name, channels in plan.items() if channels}
@@ -282,9 +286,7 @@ def build_w8a8_skeleton(
     records = config.get_super_weights()
     if config.activation_holdout is None:  # a checkpoint written before the channels were recorded
         hidden = _hidden_size(model, records)
-        by_module: dict[str, list[tuple[int, int]]] = {}
-        for sw in records:
-            by_module.setdefault(sw.module, []).append((sw.row, sw.col))
+        by_module = coordinates_by_module(records)
         config.activation_holdout = {
             name: channels
             for name, module in targets.items()

@@ -74,11 +74,12 @@ def code_method(config: SuperWeightConfig) -> CodeMethod:
     >>> code_method(SuperWeightConfig(bits=4)).name, code_method(SuperWeightConfig(bits=4, method="gptq")).name
     ('hqq', 'gptq')
     """
-    if config.method == "rtn" and config.clip_search:
+    algorithm = config.algorithm
+    if algorithm.method == "rtn" and algorithm.clip_search:
         return CODE_METHODS["clip"]
-    if config.method not in CODE_METHODS:
-        raise ValueError(f"SuperWeightConfig.method={config.method!r} is invalid: accepted values are 'hqq', 'rtn', 'gptq'.")
-    return CODE_METHODS[config.method]
+    if algorithm.method not in CODE_METHODS:
+        raise ValueError(f"SuperWeightConfig.method={algorithm.method!r} is invalid: accepted values are 'hqq', 'rtn', 'gptq'.")
+    return CODE_METHODS[algorithm.method]
 
 
 def code_chooser(config: SuperWeightConfig) -> CodeChooser:
@@ -92,7 +93,7 @@ def code_chooser(config: SuperWeightConfig) -> CodeChooser:
 
 
 def code_settings(config: SuperWeightConfig) -> CodeSettings:
-    """The format and algorithm fields of ``config`` as the :class:`~.settings.CodeSettings` every method reads.
+    """The format fields and ``config.algorithm`` as the :class:`~.settings.CodeSettings` every method reads.
 
     ``clip_objective`` ``"weight"`` / ``"output"`` (the config's words) become ``"diagonal"`` / ``"hessian"``
     (what the search computes); ``clip_search`` becomes :data:`~.clip.DEFAULT_CLIP_GRID` or no grid.
@@ -101,14 +102,15 @@ def code_settings(config: SuperWeightConfig) -> CodeSettings:
     >>> code_settings(SuperWeightConfig(bits=4, method="rtn", clip_search=True)).clip_grid[:3]
     (1.0, 0.95, 0.9)
     """
+    algorithm = config.algorithm
     return CodeSettings(
         bits=config.bits,
         group_size=config.group_size,
         symmetric=config.symmetric,
         scale_dtype=getattr(torch, config.scale_dtype),
         zero_point=config.zero_point,
-        clip_grid=DEFAULT_CLIP_GRID if config.clip_search else None,
-        clip_objective="hessian" if config.clip_objective == "output" else "diagonal",
-        damp=config.damp,
-        act_order=config.act_order,
+        clip_grid=DEFAULT_CLIP_GRID if algorithm.clip_search else None,
+        clip_objective="hessian" if algorithm.clip_objective == "output" else "diagonal",
+        damp=algorithm.damp,
+        act_order=algorithm.act_order,
     )
