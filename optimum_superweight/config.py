@@ -6,18 +6,29 @@ import copy
 import difflib
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .format import DIGEST_ALGORITHMS, FORMAT_VERSION, READABLE_VERSIONS, SCALE_DTYPES as _SCALE_DTYPE_MAP
+from .detection.inputs import DetectionSettings
 from .kernels.w8a8 import ACTIVATION_SCALES
 from .prompts import PAPER_PROMPT
 from .records import SuperWeight
 
-__all__ = ["SuperWeightConfig", "QuantizationResult", "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_BITS", "SCALE_DTYPES"]
+__all__ = [
+    "SuperWeightConfig",
+    "QuantizationResult",
+    "AlgorithmSettings",
+    "ActivationSettings",
+    "DetectionSettings",
+    "QUANT_METHOD",
+    "FORMAT_VERSION",
+    "SUPPORTED_BITS",
+    "SCALE_DTYPES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +188,69 @@ class QuantizationResult:
     modules_to_not_convert: Sequence[str]
     super_activation_channels: Sequence[int] | None = None
     activation_holdout: dict[str, list[int]] | None = None
+
+
+# -- typed option groups: read-only views of the flat fields (validated in FIELDS; flat keys on disk) -------------
+@dataclass(frozen=True)
+class AlgorithmSettings:
+    """How codes are chosen: ``config.algorithm``, a read-only view of the config's flat fields.
+
+    Attributes:
+        method: ``"hqq"``, ``"rtn"`` or ``"gptq"`` (resolved: never ``None``).
+        clip_search, clip_objective: The per-group clip search and what it minimises (``"weight"``, ``"output"``).
+        calibration_tokens: Tokens of calibration text (GPTQ, the output objective, W8A8's scans).
+        damp, act_order: GPTQ's dampening and column order.
+
+    >>> SuperWeightConfig(bits=4, method="gptq").algorithm.needs_hessians
+    True
+    """
+
+    method: str
+    clip_search: bool
+    clip_objective: str
+    calibration_tokens: int
+    damp: float
+    act_order: bool
+
+    @property
+    def needs_hessians(self) -> bool:
+        """Whether choosing codes reads the layers' input second moments (GPTQ, the clip search's output objective)."""
+        return self.method == "gptq" or (self.clip_search and self.clip_objective == "output")
+
+
+@dataclass(frozen=True)
+class ActivationSettings:
+    """W8A8 activation quantization: ``config.activations``, a read-only view of the ``activation_*`` fields.
+
+    Attributes:
+        bits: ``8`` for W8A8, ``None`` for weight-only (then the other fields are unused).
+        scale: ``"per_token"`` or ``"per_tensor"`` dynamic activation scale (``activation_scale``).
+        hold_out_super_activation, super_activation_channels, massive_activation_ratio, max_holdout_channels:
+            Which input channels stay out of the activation scale (see :class:`SuperWeightConfig`).
+        holdout: The recorded held-out channels per module (``activation_holdout``), or ``None`` until quantized.
+        smoothquant_alpha: SmoothQuant migration strength, or ``None``.
+
+    >>> SuperWeightConfig(bits=8, group_size=-1, activation_bits=8).activations.enabled
+    True
+    """
+
+    bits: int | None
+    scale: str
+    hold_out_super_activation: bool
+    super_activation_channels: tuple[int, ...] | None
+    massive_activation_ratio: float | None
+    max_holdout_channels: int
+    holdout: Mapping[str, tuple[int, ...]] | None
+    smoothquant_alpha: float | None
+
+    @property
+    def enabled(self) -> bool:
+        """W8A8 (``bits == 8``) rather than weight-only."""
+        return self.bits is not None
+
+
+def _tuple_or_none(values: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if values is None else tuple(values)
 
 
 class SuperWeightConfig(QuantizationConfigMixin):
@@ -407,6 +481,49 @@ class SuperWeightConfig(QuantizationConfigMixin):
                     f"{value!r} with activation_bits=8 (W8A8 uses 8-bit symmetric per-row round-to-nearest weights)",
                 )
 
+    # -- typed option groups (read-only views; the flat fields stay the constructor keywords and config.json keys) --
+    @property
+    def detection(self) -> DetectionSettings:
+        """The detection fields (``detection_*``, ``max_super_weights``) as the settings every detection path checks.
+
+        >>> SuperWeightConfig(detection_threshold=40.0).detection.threshold
+        40.0
+        """
+        return DetectionSettings.from_config(self)
+
+    @property
+    def algorithm(self) -> AlgorithmSettings:
+        """How codes are chosen (``method``, ``clip_search``, ``clip_objective``, ``calibration_tokens``, ``damp``,
+        ``act_order``).
+
+        >>> SuperWeightConfig(bits=4).algorithm.method
+        'hqq'
+        """
+        return AlgorithmSettings(
+            method=self.method, clip_search=self.clip_search, clip_objective=self.clip_objective,
+            calibration_tokens=self.calibration_tokens, damp=self.damp, act_order=self.act_order,
+        )
+
+    @property
+    def activations(self) -> ActivationSettings:
+        """W8A8 activation quantization (``activation_bits``, ``activation_scale``, the hold-out fields,
+        ``smoothquant_alpha``).
+
+        >>> SuperWeightConfig(bits=4).activations.enabled
+        False
+        """
+        holdout = self.activation_holdout
+        return ActivationSettings(
+            bits=self.activation_bits,
+            scale=self.activation_scale,
+            hold_out_super_activation=self.hold_out_super_activation,
+            super_activation_channels=_tuple_or_none(self.super_activation_channels),
+            massive_activation_ratio=self.massive_activation_ratio,
+            max_holdout_channels=self.max_holdout_channels,
+            holdout=None if holdout is None else {name: tuple(channels) for name, channels in holdout.items()},
+            smoothquant_alpha=self.smoothquant_alpha,
+        )
+
     # -- super weights --------------------------------------------------------------------------------
     @property
     def needs_calibration(self) -> bool:
@@ -415,7 +532,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         if self.activation_bits is not None:
             scan = self.hold_out_super_activation and self.massive_activation_ratio is not None
             return self.smoothquant_alpha is not None or (scan and self.activation_holdout is None)
-        return self.method == "gptq" or (self.clip_search and self.clip_objective == "output")
+        return self.algorithm.needs_hessians
 
     def get_super_weights(self) -> list[SuperWeight]:
         """The configured super weights as typed records.

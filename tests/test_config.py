@@ -200,3 +200,32 @@ def test_valid_values_round_trip_through_json():
     data = json.loads(json.dumps(config.to_dict()))
     assert data["format_version"] == 2 and data["detection_layers"] == [0, 1]  # hqq float offsets: format 2
     assert SuperWeightConfig.from_dict(data).to_dict() == data
+
+
+def test_option_groups_are_read_only_views_of_the_flat_fields():
+    """config.detection / .algorithm / .activations read the flat fields (which stay the keywords and the keys on disk)."""
+    import dataclasses
+
+    from optimum_superweight.config import ActivationSettings, AlgorithmSettings
+    from optimum_superweight.detection import DetectionSettings
+
+    config = SuperWeightConfig(bits=4, method="gptq", damp=0.05, act_order=False, calibration_tokens=1024,
+                               detection_threshold=30.0, detection_layers=[1, 2], max_super_weights=3)
+    assert config.algorithm == AlgorithmSettings("gptq", False, "weight", 1024, 0.05, False)
+    assert config.algorithm.needs_hessians and config.needs_calibration
+    assert isinstance(config.detection, DetectionSettings)
+    assert (config.detection.threshold, config.detection.layers, config.detection.max_super_weights) == (30.0, [1, 2], 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.algorithm.damp = 0.5
+    config.damp = 0.02  # the flat field is the one source: the view follows it
+    assert config.algorithm.damp == 0.02
+    assert not config.activations.enabled
+    w8a8 = SuperWeightConfig(bits=8, group_size=-1, activation_bits=8, activation_scale="per_tensor",
+                             activation_holdout={"model.layers.0.mlp.down_proj": [3, 9]})
+    assert isinstance(w8a8.activations, ActivationSettings) and w8a8.activations.enabled
+    assert w8a8.activations.scale == "per_tensor" and w8a8.activations.holdout == {"model.layers.0.mlp.down_proj": (3, 9)}
+    w8a8.activations.holdout["model.layers.0.mlp.down_proj"] = (1,)  # a copy: the config is not changed
+    assert w8a8.activation_holdout == {"model.layers.0.mlp.down_proj": [3, 9]}
+    # The file format stays flat: no group appears in config.json.
+    assert not {"detection", "algorithm", "activations"} & set(w8a8.to_dict())
+    assert SuperWeightConfig.from_dict(w8a8.to_dict()).activations == w8a8.activations

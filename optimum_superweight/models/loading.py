@@ -1,5 +1,8 @@
 """Quantize while loading (``SuperWeightConfig(low_memory=True)``): the full-precision model never exists.
 
+The low-memory variation of the pipeline (:mod:`.replace`): planned on the meta device before weights load,
+then the pipeline's quantize and build steps (:func:`.replace.quantized_layer`) run once per arriving weight.
+
 transformers loads a checkpoint one tensor at a time and, for each parameter the quantizer claims
 (``param_needs_quantization``), hands the full-precision tensor to the quantizer's op
 (``get_quantize_ops``) before it is assigned. The plan built here, before weights load:
@@ -35,7 +38,8 @@ from ..prompts import model_tokenizer
 from ..records import SuperWeight
 from ..tensor.rows import quantize_by_rows
 from .modules import Conv1D, features
-from .replace import build_quantized_skeleton, modules_to_convert, quantized_layer, resolve_modules_to_not_convert
+from .plan import modules_to_convert, resolve_modules_to_not_convert
+from .replace import build_quantized_skeleton, quantized_layer
 
 __all__ = ["LowMemoryPlan", "plan_low_memory", "SuperWeightQuantize", "quantize_by_rows"]
 
@@ -66,7 +70,7 @@ class LowMemoryPlan:
 
 
 def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) -> list[SuperWeight]:
-    from ..detection import DetectionSettings, records_to_keep, run_detection
+    from ..detection import records_to_keep, run_detection
 
     files = [str(f) for f in (checkpoint_files or [])]
     if not files or not all(f.endswith(".safetensors") for f in files):
@@ -77,14 +81,14 @@ def _detect(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any) 
         )
     # As in memory: the model's own tokenizer and the default prompts (not fixed token ids) when it has one.
     tokenizer = model_tokenizer(model)
-    report = run_detection(DetectionSettings.from_config(config), config=model.config, files=files, tokenizer=tokenizer)
+    report = run_detection(config.detection, config=model.config, files=files, tokenizer=tokenizer)
     logger.info("optimum-superweight streaming detection: %d candidate(s).", len(report.candidates))
     return records_to_keep(report)
 
 
 def plan_low_memory(model: nn.Module, config: SuperWeightConfig, checkpoint_files: Any = None) -> LowMemoryPlan:
     """Before weights load (model on ``meta``): fix the super weights and swap in low-bit skeletons."""
-    if getattr(config, "activation_bits", None) is not None:
+    if config.activations.enabled:
         raise ValueError(
             f"SuperWeightConfig.low_memory=True is not available with activation_bits={config.activation_bits!r} "
             "(W8A8): quantize with low_memory=False."

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Conv1D", "dense_weight", "features", "set_module"]
+__all__ = ["Conv1D", "as_linear", "dense_weight", "features", "set_module"]
 
 try:  # GPT-2 style layers store their weight transposed ([in, out]).
     from transformers.pytorch_utils import Conv1D
@@ -22,6 +22,17 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight
     return module.weight.t()
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """The layer as an ``nn.Linear``: itself, or for GPT-2's ``Conv1D`` a Linear presenting its transposed weight
+    and its bias (views: nothing is copied)."""
+    if isinstance(module, nn.Linear):
+        return module
+    dense = nn.Linear(*features(module), bias=module.bias is not None, device="meta")
+    dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
+    dense.bias = module.bias
+    return dense
 
 
 def features(module: nn.Module) -> tuple[int, int]:

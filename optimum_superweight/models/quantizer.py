@@ -27,16 +27,8 @@ from ..format import DIGEST_ALGORITHM, DIGESTS_METADATA_KEY, read_safetensors_me
 from ..kernels import prepare_kernels
 from ..prompts import model_tokenizer
 from .loading import SuperWeightQuantize, plan_low_memory
-from .replace import (
-    build_quantized_skeleton,
-    check_finite_weights,
-    dequantize_model,
-    modules_to_convert,
-    quantize_model,
-    record_results,
-    resolve_dtype,
-    resolve_modules_to_not_convert,
-)
+from .plan import plan_targets
+from .replace import build_quantized_skeleton, dequantize_model, quantize_model, record_results, resolve_dtype
 from .verify import check_checkpoint_layout, layer_digests, read_checkpoint_index, verify_quantized_model
 
 __all__ = ["SuperWeightQuantizer", "register"]
@@ -126,13 +118,13 @@ class SuperWeightQuantizer(HfQuantizer):
             return attach_card_hook(model)
         with torch.no_grad():
             # NaN/inf would make detection and calibration fail obscurely: refuse them first, by module and coordinate.
-            check_finite_weights(modules_to_convert(model, resolve_modules_to_not_convert(model, config)))
+            plan_targets(model, config)
             records = config.get_super_weights()
             tokenizer = model_tokenizer(model) if (config.needs_calibration or (not records and config.detect)) else None
             if not records and config.detect:
-                from ..detection import DetectionSettings, records_to_keep, run_detection
+                from ..detection import records_to_keep, run_detection
 
-                report = run_detection(DetectionSettings.from_config(config), model=model, tokenizer=tokenizer)
+                report = run_detection(config.detection, model=model, tokenizer=tokenizer)
                 records = records_to_keep(report)
                 logger.info("optimum-superweight detected %d super weight(s).", len(records))
             # GPTQ calibrates on built-in text; without a tokenizer it falls back to fixed token ids.

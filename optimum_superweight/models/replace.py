@@ -1,152 +1,76 @@
-"""The in-memory pipeline: pick the linear layers to convert, check super weights, quantize and swap modules.
+"""The in-memory pipeline: plan, calibrate, quantize, build modules; W8A8 as a variation of it.
+
+:func:`quantize_model` reads top to bottom as its steps:
+
+1. **plan** (:mod:`.plan`): the layers to convert and the exclusions; the super weights checked against the
+   model, with their exact values;
+2. **calibrate** (:func:`calibrate`): the layers' input second moments, only when the way of choosing codes
+   needs them (GPTQ, the clip search's output objective);
+3. **quantize** (:func:`choose_codes`): each layer's codes, chosen by
+   :func:`optimum_superweight.tensor.methods.code_method` (the one place that decides how);
+4. **build** (:func:`build_modules`): the low-bit modules swapped in, the results recorded on a copy of the
+   config (:func:`record_results`).
+
+A :class:`Variation` says what steps 2 to 4 are: weight-only low-bit layers (:data:`WEIGHT_ONLY`), or
+:data:`W8A8` (int8 weights and activations, :mod:`.w8a8`: its own calibration scan and module class, and a
+SmoothQuant migration before the super weights' values are read). Quantize-on-load (:mod:`.loading`) is the
+third: it plans on the meta device and runs steps 3 and 4 per arriving weight with :func:`quantized_layer`.
 
 These functions work on any ``torch.nn.Module`` and need none of transformers' loading machinery; the
 quantizer in :mod:`.quantizer` only wires them into ``from_pretrained``. Imports run one way: quantizer ->
-loading -> here -> w8a8 (the W8A8 variation) -> :mod:`.modules` (module surgery); nothing below imports this.
+loading -> here -> :mod:`.w8a8` (the W8A8 variation) and :mod:`.plan` -> :mod:`.modules` (module surgery);
+nothing below imports this.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import QuantizationResult, SuperWeightConfig
-from ..format import check_quantizable
 from ..nn.linear import SuperWeightLinear
 from ..records import SuperWeight
+from ..tensor.methods import code_method, code_settings
+from ..tensor.quantize import QuantizedWeight
 from ..tensor.rows import quantize_by_rows
 from .calibration import collect_hessians, model_calibration_ids
-from .modules import Conv1D, dense_weight, features, set_module
+from .modules import as_linear, features, set_module
+from .plan import (
+    QuantizationPlan,
+    check_finite_weights,
+    check_super_weights,
+    modules_to_convert,
+    plan_quantization,
+    plan_targets,
+    resolve_modules_to_not_convert,
+)
 from .w8a8 import MASSIVE_SCAN_TOKENS, build_w8a8_skeleton, quantize_model_w8a8, smooth_activations
 
 __all__ = [
-    "resolve_modules_to_not_convert",
-    "modules_to_convert",
-    "check_super_weights",
     "quantize_model",
+    "Variation",
+    "WEIGHT_ONLY",
+    "W8A8",
+    "variation_for",
+    "calibrate",
+    "choose_codes",
+    "build_modules",
     "record_results",
+    "quantized_layer",
     "build_quantized_skeleton",
     "dequantize_model",
     "resolve_dtype",
-    "check_finite_weights",
     "compressed_size_bytes",
-    "quantized_layer",
+    # planning lives in .plan; importable from here as before
+    "resolve_modules_to_not_convert",
+    "modules_to_convert",
+    "check_super_weights",
+    "check_finite_weights",
 ]
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
-
-
-def resolve_modules_to_not_convert(model: nn.Module, config: SuperWeightConfig) -> list[str]:
-    """The configured exclusions, or by default the output embedding and what is tied to it."""
-    if config.modules_to_not_convert is not None:
-        return list(config.modules_to_not_convert)
-    skipped: set[str] = set()
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in model.named_modules():
-        if output_embeddings is not None and module is output_embeddings:
-            skipped.add(name)
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    for key in list(tied.keys()) + list(tied.values()):
-        skipped.add(key.removesuffix(".weight"))
-    if not skipped:
-        skipped.add("lm_head")
-    return sorted(skipped)
-
-
-def modules_to_convert(model: nn.Module, skip: Iterable[str]) -> dict[str, nn.Module]:
-    """``nn.Linear`` (and transformers ``Conv1D``) modules that will be quantized, by name."""
-    skip = list(skip)
-    selected = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, SuperWeightLinear) and not _matches(name, skip):
-            selected[name] = module
-    return selected
-
-
-def check_finite_weights(targets: dict[str, nn.Module]) -> None:
-    """Refuse NaN/inf in a weight to quantize, naming the module and the coordinate (paper convention)."""
-    for name, module in targets.items():
-        check_quantizable(name, dense_weight(module))
-
-
-def check_super_weights(
-    model: nn.Module, records: Iterable[SuperWeight], targets: dict[str, nn.Module]
-) -> list[SuperWeight]:
-    """Validate coordinates against the model and return the records with their exact ``value`` filled in.
-
-    Raises ``ValueError`` when a module does not exist, is not a linear layer, a coordinate lies outside
-    the matrix, or a recorded value does not match the weight in the checkpoint.
-    """
-    all_modules = dict(model.named_modules())
-    checked = []
-    for sw in records:
-        module = all_modules.get(sw.module)
-        if module is None:
-            examples = [n for n in targets][:3]
-            raise ValueError(
-                f"Super weight module '{sw.module}' does not exist in this {type(model).__name__}; "
-                f"linear modules are named like {examples}."
-            )
-        if not isinstance(module, (nn.Linear, Conv1D, SuperWeightLinear)):
-            raise ValueError(
-                f"Super weight module '{sw.module}' is a {type(module).__name__}, not a linear layer; "
-                "super weights live in linear layers such as 'model.layers.2.mlp.down_proj'."
-            )
-        if isinstance(module, SuperWeightLinear):
-            raise ValueError(f"Module '{sw.module}' is already quantized; load the full-precision checkpoint instead.")
-        in_features, out_features = features(module)
-        if not (0 <= sw.row < out_features and 0 <= sw.col < in_features):
-            raise ValueError(
-                f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] lies outside the matrix: "
-                f"row must be in [0, {out_features}) and col in [0, {in_features}) (paper convention: "
-                "row = output channel, col = input channel)."
-            )
-        found = float(dense_weight(module)[sw.row, sw.col].item())
-        if sw.value is not None and not math.isclose(found, sw.value, rel_tol=1e-3, abs_tol=1e-6):
-            raise ValueError(
-                f"Super weight {sw.module}.weight[{sw.row}, {sw.col}] is recorded as {sw.value!r} but the checkpoint "
-                f"holds {found!r}: the coordinates were made for another model or revision."
-            )
-        checked.append(sw.with_updates(value=found))
-    return checked
-
-
-def _coordinates_by_module(records: Iterable[SuperWeight]) -> dict[str, list[tuple[int, int]]]:
-    grouped: dict[str, list[tuple[int, int]]] = {}
-    for sw in records:
-        grouped.setdefault(sw.module, []).append((sw.row, sw.col))
-    return grouped
-
-
-def quantized_layer(
-    dense: nn.Linear,
-    coordinates: list[tuple[int, int]],
-    config: SuperWeightConfig,
-    quantized: Any = None,
-    hessian: torch.Tensor | None = None,
-    name: str = "SuperWeightLinear",
-) -> SuperWeightLinear:
-    """One low-bit layer: HQQ grids, plain RTN, RTN with clip search, or given (GPTQ) codes; one on-disk format."""
-    if quantized is None:
-        # Row blocks, as when quantizing while loading: identical codes, bounded temporaries.
-        quantized = quantize_by_rows(dense.weight.detach(), coordinates, config, hessian=hessian)
-    return SuperWeightLinear.from_linear(
-        dense,
-        bits=config.bits,
-        group_size=config.group_size,
-        symmetric=config.symmetric,
-        scale_dtype=config.scale_dtype,
-        super_weights=coordinates,
-        quantized=quantized,
-        name=name,
-        zero_point=config.zero_point,
-    )
 
 
 @torch.no_grad()
@@ -158,62 +82,143 @@ def quantize_model(
     tokenizer: Any = None,
     hessians: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Replace every targeted linear layer of ``model`` in place by a :class:`SuperWeightLinear`.
+    """Replace every targeted linear layer of ``model`` in place by its low-bit module.
 
     ``super_weights`` default to ``config.get_super_weights()``; they are validated and their exact values
     recorded, with the resolved exclusions (and W8A8's hold-out), on a copy of ``config`` set as
     ``model.config.quantization_config`` (:func:`record_results`), so the checkpoint's ``config.json`` describes
     the model completely. ``config`` itself is never written to: one config can quantize many models.
 
-    With ``config.method == "gptq"`` the layers' input statistics are first collected on built-in
-    calibration text (:mod:`.calibration`; ``tokenizer`` encodes it, fixed token ids are used without one),
-    unless precomputed ``hessians`` (module name -> ``E[x xᵀ]``) are given.
+    With ``config.method == "gptq"`` (or the clip search's output objective) the layers' input statistics are
+    first collected on built-in calibration text (:mod:`.calibration`; ``tokenizer`` encodes it, fixed token ids
+    are used without one), unless precomputed ``hessians`` (module name -> ``E[x xᵀ]``) are given.
 
     >>> config = SuperWeightConfig(bits=4, super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
     >>> quantize_model(model, config)  # doctest: +SKIP
     """
-    skip = resolve_modules_to_not_convert(model, config)
-    targets = modules_to_convert(model, skip)
-    check_finite_weights(targets)  # before calibration or GPTQ turn a NaN into an obscure failure
-    if config.activation_bits is not None and config.smoothquant_alpha is not None:
-        # Before the super weights' exact values are read: the migration rescales weight columns.
-        smooth_activations(model, config.smoothquant_alpha, tokenizer=tokenizer,
-                           calibration_tokens=min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
-    records = check_super_weights(model, config.get_super_weights() if super_weights is None else super_weights, targets)
-    result = QuantizationResult(super_weights=records, modules_to_not_convert=skip)
-    coordinates = _coordinates_by_module(r for r in records if r.module in targets)
-    if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
-        result = quantize_model_w8a8(model, config, targets, result, coordinates, tokenizer=tokenizer)
-        return record_results(model, config, result)
-    # GPTQ and the output clip objective need every layer's input second moment.
-    if config.needs_calibration and hessians is None:
-        ids, bos = model_calibration_ids(model, tokenizer, config.calibration_tokens)
-        hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
-    denses = {}
-    for name, module in targets.items():
-        if isinstance(module, nn.Linear):
-            denses[name] = module
-        else:  # Conv1D: present the transposed weight as a Linear
-            dense = nn.Linear(*features(module), bias=module.bias is not None, device="meta")
-            dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
-            dense.bias = module.bias
-            denses[name] = dense
-    # Layers reading the same input (q/k/v, gate/up) share one Hessian: one GPTQ sweep for all of them.
-    shared: dict[int, list[str]] = {}
-    if config.method == "gptq":
-        for name in targets:
-            if hessians.get(name) is None:
-                raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
-            shared.setdefault(id(hessians[name]), []).append(name)
-    for names in shared.values() or [[name] for name in targets]:
-        precomputed = [None] * len(names)
-        if config.method == "gptq":
-            precomputed = _gptq_group(names, denses, coordinates, hessians[names[0]], config)
-        for name, quantized in zip(names, precomputed):
-            hessian = hessians[name] if config.needs_calibration and config.method == "rtn" else None
-            layer = quantized_layer(denses[name], coordinates.get(name, []), config, quantized, hessian, name=name)
-            set_module(model, name, layer)
+    variation = variation_for(config)
+    skip, targets = plan_targets(model, config)
+    variation.prepare(model, config, tokenizer)  # before the super weights' exact values are read
+    records = config.get_super_weights() if super_weights is None else super_weights
+    plan = plan_quantization(model, skip, targets, records)
+    result = variation.quantize(model, config, plan, tokenizer=tokenizer, hessians=hessians)
     return record_results(model, config, result)
+
+
+@dataclass(frozen=True)
+class Variation:
+    """What the pipeline does after planning.
+
+    Attributes:
+        name: ``"weight-only"`` or ``"w8a8"``.
+        prepare: ``(model, config, tokenizer) -> None``, run before the super weights' exact values are read
+            (W8A8's SmoothQuant migration rescales weight columns).
+        quantize: ``(model, config, plan, *, tokenizer, hessians) -> QuantizationResult``: calibrate, choose the
+            codes, swap the modules in.
+    """
+
+    name: str
+    prepare: Callable[[nn.Module, SuperWeightConfig, Any], None]
+    quantize: Callable[..., QuantizationResult]
+
+
+def _quantize_weight_only(
+    model: nn.Module, config: SuperWeightConfig, plan: QuantizationPlan, *, tokenizer: Any = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> QuantizationResult:
+    hessians = calibrate(model, config, plan.targets, tokenizer=tokenizer, hessians=hessians)
+    linears = {name: as_linear(module) for name, module in plan.targets.items()}
+    codes = choose_codes(config, linears, plan.coordinates, hessians)
+    build_modules(model, config, linears, plan.coordinates, codes)
+    return plan.result()
+
+
+def _smooth_for_w8a8(model: nn.Module, config: SuperWeightConfig, tokenizer: Any) -> None:
+    alpha = config.activations.smoothquant_alpha
+    if alpha is not None:
+        smooth_activations(model, alpha, tokenizer=tokenizer,
+                           calibration_tokens=min(config.algorithm.calibration_tokens, MASSIVE_SCAN_TOKENS))
+
+
+def _quantize_w8a8(
+    model: nn.Module, config: SuperWeightConfig, plan: QuantizationPlan, *, tokenizer: Any = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> QuantizationResult:
+    # W8A8 weights are round-to-nearest per row: no Hessians; its calibration is the activation scan in .w8a8.
+    return quantize_model_w8a8(model, config, plan.targets, plan.result(), plan.coordinates, tokenizer=tokenizer)
+
+
+#: Weight-only low-bit layers (:class:`SuperWeightLinear`), codes chosen as the config asks.
+WEIGHT_ONLY = Variation("weight-only", prepare=lambda model, config, tokenizer: None, quantize=_quantize_weight_only)
+#: int8 weights and activations (:class:`~optimum_superweight.nn.w8a8.SuperWeightW8A8Linear`), see :mod:`.w8a8`.
+W8A8 = Variation("w8a8", prepare=_smooth_for_w8a8, quantize=_quantize_w8a8)
+
+
+def variation_for(config: SuperWeightConfig) -> Variation:
+    """:data:`W8A8` when ``config.activation_bits`` is set, else :data:`WEIGHT_ONLY`.
+
+    >>> variation_for(SuperWeightConfig(bits=4)).name
+    'weight-only'
+    """
+    return W8A8 if config.activations.enabled else WEIGHT_ONLY
+
+
+def calibrate(
+    model: nn.Module, config: SuperWeightConfig, targets: dict[str, nn.Module], *, tokenizer: Any = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Every target's input second moment ``E[x xᵀ]`` on calibration text when the way of choosing codes needs
+    it (``config.algorithm.needs_hessians``: GPTQ, the output clip objective) and ``hessians`` are not given;
+    else ``hessians`` as given (``None`` for the data-free methods)."""
+    algorithm = config.algorithm
+    if algorithm.needs_hessians and hessians is None:
+        ids, bos = model_calibration_ids(model, tokenizer, algorithm.calibration_tokens)
+        hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
+    return hessians
+
+
+def choose_codes(
+    config: SuperWeightConfig,
+    linears: dict[str, nn.Linear],
+    coordinates: dict[str, list[tuple[int, int]]],
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> dict[str, QuantizedWeight]:
+    """Each layer's codes, chosen as ``config`` asks (:func:`~optimum_superweight.tensor.methods.code_method`).
+
+    Layers one at a time in row blocks (:func:`~optimum_superweight.tensor.rows.quantize_by_rows`), or, for a
+    method that quantizes layers reading one input together (GPTQ: one column sweep for q/k/v, gate/up), those
+    layers in one call.
+    """
+    method = code_method(config)
+    if method.choose_shared is None:
+        return {
+            name: quantize_by_rows(linear.weight.detach(), coordinates.get(name, []), config,
+                                   hessian=hessians.get(name) if hessians else None)
+            for name, linear in linears.items()
+        }
+    shared: dict[int, list[str]] = {}
+    for name in linears:
+        if hessians is None or hessians.get(name) is None:
+            raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
+        shared.setdefault(id(hessians[name]), []).append(name)
+    settings, codes = code_settings(config), {}
+    for names in shared.values():
+        weights = [linears[n].weight.detach() for n in names]
+        holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]
+        codes.update(zip(names, method.choose_shared(weights, settings, holdouts, hessians[names[0]])))
+    return codes
+
+
+def build_modules(
+    model: nn.Module,
+    config: SuperWeightConfig,
+    linears: dict[str, nn.Linear],
+    coordinates: dict[str, list[tuple[int, int]]],
+    codes: dict[str, QuantizedWeight],
+) -> None:
+    """Swap each layer of ``linears`` in ``model`` for its :class:`SuperWeightLinear` holding ``codes[name]``."""
+    for name, linear in linears.items():
+        set_module(model, name, quantized_layer(linear, coordinates.get(name, []), config, codes[name], name=name))
 
 
 def record_results(model: nn.Module, config: SuperWeightConfig, result: QuantizationResult) -> nn.Module:
@@ -224,16 +229,28 @@ def record_results(model: nn.Module, config: SuperWeightConfig, result: Quantiza
     return model
 
 
-def _gptq_group(names, denses, coordinates, hessian, config):
-    from ..tensor.gptq import DEFAULT_CLIP_GRID, gptq_quantize_weights
-
-    weights = [denses[n].weight.detach() for n in names]
-    holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]
-    return gptq_quantize_weights(
-        weights, hessian, holdouts=holdouts, bits=config.bits, group_size=config.group_size,
-        symmetric=config.symmetric, scale_dtype=getattr(torch, config.scale_dtype), damp=config.damp,
-        act_order=config.act_order, clip_grid=DEFAULT_CLIP_GRID if config.clip_search else None,
-        clip_objective="hessian" if config.clip_objective == "output" else "diagonal",
+def quantized_layer(
+    dense: nn.Linear,
+    coordinates: list[tuple[int, int]],
+    config: SuperWeightConfig,
+    quantized: Any = None,
+    hessian: torch.Tensor | None = None,
+    name: str = "SuperWeightLinear",
+) -> SuperWeightLinear:
+    """One low-bit layer: the given ``quantized`` codes, or those ``config`` asks for (computed here in row
+    blocks, as while loading: identical codes, bounded temporaries); one on-disk format."""
+    if quantized is None:
+        quantized = quantize_by_rows(dense.weight.detach(), coordinates, config, hessian=hessian)
+    return SuperWeightLinear.from_linear(
+        dense,
+        bits=config.bits,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        scale_dtype=config.scale_dtype,
+        super_weights=coordinates,
+        quantized=quantized,
+        name=name,
+        zero_point=config.zero_point,
     )
 
 
@@ -256,7 +273,7 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             raise ValueError(
                 f"config.json's field 'super_weights' names module '{sw.module}', which this model does not have."
             )
-    if config.activation_bits is not None:  # W8A8: its own module class (see .w8a8)
+    if config.activations.enabled:  # W8A8: its own module class (see .w8a8)
         return build_w8a8_skeleton(model, config, targets, counts)
     for name, module in targets.items():
         in_features, out_features = features(module)

@@ -33,7 +33,8 @@ from torch import nn
 from ..config import QuantizationResult, SuperWeightConfig
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
-from .modules import features, set_module
+from .modules import as_linear, features, set_module
+from .plan import coordinates_by_module
 
 __all__ = [
     "super_activation_channels",
@@ -81,23 +82,13 @@ def holdout_channels_for(
     in_features: int, coordinates: Iterable[tuple[int, int]], config: SuperWeightConfig, hidden_size: int | None
 ) -> list[int]:
     """Input channels a layer with ``in_features`` inputs and its own super weights ``coordinates`` holds out."""
-    if not config.hold_out_super_activation:
+    activations = config.activations
+    if not activations.hold_out_super_activation:
         return []
     channels = {col for _, col in coordinates}
     if in_features == hidden_size:
-        channels.update(c for c in config.super_activation_channels or [] if c < in_features)
+        channels.update(c for c in activations.super_activation_channels or () if c < in_features)
     return sorted(channels)
-
-
-def _dense(module: nn.Module) -> nn.Linear:
-    if isinstance(module, nn.Linear):
-        return module
-    # transformers Conv1D stores [in, out]: present it as a Linear.
-    in_features, out_features = module.weight.shape
-    dense = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
-    dense.weight = nn.Parameter(module.weight.t(), requires_grad=False)
-    dense.bias = module.bias
-    return dense
 
 
 def massive_channels(peaks: torch.Tensor, ratio: float, limit: int) -> list[int]:
@@ -125,24 +116,26 @@ def plan_activation_holdout(
     own super-weight columns, plus its massive activations measured on the calibration text when
     ``config.massive_activation_ratio`` is set. ``model`` must still be in full precision.
     """
-    if not config.hold_out_super_activation:
+    activations = config.activations
+    if not activations.hold_out_super_activation:
         return {}
     hidden = _hidden_size(model, config.get_super_weights())
     plan = {
         name: holdout_channels_for(features(module)[0], coordinates.get(name, []), config, hidden)
         for name, module in targets.items()
     }
-    if config.massive_activation_ratio is not None and config.max_holdout_channels > 0 and targets:
+    ratio, limit = activations.massive_activation_ratio, activations.max_holdout_channels
+    if ratio is not None and limit > 0 and targets:
         from .calibration import collect_input_absmax, model_calibration_ids
 
         # Peaks need far fewer tokens than GPTQ's second moments: massive activations sit on the first token
         # of every window and on frequent delimiters.
-        ids, bos = model_calibration_ids(model, tokenizer, min(config.calibration_tokens, MASSIVE_SCAN_TOKENS))
+        ids, bos = model_calibration_ids(model, tokenizer, min(config.algorithm.calibration_tokens, MASSIVE_SCAN_TOKENS))
         window = min(512, len(ids))
         peaks = collect_input_absmax(model, list(targets), ids, window=window, bos_id=bos)
         for name, channels in plan.items():
-            room = max(config.max_holdout_channels - len(channels), 0)
-            extra = [c for c in massive_channels(peaks[name], config.massive_activation_ratio, room + len(channels))
+            room = max(limit - len(channels), 0)
+            extra = [c for c in massive_channels(peaks[name], ratio, room + len(channels))
                      if c not in channels]
             plan[name] = sorted(channels + extra[:room])
     return {name: channels for name, channels in plan.items() if channels}
@@ -249,7 +242,7 @@ def quantize_model_w8a8(
         config.activation_holdout = plan_activation_holdout(model, config, targets, coordinates, tokenizer=tokenizer)
     _check_holdout_names(config, targets)
     for name, module in targets.items():
-        dense = _dense(module)
+        dense = as_linear(module)
         own = coordinates.get(name, [])
         layer = SuperWeightW8A8Linear.from_linear(
             dense,
@@ -293,9 +286,7 @@ def build_w8a8_skeleton(
     records = config.get_super_weights()
     if config.activation_holdout is None:  # a checkpoint written before the channels were recorded
         hidden = _hidden_size(model, records)
-        by_module: dict[str, list[tuple[int, int]]] = {}
-        for sw in records:
-            by_module.setdefault(sw.module, []).append((sw.row, sw.col))
+        by_module = coordinates_by_module(records)
         config.activation_holdout = {
             name: channels
             for name, module in targets.items()

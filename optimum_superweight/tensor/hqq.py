@@ -49,8 +49,9 @@ from .quantize import (
     store_offset,
     store_scale,
 )
+from .settings import CodeSettings
 
-__all__ = ["hqq_quantize_weight", "fit_group_grids", "shrink_lp", "DEFAULT_ITERS"]
+__all__ = ["hqq_codes", "hqq_quantize_weight", "fit_group_grids", "shrink_lp", "DEFAULT_ITERS"]
 
 #: Alternations of codes / shrink / fit. The error stops improving after ~10-20 on real weights.
 DEFAULT_ITERS = 20
@@ -332,4 +333,17 @@ def _encode(
         layout=layout,
         symmetric=form == "symmetric",
         offset=stored_offset,
+    )
+
+
+def hqq_codes(
+    weight: torch.Tensor, settings: CodeSettings, holdout: torch.Tensor | None, hessian: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """HQQ codes (the common :data:`~.settings.CodeChooser` signature; data-free: ``hessian`` is not read).
+
+    >>> hqq_codes(torch.randn(4, 64), CodeSettings(bits=4, group_size=32, symmetric=False, zero_point="float"), None).offset.shape
+    torch.Size([4, 2])
+    """
+    return hqq_quantize_weight(
+        weight, holdout=holdout, zero_point=settings.zero_point, iters=DEFAULT_ITERS, **settings.format_options()
     )

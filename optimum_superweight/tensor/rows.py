@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..config import SuperWeightConfig
-from .gptq import clip_quantize_weight
-from .hqq import DEFAULT_ITERS, hqq_quantize_weight
-from .quantize import GroupLayout, QuantizedWeight, quantize_weight
+from .methods import code_chooser, code_settings
+from .quantize import GroupLayout, QuantizedWeight
 
 __all__ = ["BLOCK_BYTES", "quantize_by_rows"]
 
@@ -25,10 +24,11 @@ BLOCK_BYTES = 2 * 2**20
 def quantize_by_rows(
     weight: torch.Tensor, coordinates: list[tuple[int, int]], config: SuperWeightConfig, hessian: torch.Tensor | None = None
 ) -> QuantizedWeight:
-    """HQQ, round-to-nearest or clip-search codes of ``weight`` (``config.method``) computed a block of rows at a time.
+    """The codes of ``weight`` chosen as ``config`` asks (:func:`~.methods.code_chooser`), a block of rows at a time.
 
-    ``hessian`` (the inputs' ``E[x xᵀ]``) is used by the clip search when ``config.clip_objective == "output"``;
-    its objective is per row too, so row blocks change nothing.
+    ``hessian`` (the inputs' ``E[x xᵀ]``) is given to the chooser, which reads it when it needs it (the clip
+    search with ``config.clip_objective == "output"``); that objective is per row too, so row blocks change
+    nothing. GPTQ's codes do not come from here (:func:`~.methods.code_method` batches its layers instead).
 
     Groups lie within a row, so every scale, code and zero-point equals the whole-matrix computation's (the
     in-memory path's), but the temporaries are those of one block instead of ~10x the weight: for a 16384 x
@@ -40,26 +40,14 @@ def quantize_by_rows(
     """
     out_features, in_features = weight.shape
     rows = max(1, BLOCK_BYTES // (4 * in_features))
-    scale_dtype = getattr(torch, config.scale_dtype)
+    choose, settings = code_chooser(config), code_settings(config)
     held = torch.tensor(coordinates, dtype=torch.int32).reshape(-1, 2)
     parts = []
     for start in range(0, out_features, rows):
         block = weight[start : start + rows]
         inside = held[(held[:, 0] >= start) & (held[:, 0] < start + block.shape[0])]
         inside = inside - torch.tensor([start, 0], dtype=torch.int32)
-        options = dict(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, scale_dtype=scale_dtype)
-        if config.method == "hqq" or config.zero_point == "float":  # float offsets with "rtn": min-max, no steps
-            iters = DEFAULT_ITERS if config.method == "hqq" else 0
-            parts.append(hqq_quantize_weight(
-                block, holdout=inside.to(block.device), zero_point=config.zero_point, iters=iters, **options
-            ))
-        elif config.clip_search:
-            output = config.clip_objective == "output"
-            if output and hessian is None:
-                raise ValueError("clip_objective='output' needs the layer's calibration statistics (hessian).")
-            parts.append(clip_quantize_weight(block, holdout=inside.to(block.device), hessian=hessian if output else None, **options))
-        else:
-            parts.append(quantize_weight(block, holdout=inside.to(block.device), **options))
+        parts.append(choose(block, settings, inside.to(block.device), hessian))
     zero_points = [p.zero_point for p in parts]
     offsets = [p.offset for p in parts]
     return QuantizedWeight(
