@@ -66,6 +66,7 @@ from .tiled import MIN_TOKENS as TILED_MIN_TOKENS
 from .tiled import TiledCpuKernel
 
 __all__ = [
+    "Kernel",
     "KernelSelection",
     "PackedLinear",
     "register_kernel",
@@ -90,7 +91,7 @@ logger = logging.getLogger(__name__)
 
 _FLOAT32_POLICIES = ("reference", "bfloat16")
 REFERENCE = ReferenceKernel()
-_KERNELS: list[Any] = [TiledCpuKernel(), Int4CpuKernel(), Int8CpuKernel(), DenseCpuKernel(), REFERENCE]
+_KERNELS: list["Kernel"] = [TiledCpuKernel(), Int4CpuKernel(), Int8CpuKernel(), DenseCpuKernel(), REFERENCE]
 # Kernels worth running per token; the others are only chosen for many tokens at once or as fallbacks.
 _DECODE_KERNELS = {"cpu-int4", "cpu-int8"}
 # Kernels without a backward (native or int arithmetic): passed over when the input needs a gradient.
@@ -167,9 +168,31 @@ def force_reference(enabled: bool = True) -> None:
     _settings["generation"] += 1
 
 
+@runtime_checkable
+class Kernel(Protocol):
+    """One way of running a packed layer's forward: the protocol of both registries (weight-only here, W8A8 in
+    :mod:`.w8a8`), so a kernel of either kind is written, registered, speed-checked and selected the same way.
+
+    ``unsupported`` returns ``None`` when the kernel can run this layer for this input, else a short reason
+    (logged once); ``prepare`` builds the per-layer state it caches (repacked weights, …); ``run`` computes
+    the layer's output from that state.
+
+    >>> isinstance(REFERENCE, Kernel)
+    True
+    """
+
+    name: str
+
+    def unsupported(self, module: Any, dtype: torch.dtype, device: torch.device, tokens: int) -> str | None: ...
+
+    def prepare(self, module: Any, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    def run(self, module: Any, state: Any, x: torch.Tensor) -> torch.Tensor: ...
+
+
 def insert_kernel(registry: list, kernel: Any, before: str, what: str = "kernel") -> None:
-    """Insert ``kernel`` into ``registry`` before the kernel named ``before``, after checking it has what every
-    kernel needs (``name``, ``unsupported``, ``prepare``, ``run``) and that its name is new."""
+    """Insert ``kernel`` into ``registry`` before the kernel named ``before``, after checking it implements
+    :class:`Kernel` (``name``, ``unsupported``, ``prepare``, ``run``) and that its name is new."""
     for attribute in ("name", "unsupported", "prepare", "run"):
         if not hasattr(kernel, attribute):
             raise TypeError(f"{what} {kernel!r} lacks {attribute!r}: kernels need name, unsupported, prepare and run.")

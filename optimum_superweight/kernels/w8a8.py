@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..tensor.packing import unpack_codes
-from . import KernelSelection, dense_threshold, insert_kernel
+from . import Kernel, KernelSelection, dense_threshold, insert_kernel
 from .fused import ACTIVATION_ZERO_POINT, quantize_fused, scale_rows_fused
 from .guard import stepped_aside
 
@@ -435,7 +435,7 @@ class W8A8OneDNNKernel:
 
 
 W8A8_REFERENCE = W8A8ReferenceKernel()
-_W8A8_KERNELS: list = [
+_W8A8_KERNELS: list[Kernel] = [
     W8A8OneDNNKernel(),
     W8A8Int8Kernel("cpu"),
     # torch._int_mm on CUDA: M > 16, K and N multiples of 8 (padded here). Untested (no GPU when written).
