@@ -64,6 +64,10 @@ def _layers(out_features: int, in_features: int) -> dict[str, nn.Module]:
         "int3 g64 float offsets": SuperWeightLinear.from_linear(
             dense, bits=3, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
         ),
+        # 5- to 7-bit codes: no int kernel takes them in groups; cpu-tiled runs them as byte codes.
+        "int6 g64 float offsets": SuperWeightLinear.from_linear(
+            dense, bits=6, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
+        ),
         "int8 per row": SuperWeightLinear.from_linear(dense, bits=8, group_size=-1, super_weights=[(5, 7)]),
         "W8A8 per tensor, held out": SuperWeightW8A8Linear.from_linear(
             dense, activation_scale="per_tensor", holdout_channels=[7], super_weights=[(5, 7)]

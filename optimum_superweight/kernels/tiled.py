@@ -1,4 +1,4 @@
-"""``cpu-tiled``: 2- to 4- and 8-bit weights decoded tile by tile in native code, each multiplied while in cache.
+"""``cpu-tiled``: 2- to 8-bit weights decoded tile by tile in native code, each multiplied while in cache.
 
 The prefill kernel of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
 symmetric codes; any group size, per-channel included; super weights held out), and of 2-, 3- and 8-bit
@@ -21,8 +21,11 @@ Speed against bfloat16 dense: the "Kernels by CPU" table of benchmarks/RESULTS.m
 Without AVX-512 (the library then decodes with scalar code) or when the build fails, the kernel reports
 itself unsupported with the reason and the dispatcher falls back to the other kernels.
 
+5-, 6- and 7-bit codes have no packed decoder: they are unpacked to one byte each when the layer is prepared
+and take the 8-bit decoder (the same arithmetic as the reference, so the same weights).
+
 Memory: the layer's state holds float32 copies of the scales and zero-points or offsets (a quarter of a
-4-bit group-64 packed weight) and references the packed codes; each thread keeps one decode buffer of
+4-bit group-64 packed weight) and references the packed codes (5- to 7-bit layers: a one-byte-per-code copy); each thread keeps one decode buffer of
 about :data:`_TILE_BYTES`, reused across calls and layers.
 
 >>> import torch
@@ -39,7 +42,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..tensor.packing import unpack_codes
 from . import build
+from .cpu import Int4CpuKernel, Int8CpuKernel
 
 __all__ = ["TiledCpuKernel", "MIN_TOKENS", "tile_rows", "unavailable"]
 
@@ -51,7 +56,9 @@ MIN_TOKENS = 12
 #: last-level cache (measured best at 2-8 MiB on AMD EPYC).
 _TILE_BYTES = 4 << 20
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_BITS = (2, 3, 4, 8)
+_BITS = (2, 3, 4, 5, 6, 7, 8)
+#: Widths the library has no packed decoder for: their codes are unpacked to bytes once and run as 8-bit codes.
+_BYTE_CODE_BITS = (5, 6, 7)
 
 
 def tile_rows(out_features: int, in_features: int, element_size: int, threads: int) -> int:
@@ -95,8 +102,14 @@ class TiledState:
     bits: int
 
 
+def _int_kernel_takes(module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> bool:
+    """Whether a per-token int kernel runs this layer; where none does (5- to 7-bit codes, groups the int4
+    kernel cannot take) small calls stay here rather than dequantizing the whole weight per call."""
+    return any(k.unsupported(module, dtype, device, tokens) is None for k in (Int4CpuKernel(), Int8CpuKernel()))
+
+
 class TiledCpuKernel:
-    """Native tile-by-tile dequantize + GEMM for 2-, 3-, 4- and 8-bit codes (see the module docstring)."""
+    """Native tile-by-tile dequantize + GEMM for 2- to 8-bit codes (see the module docstring)."""
 
     name = "cpu-tiled"
 
@@ -107,7 +120,7 @@ class TiledCpuKernel:
             return f"{dtype} input"
         if module.bits not in _BITS:
             return f"bits={module.bits} (needs one of {', '.join(map(str, _BITS))})"
-        if dtype == torch.bfloat16 and tokens < MIN_TOKENS:
+        if dtype == torch.bfloat16 and tokens < MIN_TOKENS and _int_kernel_takes(module, dtype, device, tokens):
             return f"{tokens} tokens per call (< {MIN_TOKENS}: the int kernels are faster)"
         return unavailable()
 
@@ -128,10 +141,10 @@ class TiledCpuKernel:
         else:
             rows, cols = indices.detach()[:, 0].long().contiguous(), indices.detach()[:, 1].long().contiguous()
             values = module.super_weight_values.detach().to(torch.float32).contiguous()
-        codes = module.weight.detach().contiguous()
-        return TiledState(
-            codes, scale, zero, offset, rows, cols, values, module.layout.effective_group_size, module.bits
-        )
+        codes, bits, group = module.weight.detach().contiguous(), module.bits, module.layout.effective_group_size
+        if bits in _BYTE_CODE_BITS:
+            codes, bits = unpack_codes(codes, bits, group).contiguous(), 8
+        return TiledState(codes, scale, zero, offset, rows, cols, values, group, bits)
 
     def run(self, module: nn.Module, state: TiledState, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

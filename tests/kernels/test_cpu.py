@@ -224,10 +224,16 @@ def test_state_dict_round_trip_keeps_fast_outputs():
 
 
 def test_fallbacks_are_reported():
-    assert select_kernel(_layer(100, 128, bits=4, group_size=64), torch.bfloat16, CPU).label == "cpu-dense"
-    assert "out_features=100" in select_kernel(_layer(100, 128, bits=4, group_size=64), torch.bfloat16, CPU).reason
+    # Decode-sized calls no int kernel takes: cpu-tiled when it is built, else cpu-dense with the reasons.
+    fallback = "cpu-tiled" if _native() else "cpu-dense"
+    assert select_kernel(_layer(100, 128, bits=4, group_size=64), torch.bfloat16, CPU).label == fallback
     grouped8 = _layer(64, 256, bits=8, group_size=64)
+    assert select_kernel(grouped8, torch.bfloat16, CPU).label == fallback
+    _without_native()
+    odd = select_kernel(_layer(100, 128, bits=4, group_size=64), torch.bfloat16, CPU)
+    assert odd.label == "cpu-dense" and "out_features=100" in odd.reason
     assert select_kernel(grouped8, torch.bfloat16, CPU).label == "cpu-dense"
+    kernels.set_native_kernels(True)
     assert select_kernel(grouped8, torch.float32, CPU).label == ("cpu-tiled" if _native() else "reference")
     assert select_kernel(grouped8, torch.bfloat16, torch.device("meta")).label == "reference"
     assert "kernel=" in repr(grouped8)
@@ -235,12 +241,13 @@ def test_fallbacks_are_reported():
 
 def test_summary_and_prepare():
     model = nn.Sequential(_layer(64, 128, bits=4, group_size=64), _layer(128, 64, bits=8, group_size=-1), _layer(64, 128, bits=8, group_size=32))
-    assert kernel_summary(model, torch.bfloat16) == {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}
     summary = prepare_kernels(model, torch.bfloat16)
-    if _native():
-        assert summary == {"decode": {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}, "prefill": {"cpu-tiled": 3}}
+    if _native():  # the grouped 8-bit layer has no int kernel: cpu-tiled decodes it too
+        assert kernel_summary(model, torch.bfloat16) == {"cpu-int4": 1, "cpu-int8": 1, "cpu-tiled": 1}
+        assert summary == {"decode": {"cpu-int4": 1, "cpu-int8": 1, "cpu-tiled": 1}, "prefill": {"cpu-tiled": 3}}
         assert kernel_summary(model, torch.float32) == {"cpu-tiled": 3}
     _without_native()
+    assert kernel_summary(model, torch.bfloat16) == {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}
     assert prepare_kernels(model, torch.bfloat16)["prefill"] == {"cpu-dense": 3}
     assert kernel_summary(model, torch.float32) == {"reference": 3}
 

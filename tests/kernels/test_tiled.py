@@ -65,7 +65,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("symmetric, zero_point", FORMS)
 @pytest.mark.parametrize("out_features, in_features, group_size", [(64, 256, 32), (96, 200, 64), (48, 384, 128), (40, 100, -1), (32, 144, 48)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_decoded_weights_are_the_reference_bit_for_bit(built, symmetric, zero_point, out_features, in_features, group_size, dtype, bits):
     layer = _layer(out_features, in_features, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
                    super_weights=[(5, 7), (out_features - 1, in_features - 1)], bits=bits)
@@ -88,12 +88,13 @@ def test_outputs_match_the_reference_kernel(library, symmetric, zero_point, grou
 @pytest.mark.parametrize("symmetric, zero_point", FORMS)
 @pytest.mark.parametrize("group_size", [64, -1])
 @pytest.mark.parametrize("tokens", [1, 16, 100])
-@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("bits", [2, 3, 6, 8])
 def test_other_widths_outputs_match_the_reference_kernel(library, symmetric, zero_point, group_size, tokens, bits):
     layer = _layer(48, 200, group_size=group_size, symmetric=symmetric, zero_point=zero_point, bits=bits)
     # Below MIN_TOKENS: the int kernels where they take the layout (int4: groups of a multiple of 32; int8: one
-    # scale per row), cpu-dense otherwise.
-    decode = ("cpu-int8" if group_size == -1 else "cpu-dense") if bits == 8 else ("cpu-int4" if group_size == 64 else "cpu-dense")
+    # scale per row).
+    # cpu-tiled takes the small calls too where no int kernel does.
+    decode = "cpu-int8" if group_size == -1 and bits >= 5 else "cpu-int4" if group_size == 64 and bits <= 4 else "cpu-tiled"
     _check_outputs(layer, tokens, torch.bfloat16, decode)
 
 
@@ -164,11 +165,13 @@ def test_inputs_that_need_gradients_avoid_it(library):
     assert layer.kernel == "cpu-tiled"
 
 
-def test_other_bit_widths_are_left_to_the_other_kernels(library):
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_five_to_seven_bit_layers_run_as_byte_codes(library, bits):
     torch.manual_seed(0)
-    layer = SuperWeightLinear.from_linear(nn.Linear(256, 64), bits=6, group_size=64)
-    selection = kernels.select_kernel(layer, torch.bfloat16, CPU, 100)
-    assert selection.label == "cpu-dense" and "cpu-tiled: bits=6 (needs one of 2, 3, 4, 8)" in selection.reason
+    layer = SuperWeightLinear.from_linear(nn.Linear(256, 64), bits=bits, group_size=64)
+    assert kernels.select_kernel(layer, torch.bfloat16, CPU, 100).label == "cpu-tiled"
+    state = KERNEL.prepare(layer, CPU, torch.bfloat16)
+    assert state.bits == 8 and state.codes.shape == (64, 4, 64)
 
 
 def test_a_failing_build_falls_back_with_one_log_line(monkeypatch, caplog):
@@ -220,7 +223,7 @@ def test_a_build_without_avx512_decodes_exactly_and_steps_aside(built, monkeypat
     monkeypatch.setattr(build, "_failures", {})
     scalar = build.load("tiled_linear")
     assert scalar is not None and not scalar.vectorized()
-    for bits in (2, 3, 4, 8):
+    for bits in (2, 3, 4, 6, 8):
         for symmetric, zero_point in FORMS:
             layer = _layer(40, 200, group_size=64, symmetric=symmetric, zero_point=zero_point, bits=bits)
             for dtype in (torch.bfloat16, torch.float32, torch.float16):
