@@ -99,7 +99,8 @@ class SuperWeightQuantizer(HfQuantizer):
         record_results(model, plan.config, plan.result())
         self.quantization_config = model.config.quantization_config
         verify_quantized_model(model, self.quantization_config, loaded_by_transformers=True)
-        prepare_kernels(model)
+        # No prepare_kernels here: kernel states (float32 copies of scales and offsets) would raise the load's
+        # peak, which is what low_memory bounds; they are built at the first forward instead.
         return attach_card_hook(model)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
