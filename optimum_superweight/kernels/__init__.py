@@ -8,8 +8,8 @@ runs; the reference kernel (dequantize + ``F.linear``) supports everything and c
 ================  ===========================================================================================
 kernel            when
 ================  ===========================================================================================
-``cpu-tiled``     CPU, 2-, 3-, 4- or 8-bit codes (any group size), bfloat16 input from ``tiled.MIN_TOKENS`` (12) tokens per
-                  call, float32/float16 input at any token count: compiled at first use (C++, AVX-512), decodes
+``cpu-tiled``     CPU, 2- to 8-bit codes (any group size), bfloat16 input from ``tiled.MIN_TOKENS`` (12) tokens per
+                  call or where no per-token kernel takes the layer, float32/float16 input at any token count: compiled at first use (C++, AVX-512), decodes
                   tiles of output rows in cache and multiplies each (:mod:`~optimum_superweight.kernels.tiled`)
 ``cpu-int4``      CPU, bfloat16 input, bits <= 4, group size a multiple of 32, out_features % 16 == 0,
                   fewer than ``dense_threshold`` tokens (decode)

@@ -25,8 +25,8 @@ itself unsupported with the reason and the dispatcher falls back to the other ke
 and take the 8-bit decoder (the same arithmetic as the reference, so the same weights).
 
 Memory: the layer's state holds float32 copies of the scales and zero-points or offsets (a quarter of a
-4-bit group-64 packed weight) and references the packed codes (5- to 7-bit layers: a one-byte-per-code copy); each thread keeps one decode buffer of
-about :data:`_TILE_BYTES`, reused across calls and layers.
+4-bit group-64 packed weight) and references the packed codes (5- to 7-bit layers: a one-byte-per-code
+copy); each thread keeps one decode buffer of about :data:`_TILE_BYTES`, reused across calls and layers.
 
 >>> import torch
 >>> from optimum_superweight.nn.linear import SuperWeightLinear
