@@ -143,6 +143,8 @@ LOW_BPW_OPTIONS: dict[str, Any] = {"group_size": 128}
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("fp", "full precision", "fp"),
     RowSpec("default", "ours, default `SuperWeightConfig()`", "ours", {}),
+    RowSpec("data_free", "ours, `SuperWeightConfig(importance=\"none\")` (data-free grids, no calibration pass)", "ours",
+            {"importance": "none"}),
     RowSpec("low_bpw", "ours, `SuperWeightConfig(group_size=128)`", "ours", LOW_BPW_OPTIONS),
     RowSpec("sym_g64", "ours, `SuperWeightConfig(symmetric=True)` (4.25 bits/weight)", "ours",
             {"symmetric": True, "group_size": 64}, ("smollm2", "tiny")),
@@ -240,7 +242,7 @@ class ModelRun:
         denses = {name: m.dequantize_weight(torch.float32) for name, m in layers.items()}
         stored = sum(m.storage_bytes() for m in layers.values())
         settings = {k: v for k, v in config.to_dict().items()
-                    if k in ("method", "bits", "group_size", "symmetric", "scale_dtype", "clip_search", "clip_objective",
+                    if k in ("method", "importance", "calibration_tokens", "bits", "group_size", "symmetric", "scale_dtype", "clip_search", "clip_objective",
                              "zero_point", "optimizer", "iterations")}
         return denses, stored, seconds, {"config": settings}
 

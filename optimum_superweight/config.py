@@ -46,6 +46,13 @@ METHODS = ("hqq", "rtn", "gptq")
 ZERO_POINTS = ("uint8", "float")
 #: ``clip_search`` objectives: the weight error (data-free with "rtn") or the layer's output error on calibration text.
 CLIP_OBJECTIVES = ("weight", "output")
+#: What weighs each weight's error when ``method="hqq"`` fits its group's grid: its input channel's mean squared
+#: activation on calibration text, or nothing (data-free). See :mod:`optimum_superweight.tensor.hqq`.
+IMPORTANCES = ("activations", "none")
+#: Calibration tokens by default: enough for the weighting's per-channel means (more changes nothing measurable),
+#: and more for the methods that estimate whole second-moment matrices (GPTQ, the output clip objective).
+DEFAULT_IMPORTANCE_TOKENS = 2048
+DEFAULT_HESSIAN_TOKENS = 8192
 #: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
 ACTIVATION_BITS = (None, 8)
 #: Prompt the paper's authors used to find super weights (defined once, in prompts.py).
@@ -140,6 +147,7 @@ FIELDS: dict[str, Validator] = {
     "detection_layers": _optional(_INDICES),
     "max_super_weights": _int_range(0, 4096),
     "method": _choice(METHODS),
+    "importance": _choice(IMPORTANCES),
     "clip_search": BOOL,
     "clip_objective": _choice(CLIP_OBJECTIVES),
     "calibration_tokens": _int_range(64, 32768),
@@ -197,6 +205,7 @@ class AlgorithmSettings:
 
     Attributes:
         method: ``"hqq"``, ``"rtn"`` or ``"gptq"`` (resolved: never ``None``).
+        importance: ``"activations"`` (``"hqq"`` grids weighted by the inputs' mean squares) or ``"none"``.
         clip_search, clip_objective: The per-group clip search and what it minimises (``"weight"``, ``"output"``).
         calibration_tokens: Tokens of calibration text (GPTQ, the output objective, W8A8's scans).
         damp, act_order: GPTQ's dampening and column order.
@@ -206,6 +215,7 @@ class AlgorithmSettings:
     """
 
     method: str
+    importance: str
     clip_search: bool
     clip_objective: str
     calibration_tokens: int
@@ -216,6 +226,15 @@ class AlgorithmSettings:
     def needs_hessians(self) -> bool:
         """Whether choosing codes reads the layers' input second moments (GPTQ, the clip search's output objective)."""
         return self.method == "gptq" or (self.clip_search and self.clip_objective == "output")
+
+    @property
+    def needs_input_energy(self) -> bool:
+        """Whether choosing codes reads only the diagonal of those moments (``method="hqq"`` weighted by activations).
+
+        >>> SuperWeightConfig().algorithm.needs_input_energy, SuperWeightConfig(importance="none").algorithm.needs_input_energy
+        (True, False)
+        """
+        return self.method == "hqq" and self.importance == "activations"
 
 
 @dataclass(frozen=True)
@@ -287,25 +306,34 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_min_ratio: Minimum ratio of a spike to the median |activation| of the same layer.
         detection_layers: Decoder-layer indices to search (default: all).
         max_super_weights: Upper bound on the number of super weights kept.
-        method: ``"hqq"`` (default: data-free; each group's scale and offset optimised for the weight's
-            reconstruction, :mod:`optimum_superweight.tensor.hqq`), ``"rtn"`` (round-to-nearest on the group's
-            range) or ``"gptq"`` (error feedback using the layers' input statistics on built-in calibration
-            text, disjoint from the evaluation text). Same file format. Default (``None``): ``"hqq"``, or
-            ``"rtn"`` with ``activation_bits=8`` or ``clip_search=True``.
+        method: ``"hqq"`` (default: each group's scale and offset optimised half-quadratically for the weight's
+            reconstruction, then refined for the layer's output as ``importance`` says,
+            :mod:`optimum_superweight.tensor.hqq`), ``"rtn"`` (round-to-nearest on the group's range) or ``"gptq"``
+            (error feedback using the layers' input statistics on built-in calibration text, disjoint from the
+            evaluation text). Same file format. Default (``None``): ``"hqq"``, or ``"rtn"`` with
+            ``activation_bits=8`` or ``clip_search=True``.
+        importance: ``method="hqq"``: what weighs each weight's error when its group's grid is fitted.
+            ``"activations"`` (the default with ``"hqq"``): its input channel's mean squared activation over
+            ``calibration_tokens`` of built-in text (one forward pass of the full-precision model at load, no
+            Hessian), so the grid serves the channels that carry signal; ``"none"``: data-free, every weight alike
+            (the default with ``low_memory=True``, which never holds the full-precision model, and with the other
+            methods). Measured on text of other domains: ``benchmarks/RESULTS.md``.
         clip_search: Per group, search the scale (range x 1.0 ... 0.5) that minimises the reconstruction error
             (weighted by input energy with ``"gptq"``), super weights held out.
         clip_objective: What ``clip_search`` minimises: ``"weight"`` (default; the weight error, data-free with
             ``"rtn"``) or ``"output"`` (activation-aware: each group's output error ``(w - q)ᵀ H (w - q)`` under the
             inputs' second moment on calibration text, as GPTQ collects it; ``"rtn"`` then calibrates too). It is
             what makes coarse scales usable (per-channel int4: measured in ``benchmarks/RESULTS.md``).
-        calibration_tokens: Tokens of calibration text for ``"gptq"`` (and, up to 2048, for the W8A8 scan for
-            massive activations).
+        calibration_tokens: Tokens of calibration text for ``importance="activations"``, ``"gptq"`` and the output
+            clip objective (and, up to 2048, for the W8A8 scan for massive activations). Default (``None``): 8192
+            for ``"gptq"`` and the output objective (whole second-moment matrices), 2048 otherwise.
         damp: ``"gptq"`` dampening, a fraction of the mean Hessian diagonal added to it.
         act_order: ``"gptq"`` quantizes input columns by decreasing activation energy.
         low_memory: Quantize while loading: each full-precision weight is quantized as it arrives, so the
             whole full-precision model is never in memory; missing coordinates are found by streaming
             detection layer by layer from the shards (:mod:`optimum_superweight.detection.streaming`, unconfirmed
-            spikes). ``method="rtn"`` only: GPTQ needs every layer's calibration activations.
+            spikes). Not with ``"gptq"``, the output clip objective or ``importance="activations"``: they read every
+            layer's calibration activations (``importance`` then defaults to ``"none"``).
         activation_bits: ``None`` (default: weight-only) or ``8`` for W8A8: int8 activations x int8 weights on
             ``torch._int_mm``; then ``bits=8``, ``group_size=-1`` and ``symmetric=True`` are required (8-bit
             symmetric weights, one scale per output row) with ``method="rtn"``, no clip search, no low_memory.
@@ -350,9 +378,10 @@ class SuperWeightConfig(QuantizationConfigMixin):
         detection_layers: list[int] | None = None,
         max_super_weights: int = 16,
         method: str | None = None,
+        importance: str | None = None,
         clip_search: bool = False,
         clip_objective: str = "weight",
-        calibration_tokens: int = 8192,
+        calibration_tokens: int | None = None,
         damp: float = 0.01,
         act_order: bool = True,
         low_memory: bool = False,
@@ -387,6 +416,11 @@ class SuperWeightConfig(QuantizationConfigMixin):
             symmetric = method != "hqq"
         if zero_point is None:
             zero_point = "float" if method == "hqq" and symmetric is False else "uint8"
+        if importance is None:  # the weighting needs the full-precision model's activations: not while streaming
+            importance = "activations" if method == "hqq" and not low_memory else "none"
+        if calibration_tokens is None:
+            hessians = method == "gptq" or (clip_search and clip_objective == "output")
+            calibration_tokens = DEFAULT_HESSIAN_TOKENS if hessians else DEFAULT_IMPORTANCE_TOKENS
         values = dict(locals())
         if super_weights is None:
             values["super_weights"] = []
@@ -449,6 +483,14 @@ class SuperWeightConfig(QuantizationConfigMixin):
                 "SuperWeightConfig.low_memory=True is invalid with clip_search=True and clip_objective='output': the "
                 "output objective needs every layer's calibration activations. Use clip_objective='weight' or low_memory=False."
             )
+        if self.importance == "activations" and (self.method != "hqq" or self.low_memory):
+            reason = (
+                "low_memory=True never holds the full-precision model, whose activations the weighting reads. Use "
+                "importance='none' (data-free grids) or low_memory=False"
+                if self.method == "hqq" else f"it weighs method='hqq' grids; method={self.method!r} does not read it. "
+                "Use method='hqq' or importance='none'"
+            )
+            raise _invalid("importance", self.importance, f"'none' here: {reason}")
         if self.low_memory and self.method == "gptq":
             raise ValueError(
                 "SuperWeightConfig.low_memory=True is invalid with method='gptq': GPTQ needs every layer's "
@@ -500,7 +542,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         'hqq'
         """
         return AlgorithmSettings(
-            method=self.method, clip_search=self.clip_search, clip_objective=self.clip_objective,
+            method=self.method, importance=self.importance, clip_search=self.clip_search, clip_objective=self.clip_objective,
             calibration_tokens=self.calibration_tokens, damp=self.damp, act_order=self.act_order,
         )
 
@@ -532,7 +574,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         if self.activation_bits is not None:
             scan = self.hold_out_super_activation and self.massive_activation_ratio is not None
             return self.smoothquant_alpha is not None or (scan and self.activation_holdout is None)
-        return self.algorithm.needs_hessians
+        return self.algorithm.needs_hessians or self.algorithm.needs_input_energy
 
     def get_super_weights(self) -> list[SuperWeight]:
         """The configured super weights as typed records.

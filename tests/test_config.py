@@ -138,9 +138,10 @@ _HOSTILE = {
     "detection_layers": ["0,1", 3, [-1], [1.0], [True], [2**31], {"0": 1}],
     "max_super_weights": [-1, True, 2.0, "16", None, 10**9],
     "method": ["RTN", "awq", "", 1],  # None: the default, "hqq"
+    "importance": ["Activations", "imatrix", "", 1, True],  # None: the default, resolved from method/low_memory
     "clip_search": [1, "yes", None],
     "clip_objective": ["mse", None, 1],
-    "calibration_tokens": [0, 63, 10**9, True, 8192.0, "8192", None],
+    "calibration_tokens": [0, 63, 10**9, True, 8192.0, "8192"],  # None: the default, resolved from the method
     "damp": [0, 1, -0.1, True, "0.01", None, float("inf")],
     "act_order": [1, "no", None],
     "low_memory": [1, "true", None],
@@ -211,7 +212,7 @@ def test_option_groups_are_read_only_views_of_the_flat_fields():
 
     config = SuperWeightConfig(bits=4, method="gptq", damp=0.05, act_order=False, calibration_tokens=1024,
                                detection_threshold=30.0, detection_layers=[1, 2], max_super_weights=3)
-    assert config.algorithm == AlgorithmSettings("gptq", False, "weight", 1024, 0.05, False)
+    assert config.algorithm == AlgorithmSettings("gptq", "none", False, "weight", 1024, 0.05, False)
     assert config.algorithm.needs_hessians and config.needs_calibration
     assert isinstance(config.detection, DetectionSettings)
     assert (config.detection.threshold, config.detection.layers, config.detection.max_super_weights) == (30.0, [1, 2], 3)

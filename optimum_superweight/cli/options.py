@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..config import IMPORTANCES
+
 __all__ = ["add_method_arguments", "method_options", "describe_grid"]
 
 METHOD_CHOICES = ("hqq", "rtn", "gptq")
@@ -17,7 +19,13 @@ METHOD_CHOICES = ("hqq", "rtn", "gptq")
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", choices=METHOD_CHOICES, default=None,
-        help="how codes are chosen (default: hqq, data-free; rtn: round-to-nearest; gptq: calibrated)",
+        help="how codes are chosen (default: hqq, grids weighted by calibration activations; rtn: round-to-nearest; "
+        "gptq: error feedback)",
+    )
+    parser.add_argument(
+        "--importance", choices=IMPORTANCES, default=None,
+        help="hqq: weigh each weight's error by its input channel's mean squared activation on built-in calibration "
+        "text ('activations', the default) or not at all ('none': data-free, no calibration pass)",
     )
     symmetry = parser.add_mutually_exclusive_group()
     symmetry.add_argument(
@@ -29,11 +37,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``SuperWeightConfig`` keywords the user set (unset ones are left to the config's defaults)."""
-    return {"method": args.method, "symmetric": args.symmetric}
+    return {"method": args.method, "importance": args.importance, "symmetric": args.symmetric}
 
 
 def describe_grid(config: Any) -> str:
-    """``'hqq, asymmetric (float offsets)'``: how a resolved config chooses and stores codes."""
+    """``'hqq weighted by activations, asymmetric (float offsets)'``: how a resolved config chooses and stores codes."""
+    method = f"{config.method} weighted by activations" if config.algorithm.needs_input_energy else config.method
     if config.symmetric:
-        return f"{config.method}, symmetric"
-    return f"{config.method}, asymmetric ({'float offsets' if config.zero_point == 'float' else 'uint8 zero-points'})"
+        return f"{method}, symmetric"
+    return f"{method}, asymmetric ({'float offsets' if config.zero_point == 'float' else 'uint8 zero-points'})"

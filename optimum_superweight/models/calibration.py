@@ -30,7 +30,10 @@ from torch import nn
 from ..detection.inputs import model_device
 from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
 
-__all__ = ["calibration_token_ids", "model_calibration_ids", "collect_hessians", "collect_input_absmax", "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW"]
+__all__ = [
+    "calibration_token_ids", "model_calibration_ids", "collect_hessians", "collect_input_energy", "collect_input_absmax",
+    "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +158,14 @@ def model_calibration_ids(model: nn.Module, tokenizer: Any, n_tokens: int) -> tu
     and the BOS id each calibration window starts with (``None`` without a tokenizer)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = calibration_token_ids(tokenizer, n_tokens, vocab_size=vocab)
+    if tokenizer is not None and len(ids) < min(n_tokens, DEFAULT_CALIBRATION_WINDOW):
+        # A tokenizer that cannot encode the built-in text (a toy vocabulary): calibrate on fixed ids rather than fail.
+        logger.warning(
+            "optimum-superweight calibration: the tokenizer encodes the built-in calibration text into %d token(s), "
+            "fewer than %d; %d fixed token ids stand in (save a tokenizer that encodes English text next to the model "
+            "to calibrate on text).", len(ids), min(n_tokens, DEFAULT_CALIBRATION_WINDOW), n_tokens,
+        )
+        return calibration_token_ids(None, n_tokens, vocab_size=vocab), None
     return ids, (getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None)
 
 
@@ -196,6 +207,46 @@ def collect_hessians(
     for name, owner in alias.items():
         hessians[name] = hessians[owner]
     return hessians
+
+
+@torch.no_grad()
+def collect_input_energy(
+    model: nn.Module,
+    module_names: Iterable[str],
+    token_ids: Sequence[int],
+    *,
+    window: int = DEFAULT_CALIBRATION_WINDOW,
+    batch_size: int = 4,
+    bos_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean squared input ``E[x²]`` (float32 ``[in]``, the diagonal of :func:`collect_hessians`' matrix) of each
+    input channel of each named linear layer over the calibration tokens (windows as in :func:`collect_hessians`;
+    layers reading the same input share one tensor). What the activation-weighted grid refinement reads
+    (:func:`optimum_superweight.tensor.hqq.refine_group_grids`): ``in`` floats per layer instead of ``in²``.
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    >>> ids = calibration_token_ids(None, 256, vocab_size=260)
+    >>> collect_input_energy(model, ["model.layers.1.mlp.down_proj"], ids, window=128)["model.layers.1.mlp.down_proj"].shape
+    torch.Size([128])
+    """
+    names = list(module_names)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(name: str, flat: torch.Tensor) -> None:
+        energy = flat.square().sum(dim=0)
+        sums[name] = sums[name] + energy if name in sums else energy
+        counts[name] = counts.get(name, 0) + flat.shape[0]
+
+    alias = _run_with_input_hooks(
+        model, names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id, accumulate=accumulate,
+        caller="collect_input_energy",
+    )
+    energies = {name: total / max(counts[name], 1) for name, total in sums.items()}
+    for name, owner in alias.items():
+        energies[name] = energies[owner]
+    return energies
 
 
 @torch.no_grad()

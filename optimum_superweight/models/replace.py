@@ -4,8 +4,9 @@
 
 1. **plan** (:mod:`.plan`): the layers to convert and the exclusions; the super weights checked against the
    model, with their exact values;
-2. **calibrate** (:func:`calibrate`): the layers' input second moments, only when the way of choosing codes
-   needs them (GPTQ, the clip search's output objective);
+2. **calibrate** (:func:`calibrate`): the layers' input second moments (GPTQ, the clip search's output
+   objective) or only their diagonals (the default: HQQ grids weighted by activations), when the way of
+   choosing codes reads them;
 3. **quantize** (:func:`choose_codes`): each layer's codes, chosen by
    :func:`optimum_superweight.tensor.methods.code_method` (the one place that decides how);
 4. **build** (:func:`build_modules`): the low-bit modules swapped in, the results recorded on a copy of the
@@ -37,7 +38,7 @@ from ..records import SuperWeight
 from ..tensor.methods import code_method, code_settings
 from ..tensor.quantize import QuantizedWeight
 from ..tensor.rows import quantize_by_rows
-from .calibration import collect_hessians, model_calibration_ids
+from .calibration import collect_hessians, collect_input_energy, model_calibration_ids
 from .modules import as_linear, features, set_module
 from .plan import (
     QuantizationPlan,
@@ -168,13 +169,15 @@ def calibrate(
     hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Every target's input second moment ``E[x xᵀ]`` on calibration text when the way of choosing codes needs
-    it (``config.algorithm.needs_hessians``: GPTQ, the output clip objective) and ``hessians`` are not given;
-    else ``hessians`` as given (``None`` for the data-free methods)."""
+    it (``config.algorithm.needs_hessians``: GPTQ, the output clip objective), or only its diagonal ``E[x²]``
+    (``needs_input_energy``: HQQ grids weighted by activations), unless ``hessians`` are given; else
+    ``hessians`` as given (``None`` for the data-free methods)."""
     algorithm = config.algorithm
-    if algorithm.needs_hessians and hessians is None:
-        ids, bos = model_calibration_ids(model, tokenizer, algorithm.calibration_tokens)
-        hessians = collect_hessians(model, list(targets), ids, bos_id=bos)
-    return hessians
+    if hessians is not None or not (algorithm.needs_hessians or algorithm.needs_input_energy):
+        return hessians
+    ids, bos = model_calibration_ids(model, tokenizer, algorithm.calibration_tokens)
+    collect = collect_hessians if algorithm.needs_hessians else collect_input_energy
+    return collect(model, list(targets), ids, bos_id=bos)
 
 
 def choose_codes(

@@ -25,6 +25,15 @@ Three storage forms share the optimiser: asymmetric with a float offset (``w = s
 "float"``), asymmetric with an integer zero-point (``w = s·(q - z)``; ``"uint8"``: ``m = -s·z`` is rounded to
 a whole code after every fit) and symmetric (``w = s·(q - 2^(b-1))``: only ``s`` is fitted).
 
+With calibration statistics (``importance``: each input channel's mean squared activation, the diagonal of
+the layer inputs' second moment ``E[x xᵀ]``), the data-free grid is then refined for the layer's *output*:
+alternating codes (round to nearest on the stored grid) and the importance-weighted least-squares scale and
+offset of each group, keeping the grid with the smallest weighted error (:func:`refine_group_grids`). An error
+on a channel that carries large activations costs more at the output than one on a quiet channel; the
+unweighted fit treats them alike. This is the diagonal of GPTQ's objective without its error feedback, and
+the weighting llama.cpp's importance matrix gives its k-quants: it needs one forward pass over calibration
+text, no Hessian, and no more time per weight than the data-free fit (measured in ``benchmarks/RESULTS.md``).
+
 Super weights (``holdout``) are excluded from the range, from the fit and from the error, and encoded as
 the group's zero code (integer forms: decodes to exactly 0) or the code nearest to 0 (float offsets); the
 caller writes their exact value back.
@@ -51,10 +60,15 @@ from .quantize import (
 )
 from .settings import CodeSettings
 
-__all__ = ["hqq_codes", "hqq_quantize_weight", "fit_group_grids", "shrink_lp", "DEFAULT_ITERS"]
+__all__ = ["hqq_codes", "hqq_quantize_weight", "fit_group_grids", "refine_group_grids", "shrink_lp", "DEFAULT_ITERS",
+           "DEFAULT_REFINE_ITERS"]
 
 #: Alternations of codes / shrink / fit. The error stops improving after ~10-20 on real weights.
 DEFAULT_ITERS = 20
+#: Alternations of codes / weighted fit when refining for the output; the weighted error settles within ~5.
+DEFAULT_REFINE_ITERS = 8
+#: Start grids of the refinement: the data-free grid, then narrowed about its centre by these factors.
+DEFAULT_REFINE_SHRINKS = (1.0, 0.9, 0.8)
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -229,6 +243,81 @@ class _Sums:
         return s.to(torch.float32), m.to(torch.float32)
 
 
+def refine_group_grids(
+    w: torch.Tensor,
+    excluded: torch.Tensor,
+    importance: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    bits: int,
+    form: str,
+    scale_dtype: torch.dtype,
+    iters: int = DEFAULT_REFINE_ITERS,
+    shrinks: tuple[float, ...] = DEFAULT_REFINE_SHRINKS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refine grids ``(scale, offset)`` ``[..., G]`` of ``[..., G, group]`` groups for the importance-weighted error.
+
+    ``importance`` (float, ``>= 0``, broadcastable to ``w``) weighs each weight's squared error, usually its input
+    channel's mean squared activation; ``excluded`` weights (padding, held out) count 0. Each step chooses the
+    codes on the grid as stored (``scale_dtype``), then the weighted least-squares grid for those codes within
+    ``form``'s constraints; this runs from the start grid and from it narrowed about its centre by each factor
+    of ``shrinks``, and each group's grid with the smallest weighted error is returned (never worse than the
+    start: ``shrinks`` begins with 1).
+
+    >>> w = torch.randn(4, 2, 16)
+    >>> s, m = fit_group_grids(w, torch.zeros(2, 16, dtype=torch.bool), bits=4)
+    >>> s2, m2 = refine_group_grids(w, torch.zeros(2, 16, dtype=torch.bool), torch.rand(2, 16), s, m, bits=4,
+    ...                             form="float", scale_dtype=torch.float16)
+    >>> s2.shape == s.shape
+    True
+    """
+    shape = w.shape[:-1]
+    group = w.shape[-1]
+    w = w.reshape(-1, group).to(torch.float32)
+    weight = torch.where(excluded, 0.0, importance.to(torch.float32)).expand(*shape, group).reshape(-1, group)
+    symmetric = form == "symmetric"
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    n = weight.sum(-1, keepdim=True).double()
+    sum_w = (weight * w).sum(-1, keepdim=True).double()
+    sum_ww = (weight * w * w).sum(-1, keepdim=True).double()
+    start_scale, start_offset = scale.reshape(-1, 1).to(torch.float32), offset.reshape(-1, 1).to(torch.float32)
+    best_error = torch.full_like(n, torch.inf)
+    best_scale, best_offset = start_scale.clone(), start_offset.clone()
+    for shrink in shrinks:
+        # The same grid narrowed about its centre: the weighted fit only moves to a nearby fixed point, and the
+        # best one often clips more of a group's extremes than the data-free start does (coarse grids above all).
+        scale = start_scale * shrink
+        offset = start_offset + (1.0 - shrink) * start_scale * (high - low) / 2
+        scale, offset = _stored_grid(scale, offset, form, bits, scale_dtype)
+        for step in range(iters + 1):
+            codes = _codes(w, scale, torch.zeros_like(offset) if symmetric else offset, low, high)
+            weighted = codes * weight
+            sums = _Sums(n, sum_w, sum_ww, weighted.sum(-1, keepdim=True).double(),
+                         (weighted * codes).sum(-1, keepdim=True).double(), (weighted * w).sum(-1, keepdim=True).double())
+            error = sums.error(scale.double(), torch.zeros_like(offset).double() if symmetric else offset.double())
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale, best_offset = torch.where(better, scale, best_scale), torch.where(better, offset, best_offset)
+            if step == iters:
+                break
+            fitted_scale, fitted_offset = sums.fit(scale.double(), form, high, fit_scale=True)
+            scale, offset = _stored_grid(fitted_scale, fitted_offset, form, bits, scale_dtype)
+    return best_scale.reshape(shape), best_offset.reshape(shape)
+
+
+def _stored_grid(
+    scale: torch.Tensor, offset: torch.Tensor, form: str, bits: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` as :func:`_encode` will store them (float32): the codes are chosen against these."""
+    stored = store_scale(scale, scale_dtype).to(torch.float32)
+    if form == "float":
+        return stored, store_offset(offset, scale_dtype).to(torch.float32)
+    if form == "uint8":
+        return stored, -torch.round(-offset / stored).clamp(0, 2**bits - 1) * stored
+    return stored, -(2 ** (bits - 1)) * stored
+
+
 @torch.no_grad()
 def hqq_quantize_weight(
     weight: torch.Tensor,
@@ -245,6 +334,7 @@ def hqq_quantize_weight(
     fit_scale: bool | None = None,
     rounded: bool = True,
     recenter: bool = False,
+    importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Group quantization of a ``[out_features, in_features]`` weight with optimised grids (see the module doc).
 
@@ -262,6 +352,9 @@ def hqq_quantize_weight(
         lp_norm, beta: The error norm's ``p`` and the proximal step's initial weight (HQQ's defaults).
         fit_scale: Fit the scale as well as the offset at each step. Default: always for the integer forms; for
             float offsets when ``4 * 2**bits <= group_size <= 128`` (see the code for why).
+        importance: Optional ``[in_features]`` weight of each input channel's error (its mean squared
+            activation on calibration text): the data-free grids are then refined for the layer's output
+            (:func:`refine_group_grids`).
 
     >>> q = hqq_quantize_weight(torch.randn(4, 100), bits=3, group_size=64, zero_point="uint8")
     >>> q.zero_point.dtype, q.offset is None
@@ -287,7 +380,26 @@ def hqq_quantize_weight(
     scale, offset = fit_group_grids(
         w, excluded, bits=bits, form=form, iters=iters, lp_norm=lp_norm, beta=beta, fit_scale=fit_scale, rounded=rounded
     )
+    if importance is not None:
+        scale, offset = refine_group_grids(
+            w, excluded, _grouped_importance(importance, layout), scale, offset, bits=bits, form=form,
+            scale_dtype=scale_dtype,
+        )
     return _encode(w, excluded, scale, offset, layout, form, scale_dtype, recenter)
+
+
+def _grouped_importance(importance: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """``[G, group]`` importance of each input column (padding 0) with a small floor, so that a channel no
+    calibration token used still counts a little (its error is not free for other inputs)."""
+    if importance.shape != (layout.in_features,):
+        raise ValueError(
+            f"importance has shape {tuple(importance.shape)}: expected ({layout.in_features},), one value per input channel."
+        )
+    values = importance.to(torch.float32).clamp_min(0.0).nan_to_num(nan=0.0, posinf=0.0)
+    values = values + 1e-3 * values.mean().clamp_min(torch.finfo(torch.float32).tiny)
+    padded = torch.zeros(layout.num_groups * layout.effective_group_size, dtype=torch.float32, device=values.device)
+    padded[: layout.in_features] = values
+    return padded.reshape(layout.num_groups, layout.effective_group_size)
 
 
 def _encode(
@@ -339,11 +451,18 @@ def _encode(
 def hqq_codes(
     weight: torch.Tensor, settings: CodeSettings, holdout: torch.Tensor | None, hessian: torch.Tensor | None = None
 ) -> QuantizedWeight:
-    """HQQ codes (the common :data:`~.settings.CodeChooser` signature; data-free: ``hessian`` is not read).
+    """HQQ codes (the common :data:`~.settings.CodeChooser` signature). With ``settings.importance ==
+    "activations"`` and a ``hessian`` (the inputs' second moment ``[in, in]``, or only its diagonal ``[in]``), the
+    grids are refined for the layer's output error weighted by its diagonal (see the module doc); otherwise they
+    are data-free.
 
     >>> hqq_codes(torch.randn(4, 64), CodeSettings(bits=4, group_size=32, symmetric=False, zero_point="float"), None).offset.shape
     torch.Size([4, 2])
     """
+    importance = None
+    if settings.importance == "activations" and hessian is not None:
+        importance = hessian.diagonal() if hessian.dim() == 2 else hessian
     return hqq_quantize_weight(
-        weight, holdout=holdout, zero_point=settings.zero_point, iters=DEFAULT_ITERS, **settings.format_options()
+        weight, holdout=holdout, zero_point=settings.zero_point, iters=DEFAULT_ITERS, importance=importance,
+        **settings.format_options(),
     )

@@ -6,7 +6,7 @@ signature ``(weight, settings, holdout, hessian=None) -> QuantizedWeight`` (:dat
 ========  ======================  ==============================================================
 name      function                what chooses the codes
 ========  ======================  ==============================================================
-``hqq``   :func:`.hqq.hqq_codes`    data-free half-quadratic grid optimisation (the default)
+``hqq``   :func:`.hqq.hqq_codes`    half-quadratic grid optimisation, refined by activations (the default)
 ``rtn``   :func:`.rtn.rtn_codes`    round-to-nearest on the group's min-max (absmax) grid
 ``clip``  :func:`.clip.clip_codes`  round-to-nearest after a per-group clip search
 ``gptq``  :func:`.gptq.gptq_codes`  error feedback under the inputs' second moment (calibration)
@@ -113,4 +113,5 @@ def code_settings(config: SuperWeightConfig) -> CodeSettings:
         clip_objective="hessian" if algorithm.clip_objective == "output" else "diagonal",
         damp=algorithm.damp,
         act_order=algorithm.act_order,
+        importance=algorithm.importance,
     )

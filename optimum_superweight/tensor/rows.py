@@ -26,9 +26,9 @@ def quantize_by_rows(
 ) -> QuantizedWeight:
     """The codes of ``weight`` chosen as ``config`` asks (:func:`~.methods.code_chooser`), a block of rows at a time.
 
-    ``hessian`` (the inputs' ``E[x xᵀ]``) is given to the chooser, which reads it when it needs it (the clip
-    search with ``config.clip_objective == "output"``); that objective is per row too, so row blocks change
-    nothing. GPTQ's codes do not come from here (:func:`~.methods.code_method` batches its layers instead).
+    ``hessian`` (the inputs' ``E[x xᵀ]``, or only its diagonal) is given to the chooser, which reads it when it
+    needs it (the clip search with ``config.clip_objective == "output"``, HQQ grids weighted by activations);
+    those objectives are per row too, so row blocks change nothing. GPTQ's codes do not come from here (:func:`~.methods.code_method` batches its layers instead).
 
     Groups lie within a row, so every scale, code and zero-point equals the whole-matrix computation's (the
     in-memory path's), but the temporaries are those of one block instead of ~10x the weight: for a 16384 x

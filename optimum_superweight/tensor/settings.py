@@ -3,7 +3,8 @@
 A way of choosing codes (round-to-nearest, clip search, HQQ, GPTQ; one file each in :mod:`optimum_superweight.tensor`)
 is a function ``(weight, settings, holdout, hessian=None) -> QuantizedWeight`` (:data:`CodeChooser`): ``weight``
 ``[out, in]``, ``holdout`` the ``int`` ``[k, 2]`` ``(row, col)`` coordinates kept exact (or ``None``), ``hessian``
-the layer inputs' ``E[x xᵀ]`` ``[in, in]`` for the methods that read it (ignored by the others). Which one runs
+the layer inputs' ``E[x xᵀ]`` ``[in, in]`` (or, for HQQ's weighting, only its diagonal ``[in]``) for the methods
+that read it (ignored by the others). Which one runs
 is decided in one place, :func:`optimum_superweight.tensor.methods.code_method`.
 
 >>> settings = CodeSettings(bits=4, group_size=32)
@@ -34,6 +35,8 @@ class CodeSettings:
             (weight error, weighted by the Hessian diagonal where there is one) or ``"hessian"`` (the group's
             output error, needs ``hessian``).
         damp, act_order: GPTQ's dampening and column order.
+        importance: HQQ: ``"activations"`` refines the grids weighted by ``hessian``'s diagonal (when one is
+            given), ``"none"`` keeps them data-free.
     """
 
     bits: int
@@ -45,6 +48,7 @@ class CodeSettings:
     clip_objective: str = "diagonal"
     damp: float = 0.01
     act_order: bool = True
+    importance: str = "none"
 
     def format_options(self) -> dict:
         """The keyword arguments every ``*_quantize_weight`` function takes: bits, group size, symmetry, scale dtype.

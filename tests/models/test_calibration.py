@@ -10,7 +10,7 @@ from torch import nn
 
 from optimum_superweight import SuperWeightConfig, SuperWeightLinear
 from optimum_superweight.evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
-from optimum_superweight.models.calibration import calibration_token_ids, collect_hessians
+from optimum_superweight.models.calibration import calibration_token_ids, collect_hessians, collect_input_energy
 from optimum_superweight.models.replace import quantize_model
 from optimum_superweight.testing import tiny_tokenizer
 
@@ -140,3 +140,71 @@ def test_output_clip_objective_is_validated():
         SuperWeightConfig(clip_objective="mse")
     with pytest.raises(ValueError, match="low_memory=True is invalid with clip_search=True and clip_objective='output'"):
         SuperWeightConfig(clip_search=True, clip_objective="output", low_memory=True)
+
+
+def test_input_energy_is_the_hessian_diagonal_and_shared_like_it(tiny_llama):
+    names = _linear_names(tiny_llama)
+    ids = calibration_token_ids(None, 256, vocab_size=260)
+    hessians = collect_hessians(tiny_llama, names, ids, window=64, batch_size=2, bos_id=257)
+    energies = collect_input_energy(tiny_llama, names, ids, window=64, batch_size=2, bos_id=257)
+    for name in names:
+        assert energies[name].shape == (hessians[name].shape[0],)
+        torch.testing.assert_close(energies[name], torch.diagonal(hessians[name]), rtol=1e-4, atol=1e-4)
+    assert energies["model.layers.0.self_attn.q_proj"] is energies["model.layers.0.self_attn.k_proj"]
+    assert int(energies[MODULE].argmax()) == COL
+
+
+def test_default_weights_grids_by_calibration_activations(tiny_llama):
+    """The default reads the inputs' mean squares (one forward pass) and its codes are HQQ's refined by them."""
+    from optimum_superweight.tensor.hqq import hqq_codes
+    from optimum_superweight.tensor.methods import code_settings
+
+    config = SuperWeightConfig(super_weights=SW, calibration_tokens=512)
+    assert (config.method, config.importance, config.needs_calibration) == ("hqq", "activations", True)
+    weighted, data_free = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    quantize_model(weighted, config)  # no tokenizer: fixed calibration token ids
+    quantize_model(data_free, SuperWeightConfig(super_weights=SW, importance="none"))
+    assert weighted.config.quantization_config.importance == "activations"
+    name = "model.layers.0.mlp.up_proj"
+    ids, energies = calibration_token_ids(None, 512, vocab_size=tiny_llama.config.vocab_size), None
+    energies = collect_input_energy(tiny_llama, [name], ids)
+    expected = hqq_codes(tiny_llama.get_submodule(name).weight.detach(), code_settings(config), None, energies[name])
+    layer = weighted.get_submodule(name)
+    assert torch.equal(layer.dequantize_weight(torch.float32), expected.dequantize())
+    assert not torch.equal(layer.dequantize_weight(torch.float32), data_free.get_submodule(name).dequantize_weight(torch.float32))
+    planted = weighted.get_submodule(MODULE).dequantize_weight(torch.float32)[ROW, COL]
+    assert planted.item() == tiny_llama.get_submodule(MODULE).weight[ROW, COL].item()
+
+
+def test_importance_defaults_follow_the_method_and_memory_mode():
+    assert SuperWeightConfig().calibration_tokens == 2048
+    assert SuperWeightConfig(method="gptq").calibration_tokens == 8192
+    assert SuperWeightConfig(low_memory=True).importance == "none"
+    assert SuperWeightConfig(method="rtn").importance == "none"
+    assert SuperWeightConfig(importance="none").needs_calibration is False
+    again = SuperWeightConfig.from_dict(SuperWeightConfig(importance="none", calibration_tokens=1024).to_dict())
+    assert (again.importance, again.calibration_tokens) == ("none", 1024)
+    with pytest.raises(ValueError, match="SuperWeightConfig.importance='activations'.*low_memory=False"):
+        SuperWeightConfig(importance="activations", low_memory=True)
+    with pytest.raises(ValueError, match="SuperWeightConfig.importance='activations'.*method='rtn'"):
+        SuperWeightConfig(importance="activations", method="rtn")
+    with pytest.raises(ValueError, match="SuperWeightConfig.importance='weights' is invalid: accepted values are 'activations', 'none'"):
+        SuperWeightConfig(importance="weights")
+
+
+def test_a_tokenizer_that_cannot_encode_the_text_falls_back_to_fixed_ids(tiny_llama, caplog):
+    from optimum_superweight.models.calibration import model_calibration_ids
+
+    class Toy:  # encodes nothing it is given, like a toy vocabulary without English
+        bos_token_id = 1
+
+        def __call__(self, text, **kwargs):
+            return {"input_ids": []}
+
+        def encode(self, text, **kwargs):
+            return []
+
+    with caplog.at_level("WARNING"):
+        ids, bos = model_calibration_ids(tiny_llama, Toy(), 1024)
+    assert bos is None and ids == calibration_token_ids(None, 1024, vocab_size=tiny_llama.config.vocab_size)
+    assert "fixed token ids stand in" in caplog.text

@@ -28,14 +28,18 @@ def test_plan_names_targets_exclusions_and_exact_values(tiny_llama):
     assert plan.records[0].value == exact and plan.result().modules_to_not_convert == ["lm_head"]
 
 
-@pytest.mark.parametrize(("options", "calibrates"), [({}, False), ({"method": "rtn", "clip_search": True}, False),
-                                                      ({"method": "gptq", "calibration_tokens": 1024}, True)])
-def test_calibration_runs_only_for_methods_that_read_hessians(tiny_llama, monkeypatch, options, calibrates):
+@pytest.mark.parametrize(
+    ("options", "collected"),
+    [({}, "energy"), ({"importance": "none"}, None), ({"method": "rtn", "clip_search": True}, None),
+     ({"method": "gptq", "calibration_tokens": 1024}, "hessians")],
+)
+def test_calibration_collects_only_what_the_method_reads(tiny_llama, monkeypatch, options, collected):
     calls = []
-    collect = replace.collect_hessians
-    monkeypatch.setattr(replace, "collect_hessians", lambda *a, **k: calls.append(1) or collect(*a, **k))
+    for name, label in (("collect_hessians", "hessians"), ("collect_input_energy", "energy")):
+        collect = getattr(replace, name)
+        monkeypatch.setattr(replace, name, lambda *a, _c=collect, _l=label, **k: calls.append(_l) or _c(*a, **k))
     replace.quantize_model(tiny_llama, SuperWeightConfig(bits=4, super_weights=SW, **options))
-    assert bool(calls) == calibrates
+    assert calls == ([collected] if collected else [])
     assert isinstance(tiny_llama.get_submodule(MODULE), SuperWeightLinear)
 
 
@@ -45,9 +49,11 @@ def test_the_steps_compose_to_quantize_model(tiny_llama):
     by_steps = copy.deepcopy(tiny_llama)
     skip, targets = plan_targets(by_steps, config)
     plan = plan_quantization(by_steps, skip, targets, config.get_super_weights())
-    assert replace.calibrate(by_steps, config, plan.targets) is None  # data-free: no Hessians
+    energies = replace.calibrate(by_steps, config, plan.targets)  # the default reads the inputs' mean squares
+    assert all(energies[name].shape == (linear.in_features,) for name, linear in plan.targets.items())
+    assert replace.calibrate(by_steps, SuperWeightConfig(importance="none"), plan.targets) is None  # data-free
     linears = dict(plan.targets)
-    codes = replace.choose_codes(config, linears, plan.coordinates)
+    codes = replace.choose_codes(config, linears, plan.coordinates, energies)
     replace.build_modules(by_steps, config, linears, plan.coordinates, codes)
     replace.quantize_model(tiny_llama, config)
     expected = tiny_llama.state_dict()

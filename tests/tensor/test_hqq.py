@@ -116,3 +116,52 @@ def test_fit_group_grids_validates_form_and_shrink():
     x = torch.tensor([-1.0, -0.01, 0.0, 0.02, 2.0])
     out = shrink_lp(x, beta=10.0, p=0.7)
     assert out[1:4].eq(0).all() and (out[[0, 4]].abs() < x[[0, 4]].abs()).all() and (out.sign() * x.sign() >= 0).all()
+
+
+def _weighted_error(dense, weight, importance, holdout=None):
+    error = (dense - weight) ** 2 * importance
+    if holdout is not None:
+        error[holdout[:, 0], holdout[:, 1]] = 0
+    return float(error.sum())
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(("in_features", "group_size"), [(256, 64), (200, 64), (256, -1), (144, 48)])
+def test_importance_refinement_lowers_the_weighted_error_and_keeps_held_out_weights_exact(form, in_features, group_size):
+    weight = _weight_with_outliers(in_features=in_features)
+    torch.manual_seed(1)
+    importance = torch.rand(in_features) ** 4 * 100  # a few loud channels, as real activations have
+    holdout = torch.tensor([[3, 5], [10, in_features - 1]])
+    plain = hqq_quantize_weight(weight, bits=4, group_size=group_size, holdout=holdout, **form)
+    refined = hqq_quantize_weight(weight, bits=4, group_size=group_size, holdout=holdout, importance=importance, **form)
+    before = _weighted_error(plain.dequantize(), weight, importance, holdout)
+    after = _weighted_error(refined.dequantize(), weight, importance, holdout)
+    assert after < 0.98 * before
+    dense = refined.dequantize()
+    if form.get("zero_point") != "float":  # integer forms encode held-out weights as the code that decodes to 0
+        assert (dense[holdout[:, 0], holdout[:, 1]] == 0).all()
+    restore_exact(dense, holdout, weight[holdout[:, 0], holdout[:, 1]])
+    assert torch.equal(dense[holdout[:, 0], holdout[:, 1]], weight[holdout[:, 0], holdout[:, 1]])
+
+
+def test_uniform_importance_is_no_worse_than_the_data_free_grid_and_codes_match_the_stored_grid():
+    weight = _weight_with_outliers()
+    plain = hqq_quantize_weight(weight, bits=4, group_size=64)
+    refined = hqq_quantize_weight(weight, bits=4, group_size=64, importance=torch.ones(256))
+    assert _mse(refined, weight) <= _mse(plain, weight) * (1 + 1e-6)
+    # The codes are round-to-nearest on the grid as stored (float16 scale and offset).
+    scale = refined.scale.float().repeat_interleave(64, -1)
+    offset = refined.offset.float().repeat_interleave(64, -1)
+    nearest = torch.round((weight - offset) / scale).clamp(0, 15) * scale + offset
+    torch.testing.assert_close(refined.dequantize(), nearest, rtol=0, atol=1e-6)
+
+
+def test_importance_is_checked_and_tolerates_dead_channels():
+    weight = _weight_with_outliers()
+    with pytest.raises(ValueError, match=r"importance has shape \(128,\): expected \(256,\)"):
+        hqq_quantize_weight(weight, bits=4, group_size=64, importance=torch.ones(128))
+    dead = torch.zeros(256)
+    dead[:64] = 1.0  # groups whose channels never fired still get a finite grid from the small floor
+    quantized = hqq_quantize_weight(weight, bits=4, group_size=64, importance=dead)
+    assert torch.isfinite(quantized.dequantize()).all()
+    assert _mse(quantized, weight) < 4 * _mse(hqq_quantize_weight(weight, bits=4, group_size=64), weight)

@@ -57,7 +57,9 @@ def test_each_method_gives_what_its_function_gives():
         config = SuperWeightConfig(bits=3, group_size=32, **options)
         return code_method(config).choose(weight, code_settings(config), holdout, hessian)
 
-    _same(codes(), hqq_quantize_weight(weight, symmetric=False, zero_point="float", holdout=holdout, **fmt))
+    _same(codes(), hqq_quantize_weight(weight, symmetric=False, zero_point="float", holdout=holdout,
+                                       importance=torch.diagonal(hessian), **fmt))
+    _same(codes(importance="none"), hqq_quantize_weight(weight, symmetric=False, zero_point="float", holdout=holdout, **fmt))
     _same(codes(method="rtn"), quantize_weight(weight, symmetric=True, holdout=holdout, **fmt))
     _same(codes(method="rtn", symmetric=False, zero_point="float"),
           hqq_quantize_weight(weight, symmetric=False, zero_point="float", iters=0, holdout=holdout, **fmt))
