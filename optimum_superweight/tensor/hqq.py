@@ -290,19 +290,32 @@ def refine_group_grids(
         scale = start_scale * shrink
         offset = start_offset + (1.0 - shrink) * start_scale * (high - low) / 2
         scale, offset = _stored_grid(scale, offset, form, bits, scale_dtype)
+        # Groups whose grid comes back unchanged from a fit are at a fixed point (same codes, same error from
+        # then on) and leave the loop, as in fit_group_grids: the result is the same, most groups stop early.
+        rows = torch.arange(w.shape[0], device=w.device)
+        values, weights, count, total, squares = w, weight, n, sum_w, sum_ww
         for step in range(iters + 1):
-            codes = _codes(w, scale, torch.zeros_like(offset) if symmetric else offset, low, high)
-            weighted = codes * weight
-            sums = _Sums(n, sum_w, sum_ww, weighted.sum(-1, keepdim=True).double(),
-                         (weighted * codes).sum(-1, keepdim=True).double(), (weighted * w).sum(-1, keepdim=True).double())
+            codes = _codes(values, scale, torch.zeros_like(offset) if symmetric else offset, low, high)
+            weighted = codes * weights
+            sums = _Sums(count, total, squares, weighted.sum(-1, keepdim=True).double(),
+                         (weighted * codes).sum(-1, keepdim=True).double(),
+                         (weighted * values).sum(-1, keepdim=True).double())
             error = sums.error(scale.double(), torch.zeros_like(offset).double() if symmetric else offset.double())
-            better = error < best_error
-            best_error = torch.where(better, error, best_error)
-            best_scale, best_offset = torch.where(better, scale, best_scale), torch.where(better, offset, best_offset)
+            better = error < best_error[rows]
+            best_error[rows] = torch.where(better, error, best_error[rows])
+            best_scale[rows] = torch.where(better, scale, best_scale[rows])
+            best_offset[rows] = torch.where(better, offset, best_offset[rows])
             if step == iters:
                 break
             fitted_scale, fitted_offset = sums.fit(scale.double(), form, high, fit_scale=True)
-            scale, offset = _stored_grid(fitted_scale, fitted_offset, form, bits, scale_dtype)
+            new_scale, new_offset = _stored_grid(fitted_scale, fitted_offset, form, bits, scale_dtype)
+            keep = ((new_scale != scale) | (new_offset != offset)).squeeze(-1).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() < rows.numel():
+                rows, values, weights, count, total, squares = (
+                    t[keep] for t in (rows, values, weights, count, total, squares))
+            scale, offset = new_scale[keep], new_offset[keep]
     return best_scale.reshape(shape), best_offset.reshape(shape)
 
 
