@@ -430,7 +430,8 @@ void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16
   for (int64_t g = 0; g < w.G; ++g) {
     const int64_t start = g * w.group, n = std::min(w.group, w.K - start);
     const uint8_t* src[R];
-    __m512 lut[R], s[R], zm[R];
+    __m512 s[R], zm[R];
+    __m512i table[R];  // 2- to 4-bit codes: the group's 16 values in bfloat16, looked up 32 at a time (vpermw)
     for (int i = 0; i < R; ++i) {
       const int64_t index = (r + i) * w.G + g;
       src[i] = w.codes + index * w.B;
@@ -438,7 +439,7 @@ void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16
         s[i] = _mm512_set1_ps(w.scale[index]);
         zm[i] = _mm512_set1_ps(offset ? w.offset[index] : w.zero[index]);
       } else {
-        lut[i] = group_values_avx512(w, index);
+        table[i] = _mm512_zextsi256_si512(to_bits16<c10::BFloat16>(group_values_avx512(w, index)));
       }
     }
     const c10::BFloat16* xg = x + start;
@@ -449,10 +450,7 @@ void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16
         if constexpr (BYTES) {
           v[i] = _mm512_cvtne2ps_pbh(scaled16(src[i] + j + 16, s[i], zm[i], offset), scaled16(src[i] + j, s[i], zm[i], offset));
         } else {
-          const __m512i words = code_words(src[i], j, bits, windows);
-          v[i] = _mm512_cvtne2ps_pbh(
-              _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), lut[i]),
-              _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), lut[i]));
+          v[i] = (__m512bh)_mm512_permutexvar_epi16(code_words(src[i], j, bits, windows), table[i]);
         }
       }
       for (int t = 0; t < T; ++t) {
