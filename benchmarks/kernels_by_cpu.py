@@ -200,8 +200,9 @@ def kernels_by_cpu_markdown(result: dict) -> str:
         "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
         "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
         "steps aside with a log line). `cpu-tiled` is the compiled kernel (`optimum_superweight/kernels/tiled.py`, built "
-        "once per machine at first use): it decodes tiles of output rows in cache and multiplies each, for 2-, 3-, "
-        "4- and 8-bit codes from 12 tokens per call. One table per CPU model the script ran on.",
+        "once per machine at first use): from 12 tokens per call it decodes tiles of output rows in cache and "
+        "multiplies each; below 12 it decodes each row in registers and multiplies every token there (no tile); "
+        "2- to 8-bit codes (5- to 7-bit ones as bytes). One table per CPU model the script ran on.",
     ]
     for cpu, run in sorted(result.get("cpus", {}).items()):
         parts += [

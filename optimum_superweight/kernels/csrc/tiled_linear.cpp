@@ -323,6 +323,7 @@ void tiled_mm(const torch::Tensor& x, const Packed& w, const Patches& p, const t
 // dtype, by the same operations) and multiplied with every token's activations, converted to float32 once per
 // call, accumulating in float32 (explicit fused multiply-adds); R rows share each activation load.
 constexpr int kMaxSmallTokens = 11;  // tiled.MIN_TOKENS - 1
+constexpr int64_t kPrefetchBytes = 2048;  // codes requested this far ahead of the ones decoded
 
 // The float32 weight a code decodes to, as the reference computes it before rounding.
 inline float decoded_value(const Packed& w, int64_t index, int code) {
@@ -383,6 +384,7 @@ void small_dot(const Packed& w, const Windows* windows, const float* x, int64_t 
     for (; j + 32 <= n; j += 32) {
       __m512 lo[R], hi[R];
       for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(src[i] + (BYTES ? j : j / 8 * bits) + kPrefetchBytes), _MM_HINT_T0);
         if constexpr (BYTES) {
           lo[i] = scaled16(src[i] + j, s[i], zm[i], offset);
           hi[i] = scaled16(src[i] + j + 16, s[i], zm[i], offset);
@@ -447,6 +449,9 @@ void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16
     for (; j + 32 <= n; j += 32) {
       __m512bh v[R];
       for (int i = 0; i < R; ++i) {
+        // Cold codes (each layer's weights leave the cache before its next call) stream from memory: ask for them
+        // well ahead, with only R rows read at once the hardware prefetcher alone falls behind.
+        _mm_prefetch(reinterpret_cast<const char*>(src[i] + (BYTES ? j : j / 8 * bits) + kPrefetchBytes), _MM_HINT_T0);
         if constexpr (BYTES) {
           v[i] = _mm512_cvtne2ps_pbh(scaled16(src[i] + j + 16, s[i], zm[i], offset), scaled16(src[i] + j, s[i], zm[i], offset));
         } else {
