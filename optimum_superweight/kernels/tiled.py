@@ -17,7 +17,8 @@ the eager ``cpu-dense`` path (several full-size passes and temporaries per call)
 :data:`MIN_TOKENS` tokens per call, the per-token int4/int8 kernels; float32 and float16 inputs take it at any
 token count (exact float32 arithmetic, unlike the reference kernel without a full dequantization per call).
 
-**Few tokens** (fewer than :data:`MIN_TOKENS` per call, decode): no tile is written. Each output row is
+**Few tokens** (fewer than :data:`MIN_TOKENS` per call, decode; up to :data:`BYTE_TOKENS` for 5- to 8-bit
+codes, whose tiles cost the most to decode): no tile is written. Each output row is
 decoded in registers, 32 weights at a time, to the float32 values the reference computes (the same lookup
 and conversion as above), and multiplied with every token at once, accumulating in float32: bfloat16 inputs
 with bfloat16 dot products (``vdpbf16ps``, the weights rounded to bfloat16 as the reference rounds them; on
@@ -57,12 +58,15 @@ from ..tensor.packing import unpack_codes
 from . import build
 from .cpu import Int4CpuKernel
 
-__all__ = ["TiledCpuKernel", "MIN_TOKENS", "INT4_TOKENS", "tile_rows", "unavailable"]
+__all__ = ["TiledCpuKernel", "MIN_TOKENS", "INT4_TOKENS", "BYTE_TOKENS", "tile_rows", "unavailable"]
 
 _SOURCE = "tiled_linear"
-#: Calls of fewer tokens multiply in registers instead of decoding tiles (no tile write: faster up to about
-#: 12 tokens on SmolLM2 and 1B-class layer shapes; its native limit is ``small_tokens()``).
+#: Calls of fewer tokens multiply in registers instead of decoding tiles (no tile write: faster up to 11 tokens
+#: for 2- to 4-bit codes on SmolLM2 and 1B-class layer shapes).
 MIN_TOKENS = 12
+#: ... and up to this many for byte codes (5- to 8-bit; measured faster than tiles up to 16 on those shapes;
+#: at most the library's ``small_tokens()``).
+BYTE_TOKENS = 16
 #: bfloat16 calls of at most this many tokens go to ``cpu-int4`` where it takes the layer (it reads half a byte
 #: per weight: faster there; from 5 tokens the register path is as fast or faster).
 INT4_TOKENS = 4
@@ -167,7 +171,7 @@ class TiledCpuKernel:
         tracked = bias is not None and bias.requires_grad and torch.is_grad_enabled()
         native_bias = None if bias is None or tracked else bias.detach().to(x2.dtype).contiguous()
         weights = (state.codes, state.scale, state.zero, state.offset, state.rows, state.cols, state.values)
-        if 0 < x2.shape[0] < MIN_TOKENS:
+        if 0 < x2.shape[0] <= (BYTE_TOKENS if state.bits == 8 else MIN_TOKENS - 1):
             y = _library().small_linear(x2, *weights, native_bias, state.group, state.bits)
         else:
             tile = tile_rows(module.out_features, module.in_features, x2.element_size(), torch.get_num_threads())

@@ -135,7 +135,7 @@ class _Calls:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_few_tokens_multiply_in_registers(library, monkeypatch, symmetric, zero_point, group_size, dtype, bits):
-    """1 to 11 tokens: no tile, every storage form and width; odd shapes (rows not a multiple of the row block,
+    """1 to 11 tokens (16 for byte codes): no tile, every storage form and width; odd shapes (rows not a multiple of the row block,
     a ragged last group, groups not a multiple of 32 per row); super weights at their exact value."""
     calls = _Calls(library)
     monkeypatch.setattr(tiled, "_library", lambda: calls)
@@ -143,7 +143,7 @@ def test_few_tokens_multiply_in_registers(library, monkeypatch, symmetric, zero_
         layer = _layer(out_features, in_features, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
                        super_weights=[(5, 7), (out_features - 1, in_features - 1)], bits=bits, seed=bits)
         state = KERNEL.prepare(layer, CPU, dtype)
-        for tokens in range(1, tiled.MIN_TOKENS):
+        for tokens in range(1, (tiled.BYTE_TOKENS if bits >= 5 else tiled.MIN_TOKENS - 1) + 1):
             x = torch.randn(tokens, in_features, dtype=dtype)
             with torch.no_grad():
                 out = KERNEL.run(layer, state, x)

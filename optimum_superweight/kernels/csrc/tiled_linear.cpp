@@ -322,7 +322,7 @@ void tiled_mm(const torch::Tensor& x, const Packed& w, const Patches& p, const t
 // each row's weights are decoded in registers (float32: the reference's values before rounding to the output
 // dtype, by the same operations) and multiplied with every token's activations, converted to float32 once per
 // call, accumulating in float32 (explicit fused multiply-adds); R rows share each activation load.
-constexpr int kMaxSmallTokens = 11;  // tiled.MIN_TOKENS - 1
+constexpr int kMaxSmallTokens = 16;  // tiled.BYTE_TOKENS
 constexpr int64_t kPrefetchBytes = 2048;  // codes requested this far ahead of the ones decoded
 
 // The float32 weight a code decodes to, as the reference computes it before rounding.
@@ -355,11 +355,11 @@ void patch_rows(const Packed& w, const Patches& p, const std::vector<int64_t>& o
 }
 
 #if OSW_AVX512
-// Rows r .. r+R-1, all T tokens: sums[i * T + t] = dot(decoded row r+i, x[t]).
+// Rows r .. r+R-1, all T tokens: sums[i * ld + t] = dot(decoded row r+i, x[t]).
 // EVEN: every group a multiple of 32 weights and none ragged; then the loop has no scalar tail and the
 // accumulators stay in registers from one group to the next.
 template <int T, int R, bool BYTES, bool EVEN>
-void small_dot(const Packed& w, const Windows* windows, const float* x, int64_t r, float* sums) {
+void small_dot(const Packed& w, const Windows* windows, const float* x, int64_t r, float* sums, int64_t ld) {
   __m512 acc[R][T];
   for (int i = 0; i < R; ++i)
     for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
@@ -416,14 +416,15 @@ void small_dot(const Packed& w, const Windows* windows, const float* x, int64_t 
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) sums[i * T + t] = _mm512_reduce_add_ps(acc[i][t]);
+    for (int t = 0; t < T; ++t) sums[i * ld + t] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
 #if OSW_BF16_DOT
 // bfloat16 input: the decoded weights are rounded to bfloat16 (as the reference rounds them) and multiplied
 // with the activations as they are, 32 products per instruction summed in pairs into float32 lanes.
 template <int T, int R, bool BYTES, bool EVEN>
-void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16* x, int64_t r, float* sums) {
+void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16* x, int64_t r, float* sums,
+                    int64_t ld) {
   __m512 acc[R][T];
   for (int i = 0; i < R; ++i)
     for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
@@ -480,27 +481,43 @@ void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) sums[i * T + t] = _mm512_reduce_add_ps(acc[i][t]);
+    for (int t = 0; t < T; ++t) sums[i * ld + t] = _mm512_reduce_add_ps(acc[i][t]);
 }
 #endif
 
 // R rows at a time (a few more with fewer tokens: more rows share each activation load, registers permitting).
+// Rows in groups of R (more rows share each activation load) and tokens in runs of up to 11: R * T
+// accumulators, R decoded vectors and the decoding constants must fit the 32 registers. More tokens than 11 are
+// taken in two runs over the same rows (the second one finds their codes in cache).
 template <int T, bool BYTES, bool EVEN, typename X>
-void small_block(const Packed& w, const X* x, int64_t r0, int64_t r1, float* sums) {
-  // Registers: R * T accumulators, R decoded vectors, the decoding constants (more for the lookup path).
+void small_run(const Packed& w, const Windows* windows, const X* x, int64_t r0, int64_t r1, float* sums, int64_t ld) {
   constexpr int R = T <= 4 ? 4 : (BYTES || T <= 8) ? 2 : 1;
-  const Windows windows(w.bits < 4 ? static_cast<int>(w.bits) : 2, w.codes + w.N * w.G * w.B);
   int64_t r = r0;
 #if OSW_BF16_DOT
   if constexpr (std::is_same_v<X, c10::BFloat16>) {
-    for (; r + R <= r1; r += R) small_dot_bf16<T, R, BYTES, EVEN>(w, &windows, x, r, sums + (r - r0) * T);
-    for (; r < r1; ++r) small_dot_bf16<T, 1, BYTES, EVEN>(w, &windows, x, r, sums + (r - r0) * T);
+    for (; r + R <= r1; r += R) small_dot_bf16<T, R, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
+    for (; r < r1; ++r) small_dot_bf16<T, 1, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
     return;
   }
 #endif
   if constexpr (std::is_same_v<X, float>) {
-    for (; r + R <= r1; r += R) small_dot<T, R, BYTES, EVEN>(w, &windows, x, r, sums + (r - r0) * T);
-    for (; r < r1; ++r) small_dot<T, 1, BYTES, EVEN>(w, &windows, x, r, sums + (r - r0) * T);
+    for (; r + R <= r1; r += R) small_dot<T, R, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
+    for (; r < r1; ++r) small_dot<T, 1, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
+  }
+}
+
+template <int T, bool BYTES, bool EVEN, typename X>
+void small_block(const Packed& w, const X* x, int64_t r0, int64_t r1, float* sums) {
+  const Windows windows(w.bits < 4 ? static_cast<int>(w.bits) : 2, w.codes + w.N * w.G * w.B);
+  if constexpr (T <= 11) {
+    small_run<T, BYTES, EVEN>(w, &windows, x, r0, r1, sums, T);
+  } else {
+    constexpr int half = T / 2;
+    for (int64_t r = r0; r < r1; r += 4) {  // 4 rows at a time: both runs read them while in L1
+      const int64_t end = std::min(r1, r + 4);
+      small_run<half, BYTES, EVEN>(w, &windows, x, r, end, sums + (r - r0) * T, T);
+      small_run<T - half, BYTES, EVEN>(w, &windows, x + half * w.K, r, end, sums + (r - r0) * T + half, T);
+    }
   }
 }
 
