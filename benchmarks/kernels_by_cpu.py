@@ -200,9 +200,10 @@ def kernels_by_cpu_markdown(result: dict) -> str:
         "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
         "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
         "steps aside with a log line). `cpu-tiled` is the compiled kernel (`optimum_superweight/kernels/tiled.py`, built "
-        "once per machine at first use): from 12 tokens per call it decodes tiles of output rows in cache and "
-        "multiplies each; below 12 it decodes each row in registers and multiplies every token there (no tile); "
-        "2- to 8-bit codes (5- to 7-bit ones as bytes). One table per CPU model the script ran on.",
+        "once per machine at first use): from 12 tokens per call (17 for 5- to 8-bit codes) it decodes tiles of "
+        "output rows in cache and multiplies each; below that it decodes each row in registers and multiplies every "
+        "token there (no tile); 2- to 8-bit codes (5- to 7-bit ones as bytes). One table per CPU model the script "
+        "ran on; a partial run (`--formats`, `--tokens`) replaces only its rows, and the header gives its date.",
     ]
     for cpu, run in sorted(result.get("cpus", {}).items()):
         parts += [

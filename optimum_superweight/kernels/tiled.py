@@ -1,6 +1,7 @@
-"""``cpu-tiled``: 2- to 8-bit weights decoded tile by tile in native code, each multiplied while in cache.
+"""``cpu-tiled``: 2- to 8-bit weights decoded tile by tile in native code, each multiplied while in cache (or,
+for a few tokens per call, row by row in registers).
 
-The prefill kernel of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
+The prefill kernel (and much of the decode) of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
 symmetric codes; any group size, per-channel included; super weights held out), and of 2-, 3- and 8-bit
 codes. The C++ extension
 (``csrc/tiled_linear.cpp``, built at first use by :mod:`~optimum_superweight.kernels.build`) walks the
@@ -13,9 +14,9 @@ run in parallel over torch's threads.
 
 The decoded weights are bit-identical to ``module.dequantize_weight(dtype)`` (super weights included), so
 the output equals the reference kernel's up to GEMM summation order; the tests check both. This replaces
-the eager ``cpu-dense`` path (several full-size passes and temporaries per call) and, from
-:data:`MIN_TOKENS` tokens per call, the per-token int4/int8 kernels; float32 and float16 inputs take it at any
-token count (exact float32 arithmetic, unlike the reference kernel without a full dequantization per call).
+the eager ``cpu-dense`` path (several full-size passes and temporaries per call) and, for bfloat16 input, the
+per-token int8 kernel and (from :data:`INT4_TOKENS` + 1 tokens) the int4 kernel; float32 and float16 inputs
+take it at any token count (exact float32 arithmetic, unlike the reference kernel without a full dequantization per call).
 
 **Few tokens** (fewer than :data:`MIN_TOKENS` per call, decode; up to :data:`BYTE_TOKENS` for 5- to 8-bit
 codes, whose tiles cost the most to decode): no tile is written. Each output row is
