@@ -172,6 +172,22 @@ def test_few_tokens_count_super_weights_at_their_exact_value(library, dtype, sym
     assert (contribution - x[:, col].float() * value).abs().max().item() <= spacing
 
 
+def test_few_tokens_give_the_same_rows_on_any_thread_count(library):
+    layer = _layer(200, 256, group_size=64, symmetric=False, zero_point="float", bits=6, super_weights=[(5, 7), (150, 9)])
+    state = KERNEL.prepare(layer, CPU, torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outputs.append(KERNEL.run(layer, state, x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outputs[0], outputs[1])  # rows are independent: blocks of rows split over threads
+
+
 def test_few_tokens_pick_per_layer_format(library):
     """bfloat16 decode: cpu-int4 up to INT4_TOKENS where it takes the layer, else the register path (5- to 8-bit
     layers, grouped or one scale per row, at every count); float32/float16 input: the register path."""
