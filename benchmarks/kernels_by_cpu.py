@@ -49,30 +49,48 @@ SHAPES = (
 TOKENS = (1, 16, 64, 256, 512)
 
 
-def _layers(out_features: int, in_features: int) -> dict[str, nn.Module]:
-    """The layer formats the kernels serve, from one random dense layer with a planted super weight."""
+def _layers(out_features: int, in_features: int, formats: list[str] | None = None) -> tuple[dict[str, nn.Module], nn.Module]:
+    """The layer formats the kernels serve (``formats``: only those), from one random dense layer with a planted
+    super weight."""
     torch.manual_seed(0)
     dense = nn.Linear(in_features, out_features, bias=False)
     with torch.no_grad():
         dense.weight[5, 7] = 2.0
+    builders = _formats(dense)
+    return {fmt: build() for fmt, build in builders.items() if not formats or fmt in formats}, dense.to(torch.bfloat16)
+
+
+def _formats(dense: nn.Linear) -> dict:
+    """Format name -> a function quantizing ``dense`` in that format (only the formats asked for are built)."""
+    q, w8a8 = SuperWeightLinear.from_linear, SuperWeightW8A8Linear.from_linear
     return {
-        "int4 g64": SuperWeightLinear.from_linear(dense, bits=4, group_size=64, super_weights=[(5, 7)]),
+        "int4 g64": lambda: q(dense, bits=4, group_size=64, super_weights=[(5, 7)]),
         # The default checkpoint format: asymmetric with float offsets (w = s*q + m).
-        "int4 g64 float offsets": SuperWeightLinear.from_linear(
+        "int4 g64 float offsets": lambda: q(
             dense, bits=4, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
         ),
-        "int3 g64 float offsets": SuperWeightLinear.from_linear(
+        "int3 g64 float offsets": lambda: q(
             dense, bits=3, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
         ),
         # 5- to 7-bit codes: no int kernel takes them in groups; cpu-tiled runs them as byte codes.
-        "int6 g64 float offsets": SuperWeightLinear.from_linear(
+        "int6 g64 float offsets": lambda: q(
             dense, bits=6, group_size=64, symmetric=False, zero_point="float", super_weights=[(5, 7)]
         ),
-        "int8 per row": SuperWeightLinear.from_linear(dense, bits=8, group_size=-1, super_weights=[(5, 7)]),
-        "W8A8 per tensor, held out": SuperWeightW8A8Linear.from_linear(
+        "int6 g64 zero-points": lambda: q(
+            dense, bits=6, group_size=64, symmetric=False, zero_point="uint8", super_weights=[(5, 7)]
+        ),
+        "int6 g64 symmetric": lambda: q(dense, bits=6, group_size=64, super_weights=[(5, 7)]),
+        "int5 g32 float offsets": lambda: q(
+            dense, bits=5, group_size=32, symmetric=False, zero_point="float", super_weights=[(5, 7)]
+        ),
+        "int7 g128 float offsets": lambda: q(
+            dense, bits=7, group_size=128, symmetric=False, zero_point="float", super_weights=[(5, 7)]
+        ),
+        "int8 per row": lambda: q(dense, bits=8, group_size=-1, super_weights=[(5, 7)]),
+        "W8A8 per tensor, held out": lambda: w8a8(
             dense, activation_scale="per_tensor", holdout_channels=[7], super_weights=[(5, 7)]
         ),
-    }, dense.to(torch.bfloat16)
+    }
 
 
 def _candidates(fmt: str, module: nn.Module, tokens: int) -> list:
@@ -106,7 +124,7 @@ def bench_shape(
     name: str, out_features: int, in_features: int, repeats: int, clock, formats: list[str] | None = None,
     tokens_list: tuple[int, ...] = TOKENS,
 ) -> list[dict]:
-    layers, dense = _layers(out_features, in_features)
+    layers, dense = _layers(out_features, in_features, formats)
     rows = []
     for tokens in tokens_list:
         x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
@@ -139,6 +157,27 @@ def bench_shape(
     return rows
 
 
+def merged_rows(previous: list[dict], new: list[dict]) -> list[dict]:
+    """A partial run (some formats, shapes or token counts) replaces only the rows it measured, in table order.
+
+    >>> old = [{"shape": "SmolLM2 down_proj", "tokens": 1, "format": "int4 g64", "kernel": "cpu-int4", "ms": 1.0}]
+    >>> new = [{"shape": "SmolLM2 down_proj", "tokens": 1, "format": "int4 g64", "kernel": "cpu-int4", "ms": 2.0},
+    ...        {"shape": "SmolLM2 down_proj", "tokens": 1, "format": "int3 g64 float offsets", "kernel": "cpu-int4", "ms": 3.0}]
+    >>> [row["ms"] for row in merged_rows(old, new)]
+    [2.0, 3.0]
+    """
+    key = lambda row: (row["shape"], row["tokens"], row["format"])  # noqa: E731
+    measured = {key(row) for row in new}
+    rows = [row for row in previous if key(row) not in measured] + new
+    shapes = [name for name, _, _ in SHAPES]
+    formats = list(_formats(None))
+    order = lambda row: (  # noqa: E731
+        shapes.index(row["shape"]) if row["shape"] in shapes else len(shapes), row["tokens"],
+        formats.index(row["format"]) if row["format"] in formats else len(formats),
+    )
+    return sorted(rows, key=order)  # stable: kernels keep their order within a format
+
+
 def table(run: dict) -> str:
     lines = [
         f"| layer | tokens | format | kernel | ms | bf16 dense ms | time / dense | dispatcher's pick |",
@@ -161,8 +200,10 @@ def kernels_by_cpu_markdown(result: dict) -> str:
         "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
         "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
         "steps aside with a log line). `cpu-tiled` is the compiled kernel (`optimum_superweight/kernels/tiled.py`, built "
-        "once per machine at first use): it decodes tiles of output rows in cache and multiplies each, for 2-, 3-, "
-        "4- and 8-bit codes from 12 tokens per call. One table per CPU model the script ran on.",
+        "once per machine at first use): from 12 tokens per call (17 for 5- to 8-bit codes) it decodes tiles of "
+        "output rows in cache and multiplies each; below that it decodes each row in registers and multiplies every "
+        "token there (no tile); 2- to 8-bit codes (5- to 7-bit ones as bytes). One table per CPU model the script "
+        "ran on; a partial run (`--formats`, `--tokens`) replaces only its rows, and the header gives its date.",
     ]
     for cpu, run in sorted(result.get("cpus", {}).items()):
         parts += [
@@ -212,7 +253,10 @@ def main() -> int:
         "repeats": repeats, "flags": _cpu_flags(), "rows": rows,
     }
     result = json.loads(args.output.read_text()) if args.output.is_file() else {}
-    result.setdefault("cpus", {})[guard.cpu_name()] = run
+    previous = result.setdefault("cpus", {}).get(guard.cpu_name())
+    if previous is not None and (args.formats or args.tokens or args.quick):
+        run["rows"] = merged_rows(previous["rows"], rows)
+    result["cpus"][guard.cpu_name()] = run
     print(f"\n{guard.cpu_name()}\n{table(run)}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

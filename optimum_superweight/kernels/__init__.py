@@ -8,12 +8,15 @@ runs; the reference kernel (dequantize + ``F.linear``) supports everything and c
 ================  ===========================================================================================
 kernel            when
 ================  ===========================================================================================
-``cpu-tiled``     CPU, 2- to 8-bit codes (any group size), bfloat16 input from ``tiled.MIN_TOKENS`` (12) tokens per
-                  call or where no per-token kernel takes the layer, float32/float16 input at any token count: compiled at first use (C++, AVX-512), decodes
-                  tiles of output rows in cache and multiplies each (:mod:`~optimum_superweight.kernels.tiled`)
+``cpu-tiled``     CPU, 2- to 8-bit codes (any group size), bfloat16 input from ``tiled.INT4_TOKENS`` + 1 (5)
+                  tokens per call or where ``cpu-int4`` does not take the layer, float32/float16 input at any token count:
+                  compiled at first use (C++, AVX-512); decodes tiles of output rows in cache and multiplies
+                  each, or below ``tiled.MIN_TOKENS`` tokens decodes rows in registers and multiplies every
+                  token there (:mod:`~optimum_superweight.kernels.tiled`)
 ``cpu-int4``      CPU, bfloat16 input, bits <= 4, group size a multiple of 32, out_features % 16 == 0,
-                  fewer than ``dense_threshold`` tokens (decode)
+                  fewer than ``dense_threshold`` tokens (decode; up to ``tiled.INT4_TOKENS`` when ``cpu-tiled`` runs)
 ``cpu-int8``      CPU, bfloat16 input, bits 5-8, one scale per row, fewer than ``dense_threshold`` tokens
+                  (when ``cpu-tiled`` is unavailable)
 ``cpu-dense``     CPU, bfloat16/float16 input otherwise (prefill of other bit widths, or when the compiled
                   kernel is unavailable; shapes the int kernels refuse; inputs that need a gradient):
                   dequantize in the input dtype per call, dense GEMM
@@ -62,6 +65,7 @@ from . import build, guard
 from .cpu import DenseCpuKernel, Int4CpuKernel, Int8CpuKernel
 from .guard import cpu_name, set_speed_check, speed_check_enabled
 from .reference import ReferenceKernel
+from .tiled import INT4_TOKENS as TILED_INT4_TOKENS
 from .tiled import MIN_TOKENS as TILED_MIN_TOKENS
 from .tiled import TiledCpuKernel
 
@@ -231,12 +235,21 @@ class KernelSelection:
 def token_band(module: nn.Module, tokens: int) -> int:
     """Which token counts share a kernel choice (cached per layer) and a speed verdict: ``1`` from
     ``dense_threshold()`` tokens per call, ``0`` below it; layers of the default kernels also get ``2`` for
-    ``tiled.MIN_TOKENS`` up to the threshold (cpu-tiled's range where the int kernels would run otherwise)."""
+    ``tiled.MIN_TOKENS`` up to the threshold (cpu-tiled's tiles) and ``3`` for ``tiled.INT4_TOKENS`` + 1 up to
+    ``tiled.MIN_TOKENS`` - 1 (cpu-tiled's register path, where cpu-int4 keeps the fewer tokens).
+
+    >>> from optimum_superweight.nn.linear import SuperWeightLinear
+    >>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32)
+    >>> [token_band(layer, tokens) for tokens in (1, 4, 5, 11, 12, 63, 64)]
+    [0, 0, 3, 3, 2, 2, 1]
+    """
     if tokens >= _settings["threshold"]:
         return 1
-    if getattr(module, "select_own_kernel", None) is None and tokens >= TILED_MIN_TOKENS:
+    if getattr(module, "select_own_kernel", None) is not None:
+        return 0
+    if tokens >= TILED_MIN_TOKENS:
         return 2
-    return 0
+    return 3 if tokens > TILED_INT4_TOKENS else 0
 
 
 def select_kernel(

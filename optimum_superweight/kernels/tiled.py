@@ -1,6 +1,7 @@
-"""``cpu-tiled``: 2- to 8-bit weights decoded tile by tile in native code, each multiplied while in cache.
+"""``cpu-tiled``: 2- to 8-bit weights decoded tile by tile in native code, each multiplied while in cache (or,
+for a few tokens per call, row by row in registers).
 
-The prefill kernel of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
+The prefill kernel (and much of the decode) of the default format (4-bit codes with scales and float offsets, uint8 zero-points or
 symmetric codes; any group size, per-channel included; super weights held out), and of 2-, 3- and 8-bit
 codes. The C++ extension
 (``csrc/tiled_linear.cpp``, built at first use by :mod:`~optimum_superweight.kernels.build`) walks the
@@ -13,9 +14,21 @@ run in parallel over torch's threads.
 
 The decoded weights are bit-identical to ``module.dequantize_weight(dtype)`` (super weights included), so
 the output equals the reference kernel's up to GEMM summation order; the tests check both. This replaces
-the eager ``cpu-dense`` path (several full-size passes and temporaries per call) and, from
-:data:`MIN_TOKENS` tokens per call, the per-token int4/int8 kernels; float32 and float16 inputs take it at any
-token count (exact float32 arithmetic, unlike the reference kernel without a full dequantization per call).
+the eager ``cpu-dense`` path (several full-size passes and temporaries per call) and, for bfloat16 input, the
+per-token int8 kernel and (from :data:`INT4_TOKENS` + 1 tokens) the int4 kernel; float32 and float16 inputs
+take it at any token count (exact float32 arithmetic, unlike the reference kernel without a full dequantization per call).
+
+**Few tokens** (fewer than :data:`MIN_TOKENS` per call, decode; up to :data:`BYTE_TOKENS` for 5- to 8-bit
+codes, whose tiles cost the most to decode): no tile is written. Each output row is
+decoded in registers, 32 weights at a time, to the float32 values the reference computes (the same lookup
+and conversion as above), and multiplied with every token at once, accumulating in float32: bfloat16 inputs
+with bfloat16 dot products (``vdpbf16ps``, the weights rounded to bfloat16 as the reference rounds them; on
+CPUs without it, as float32), float16 and float32 inputs with float32 fused multiply-adds (activations
+converted to float32 once per call). Held-out super weights add ``x[:, col] * (value - decoded)`` to their
+row, so they count at their exact value. Results equal the reference's up to summation order. For bfloat16
+input this path also serves 5- to 8-bit layers with one scale per row (faster than ``cpu-int8`` at every
+token count measured) and, from :data:`INT4_TOKENS` + 1 tokens, the layers ``cpu-int4`` takes (2- to 4-bit
+codes, groups of a multiple of 32); calls of at most :data:`INT4_TOKENS` tokens stay on ``cpu-int4``.
 Speed against bfloat16 dense: the "Kernels by CPU" table of benchmarks/RESULTS.md.
 
 Without AVX-512 (the library then decodes with scalar code) or when the build fails, the kernel reports
@@ -32,7 +45,7 @@ copy); each thread keeps one decode buffer of about :data:`_TILE_BYTES`, reused 
 >>> from optimum_superweight.nn.linear import SuperWeightLinear
 >>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(128, 64), bits=4, group_size=64)
 >>> TiledCpuKernel().unsupported(layer, torch.bfloat16, torch.device("cpu"), tokens=1)
-'1 tokens per call (< 12: the int kernels are faster)'
+'1 tokens per call (<= 4: cpu-int4 is faster)'
 """
 
 from __future__ import annotations
@@ -44,14 +57,20 @@ from torch import nn
 
 from ..tensor.packing import unpack_codes
 from . import build
-from .cpu import Int4CpuKernel, Int8CpuKernel
+from .cpu import Int4CpuKernel
 
-__all__ = ["TiledCpuKernel", "MIN_TOKENS", "tile_rows", "unavailable"]
+__all__ = ["TiledCpuKernel", "MIN_TOKENS", "INT4_TOKENS", "BYTE_TOKENS", "tile_rows", "unavailable"]
 
 _SOURCE = "tiled_linear"
-#: bfloat16 calls of fewer tokens go to the per-token int4/int8 kernels (faster there; crossover measured at
-#: 8-16 tokens on SmolLM2 and 1B-class layer shapes).
+#: Calls of fewer tokens multiply in registers instead of decoding tiles (no tile write: faster up to 11 tokens
+#: for 2- to 4-bit codes on SmolLM2 and 1B-class layer shapes).
 MIN_TOKENS = 12
+#: ... and up to this many for byte codes (5- to 8-bit; measured faster than tiles up to 16 on those shapes;
+#: at most the library's ``small_tokens()``).
+BYTE_TOKENS = 16
+#: bfloat16 calls of at most this many tokens go to ``cpu-int4`` where it takes the layer (it reads half a byte
+#: per weight: faster there; from 5 tokens the register path is as fast or faster).
+INT4_TOKENS = 4
 #: Decoded weights per tile, in bytes: large tiles keep the GEMM efficient, and a tile still fits the
 #: last-level cache (measured best at 2-8 MiB on AMD EPYC).
 _TILE_BYTES = 4 << 20
@@ -102,10 +121,9 @@ class TiledState:
     bits: int
 
 
-def _int_kernel_takes(module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> bool:
-    """Whether a per-token int kernel runs this layer; where none does (5- to 7-bit codes, groups the int4
-    kernel cannot take) small calls stay here rather than dequantizing the whole weight per call."""
-    return any(k.unsupported(module, dtype, device, tokens) is None for k in (Int4CpuKernel(), Int8CpuKernel()))
+def _int4_takes(module: nn.Module, dtype: torch.dtype, device: torch.device, tokens: int) -> bool:
+    """Whether ``cpu-int4`` runs this layer (then it keeps calls of up to :data:`INT4_TOKENS` tokens)."""
+    return Int4CpuKernel().unsupported(module, dtype, device, tokens) is None
 
 
 class TiledCpuKernel:
@@ -120,8 +138,8 @@ class TiledCpuKernel:
             return f"{dtype} input"
         if module.bits not in _BITS:
             return f"bits={module.bits} (needs one of {', '.join(map(str, _BITS))})"
-        if dtype == torch.bfloat16 and tokens < MIN_TOKENS and _int_kernel_takes(module, dtype, device, tokens):
-            return f"{tokens} tokens per call (< {MIN_TOKENS}: the int kernels are faster)"
+        if dtype == torch.bfloat16 and tokens <= INT4_TOKENS and _int4_takes(module, dtype, device, tokens):
+            return f"{tokens} tokens per call (<= {INT4_TOKENS}: cpu-int4 is faster)"
         return unavailable()
 
     def prepare(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> TiledState:
@@ -149,18 +167,19 @@ class TiledCpuKernel:
     def run(self, module: nn.Module, state: TiledState, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
-        tile = tile_rows(module.out_features, module.in_features, x2.element_size(), torch.get_num_threads())
         bias = module.bias
         # Added inside the GEMM as F.linear adds it (before rounding), unless its gradient is wanted.
         tracked = bias is not None and bias.requires_grad and torch.is_grad_enabled()
         native_bias = None if bias is None or tracked else bias.detach().to(x2.dtype).contiguous()
-        y = _library().tiled_linear(
-            x2, state.codes, state.scale, state.zero, state.offset, state.rows, state.cols, state.values, native_bias,
-            state.group, state.bits, tile,
-        )
+        weights = (state.codes, state.scale, state.zero, state.offset, state.rows, state.cols, state.values)
+        if 0 < x2.shape[0] <= (BYTE_TOKENS if state.bits == 8 else MIN_TOKENS - 1):
+            y = _library().small_linear(x2, *weights, native_bias, state.group, state.bits)
+        else:
+            tile = tile_rows(module.out_features, module.in_features, x2.element_size(), torch.get_num_threads())
+            y = _library().tiled_linear(x2, *weights, native_bias, state.group, state.bits, tile)
         if tracked:
             y = y + bias.to(y.dtype)
-        return y.reshape(*shape[:-1], module.out_features)  # super weights are in the decoded tiles
+        return y.reshape(*shape[:-1], module.out_features)  # super weights are in (tiles) or added (registers)
 
     def dequantize(self, module: nn.Module, state: TiledState, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight as this kernel decodes it (tests compare it bit for bit with the reference)."""

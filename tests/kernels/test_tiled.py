@@ -91,11 +91,116 @@ def test_outputs_match_the_reference_kernel(library, symmetric, zero_point, grou
 @pytest.mark.parametrize("bits", [2, 3, 6, 8])
 def test_other_widths_outputs_match_the_reference_kernel(library, symmetric, zero_point, group_size, tokens, bits):
     layer = _layer(48, 200, group_size=group_size, symmetric=symmetric, zero_point=zero_point, bits=bits)
-    # Below MIN_TOKENS: the int kernels where they take the layout (int4: groups of a multiple of 32; int8: one
-    # scale per row).
-    # cpu-tiled takes the small calls too where no int kernel does.
-    decode = "cpu-int8" if group_size == -1 and bits >= 5 else "cpu-int4" if group_size == 64 and bits <= 4 else "cpu-tiled"
+    # Up to INT4_TOKENS: cpu-int4 where it takes the layout (groups of a multiple of 32; a 200-wide row is not one),
+    # cpu-tiled's register path everywhere else (5- to 8-bit per-row layers too: faster than cpu-int8).
+    decode = "cpu-int4" if group_size == 64 and bits <= 4 else "cpu-tiled"
     _check_outputs(layer, tokens, torch.bfloat16, decode)
+
+
+#: Per-element bounds against float64 arithmetic: the output's rounding (half a unit in the last place, with
+#: margin) plus float32 accumulation over the products' magnitudes.
+ROUNDING = {torch.bfloat16: 2**-8, torch.float16: 2**-10, torch.float32: 2**-22}
+
+
+def _float64_reference(layer, x):
+    """x @ W^T + b in float64, W as the kernel multiplies it: the reference's decoded weights (bfloat16 input: in
+    bfloat16, as the register path rounds them; otherwise float32), the bias in the input dtype."""
+    weight = layer.dequantize_weight(torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32).double()
+    y = x.double() @ weight.T
+    if layer.bias is not None:
+        y = y + layer.bias.detach().to(x.dtype).double()
+    return y, x.double().abs() @ weight.abs().T
+
+
+def _assert_close_to_float64(out, layer, x):
+    expected, magnitude = _float64_reference(layer, x)
+    error = (out.double() - expected).abs()
+    bound = ROUNDING[x.dtype] * expected.abs() + 1e-6 * (magnitude + 1)
+    assert (error <= bound).all(), f"max error {error.max().item():.3g}, worst ratio {(error / bound).max().item():.3g}"
+
+
+class _Calls:
+    """The native library, counting which entry point ran."""
+
+    def __init__(self, library):
+        self.library, self.names = library, []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return getattr(self.library, name)
+
+
+@pytest.mark.parametrize("symmetric, zero_point", FORMS)
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_few_tokens_multiply_in_registers(library, monkeypatch, symmetric, zero_point, group_size, dtype, bits):
+    """1 to 11 tokens (16 for byte codes): no tile, every storage form and width; odd shapes (rows not a multiple of the row block,
+    a ragged last group, groups not a multiple of 32 per row); super weights at their exact value."""
+    calls = _Calls(library)
+    monkeypatch.setattr(tiled, "_library", lambda: calls)
+    for out_features, in_features in ((37, 200), (66, 2 * max(group_size, 48) + 16)):
+        layer = _layer(out_features, in_features, group_size=group_size, symmetric=symmetric, zero_point=zero_point,
+                       super_weights=[(5, 7), (out_features - 1, in_features - 1)], bits=bits, seed=bits)
+        state = KERNEL.prepare(layer, CPU, dtype)
+        for tokens in range(1, (tiled.BYTE_TOKENS if bits >= 5 else tiled.MIN_TOKENS - 1) + 1):
+            x = torch.randn(tokens, in_features, dtype=dtype)
+            with torch.no_grad():
+                out = KERNEL.run(layer, state, x)
+            assert out.dtype == dtype and out.shape == (tokens, out_features)
+            _assert_close_to_float64(out, layer, x)
+    assert set(calls.names) == {"small_linear"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("symmetric, zero_point", FORMS)
+def test_few_tokens_count_super_weights_at_their_exact_value(library, dtype, symmetric, zero_point):
+    row, col, value = 11, 1229, 5.875
+    layer = _layer(576, 1536, group_size=64, symmetric=symmetric, zero_point=zero_point, super_weights=[(row, col)],
+                   bits=6)
+    x = (torch.randn(4, 1536) * 0.01).to(dtype)
+    x[:, col] = 2996.0  # the super activation
+    with torch.no_grad():
+        layer.super_weight_values.fill_(value)
+        with_sw = layer(x)
+        layer.super_weight_values.zero_()
+        without = layer(x)
+    assert layer.kernel == "cpu-tiled"
+    assert torch.equal(with_sw[:, :row], without[:, :row]) and torch.equal(with_sw[:, row + 1 :], without[:, row + 1 :])
+    contribution = with_sw[:, row].float() - without[:, row].float()
+    spacing = 128.0 if dtype == torch.bfloat16 else 0.01  # output near 17,600: bfloat16 spacing 128
+    assert (contribution - x[:, col].float() * value).abs().max().item() <= spacing
+
+
+def test_few_tokens_give_the_same_rows_on_any_thread_count(library):
+    layer = _layer(200, 256, group_size=64, symmetric=False, zero_point="float", bits=6, super_weights=[(5, 7), (150, 9)])
+    state = KERNEL.prepare(layer, CPU, torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outputs.append(KERNEL.run(layer, state, x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outputs[0], outputs[1])  # rows are independent: blocks of rows split over threads
+
+
+def test_few_tokens_pick_per_layer_format(library):
+    """bfloat16 decode: cpu-int4 up to INT4_TOKENS where it takes the layer, else the register path (5- to 8-bit
+    layers, grouped or one scale per row, at every count); float32/float16 input: the register path."""
+    torch.manual_seed(0)
+    cases = [(4, 64, "cpu-int4"), (3, 64, "cpu-int4"), (2, 32, "cpu-int4"), (6, 64, "cpu-tiled"), (8, -1, "cpu-tiled"),
+             (5, -1, "cpu-tiled"), (7, 128, "cpu-tiled")]
+    for bits, group_size, few in cases:
+        layer = SuperWeightLinear.from_linear(nn.Linear(256, 64), bits=bits, group_size=group_size)
+        for tokens in (1, tiled.INT4_TOKENS):
+            assert kernels.select_kernel(layer, torch.bfloat16, CPU, tokens).label == few, (bits, group_size, tokens)
+        for tokens in (tiled.INT4_TOKENS + 1, tiled.MIN_TOKENS - 1):
+            assert kernels.select_kernel(layer, torch.bfloat16, CPU, tokens).label == "cpu-tiled", (bits, tokens)
+        assert kernels.select_kernel(layer, torch.float16, CPU, 1).label == "cpu-tiled"
 
 
 def _check_outputs(layer, tokens, dtype, decode_kernel):
@@ -150,7 +255,8 @@ def test_super_weight_contribution_is_exact(library):
 def test_token_bands_pick_per_call(library):
     layer = _layer(64, 256, group_size=64, symmetric=False, zero_point="float")
     with torch.no_grad():
-        for tokens, expected in ((1, "cpu-int4"), (tiled.MIN_TOKENS, "cpu-tiled"), (200, "cpu-tiled"), (3, "cpu-int4")):
+        cases = ((1, "cpu-int4"), (tiled.MIN_TOKENS, "cpu-tiled"), (200, "cpu-tiled"), (3, "cpu-int4"), (8, "cpu-tiled"), (4, "cpu-int4"))
+        for tokens, expected in cases:
             layer(torch.randn(tokens, 256, dtype=torch.bfloat16))
             assert layer.kernel == expected, tokens
 

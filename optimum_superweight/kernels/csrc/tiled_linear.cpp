@@ -11,6 +11,9 @@
 // are converted and scaled 16 at a time with the same float32 operations. The decoded weights are
 // bit-identical to the reference's. Super weights are written into the tile at their exact
 // value (rounded to the output dtype, as the reference does).
+//
+// small_linear, for a few tokens per call, writes no tile: each row's weights are decoded in registers and
+// multiplied with every token there (see "Few tokens per call" below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -22,12 +25,19 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define OSW_AVX512 1
 #else
 #define OSW_AVX512 0
+#endif
+#if OSW_AVX512 && defined(__AVX512BF16__)
+#define OSW_BF16_DOT 1  // vdpbf16ps: bfloat16 pairs multiplied and summed into float32 lanes
+#else
+#define OSW_BF16_DOT 0
 #endif
 
 namespace {
@@ -307,6 +317,272 @@ void tiled_mm(const torch::Tensor& x, const Packed& w, const Patches& p, const t
   });
 }
 
+// ---- Few tokens per call: no decoded tile -----------------------------------------------------------------
+// With a handful of tokens the GEMM is too small to pay for writing and re-reading a decoded tile. Instead
+// each row's weights are decoded in registers (float32: the reference's values before rounding to the output
+// dtype, by the same operations) and multiplied with every token's activations, converted to float32 once per
+// call, accumulating in float32 (explicit fused multiply-adds); R rows share each activation load.
+constexpr int kMaxSmallTokens = 16;  // tiled.BYTE_TOKENS
+constexpr int64_t kPrefetchBytes = 2048;  // codes requested this far ahead of the ones decoded
+
+// The float32 weight a code decodes to, as the reference computes it before rounding.
+inline float decoded_value(const Packed& w, int64_t index, int code) {
+  const float s = w.scale[index];
+  if (w.offset != nullptr) {
+    const float q = static_cast<float>(code) * s;
+    return q + w.offset[index];
+  }
+  return (static_cast<float>(code) - w.zero[index]) * s;
+}
+
+inline int code_of(const Packed& w, const uint8_t* src, int64_t j) {
+  return w.bits == 8 ? src[j] : code_at(src, j, static_cast<int>(w.bits));
+}
+
+// Held-out super weights of rows [r0, r1): the exact value replaces what their code decodes to.
+// `rounded`: the rows were multiplied with their weights rounded to bfloat16.
+template <typename X>
+void patch_rows(const Packed& w, const Patches& p, const std::vector<int64_t>& order, const X* x, int64_t T,
+                int64_t r0, int64_t r1, bool rounded, float* sums /* [r1 - r0][T] */) {
+  auto first = std::lower_bound(order.begin(), order.end(), r0, [&](int64_t i, int64_t r) { return p.rows[i] < r; });
+  for (auto it = first; it != order.end() && p.rows[*it] < r1; ++it) {
+    const int64_t r = p.rows[*it], c = p.cols[*it], index = r * w.G + c / w.group;
+    float decoded = decoded_value(w, index, code_of(w, w.codes + index * w.B, c % w.group));
+    if (rounded) decoded = static_cast<float>(c10::BFloat16(decoded));
+    const float delta = p.values[*it] - decoded;
+    for (int64_t t = 0; t < T; ++t) sums[(r - r0) * T + t] += static_cast<float>(x[t * w.K + c]) * delta;
+  }
+}
+
+#if OSW_AVX512
+// Rows r .. r+R-1, all T tokens: sums[i * ld + t] = dot(decoded row r+i, x[t]).
+// EVEN: every group a multiple of 32 weights and none ragged; then the loop has no scalar tail and the
+// accumulators stay in registers from one group to the next.
+template <int T, int R, bool BYTES, bool EVEN>
+void small_dot(const Packed& w, const Windows* windows, const float* x, int64_t r, float* sums, int64_t ld) {
+  __m512 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
+  const int bits = static_cast<int>(w.bits);
+  const bool offset = w.offset != nullptr;
+  for (int64_t g = 0; g < w.G; ++g) {
+    const int64_t start = g * w.group, n = std::min(w.group, w.K - start);
+    const uint8_t* src[R];
+    __m512 lut[R], s[R], zm[R];
+    for (int i = 0; i < R; ++i) {
+      const int64_t index = (r + i) * w.G + g;
+      src[i] = w.codes + index * w.B;
+      if constexpr (BYTES) {
+        s[i] = _mm512_set1_ps(w.scale[index]);
+        zm[i] = _mm512_set1_ps(offset ? w.offset[index] : w.zero[index]);
+      } else {
+        lut[i] = group_values_avx512(w, index);
+      }
+    }
+    const float* xg = x + start;
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      __m512 lo[R], hi[R];
+      for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(src[i] + (BYTES ? j : j / 8 * bits) + kPrefetchBytes), _MM_HINT_T0);
+        if constexpr (BYTES) {
+          lo[i] = scaled16(src[i] + j, s[i], zm[i], offset);
+          hi[i] = scaled16(src[i] + j + 16, s[i], zm[i], offset);
+        } else {
+          const __m512i words = code_words(src[i], j, bits, windows);
+          lo[i] = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), lut[i]);
+          hi[i] = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), lut[i]);
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512 a = _mm512_loadu_ps(xg + t * w.K + j), b = _mm512_loadu_ps(xg + t * w.K + j + 16);
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(hi[i], b, _mm512_fmadd_ps(lo[i], a, acc[i][t]));
+      }
+    }
+    for (; !EVEN && j < n; j += 16) {  // a group that is not a multiple of 32: scalar decode, masked activations
+      const int64_t m = std::min<int64_t>(16, n - j);
+      const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+      __m512 v[R];
+      for (int i = 0; i < R; ++i) {
+        alignas(64) float buffer[16] = {};
+        const int64_t index = (r + i) * w.G + g;
+        for (int64_t k = 0; k < m; ++k) buffer[k] = decoded_value(w, index, code_of(w, src[i], j + k));
+        v[i] = _mm512_load_ps(buffer);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512 a = _mm512_maskz_loadu_ps(mask, xg + t * w.K + j);
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(v[i], a, acc[i][t]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) sums[i * ld + t] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+#if OSW_BF16_DOT
+// bfloat16 input: the decoded weights are rounded to bfloat16 (as the reference rounds them) and multiplied
+// with the activations as they are, 32 products per instruction summed in pairs into float32 lanes.
+template <int T, int R, bool BYTES, bool EVEN>
+void small_dot_bf16(const Packed& w, const Windows* windows, const c10::BFloat16* x, int64_t r, float* sums,
+                    int64_t ld) {
+  __m512 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
+  const int bits = static_cast<int>(w.bits);
+  const bool offset = w.offset != nullptr;
+  for (int64_t g = 0; g < w.G; ++g) {
+    const int64_t start = g * w.group, n = std::min(w.group, w.K - start);
+    const uint8_t* src[R];
+    __m512 s[R], zm[R];
+    __m512i table[R];  // 2- to 4-bit codes: the group's 16 values in bfloat16, looked up 32 at a time (vpermw)
+    for (int i = 0; i < R; ++i) {
+      const int64_t index = (r + i) * w.G + g;
+      src[i] = w.codes + index * w.B;
+      if constexpr (BYTES) {
+        s[i] = _mm512_set1_ps(w.scale[index]);
+        zm[i] = _mm512_set1_ps(offset ? w.offset[index] : w.zero[index]);
+      } else {
+        table[i] = _mm512_zextsi256_si512(to_bits16<c10::BFloat16>(group_values_avx512(w, index)));
+      }
+    }
+    const c10::BFloat16* xg = x + start;
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      __m512bh v[R];
+      for (int i = 0; i < R; ++i) {
+        // Cold codes (each layer's weights leave the cache before its next call) stream from memory: ask for them
+        // well ahead, with only R rows read at once the hardware prefetcher alone falls behind.
+        _mm_prefetch(reinterpret_cast<const char*>(src[i] + (BYTES ? j : j / 8 * bits) + kPrefetchBytes), _MM_HINT_T0);
+        if constexpr (BYTES) {
+          v[i] = _mm512_cvtne2ps_pbh(scaled16(src[i] + j + 16, s[i], zm[i], offset), scaled16(src[i] + j, s[i], zm[i], offset));
+        } else {
+          v[i] = (__m512bh)_mm512_permutexvar_epi16(code_words(src[i], j, bits, windows), table[i]);
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512bh a = (__m512bh)_mm512_loadu_si512(xg + t * w.K + j);
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], v[i], a);
+      }
+    }
+    if (!EVEN && j < n) {  // a group that is not a multiple of 32: scalar decode, masked activations
+      const int64_t m = n - j;
+      const __mmask32 mask = static_cast<__mmask32>((1ull << m) - 1);
+      __m512bh v[R];
+      for (int i = 0; i < R; ++i) {
+        alignas(64) float buffer[32] = {};
+        const int64_t index = (r + i) * w.G + g;
+        for (int64_t k = 0; k < m; ++k) buffer[k] = decoded_value(w, index, code_of(w, src[i], j + k));
+        v[i] = _mm512_cvtne2ps_pbh(_mm512_load_ps(buffer + 16), _mm512_load_ps(buffer));
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(mask, xg + t * w.K + j);
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], v[i], a);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) sums[i * ld + t] = _mm512_reduce_add_ps(acc[i][t]);
+}
+#endif
+
+// R rows at a time (a few more with fewer tokens: more rows share each activation load, registers permitting).
+// Rows in groups of R (more rows share each activation load) and tokens in runs of up to 11: R * T
+// accumulators, R decoded vectors and the decoding constants must fit the 32 registers. More tokens than 11 are
+// taken in two runs over the same rows (the second one finds their codes in cache).
+template <int T, bool BYTES, bool EVEN, typename X>
+void small_run(const Packed& w, const Windows* windows, const X* x, int64_t r0, int64_t r1, float* sums, int64_t ld) {
+  constexpr int R = T <= 4 ? 4 : (BYTES || T <= 8) ? 2 : 1;
+  int64_t r = r0;
+#if OSW_BF16_DOT
+  if constexpr (std::is_same_v<X, c10::BFloat16>) {
+    for (; r + R <= r1; r += R) small_dot_bf16<T, R, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
+    for (; r < r1; ++r) small_dot_bf16<T, 1, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<X, float>) {
+    for (; r + R <= r1; r += R) small_dot<T, R, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
+    for (; r < r1; ++r) small_dot<T, 1, BYTES, EVEN>(w, windows, x, r, sums + (r - r0) * ld, ld);
+  }
+}
+
+template <int T, bool BYTES, bool EVEN, typename X>
+void small_block(const Packed& w, const X* x, int64_t r0, int64_t r1, float* sums) {
+  const Windows windows(w.bits < 4 ? static_cast<int>(w.bits) : 2, w.codes + w.N * w.G * w.B);
+  if constexpr (T <= 11) {
+    small_run<T, BYTES, EVEN>(w, &windows, x, r0, r1, sums, T);
+  } else {
+    constexpr int half = T / 2;
+    for (int64_t r = r0; r < r1; r += 4) {  // 4 rows at a time: both runs read them while in L1
+      const int64_t end = std::min(r1, r + 4);
+      small_run<half, BYTES, EVEN>(w, &windows, x, r, end, sums + (r - r0) * T, T);
+      small_run<T - half, BYTES, EVEN>(w, &windows, x + half * w.K, r, end, sums + (r - r0) * T + half, T);
+    }
+  }
+}
+
+template <int T, typename X>
+void small_rows_fixed(const Packed& w, const X* x, int64_t r0, int64_t r1, float* sums) {
+  const bool even = w.group % 32 == 0 && w.G * w.group == w.K;
+  if (w.bits == 8) {
+    even ? small_block<T, true, true>(w, x, r0, r1, sums) : small_block<T, true, false>(w, x, r0, r1, sums);
+  } else {
+    even ? small_block<T, false, true>(w, x, r0, r1, sums) : small_block<T, false, false>(w, x, r0, r1, sums);
+  }
+}
+
+template <typename X, int... Ts>
+void small_rows_dispatch(std::integer_sequence<int, Ts...>, int64_t T, const Packed& w, const X* x, int64_t r0,
+                         int64_t r1, float* sums) {
+  ((T == Ts + 1 ? small_rows_fixed<Ts + 1>(w, x, r0, r1, sums) : void()), ...);
+}
+#endif
+
+// sums[(r - r0) * T + t] = dot(decoded row r, x[t]) for rows [r0, r1). X: float, or bfloat16 where the CPU has
+// bfloat16 dot products (the weights are then rounded to bfloat16 first).
+template <typename X>
+void small_rows(const Packed& w, const X* x, int64_t T, int64_t r0, int64_t r1, float* sums) {
+#if OSW_AVX512
+  small_rows_dispatch(std::make_integer_sequence<int, kMaxSmallTokens>{}, T, w, x, r0, r1, sums);
+#else
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t t = 0; t < T; ++t) sums[(r - r0) * T + t] = 0.0f;
+    for (int64_t g = 0; g < w.G; ++g) {
+      const int64_t index = r * w.G + g, start = g * w.group, n = std::min(w.group, w.K - start);
+      const uint8_t* src = w.codes + index * w.B;
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = decoded_value(w, index, code_of(w, src, j));
+        for (int64_t t = 0; t < T; ++t) sums[(r - r0) * T + t] += v * static_cast<float>(x[t * w.K + start + j]);
+      }
+    }
+  }
+#endif
+}
+
+template <typename O, typename X>
+void small_mm(const X* x, int64_t tokens, const Packed& w, const Patches& p, const torch::Tensor& bias,
+              torch::Tensor& y) {
+  std::vector<int64_t> order(p.count);
+  for (int64_t i = 0; i < p.count; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p.rows[a] < p.rows[b]; });
+  const O* b = bias.defined() ? bias.data_ptr<O>() : nullptr;
+  O* out = y.data_ptr<O>();
+  constexpr bool rounded = std::is_same_v<X, c10::BFloat16>;
+  constexpr int64_t kBlock = 64;  // rows per task: a few KiB of codes, sums on the stack
+  at::parallel_for(0, (w.N + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    float sums[kBlock * kMaxSmallTokens];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kBlock, r1 = std::min(w.N, r0 + kBlock);
+      small_rows(w, x, tokens, r0, r1, sums);
+      patch_rows(w, p, order, x, tokens, r0, r1, rounded, sums);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float add = b != nullptr ? static_cast<float>(b[r]) : 0.0f;  // as F.linear: before rounding
+        for (int64_t t = 0; t < tokens; ++t) out[t * w.N + r] = static_cast<O>(sums[(r - r0) * tokens + t] + add);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
@@ -332,6 +608,38 @@ torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   return y;
 }
 
+torch::Tensor small_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                           torch::Tensor offset, torch::Tensor rows, torch::Tensor cols, torch::Tensor values,
+                           c10::optional<torch::Tensor> bias, int64_t group, int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxSmallTokens, "x: 1 to ", kMaxSmallTokens, " tokens, got ", x.size(0));
+  const Packed w = packed_of(codes, scale, zero, offset, group, bits, x.size(1));
+  const Patches p = patches_of(rows, cols, values);
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N && bias->scalar_type() == x.scalar_type() &&
+                    bias->is_contiguous(),
+                "bias: contiguous [N] in the input dtype");
+    b = *bias;
+  }
+  auto y = torch::empty({x.size(0), w.N}, x.options());
+#if OSW_BF16_DOT
+  if (x.scalar_type() == torch::kBFloat16) {
+    small_mm<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), x.size(0), w, p, b, y);
+    return y;
+  }
+#endif
+  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();  // once per call
+  const float* xp = xf.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case torch::kBFloat16: small_mm<c10::BFloat16>(xp, x.size(0), w, p, b, y); break;
+    case torch::kHalf: small_mm<c10::Half>(xp, x.size(0), w, p, b, y); break;
+    case torch::kFloat32: small_mm<float>(xp, x.size(0), w, p, b, y); break;
+    default: TORCH_CHECK(false, "x: bfloat16, float16 or float32, got ", x.scalar_type());
+  }
+  return y;
+}
+
 torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, torch::Tensor offset,
                          torch::Tensor rows, torch::Tensor cols, torch::Tensor values, int64_t group, int64_t bits,
                          int64_t K, torch::ScalarType dtype) {
@@ -351,6 +659,8 @@ bool vectorized() { return OSW_AVX512; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled_linear", &tiled_linear, "y = x @ dequantize(codes)^T, decoded tile by tile");
+  m.def("small_linear", &small_linear, "y = x @ dequantize(codes)^T for a few tokens (up to small_tokens()), decoded in registers");
+  m.def("small_tokens", []() { return kMaxSmallTokens; }, "the most tokens small_linear takes");
   m.def("dequantize", &dequantize, "the dense weight, decoded as tiled_linear decodes it");
   m.def("vectorized", &vectorized, "whether the AVX-512 decoder was compiled in");
 }
