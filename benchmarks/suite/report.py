@@ -209,8 +209,9 @@ def standalone_sections(data_dir: Path) -> str:
     """Sections of the benchmarks that run on their own (their own processes, caps or long runs), rendered from
     their result files when present: ``quality_multitext.json`` (``benchmarks/quality_multitext.py``),
     ``low_memory.json`` (``benchmarks/low_memory.py``), ``w8a8.json`` (``benchmarks/w8a8.py``),
-    ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``), ``llama_cpp.json`` (``benchmarks/llama_cpp.py``) and
-    ``checkpoint_integrity.json`` (``benchmarks/checkpoint_integrity.py``).
+    ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``), ``llama_cpp.json`` (``benchmarks/llama_cpp.py``),
+    ``checkpoint_integrity.json`` (``benchmarks/checkpoint_integrity.py``) and ``load_time.json``
+    (``benchmarks/load_time.py``).
     Each states its own command and date."""
     import importlib.util
 
@@ -222,6 +223,7 @@ def standalone_sections(data_dir: Path) -> str:
         ("kernels_by_cpu.py", "kernels_by_cpu.json", "kernels_by_cpu_markdown"),
         ("llama_cpp.py", "llama_cpp.json", "llama_cpp_markdown"),
         ("checkpoint_integrity.py", "checkpoint_integrity.json", "checkpoint_integrity_markdown"),
+        ("load_time.py", "load_time.json", "load_time_markdown"),
     ):
         path = data_dir / result_file
         if not path.is_file():

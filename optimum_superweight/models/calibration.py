@@ -137,9 +137,10 @@ def _run_with_input_hooks(
     handles = [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
     was_training = model.training
     model.eval()
+    runner = _body_holding(model, [modules[n] for n in names])
     try:
         for batch in batches:
-            model(input_ids=batch.to(device), use_cache=False)
+            runner(input_ids=batch.to(device), use_cache=False)
             first_batch[0] = False
             last[0] = last[1] = None
     finally:
@@ -151,6 +152,16 @@ def _run_with_input_hooks(
     if never:
         raise ValueError(f"{caller}: modules {never[:3]} never ran during the calibration forward pass.")
     return alias
+
+
+def _body_holding(model: nn.Module, layers: list[nn.Module]) -> nn.Module:
+    """The model without its output head when every hooked layer is inside that body (``model.base_model``):
+    the statistics are the same and the vocabulary projection, a large share of a small model's cost, is skipped."""
+    body = getattr(model, "base_model", None)
+    if not isinstance(body, nn.Module) or body is model:
+        return model
+    inside = {id(m) for m in body.modules()}
+    return body if all(id(layer) in inside for layer in layers) else model
 
 
 def model_calibration_ids(model: nn.Module, tokenizer: Any, n_tokens: int) -> tuple[list[int], int | None]:

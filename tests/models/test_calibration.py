@@ -208,3 +208,18 @@ def test_a_tokenizer_that_cannot_encode_the_text_falls_back_to_fixed_ids(tiny_ll
         ids, bos = model_calibration_ids(tiny_llama, Toy(), 1024)
     assert bos is None and ids == calibration_token_ids(None, 1024, vocab_size=tiny_llama.config.vocab_size)
     assert "fixed token ids stand in" in caplog.text
+
+
+def test_calibration_skips_the_output_head_unless_it_is_measured(tiny_llama, monkeypatch):
+    """The vocabulary projection is skipped when no hooked layer needs it; the statistics are the same."""
+    from optimum_superweight.models import calibration
+
+    ids = calibration_token_ids(None, 256, vocab_size=260)
+    names = _linear_names(tiny_llama)
+    body = collect_input_energy(tiny_llama, names, ids, window=64)
+    monkeypatch.setattr(calibration, "_body_holding", lambda model, layers: model)
+    whole = collect_input_energy(tiny_llama, names, ids, window=64)
+    assert all(torch.equal(body[n], whole[n]) for n in names)
+    monkeypatch.undo()
+    with_head = collect_input_energy(tiny_llama, names + ["lm_head"], ids, window=64)
+    assert with_head["lm_head"].shape == (tiny_llama.config.hidden_size,)
