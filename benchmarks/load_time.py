@@ -9,7 +9,7 @@ the calibration pass, the data-free grids, the weighted refinement) from one ext
 Prints a table and writes ``benchmarks/results/load_time.json``, which ``benchmarks/run.py --report-only``
 renders into ``benchmarks/RESULTS.md``.
 
-    python3 benchmarks/load_time.py              # ~5 min on 2 cores (3 x 4 loads + 1)
+    python3 benchmarks/load_time.py              # ~6 min on 2 cores (3 x 5 loads + 1)
     python3 benchmarks/load_time.py --reps 1     # quick look
 """
 
@@ -32,6 +32,7 @@ CONFIGS: dict[str, dict] = {
     "data-free HQQ grids, `SuperWeightConfig(importance=\"none\")`": {"importance": "none"},
     "**the default, `SuperWeightConfig()`** (grids weighted by activations)": {},
     "the default, `low_memory=True` (data-free grids while loading)": {"low_memory": True},
+    "GPTQ, `SuperWeightConfig(method=\"gptq\")` (8,192 calibration tokens, whole Hessians)": {"method": "gptq"},
 }
 
 

@@ -291,7 +291,8 @@ def refine_group_grids(
         offset = start_offset + (1.0 - shrink) * start_scale * (high - low) / 2
         scale, offset = _stored_grid(scale, offset, form, bits, scale_dtype)
         # Groups whose grid comes back unchanged from a fit are at a fixed point (same codes, same error from
-        # then on) and leave the loop, as in fit_group_grids: the result is the same, most groups stop early.
+        # then on): they leave the loop once half have stopped, which changes no result (a group kept at its
+        # fixed point repeats itself) but saves most passes.
         rows = torch.arange(w.shape[0], device=w.device)
         values, weights, count, total, squares = w, weight, n, sum_w, sum_ww
         for step in range(iters + 1):
@@ -312,10 +313,11 @@ def refine_group_grids(
             keep = ((new_scale != scale) | (new_offset != offset)).squeeze(-1).nonzero().squeeze(-1)
             if keep.numel() == 0:
                 break
-            if keep.numel() < rows.numel():
+            if keep.numel() <= rows.numel() // 2:  # copying the active weights pays only once many have stopped
                 rows, values, weights, count, total, squares = (
                     t[keep] for t in (rows, values, weights, count, total, squares))
-            scale, offset = new_scale[keep], new_offset[keep]
+                new_scale, new_offset = new_scale[keep], new_offset[keep]
+            scale, offset = new_scale, new_offset
     return best_scale.reshape(shape), best_offset.reshape(shape)
 
 
