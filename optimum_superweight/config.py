@@ -198,6 +198,11 @@ class QuantizationResult:
     activation_holdout: dict[str, list[int]] | None = None
 
 
+def _reads_hessians(method: str, clip_search: bool, clip_objective: str) -> bool:
+    """Whether choosing codes reads whole input second-moment matrices (GPTQ, the clip search's output objective)."""
+    return method == "gptq" or (clip_search and clip_objective == "output")
+
+
 # -- typed option groups: read-only views of the flat fields (validated in FIELDS; flat keys on disk) -------------
 @dataclass(frozen=True)
 class AlgorithmSettings:
@@ -225,7 +230,7 @@ class AlgorithmSettings:
     @property
     def needs_hessians(self) -> bool:
         """Whether choosing codes reads the layers' input second moments (GPTQ, the clip search's output objective)."""
-        return self.method == "gptq" or (self.clip_search and self.clip_objective == "output")
+        return _reads_hessians(self.method, self.clip_search, self.clip_objective)
 
     @property
     def needs_input_energy(self) -> bool:
@@ -419,8 +424,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
         if importance is None:  # the weighting needs the full-precision model's activations: not while streaming
             importance = "activations" if method == "hqq" and not low_memory else "none"
         if calibration_tokens is None:
-            hessians = method == "gptq" or (clip_search and clip_objective == "output")
-            calibration_tokens = DEFAULT_HESSIAN_TOKENS if hessians else DEFAULT_IMPORTANCE_TOKENS
+            reads_hessians = _reads_hessians(method, clip_search, clip_objective)
+            calibration_tokens = DEFAULT_HESSIAN_TOKENS if reads_hessians else DEFAULT_IMPORTANCE_TOKENS
         values = dict(locals())
         if super_weights is None:
             values["super_weights"] = []

@@ -21,7 +21,7 @@ pseudo-random token ids (seeded) are used. Everything is deterministic.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -180,6 +180,55 @@ def model_calibration_ids(model: nn.Module, tokenizer: Any, n_tokens: int) -> tu
     return ids, (getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None)
 
 
+def _input_statistics(
+    model: nn.Module,
+    module_names: Iterable[str],
+    token_ids: Sequence[int],
+    *,
+    window: int,
+    batch_size: int,
+    bos_id: int | None,
+    fold: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
+    mean: bool,
+    caller: str,
+) -> dict[str, torch.Tensor]:
+    """One statistic of each named layer's inputs: ``fold(total_or_None, flat_input)`` over the calibration
+    batches, divided by the number of tokens when ``mean``; layers reading one input share one tensor."""
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(name: str, flat: torch.Tensor) -> None:
+        totals[name] = fold(totals.get(name), flat)
+        counts[name] = counts.get(name, 0) + flat.shape[0]
+
+    alias = _run_with_input_hooks(
+        model, list(module_names), token_ids, window=window, batch_size=batch_size, bos_id=bos_id,
+        accumulate=accumulate, caller=caller,
+    )
+    if mean:
+        for name, total in totals.items():
+            total.div_(max(counts[name], 1))
+    for name, owner in alias.items():
+        totals[name] = totals[owner]
+    return totals
+
+
+def _add_second_moment(total: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
+    if total is None:
+        total = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
+    return total.addmm_(flat.T, flat)
+
+
+def _add_energy(total: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
+    energy = flat.square().sum(dim=0)
+    return energy if total is None else total.add_(energy)
+
+
+def _max_magnitude(total: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
+    peak = flat.abs().amax(dim=0)
+    return peak if total is None else torch.maximum(total, peak)
+
+
 @torch.no_grad()
 def collect_hessians(
     model: nn.Module,
@@ -196,28 +245,8 @@ def collect_hessians(
     preceded by ``bos_id``. Modules reading the same input tensor get the same (shared) matrix object.
     Conv1D-style layers work too: their input's last dimension is ``in_features`` either way.
     """
-    names = list(module_names)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def accumulate(name: str, flat: torch.Tensor) -> None:
-        if name not in sums:
-            sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
-            counts[name] = 0
-        sums[name].addmm_(flat.T, flat)
-        counts[name] += flat.shape[0]
-
-    alias = _run_with_input_hooks(
-        model, names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id, accumulate=accumulate,
-        caller="collect_hessians",
-    )
-    hessians: dict[str, torch.Tensor] = {}
-    for name, total in sums.items():
-        total.div_(max(counts[name], 1))
-        hessians[name] = total
-    for name, owner in alias.items():
-        hessians[name] = hessians[owner]
-    return hessians
+    return _input_statistics(model, module_names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id,
+                             fold=_add_second_moment, mean=True, caller="collect_hessians")
 
 
 @torch.no_grad()
@@ -241,23 +270,8 @@ def collect_input_energy(
     >>> collect_input_energy(model, ["model.layers.1.mlp.down_proj"], ids, window=128)["model.layers.1.mlp.down_proj"].shape
     torch.Size([128])
     """
-    names = list(module_names)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def accumulate(name: str, flat: torch.Tensor) -> None:
-        energy = flat.square().sum(dim=0)
-        sums[name] = sums[name] + energy if name in sums else energy
-        counts[name] = counts.get(name, 0) + flat.shape[0]
-
-    alias = _run_with_input_hooks(
-        model, names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id, accumulate=accumulate,
-        caller="collect_input_energy",
-    )
-    energies = {name: total / max(counts[name], 1) for name, total in sums.items()}
-    for name, owner in alias.items():
-        energies[name] = energies[owner]
-    return energies
+    return _input_statistics(model, module_names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id,
+                             fold=_add_energy, mean=True, caller="collect_input_energy")
 
 
 @torch.no_grad()
@@ -279,17 +293,5 @@ def collect_input_absmax(
     >>> collect_input_absmax(model, ["model.layers.1.mlp.down_proj"], ids, window=128)["model.layers.1.mlp.down_proj"].shape
     torch.Size([128])
     """
-    names = list(module_names)
-    peaks: dict[str, torch.Tensor] = {}
-
-    def accumulate(name: str, flat: torch.Tensor) -> None:
-        peak = flat.abs().amax(dim=0)
-        peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
-
-    alias = _run_with_input_hooks(
-        model, names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id, accumulate=accumulate,
-        caller="collect_input_absmax",
-    )
-    for name, owner in alias.items():
-        peaks[name] = peaks[owner]
-    return peaks
+    return _input_statistics(model, module_names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id,
+                             fold=_max_magnitude, mean=False, caller="collect_input_absmax")
