@@ -222,25 +222,33 @@ class _Sums:
 
     def fit(self, s: torch.Tensor, form: str, high: int, fit_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The least-squares grid for the current codes (float32), within ``form``'s constraints."""
+        # The sums are weighted (an unweighted fit is the case of weights 1): every division below is guarded by
+        # its own sign test, never by a fixed floor, so that scaling all weights by a constant changes no result.
         if form == "symmetric":
-            fitted = self.sum_qt / self.sum_qq.clamp_min(1e-30)
+            fitted = _ratio(self.sum_qt, self.sum_qq)
             if fit_scale:
                 s = torch.where(fitted > 0, fitted, s)
             return s.to(torch.float32), torch.zeros_like(s, dtype=torch.float32)
-        n = self.n.clamp_min(1)
+        n = torch.where(self.n > 0, self.n, torch.ones_like(self.n))  # a group with no weight: every sum is 0
         if fit_scale:
             variance = self.sum_qq - self.sum_q * self.sum_q / n
-            fitted = (self.sum_qt - self.sum_q * self.sum_t / n) / variance.clamp_min(1e-30)
+            fitted = _ratio(self.sum_qt - self.sum_q * self.sum_t / n, variance)
             s = torch.where((variance > 1e-12 * self.sum_qq) & (fitted > 0), fitted, s)
         m = (self.sum_t - s * self.sum_q) / n
         if form == "uint8":
             zero = torch.round(-m / s).clamp(0, high)
             if fit_scale:  # the best scale for that whole-code zero
                 denominator = self.sum_qq - 2 * zero * self.sum_q + zero * zero * self.n
-                fitted = (self.sum_qt - zero * self.sum_t) / denominator.clamp_min(1e-30)
+                fitted = _ratio(self.sum_qt - zero * self.sum_t, denominator)
                 s = torch.where((denominator > 0) & (fitted > 0), fitted, s)
             m = -zero * s
         return s.to(torch.float32), m.to(torch.float32)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` where the denominator is positive, else 0 (callers keep their value then)."""
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, torch.ones_like(denominator)), 0.0)
 
 
 def refine_group_grids(

@@ -165,3 +165,25 @@ def test_importance_is_checked_and_tolerates_dead_channels():
     quantized = hqq_quantize_weight(weight, bits=4, group_size=64, importance=dead)
     assert torch.isfinite(quantized.dequantize()).all()
     assert _mse(quantized, weight) < 4 * _mse(hqq_quantize_weight(weight, bits=4, group_size=64), weight)
+
+
+def _refined(weight: torch.Tensor, importance: torch.Tensor, form: str, bits: int, group_size: int):
+    q = hqq_quantize_weight(weight, bits=bits, group_size=group_size, symmetric=form == "symmetric",
+                            zero_point="uint8" if form == "uint8" else "float", importance=importance)
+    return torch.cat([q.packed.flatten().float(), q.scale.flatten().float()]
+                     + [t.flatten().float() for t in (q.zero_point, q.offset) if t is not None])
+
+
+@pytest.mark.parametrize("form", ["float", "uint8", "symmetric"])
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (3, 32), (4, -1)])
+def test_weighted_fit_does_not_depend_on_the_overall_scale_of_the_importance(form, bits, group_size):
+    # A weighted least-squares fit is a property of the weights' ratios: multiplying every weight by a power of two
+    # (exact in floating point) must give the same grids bit for bit, whether the groups' total weights are far
+    # below 1 (typical mean squared activations of small layers) or far above it.
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(48, 192, generator=generator) * 0.05
+    weight[3, 17] = 2.0
+    importance = torch.rand(192, generator=generator) ** 4 * 3.0
+    reference = _refined(weight, importance, form, bits, group_size)
+    for factor in (2.0**-20, 2.0**-7, 2.0**9, 2.0**24):
+        assert torch.equal(_refined(weight, importance * factor, form, bits, group_size), reference), factor
