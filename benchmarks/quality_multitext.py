@@ -148,7 +148,10 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("low_bpw", "ours, `SuperWeightConfig(group_size=128)`", "ours", LOW_BPW_OPTIONS),
     RowSpec("sym_g64", "ours, `SuperWeightConfig(symmetric=True)` (4.25 bits/weight)", "ours",
             {"symmetric": True, "group_size": 64}, ("smollm2", "tiny")),
+    RowSpec("uint8", "ours, `SuperWeightConfig(zero_point=\"uint8\")` (integer zero-points: what AWQ, compressed-tensors "
+            "and GGUF hold)", "ours", {"zero_point": "uint8"}),
     RowSpec("default_3bit", "ours, `SuperWeightConfig(bits=3)`", "ours", {"bits": 3}),
+    RowSpec("uint8_3bit", "ours, `SuperWeightConfig(bits=3, zero_point=\"uint8\")`", "ours", {"bits": 3, "zero_point": "uint8"}),
     RowSpec("per_channel", "ours, `SuperWeightConfig(group_size=-1)`", "ours", {"group_size": -1}),
     RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
             {"bits": 4, "group_size": -1}),

@@ -116,6 +116,17 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, low: int,
     return (w * inverse).sub_(offset * inverse).round_().clamp_(low, high)
 
 
+def _grid_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, form: str, low: int, high: int) -> torch.Tensor:
+    """The codes :func:`_encode` stores for the stored grid ``(scale, offset)`` (``[..., 1]``), same arithmetic:
+    the refinement scores exactly what will be written. Symmetric codes are centred (``low < 0``)."""
+    if form == "symmetric":
+        return torch.round(w / scale).clamp_(low, high)
+    if form == "uint8":
+        zero = torch.round(-offset / scale).clamp_(low, high)
+        return torch.round(w / scale).add_(zero).clamp_(low, high)
+    return torch.round((w - offset) / scale).clamp_(low, high)
+
+
 def fit_group_grids(
     w: torch.Tensor,
     excluded: torch.Tensor,
@@ -304,12 +315,16 @@ def refine_group_grids(
         rows = torch.arange(w.shape[0], device=w.device)
         values, weights, count, total, squares = w, weight, n, sum_w, sum_ww
         for step in range(iters + 1):
-            codes = _codes(values, scale, torch.zeros_like(offset) if symmetric else offset, low, high)
+            # The codes _encode will store for this grid, and their error summed directly: the expanded form
+            # (Σ w·x² - 2s·Σ w·q·x + ...) cancels to noise in groups whose error is tiny beside their energy (fine
+            # grids, massive channels) and could then prefer a worse grid.
+            codes = _grid_codes(values, scale, offset, form, low, high)
             weighted = codes * weights
             sums = _Sums(count, total, squares, weighted.sum(-1, keepdim=True).double(),
                          (weighted * codes).sum(-1, keepdim=True).double(),
                          (weighted * values).sum(-1, keepdim=True).double())
-            error = sums.error(scale.double(), torch.zeros_like(offset).double() if symmetric else offset.double())
+            residual = values - codes * scale if symmetric else values - codes * scale - offset
+            error = (weights * residual * residual).sum(-1, keepdim=True).double()
             better = error < best_error[rows]
             best_error[rows] = torch.where(better, error, best_error[rows])
             best_scale[rows] = torch.where(better, scale, best_scale[rows])
@@ -443,17 +458,17 @@ def _encode(
     zero_point = stored_offset = None
     if form == "symmetric":
         center = 2 ** (bits - 1)
-        codes = torch.round(w / s).clamp_(-center, center - 1) + center
+        codes = _grid_codes(w, s, None, form, -center, center - 1) + center
         zero_code = torch.full_like(s, float(center))
     elif form == "uint8":
         zero = torch.round(-offset / s.squeeze(-1)).clamp_(0, qmax)
-        codes = (torch.round(w / s) + zero.unsqueeze(-1)).clamp_(0, qmax)
+        codes = _grid_codes(w, s, offset.unsqueeze(-1), form, 0, qmax)
         zero_code = zero.unsqueeze(-1)
         zero_point = zero.to(torch.uint8)
     else:
         stored_offset = store_offset(offset, scale_dtype)
         m = stored_offset.to(torch.float32).unsqueeze(-1)
-        codes = torch.round((w - m) / s).clamp_(0, qmax)
+        codes = _grid_codes(w, s, m, form, 0, qmax)
         if recenter:  # the offset that makes each group's mean error 0 for these codes
             valid = (~excluded).to(torch.float32)
             mean = ((w - codes * s) * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
