@@ -58,6 +58,8 @@ if importlib.util.find_spec("optimum_superweight") is None:
 import optimum_superweight  # noqa: E402,F401
 
 DEFAULT_OUTPUT = HERE / "results" / "quality_multitext.json"
+#: RESULTS.md keeps everything from this line on when it is rebuilt (sections no result file renders).
+KEPT_MARKER = "<!-- Sections below are kept when RESULTS.md is rebuilt. -->"
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -596,8 +598,14 @@ def render_results_md(results_dir: Path) -> Path:
     base = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
     existing = {name: f"{results_dir.name}/{name}.png" for name in ("quality", "speed") if (results_dir / f"{name}.png").is_file()}
     text = markdown(base, existing) + "\n" + standalone_sections(results_dir)
-    (out / "RESULTS.md").write_text(text, encoding="utf-8")
-    return out / "RESULTS.md"
+    target = out / "RESULTS.md"
+    # Sections written by hand or by scripts that do not render (servers, fine-tuning, ...) sit below this marker
+    # and survive a rebuild.
+    previous = target.read_text(encoding="utf-8") if target.is_file() else ""
+    if KEPT_MARKER in previous:
+        text = text.rstrip("\n") + "\n\n" + previous[previous.index(KEPT_MARKER):]
+    target.write_text(text, encoding="utf-8")
+    return target
 
 
 # ---- driver ----------------------------------------------------------------------------------------------
