@@ -173,20 +173,31 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 del model
                 print(f"  {times[key][-1]:6.1f} s  load {loads[-1]:.1f}  {label}", flush=True)
+                # After every load: a run stopped early (hours under heavy load) still leaves what it measured.
+                _write(args.output, _result(args, keys, times, loads, steps, cpu_name()))
         if not args.no_steps:
             with _step_timers(steps):
                 start = time.perf_counter()
                 AutoModelForCausalLM.from_pretrained(path, quantization_config=SuperWeightConfig())
                 steps = {"total": time.perf_counter() - start, **steps}
-    rows = [{"label": CONFIGS[key][0], "key": key, "config": CONFIGS[key][1], "median_s": statistics.median(times[key]),
-             "min_s": min(times[key]), "times_s": times[key]} for key in keys]
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-              "reps": args.reps, "rows": rows, "steps": steps, "busy": args.busy,
-              "load": {"min": min(loads), "max": max(loads), "each": loads}}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    result = _result(args, keys, times, loads, steps, cpu_name())
+    _write(args.output, result)
     print(load_time_markdown(result))
     print(f"wrote {args.output}")
+
+
+def _result(args, keys, times, loads, steps, cpu) -> dict:
+    """The JSON of the loads measured so far (``reps``: the complete repetitions; rows with no load are left out)."""
+    rows = [{"label": CONFIGS[key][0], "key": key, "config": CONFIGS[key][1], "median_s": statistics.median(times[key]),
+             "min_s": min(times[key]), "times_s": times[key]} for key in keys if times[key]]
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "threads": torch.get_num_threads(),
+            "reps": min(len(t) for t in times.values()), "rows": rows, "steps": steps, "busy": args.busy,
+            "load": {"min": min(loads), "max": max(loads), "each": loads}}
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 
 #: (hidden size, intermediate size, decoder layers) of the synthetic models, growing.
-SIZES = ((256, 704, 4), (512, 1408, 4), (768, 2048, 4), (1024, 2816, 4), (512, 1408, 16))
+SIZES = ((256, 704, 4), (512, 1408, 4), (768, 2048, 4), (512, 1408, 8), (512, 1408, 16))
 
 
 def scaling_markdown(result: dict) -> str:
