@@ -11,6 +11,12 @@ renders into ``benchmarks/RESULTS.md``.
 
     python3 benchmarks/load_time.py              # ~6 min on 2 cores (3 x 5 loads + 1)
     python3 benchmarks/load_time.py --reps 1     # quick look
+    python3 benchmarks/load_time.py --rows rtn default default-serial --busy 2 --output results/load_time_busy.json
+
+``--rows`` picks rows by key (:data:`CONFIGS`); ``default-serial`` is the default with the row blocks fitted one
+after the other on torch's own threads (how codes were chosen before the fitting pool of
+:mod:`optimum_superweight.tensor.rows`), for a before/after in one run. ``--busy N`` adds N busy-looping
+processes for the whole run (a loaded machine); the 1-minute load average is recorded with every load.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,28 +35,38 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 
-#: The rows: label -> SuperWeightConfig keywords.
-CONFIGS: dict[str, dict] = {
-    "round-to-nearest, `SuperWeightConfig(method=\"rtn\")` (the previous default)": {"method": "rtn"},
-    "data-free HQQ grids, `SuperWeightConfig(importance=\"none\")`": {"importance": "none"},
-    "**the default, `SuperWeightConfig()`** (grids weighted by activations)": {},
-    "the default, `low_memory=True` (data-free grids while loading)": {"low_memory": True},
-    "GPTQ, `SuperWeightConfig(method=\"gptq\")` (8,192 calibration tokens, whole Hessians)": {"method": "gptq"},
+#: The rows: key -> (label, SuperWeightConfig keywords).
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "rtn": ("round-to-nearest, `SuperWeightConfig(method=\"rtn\")` (the previous default)", {"method": "rtn"}),
+    "data-free": ("data-free HQQ grids, `SuperWeightConfig(importance=\"none\")`", {"importance": "none"}),
+    "default": ("**the default, `SuperWeightConfig()`** (grids weighted by activations)", {}),
+    "default-serial": ("the default, blocks fitted one after the other on torch's threads (before issue 23)", {}),
+    "low-memory": ("the default, `low_memory=True` (data-free grids while loading)", {"low_memory": True}),
+    "gptq": ("GPTQ, `SuperWeightConfig(method=\"gptq\")` (8,192 calibration tokens, whole Hessians)", {"method": "gptq"}),
 }
+#: Rows measured when ``--rows`` is not given.
+DEFAULT_ROWS = ("rtn", "data-free", "default", "low-memory", "gptq")
 
 
-def load_time_markdown(result: dict) -> str:
+def load_time_markdown(result: dict, heading: str = "## Quantize-on-load time") -> str:
     """The quantize-on-load section of ``benchmarks/RESULTS.md`` from ``results/load_time.json``."""
     base = result["rows"][0]["median_s"]
+    busy = result.get("busy", 0)
+    load = result.get("load")
+    condition = ""
+    if load:
+        condition = (f", 1-minute load average {load['min']:.1f}-{load['max']:.1f} during the loads"
+                     + (f" with {busy} extra busy-looping processes" if busy else ""))
     lines = [
-        "## Quantize-on-load time",
+        heading,
         "",
-        f"`python3 benchmarks/load_time.py` ({result['date']}, {result['cpu']}, {result['threads']} torch threads): "
+        f"`python3 benchmarks/load_time.py` ({result['date']}, {result['cpu']}, {result['threads']} torch threads"
+        f"{condition}): "
         f"`from_pretrained` of SmolLM2-135M-Instruct (float32 folder, warm file cache) with each configuration, "
         f"detection included, rotated in one process; medians of {result['reps']} loads. Ratios are to "
-        "round-to-nearest in the same run.",
+        f"{result['rows'][0]['label'].split(',')[0]} in the same run.",
         "",
-        "| configuration | load s (median) | min s | x round-to-nearest |",
+        "| configuration | load s (median) | min s | x first row |",
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {r['label']} | {r['median_s']:.1f} | {r['min_s']:.1f} | x{r['median_s'] / base:.2f} |"
@@ -57,6 +76,32 @@ def load_time_markdown(result: dict) -> str:
         lines += ["", "Where the default's load time goes (one extra load with timers): "
                   + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _serial_fitting(serial: bool):
+    """With ``serial``, fit the row blocks one after the other on torch's threads (the path before the pool)."""
+    from optimum_superweight.tensor import rows
+
+    original = rows.fitting_workers
+    if serial:
+        rows.fitting_workers = lambda blocks: 1
+    try:
+        yield
+    finally:
+        rows.fitting_workers = original
+
+
+@contextlib.contextmanager
+def _busy_processes(count: int):
+    """``count`` processes that spin a core each until the block ends (a loaded machine)."""
+    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager
@@ -95,6 +140,10 @@ def _step_timers(totals: dict[str, float]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_ROWS),
+                        help="rows to measure (the first is the ratios' base)")
+    parser.add_argument("--busy", type=int, default=0, help="extra busy-looping processes during the loads")
+    parser.add_argument("--no-steps", action="store_true", help="skip the extra load with step timers")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "load_time.json")
     args = parser.parse_args()
 
@@ -106,30 +155,49 @@ def main() -> None:
     from optimum_superweight.kernels.guard import cpu_name
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     path = default_model_path()
     AutoModelForCausalLM.from_pretrained(path)  # warm the file cache (the model is dropped)
-    labels = list(CONFIGS)
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for rep in range(args.reps):
-        for label in labels[rep % len(labels):] + labels[: rep % len(labels)]:
-            start = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=SuperWeightConfig(**CONFIGS[label]))
-            times[label].append(time.perf_counter() - start)
-            del model
-            print(f"  {times[label][-1]:6.1f} s  {label}", flush=True)
+    keys = list(args.rows)
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    loads: list[float] = []
     steps: dict[str, float] = {}
-    with _step_timers(steps):
-        start = time.perf_counter()
-        AutoModelForCausalLM.from_pretrained(path, quantization_config=SuperWeightConfig())
-        steps = {"total": time.perf_counter() - start, **steps}
-    rows = [{"label": label, "config": CONFIGS[label], "median_s": statistics.median(times[label]),
-             "min_s": min(times[label]), "times_s": times[label]} for label in labels]
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-              "reps": args.reps, "rows": rows, "steps": steps}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    with _busy_processes(args.busy):
+        for rep in range(args.reps):
+            for key in keys[rep % len(keys):] + keys[: rep % len(keys)]:
+                label, options = CONFIGS[key]
+                start = time.perf_counter()
+                with _serial_fitting(key == "default-serial"):
+                    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=SuperWeightConfig(**options))
+                times[key].append(time.perf_counter() - start)
+                loads.append(os.getloadavg()[0])
+                del model
+                print(f"  {times[key][-1]:6.1f} s  load {loads[-1]:.1f}  {label}", flush=True)
+                # After every load: a run stopped early (hours under heavy load) still leaves what it measured.
+                _write(args.output, _result(args, keys, times, loads, steps, cpu_name()))
+        if not args.no_steps:
+            with _step_timers(steps):
+                start = time.perf_counter()
+                AutoModelForCausalLM.from_pretrained(path, quantization_config=SuperWeightConfig())
+                steps = {"total": time.perf_counter() - start, **steps}
+    result = _result(args, keys, times, loads, steps, cpu_name())
+    _write(args.output, result)
     print(load_time_markdown(result))
     print(f"wrote {args.output}")
+
+
+def _result(args, keys, times, loads, steps, cpu) -> dict:
+    """The JSON of the loads measured so far (``reps``: the complete repetitions; rows with no load are left out)."""
+    rows = [{"label": CONFIGS[key][0], "key": key, "config": CONFIGS[key][1], "median_s": statistics.median(times[key]),
+             "min_s": min(times[key]), "times_s": times[key]} for key in keys if times[key]]
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "threads": torch.get_num_threads(),
+            "reps": min(len(t) for t in times.values()), "rows": rows, "steps": steps, "busy": args.busy,
+            "load": {"min": min(loads), "max": max(loads), "each": loads}}
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

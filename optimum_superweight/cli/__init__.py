@@ -1,8 +1,11 @@
 """``optimum-superweight`` command line: one sub-command module per task.
 
 Each module in ``SUBCOMMAND_MODULES`` defines ``register(subparsers)``, adding its parser with
-``set_defaults(func=run)`` where ``run(args) -> int``. Heavy imports stay inside ``run`` so that
-``--help`` is instant. The same modules back ``optimum-cli superweight ...``.
+``set_defaults(func=run)`` where ``run(args) -> int``, and optionally ``check=check`` where ``check(args)`` checks
+the paths before any work. Nothing here, in the parsers or in the checks imports torch or transformers (heavy
+imports stay inside ``run``), so ``--help``, argument errors and path errors are answered at once when the
+console script (:mod:`optimum_superweight_entry`) defers the package's own import. The same modules back
+``optimum-cli superweight ...``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main", "build_parser", "SUBCOMMAND_MODULES"]
 
@@ -51,8 +54,12 @@ def build_parser(prog: str = "optimum-superweight") -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "optimum-superweight") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "optimum-superweight", *,
+         ready: Callable[[], None] | None = None) -> int:
     """Entry point of ``optimum-superweight``; returns the process exit code (never raises for a command's error).
+
+    ``ready()`` runs after the arguments and the command's path checks passed, before its work (the console
+    script imports the package there: see :mod:`optimum_superweight_entry`).
 
     >>> main(["card", "--known", "huggyllama/llama-7b"])  # doctest: +SKIP
     0
@@ -64,7 +71,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "optimum-superweight") -
         args = parser.parse_args(argv)
     except SystemExit as exit:  # --help (0), or a usage error argparse already explained on stderr (2)
         return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 2)
-    return run_command(args, prog)
+    return run_command(args, prog, ready=ready)
 
 
 if __name__ == "__main__":  # pragma: no cover

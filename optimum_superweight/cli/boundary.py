@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 
 __all__ = ["run_command", "describe_error", "EXIT_USER_ERROR", "EXIT_UNEXPECTED", "EXIT_INTERRUPTED"]
 
@@ -83,8 +84,9 @@ def _debug_requested(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("OPTIMUM_SUPERWEIGHT_DEBUG", "") not in ("", "0")
 
 
-def run_command(args: argparse.Namespace, prog: str) -> int:
-    """Run ``args.func(args)`` behind the boundary; returns the exit code (0 on success)."""
+def run_command(args: argparse.Namespace, prog: str, ready: Callable[[], None] | None = None) -> int:
+    """Run ``args.check(args)`` (the command's path checks, when it has them), ``ready()`` and ``args.func(args)``
+    behind the boundary; returns the exit code (0 on success)."""
     debug = _debug_requested(args)
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
@@ -93,13 +95,18 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
         hub_logger.setLevel(logging.ERROR)
     where = f"{prog} {getattr(args, 'command', '')}".strip()
     try:
-        return _run(args, where, debug)
+        return _run(args, where, debug, ready)
     finally:
         hub_logger.setLevel(level)
 
 
-def _run(args: argparse.Namespace, where: str, debug: bool) -> int:
+def _run(args: argparse.Namespace, where: str, debug: bool, ready: Callable[[], None] | None) -> int:
     try:
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(args)
+        if ready is not None:
+            ready()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{where}: interrupted.", file=sys.stderr)

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
     add_overwrite_argument(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, check=check)
 
 
 def folder_size(path: Path) -> int:
@@ -90,6 +90,19 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+def _check_outputs(args: argparse.Namespace, source: str | None) -> Path:
+    # Re-running the demo replaces its own previous checkpoint (default folder only); else --overwrite is needed.
+    replace = args.overwrite or (args.output == DEFAULT_OUTPUT and _holds_superweight_checkpoint(Path(args.output)))
+    output = check_output_folder(args.output, replace, "--output", source)
+    check_output_file(args.json, args.overwrite, "--json")
+    return output
+
+
+def check(args: argparse.Namespace) -> None:
+    """The paths, before torch and transformers are imported (``run`` checks them again: it may run alone)."""
+    _check_outputs(args, check_model_source(args.model, what="--model") if args.model else None)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,11 +115,8 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     source = check_model_source(args.model, what="--model") if args.model else str(default_model_path())
-    # Re-running the demo replaces its own previous checkpoint (default folder only); else --overwrite is needed.
-    replace = args.overwrite or (args.output == DEFAULT_OUTPUT and _holds_superweight_checkpoint(Path(args.output)))
-    output = check_output_folder(args.output, replace, "--output", source)
+    output = _check_outputs(args, source)
     replacing = output.is_dir() and any(output.iterdir())
-    check_output_file(args.json, args.overwrite, "--json")
     config = SuperWeightConfig(bits=args.bits, group_size=args.group_size, **method_options(args))
     with reraise_hub_errors(source, "loading"):
         check_not_quantized(source, "--model")

@@ -57,7 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     add_overwrite_argument(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """The paths, before torch and transformers are imported (``run`` checks them again: it may run alone)."""
+    check_model_source(args.model)
+    check_output_file(args.json_path, args.overwrite, "--json")
+    check_output_file(args.plot_path, args.overwrite, "--plot")
+    _check_plot(args.plot_path)
 
 
 def run(args: argparse.Namespace) -> int:

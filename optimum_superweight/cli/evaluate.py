@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_protocol_arguments(parser)
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    parser.set_defaults(func=run_perplexity)
+    parser.set_defaults(func=run_perplexity, check=check)
 
     parser = subparsers.add_parser(
         "ablate",
@@ -79,7 +79,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-restore", action="store_true", help="skip the super-activation restore row")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
-    parser.set_defaults(func=run_ablate)
+    parser.set_defaults(func=run_ablate, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """The paths, before torch and transformers are imported (the commands check them again: they may run alone)."""
+    check_output_file(args.json_path, args.overwrite, "--json")
+    if args.model != "default":
+        check_model_source(args.model)
 
 
 def _load(args: argparse.Namespace):

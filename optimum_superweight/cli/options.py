@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import IMPORTANCES
 
 __all__ = ["add_method_arguments", "method_options", "describe_grid"]
 
 METHOD_CHOICES = ("hqq", "rtn", "gptq")
+#: ``SuperWeightConfig.importance``'s values (``config.IMPORTANCES``; a test checks they agree): not imported
+#: from there, because the config module imports transformers and the parser is built before it (fast ``--help``).
+IMPORTANCE_CHOICES = ("activations", "none")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +25,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "gptq: error feedback)",
     )
     parser.add_argument(
-        "--importance", choices=IMPORTANCES, default=None,
+        "--importance", choices=IMPORTANCE_CHOICES, default=None,
         help="hqq: weigh each weight's error by its input channel's mean squared activation on built-in calibration "
         "text ('activations', the default) or not at all ('none': data-free, no calibration pass)",
     )

@@ -40,8 +40,6 @@ def _looks_like_path(text: str) -> bool:
 def check_model_source(source: str, *, what: str = "MODEL", need_weights: bool = True) -> str:
     """``source`` if it names a usable local model folder or looks like a Hub repo id; else a ``ValueError``
     saying what is wrong (missing path, a file, no config.json, no weights) and what is expected."""
-    from ..hub.reading import REPO_ID
-
     path = Path(source).expanduser()
     expected = (
         "expected a folder written by save_pretrained (config.json + *.safetensors) or a Hub repo id such as "
@@ -60,7 +58,11 @@ def check_model_source(source: str, *, what: str = "MODEL", need_weights: bool =
                 "files next to config.json."
             )
         return str(path)
-    if _looks_like_path(source) or not REPO_ID.match(source) or ".." in source or "--" in source:
+    if _looks_like_path(source) or ".." in source or "--" in source:
+        raise ValueError(f"{what} {source} does not exist: {expected}. Check the path.")
+    from ..hub.reading import REPO_ID  # only now: importing the hub package imports transformers (a fast path error)
+
+    if not REPO_ID.match(source):
         raise ValueError(f"{what} {source} does not exist: {expected}. Check the path.")
     return source
 

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="shard size for save_pretrained (default: 5GB)")
     add_overwrite_argument(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, check=check)
 
 
 def _check_shard_size(text: str) -> None:
@@ -67,6 +67,11 @@ def _check_shard_size(text: str) -> None:
         raise ValueError(
             f"--max-shard-size {text!r} is invalid: accepted is a positive integer and a unit, e.g. 5GB or 500MB."
         )
+
+
+def check(args: argparse.Namespace) -> None:
+    """The paths, before torch and transformers are imported (``run`` checks them again: it may run alone)."""
+    check_output_folder(args.output, args.overwrite, "OUTPUT", check_model_source(args.model))
 
 
 def run(args: argparse.Namespace) -> int:

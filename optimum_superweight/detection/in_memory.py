@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..architectures import ProjectionSite, projection_sites
+from ..progress import forward_progress
 from .classify import classify_records, confirmation_summary
 from .confirm import confirm_candidates, layers_are_contiguous
 from .inputs import DEFAULT_CONFIRM_TOKENS, DetectionSettings
@@ -116,7 +117,7 @@ def detect_super_weights(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_progress(run.decoder_layers, desc="super-weight detection", unit="layer"):
             _run_stages(run, report, search_sites, settings, known_layout=projection is None)
     finally:
         # Whatever happened, every zeroed weight gets its exact original value back.

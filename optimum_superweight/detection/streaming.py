@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..architectures import ProjectionSite, projection_sites
+from ..progress import forward_progress
 from ..prompts import load_tokenizer
 from ..records import SuperWeight
 from .inputs import DetectionSettings, encode_prompts, pad_batch
@@ -256,8 +257,11 @@ def _detect_streaming(
         kwargs["inputs_embeds"] = inputs_embeds
     else:
         kwargs["input_ids"] = input_ids
+    last = max(site.layer for site in search_sites)
+    streamed = [model.get_submodule(site.layer_name) for site in sites if site.layer <= last]
     try:
-        _stream_layers(model, sites, max(site.layer for site in search_sites), reader, dtype, say, kwargs)
+        with forward_progress(streamed, desc="super-weight detection (streaming)", unit="layer", total=len(streamed)):
+            _stream_layers(model, sites, last, reader, dtype, say, kwargs)
     finally:
         spy.remove()
     report.iterations, report.layer_spikes, found = collect_candidates(spy, search_sites, valid, settings.max_super_weights)

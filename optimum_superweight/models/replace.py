@@ -34,10 +34,11 @@ from torch import nn
 
 from ..config import QuantizationResult, SuperWeightConfig
 from ..nn.linear import SuperWeightLinear
+from ..progress import forward_progress, progress_bar
 from ..records import SuperWeight
 from ..tensor.methods import code_method, code_settings
 from ..tensor.quantize import QuantizedWeight
-from ..tensor.rows import quantize_by_rows
+from ..tensor.rows import LayerWeight, quantize_by_rows, quantize_layers
 from .calibration import collect_hessians, collect_input_energy, model_calibration_ids
 from .modules import as_linear, features, set_module
 from .plan import (
@@ -177,7 +178,8 @@ def calibrate(
         return hessians
     ids, bos = model_calibration_ids(model, tokenizer, algorithm.calibration_tokens)
     collect = collect_hessians if algorithm.needs_hessians else collect_input_energy
-    return collect(model, list(targets), ids, bos_id=bos)
+    with forward_progress(targets.values(), desc="calibration", unit="layer"):
+        return collect(model, list(targets), ids, bos_id=bos)
 
 
 def choose_codes(
@@ -188,27 +190,30 @@ def choose_codes(
 ) -> dict[str, QuantizedWeight]:
     """Each layer's codes, chosen as ``config`` asks (:func:`~optimum_superweight.tensor.methods.code_method`).
 
-    Layers one at a time in row blocks (:func:`~optimum_superweight.tensor.rows.quantize_by_rows`), or, for a
+    Layers in row blocks, several blocks at once on one intra-op thread each
+    (:func:`~optimum_superweight.tensor.rows.quantize_layers`: robust to a busy machine), or, for a
     method that quantizes layers reading one input together (GPTQ: one column sweep for q/k/v, gate/up), those
     layers in one call.
     """
     method = code_method(config)
     if method.choose_shared is None:
-        return {
-            name: quantize_by_rows(linear.weight.detach(), coordinates.get(name, []), config,
-                                   hessian=hessians.get(name) if hessians else None)
-            for name, linear in linears.items()
-        }
+        layers = {name: LayerWeight(linear.weight.detach(), coordinates.get(name, []),
+                                    hessians.get(name) if hessians else None)
+                  for name, linear in linears.items()}
+        with progress_bar(total=len(layers), desc="choosing codes", unit="layer") as bar:
+            return quantize_layers(layers, config, on_layer=lambda name: bar.update())
     shared: dict[int, list[str]] = {}
     for name in linears:
         if hessians is None or hessians.get(name) is None:
             raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
         shared.setdefault(id(hessians[name]), []).append(name)
     settings, codes = code_settings(config), {}
-    for names in shared.values():
-        weights = [linears[n].weight.detach() for n in names]
-        holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]
-        codes.update(zip(names, method.choose_shared(weights, settings, holdouts, hessians[names[0]])))
+    with progress_bar(total=len(linears), desc="choosing codes", unit="layer") as bar:
+        for names in shared.values():
+            weights = [linears[n].weight.detach() for n in names]
+            holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]
+            codes.update(zip(names, method.choose_shared(weights, settings, holdouts, hessians[names[0]])))
+            bar.update(len(names))
     return codes
 
 
