@@ -501,13 +501,13 @@ class SuperWeightConfig(QuantizationConfigMixin):
         for name in ("modules_to_not_convert", "detection_prompts", "detection_layers", "super_activation_channels"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+        self._validate_weight_format()
         self._validate_method_fields()
         if self.low_memory and self.clip_search and self.clip_objective == "output":
             raise ValueError(
                 "SuperWeightConfig.low_memory=True is invalid with clip_search=True and clip_objective='output': the "
                 "output objective needs every layer's calibration activations. Use clip_objective='weight' or low_memory=False."
             )
-        self._validate_weight_format()
         if self.importance == "activations" and (self.method != "hqq" and self.weight_format != "bnb-nf4" or self.low_memory):
             reason = (
                 "low_memory=True never holds the full-precision model, whose activations the weighting reads. Use "

@@ -187,6 +187,9 @@ class SuperWeightNF4Linear(bnb.nn.Linear4bit):
 
     # -- inference ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() and x.requires_grad:
+            # bitsandbytes' CPU inference layout has no backward (it would run it anyway): back to the stored one.
+            self._unpack_for_storage()
         out = super().forward(x)  # bitsandbytes' kernels: the matrix is 0 at every super weight
         if self.super_weight_indices is None:
             return out
