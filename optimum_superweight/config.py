@@ -311,7 +311,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
             out of their block's absmax and added back exactly, and each block's absmax searched (``clip_search``,
             on by default) for the error weighted by ``importance`` (default ``"activations"``). It needs ``bits=4``,
             ``group_size=64``, ``symmetric=True``, ``scale_dtype="float32"`` and ``method="rtn"`` (the defaults it
-            resolves to), no ``low_memory``, no W8A8. See :mod:`optimum_superweight.nn.nf4`.
+            resolves to), no ``low_memory``, no W8A8. The search needs the weighting: with ``importance="none"`` it
+            does worse than plain NF4 (``benchmarks/RESULTS.md``). See :mod:`optimum_superweight.nn.nf4`.
         modules_to_not_convert: Module names (or name suffixes) kept in full precision. Default: the output
             embedding (``lm_head``) and anything tied to it; embeddings are never converted.
         super_weights: Coordinates to keep exact, as dicts (``module``, ``row``, ``col``, optional ``value``)
