@@ -160,6 +160,13 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("rtn_g64", "ours, RTN int4 sym g64 (the old default, `method=\"rtn\"`)", "ours",
             {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True}, ("smollm2", "tiny")),
     RowSpec("nf4", "bitsandbytes NF4, blocksize 64", "nf4"),
+    # The NF4 form (bitsandbytes' own layer, 4.5 bits/weight like the row above) and its two ablations.
+    RowSpec("nf4_sw", "ours, `SuperWeightConfig(weight_format=\"bnb-nf4\")` (bitsandbytes NF4 bs64, exact super weights, "
+            "activation-weighted absmax search)", "ours", {"weight_format": "bnb-nf4"}),
+    RowSpec("nf4_sw_mse", "ours, bnb-nf4 with `importance=\"none\"` (unweighted absmax search, no calibration pass)", "ours",
+            {"weight_format": "bnb-nf4", "importance": "none"}),
+    RowSpec("nf4_sw_plain", "ours, bnb-nf4 with `clip_search=False, importance=\"none\"` (plain absmax, super weights "
+            "held out only)", "ours", {"weight_format": "bnb-nf4", "clip_search": False, "importance": "none"}),
     RowSpec("hqq4", "HQQ 4-bit g64 (hqq library)", "hqq", {"bits": 4, "group_size": 64}),
     RowSpec("hqq3", "HQQ 3-bit g64 (hqq library)", "hqq", {"bits": 3, "group_size": 64}),
     RowSpec("torchao4", "torchao int4 asym g64 (`IntxWeightOnlyConfig`)", "torchao", {"group_size": 64}, ("smollm2", "tiny")),
@@ -234,21 +241,21 @@ class ModelRun:
 
         from optimum_superweight import SuperWeightConfig
         from optimum_superweight.models.replace import quantize_model
-        from optimum_superweight.nn.linear import SuperWeightLinear
+        from optimum_superweight.nn.layers import is_quantized_layer
 
         work = copy.deepcopy(self.model)
         config = SuperWeightConfig(**options)
         start = time.perf_counter()
         quantize_model(work, config, list(self.super_weights), tokenizer=self.tokenizer)
         seconds = time.perf_counter() - start
-        layers = {name: m for name, m in work.named_modules() if isinstance(m, SuperWeightLinear)}
+        layers = {name: m for name, m in work.named_modules() if is_quantized_layer(m)}
         if set(layers) != set(self.modules):
             raise RuntimeError(f"package quantized {len(layers)} layers, expected {len(self.modules)}")
         denses = {name: m.dequantize_weight(torch.float32) for name, m in layers.items()}
         stored = sum(m.storage_bytes() for m in layers.values())
         settings = {k: v for k, v in config.to_dict().items()
                     if k in ("method", "importance", "calibration_tokens", "bits", "group_size", "symmetric", "scale_dtype", "clip_search", "clip_objective",
-                             "zero_point", "optimizer", "iterations")}
+                             "zero_point", "optimizer", "iterations", "weight_format")}
         return denses, stored, seconds, {"config": settings}
 
     def _per_matrix(self, quantizer: Callable[[Any], tuple[Any, int]]):

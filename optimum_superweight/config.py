@@ -53,6 +53,9 @@ IMPORTANCES = ("activations", "none")
 #: and more for the methods that estimate whole second-moment matrices (GPTQ, the output clip objective).
 DEFAULT_IMPORTANCE_TOKENS = 2048
 DEFAULT_HESSIAN_TOKENS = 8192
+#: How a layer's weights are stored: this package's affine groups (codes, scale, zero-point/offset per group) or
+#: bitsandbytes' own NF4 layer and state (blocks of 64, float32 absmax; :mod:`optimum_superweight.nn.nf4`).
+WEIGHT_FORMATS = ("affine", "bnb-nf4")
 #: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
 ACTIVATION_BITS = (None, 8)
 #: Prompt the paper's authors used to find super weights (defined once, in prompts.py).
@@ -138,6 +141,7 @@ FIELDS: dict[str, Validator] = {
     "symmetric": BOOL,
     "zero_point": _choice(ZERO_POINTS),
     "scale_dtype": _choice(SCALE_DTYPES),
+    "weight_format": _choice(WEIGHT_FORMATS),
     "modules_to_not_convert": _optional(_list_of(_name, "module names (strings)")),
     "super_weights": _list_of(lambda v: isinstance(v, (dict, SuperWeight)), "mappings with 'module', 'row', 'col' (or SuperWeight records)"),
     "detect": BOOL,
@@ -239,7 +243,7 @@ class AlgorithmSettings:
         >>> SuperWeightConfig().algorithm.needs_input_energy, SuperWeightConfig(importance="none").algorithm.needs_input_energy
         (True, False)
         """
-        return self.method == "hqq" and self.importance == "activations"
+        return self.importance == "activations"  # post_init admits it only where it is read (hqq, bnb-nf4)
 
 
 @dataclass(frozen=True)
@@ -301,6 +305,14 @@ class SuperWeightConfig(QuantizationConfigMixin):
             zero-point, ``w = s * (q - z)`` (``weight_zero_point``). Default (``None``): ``"float"`` with
             ``method="hqq"``, ``"uint8"`` otherwise. ``"float"`` needs ``method="hqq"`` or ``"rtn"``.
         scale_dtype: Storage dtype of scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+        weight_format: ``"affine"`` (default: this package's groups of codes, scale and offset) or ``"bnb-nf4"``:
+            each layer is a ``bitsandbytes.nn.Linear4bit`` (NF4, blocks of 64, float32 absmax; 4.5 bits/weight)
+            that bitsandbytes' CPU and CUDA kernels run and PEFT's QLoRA code wraps, with the super weights held
+            out of their block's absmax and added back exactly, and each block's absmax searched (``clip_search``,
+            on by default) for the error weighted by ``importance`` (default ``"activations"``). It needs ``bits=4``,
+            ``group_size=64``, ``symmetric=True``, ``scale_dtype="float32"`` and ``method="rtn"`` (the defaults it
+            resolves to), no ``low_memory``, no W8A8. The search needs the weighting: with ``importance="none"`` it
+            does worse than plain NF4 (``benchmarks/RESULTS.md``). See :mod:`optimum_superweight.nn.nf4`.
         modules_to_not_convert: Module names (or name suffixes) kept in full precision. Default: the output
             embedding (``lm_head``) and anything tied to it; embeddings are never converted.
         super_weights: Coordinates to keep exact, as dicts (``module``, ``row``, ``col``, optional ``value``)
@@ -373,7 +385,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         bits: int = 4,
         group_size: int = 64,
         symmetric: bool | None = None,
-        scale_dtype: str = "float16",
+        scale_dtype: str | None = None,
         modules_to_not_convert: list[str] | None = None,
         super_weights: Sequence[dict[str, Any] | SuperWeight] | None = None,
         detect: bool = True,
@@ -384,7 +396,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         max_super_weights: int = 16,
         method: str | None = None,
         importance: str | None = None,
-        clip_search: bool = False,
+        clip_search: bool | None = None,
         clip_objective: str = "weight",
         calibration_tokens: int | None = None,
         damp: float = 0.01,
@@ -400,6 +412,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         smoothquant_alpha: float | None = None,
         digests: dict[str, str] | None = None,
         zero_point: str | None = None,
+        weight_format: str = "affine",
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -413,6 +426,13 @@ class SuperWeightConfig(QuantizationConfigMixin):
                     f"SuperWeightConfig got unknown field(s) {', '.join(map(repr, unknown))}{hint}; accepted fields are "
                     f"{', '.join(FIELDS)}."
                 )
+        if weight_format == "bnb-nf4":  # its own grid: symmetric absmax blocks, float32 absmax, the absmax search on
+            symmetric = True if symmetric is None else symmetric
+            method = "rtn" if method is None else method
+            clip_search = True if clip_search is None else clip_search
+            scale_dtype = "float32" if scale_dtype is None else scale_dtype
+        scale_dtype = "float16" if scale_dtype is None else scale_dtype
+        clip_search = False if clip_search is None else clip_search
         # Unset choices follow the method: checkpoints always record all three, so a checkpoint written before
         # "hqq" and float offsets existed (rtn/gptq, no zero_point key) resolves to what it was written with.
         if method is None:  # the clip search and W8A8 are round-to-nearest options
@@ -422,7 +442,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         if zero_point is None:
             zero_point = "float" if method == "hqq" and symmetric is False else "uint8"
         if importance is None:  # the weighting needs the full-precision model's activations: not while streaming
-            importance = "activations" if method == "hqq" and not low_memory else "none"
+            importance = "activations" if (method == "hqq" or weight_format == "bnb-nf4") and not low_memory else "none"
         if calibration_tokens is None:
             reads_hessians = _reads_hessians(method, clip_search, clip_objective)
             calibration_tokens = DEFAULT_HESSIAN_TOKENS if reads_hessians else DEFAULT_IMPORTANCE_TOKENS
@@ -482,13 +502,14 @@ class SuperWeightConfig(QuantizationConfigMixin):
         for name in ("modules_to_not_convert", "detection_prompts", "detection_layers", "super_activation_channels"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+        self._validate_weight_format()
         self._validate_method_fields()
         if self.low_memory and self.clip_search and self.clip_objective == "output":
             raise ValueError(
                 "SuperWeightConfig.low_memory=True is invalid with clip_search=True and clip_objective='output': the "
                 "output objective needs every layer's calibration activations. Use clip_objective='weight' or low_memory=False."
             )
-        if self.importance == "activations" and (self.method != "hqq" or self.low_memory):
+        if self.importance == "activations" and (self.method != "hqq" and self.weight_format != "bnb-nf4" or self.low_memory):
             reason = (
                 "low_memory=True never holds the full-precision model, whose activations the weighting reads. Use "
                 "importance='none' (data-free grids) or low_memory=False"
@@ -649,6 +670,18 @@ class SuperWeightConfig(QuantizationConfigMixin):
                 f"super_weights=... cannot be combined with coordinates from the {source}: pass one or the other."
             )
         return cls(super_weights=[sw.with_updates(source=source) for sw in records], **kwargs)
+
+    def _validate_weight_format(self) -> None:
+        """``weight_format="bnb-nf4"``: bitsandbytes' NF4 layer (4 bits, blocks of 64, float32 absmax, symmetric), its
+        codes round-to-nearest after the per-block absmax search (``clip_search``), weighted by ``importance``."""
+        if self.weight_format != "bnb-nf4":
+            return
+        required = {"bits": 4, "group_size": 64, "symmetric": True, "scale_dtype": "float32", "method": "rtn",
+                    "clip_objective": "weight", "low_memory": False, "activation_bits": None}
+        for name, value in required.items():
+            if getattr(self, name) != value:
+                raise _invalid(name, getattr(self, name), f"{value!r} with weight_format='bnb-nf4' (bitsandbytes' NF4 "
+                               "layer: 4-bit blocks of 64 with a float32 absmax, chosen by its own absmax search)")
 
     def _validate_method_fields(self) -> None:
         if self.method == "hqq" and self.clip_search:

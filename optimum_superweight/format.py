@@ -7,13 +7,19 @@ each present under a condition of the layer's settings:
 tensor                      dtype                      shape                present when
 ==========================  =========================  ===================  ============================
 ``<m>.weight``              uint8                      ``[out, groups, B]`` always (packed codes)
-``<m>.weight_scale``        ``scale_dtype``            ``[out, groups]``    always
+``<m>.weight_scale``        ``scale_dtype``            ``[out, groups]``    ``weight_format="affine"``
+``<m>.weight_absmax``       float32, bfloat16 values   ``[blocks]``         ``weight_format="bnb-nf4"``
 ``<m>.weight_zero_point``   uint8, ``<= 2**bits - 1``  ``[out, groups]``    asymmetric, ``zero_point="uint8"``
 ``<m>.weight_offset``       ``scale_dtype``, finite    ``[out, groups]``    asymmetric, ``zero_point="float"``
 ``<m>.super_weight_indices`` int32, in the matrix       ``[k, 2]``           the module has k > 0 super weights
 ``<m>.super_weight_values`` float32, finite            ``[k]``              the module has k > 0 super weights
 ``<m>.bias``                the model's float dtype    ``[out]``            the original layer had one
 ==========================  =========================  ===================  ============================
+
+With ``weight_format="bnb-nf4"`` a layer is bitsandbytes' NF4 ``Linear4bit`` (:mod:`optimum_superweight.nn.nf4`):
+``weight`` holds its packed codes as bitsandbytes lays them out, uint8 ``[ceil(out*in/2), 1]``, and
+``weight_absmax`` its float32 absmax per block of 64 (``blocks = ceil(out*in/64)``), each a bfloat16 value
+(what bitsandbytes' CPU kernel runs); a super weight holds code 7, whose NF4 level is exactly 0.
 
 ``B`` is :func:`optimum_superweight.tensor.packing.packed_size` of a group; every byte pattern of a packed
 group decodes to codes inside the bit width's range, so ``weight`` needs no value check beyond its dtype
@@ -50,6 +56,7 @@ from typing import Any
 
 import torch
 
+from .tensor.nf4 import NF4_ZERO_CODE, bf16_exact, nf4_blocks, nf4_code_at, nf4_packed_shape
 from .tensor.packing import unpack_codes
 from .tensor.quantize import GroupLayout
 
@@ -58,6 +65,7 @@ __all__ = [
     "DIGEST_ALGORITHM",
     "WEIGHT",
     "SCALE",
+    "ABSMAX",
     "ZERO_POINT",
     "OFFSET",
     "DIGESTS_METADATA_KEY",
@@ -97,6 +105,7 @@ DIGEST_ALGORITHM = "crc32"
 
 WEIGHT = "weight"
 SCALE = "weight_scale"
+ABSMAX = "weight_absmax"
 ZERO_POINT = "weight_zero_point"
 OFFSET = "weight_offset"
 SUPER_WEIGHT_INDICES = "super_weight_indices"
@@ -139,6 +148,12 @@ class LayerFormat:
     #: Asymmetric offset storage: ``"uint8"`` integer zero-points (``w = s*(q - z)``) or ``"float"`` offsets
     #: (``w = s*q + m``, tensor ``weight_offset``), see the quality branch's ``SuperWeightConfig.zero_point``.
     zero_point: str = "uint8"
+    #: ``"affine"`` (this package's groups) or ``"bnb-nf4"`` (bitsandbytes' NF4 layer), see ``SuperWeightConfig``.
+    weight_format: str = "affine"
+
+    @property
+    def nf4(self) -> bool:
+        return self.weight_format == "bnb-nf4"
 
     @property
     def layout(self) -> GroupLayout:
@@ -160,6 +175,7 @@ class LayerFormat:
             group_size=module.group_size, symmetric=module.symmetric, scale_dtype=module.scale_dtype,
             num_super_weights=module.num_super_weights, bias=module.bias is not None,
             zero_point=getattr(module, "zero_point", None) or "uint8",
+            weight_format=getattr(module, "weight_format", "affine"),
         )
 
 
@@ -208,6 +224,14 @@ def _check_scale(fmt: LayerFormat, scale: torch.Tensor) -> str | None:
     return None
 
 
+def _check_absmax(fmt: LayerFormat, absmax: torch.Tensor) -> str | None:
+    bad = ~torch.isfinite(absmax) | (absmax < 0) | (bf16_exact(absmax) != absmax)
+    if bool(bad.any()):
+        at = _first(bad)
+        return f"holds {absmax[at].item()!r} at {list(at)}; accepted are finite bfloat16 values >= 0 (stored as float32)"
+    return None
+
+
 def _check_zero_point(fmt: LayerFormat, zero: torch.Tensor) -> str | None:
     bad = zero.to(torch.int32) > fmt.max_code
     if bool(bad.any()):
@@ -243,9 +267,13 @@ def _check_finite(fmt: LayerFormat, tensor: torch.Tensor) -> str | None:
 
 #: The format table (see the module docstring); rows in storage and digest order.
 TENSORS: tuple[TensorSpec, ...] = (
-    TensorSpec(WEIGHT, lambda f: True, lambda f: torch.uint8, lambda f: f.layout.packed_shape, "bits/group_size"),
-    TensorSpec(SCALE, lambda f: True, lambda f: SCALE_DTYPES[f.scale_dtype], lambda f: f.layout.scale_shape,
+    TensorSpec(WEIGHT, lambda f: True, lambda f: torch.uint8,
+               lambda f: nf4_packed_shape(f.out_features, f.in_features) if f.nf4 else f.layout.packed_shape,
+               "bits/group_size/weight_format"),
+    TensorSpec(SCALE, lambda f: not f.nf4, lambda f: SCALE_DTYPES[f.scale_dtype], lambda f: f.layout.scale_shape,
                "scale_dtype", _check_scale),
+    TensorSpec(ABSMAX, lambda f: f.nf4, lambda f: torch.float32,
+               lambda f: (nf4_blocks(f.out_features * f.in_features, f.group_size),), "weight_format", _check_absmax),
     TensorSpec(ZERO_POINT, lambda f: not f.symmetric and f.zero_point == "uint8", lambda f: torch.uint8,
                lambda f: f.layout.scale_shape, "symmetric", _check_zero_point),
     TensorSpec(OFFSET, lambda f: not f.symmetric and f.zero_point == "float", lambda f: SCALE_DTYPES[f.scale_dtype],
@@ -349,6 +377,8 @@ def check_layer_stored(module: str, fmt: LayerFormat, stored: Mapping[str, Store
 
 
 def _settings(fmt: LayerFormat) -> str:
+    if fmt.nf4:
+        return f"weight_format='bnb-nf4', {fmt.num_super_weights} super weight(s) in super_weights"
     return (
         f"scale_dtype={fmt.scale_dtype!r}, bits={fmt.bits}, group_size={fmt.group_size}, symmetric={fmt.symmetric}, "
         f"{fmt.num_super_weights} super weight(s) in super_weights"
@@ -365,6 +395,11 @@ def _unexplained(name: str, fmt: LayerFormat) -> str:
         return (
             f"config.json says symmetric={fmt.symmetric}, zero_point={fmt.zero_point!r} (no float offsets): its fields "
             "'symmetric'/'zero_point' disagree with the tensors"
+        )
+    if name in (SCALE, ABSMAX):
+        return (
+            f"config.json says weight_format={fmt.weight_format!r}, which stores {ABSMAX if fmt.nf4 else SCALE} instead: "
+            "its field 'weight_format' disagrees with the tensors"
         )
     if name in (SUPER_WEIGHT_INDICES, SUPER_WEIGHT_VALUES):
         return (
@@ -397,6 +432,18 @@ def check_layer_values(
 
 def check_held_out_codes(module: str, fmt: LayerFormat, tensors: Mapping[str, torch.Tensor | None]) -> None:
     """The packed code at every super weight is its group's zero code (the matrix is exactly 0 there)."""
+    if fmt.nf4 and fmt.num_super_weights:
+        indices = tensors[SUPER_WEIGHT_INDICES].to(torch.int64)
+        codes = nf4_code_at(tensors[WEIGHT], indices[:, 0] * fmt.in_features + indices[:, 1])
+        bad = codes != NF4_ZERO_CODE
+        if bool(bad.any()):
+            i = _first(bad)[0]
+            raise CheckpointFormatError(
+                f"{module}.{WEIGHT} holds NF4 code {int(codes[i])} at super weight #{i} ({int(indices[i, 0])}, "
+                f"{int(indices[i, 1])}), where the format stores code {NF4_ZERO_CODE} (level 0): the super weight "
+                "indices or the packed weight were altered."
+            )
+        return
     if not fmt.num_super_weights or (not fmt.symmetric and fmt.zero_point != "uint8"):
         return  # float offsets have no exact zero code: the kernels correct the decoded value instead
     group = fmt.layout.effective_group_size

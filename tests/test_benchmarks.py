@@ -249,13 +249,14 @@ def test_multitext_quality_runs_end_to_end(tmp_path):
     rows = {row["key"]: row for row in model["rows"]}
     assert set(rows) == {spec.key for spec in quality_multitext.ROWS}
     assert rows["fp"]["ratio"] == {key: 1.0 for key in texts}
-    for key in ("default", "low_bpw", "default_3bit", "per_channel", "rtn_per_channel", "rtn_g64", "nf4"):
+    for key in ("default", "low_bpw", "default_3bit", "per_channel", "rtn_per_channel", "rtn_g64", "nf4", "nf4_sw"):
         row = rows[key]
         assert "error" not in row, row
         assert set(row["ratio"]) == set(texts) and all(math.isfinite(v) and v > 0 for v in row["ratio"].values())
         assert row["ratio_min"] <= row["ratio_geomean"] <= row["ratio_max"]
     assert rows["default_3bit"]["bits_per_weight"] < rows["default"]["bits_per_weight"]
     assert rows["nf4"]["bits_per_weight"] == pytest.approx(4.5)
+    assert rows["nf4_sw"]["bits_per_weight"] == pytest.approx(4.5, abs=0.01)  # bnb's layout + the exact super weight
     # The package stores the exact super weight on top of the plain codes and scales.
     assert rows["per_channel"]["bits_per_weight"] > rows["rtn_per_channel"]["bits_per_weight"]
     assert [sw["row"] for sw in model["super_weights"]] == [5]

@@ -125,7 +125,8 @@ _HOSTILE = {
     "group_size": [True, 10**12, 2**20 + 1, 4, 0, -2, 64.0, "64", None, [64]],
     "symmetric": [1, 0, "true", "yes", [True]],  # None: follows the method
     "zero_point": ["int4", "UINT8", "float16", 8, ["float"]],  # None: follows the method
-    "scale_dtype": ["float64", "fp16", "torch.float16", 16, None, ["float16"]],
+    "scale_dtype": ["float64", "fp16", "torch.float16", 16, ["float16"]],  # None: follows weight_format
+    "weight_format": ["nf4", "bnb_nf4", "BNB-NF4", "", None, 4, ["bnb-nf4"]],
     "modules_to_not_convert": ["lm_head", "", 1, {"lm_head": 1}, [1], [""], [None], ["lm_head", 2], True, [" lm_head"]],
     "super_weights": ["model.layers.1.mlp.down_proj", 1, {"module": "m", "row": 1, "col": 2}, [1], ["m"], [None],
                       [{"module": "m", "row": True, "col": 1}], [{"module": "m", "row": 1.0, "col": 1}],
@@ -139,7 +140,7 @@ _HOSTILE = {
     "max_super_weights": [-1, True, 2.0, "16", None, 10**9],
     "method": ["RTN", "awq", "", 1],  # None: the default, "hqq"
     "importance": ["Activations", "imatrix", "", 1, True],  # None: the default, resolved from method/low_memory
-    "clip_search": [1, "yes", None],
+    "clip_search": [1, "yes"],  # None: follows weight_format (on for "bnb-nf4")
     "clip_objective": ["mse", None, 1],
     "calibration_tokens": [0, 63, 10**9, True, 8192.0, "8192"],  # None: the default, resolved from the method
     "damp": [0, 1, -0.1, True, "0.01", None, float("inf")],

@@ -117,13 +117,13 @@ def _checkpoint_bytes(folder: Path) -> int | None:
 def _dense_16bit_bytes(model: Any) -> int | None:
     """Size of the model's weights in a 16-bit dtype: quantized layers counted as their dense matrices."""
     try:
-        from ..nn.linear import SuperWeightLinear
+        from ..nn.layers import is_quantized_layer
     except ImportError:  # pragma: no cover
         return None
     counted: set[int] = set()
     total = 0
     for module in model.modules():
-        if isinstance(module, SuperWeightLinear):
+        if is_quantized_layer(module):
             total += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
             counted.update(id(p) for p in module.parameters(recurse=False))
     for parameter in model.parameters():

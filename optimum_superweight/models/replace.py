@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..config import QuantizationResult, SuperWeightConfig
+from ..nn.layers import is_quantized_layer
 from ..nn.linear import SuperWeightLinear
 from ..progress import forward_progress, progress_bar
 from ..records import SuperWeight
@@ -41,6 +42,7 @@ from ..tensor.quantize import QuantizedWeight
 from ..tensor.rows import LayerWeight, quantize_by_rows, quantize_layers
 from .calibration import collect_hessians, collect_input_energy, model_calibration_ids
 from .modules import as_linear, features, set_module
+from .nf4 import build_nf4_skeleton, quantize_model_nf4
 from .plan import (
     QuantizationPlan,
     check_finite_weights,
@@ -57,6 +59,7 @@ __all__ = [
     "Variation",
     "WEIGHT_ONLY",
     "W8A8",
+    "NF4",
     "variation_for",
     "calibrate",
     "choose_codes",
@@ -156,13 +159,29 @@ WEIGHT_ONLY = Variation("weight-only", prepare=lambda model, config, tokenizer: 
 W8A8 = Variation("w8a8", prepare=_smooth_for_w8a8, quantize=_quantize_w8a8)
 
 
+def _quantize_nf4(
+    model: nn.Module, config: SuperWeightConfig, plan: QuantizationPlan, *, tokenizer: Any = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> QuantizationResult:
+    energies = calibrate(model, config, plan.targets, tokenizer=tokenizer, hessians=hessians)
+    quantize_model_nf4(model, config, plan.targets, plan.coordinates, energies)
+    return plan.result()
+
+
+#: bitsandbytes' NF4 layer with exact super weights (``weight_format="bnb-nf4"``), see :mod:`.nf4`.
+NF4 = Variation("bnb-nf4", prepare=lambda model, config, tokenizer: None, quantize=_quantize_nf4)
+
+
 def variation_for(config: SuperWeightConfig) -> Variation:
-    """:data:`W8A8` when ``config.activation_bits`` is set, else :data:`WEIGHT_ONLY`.
+    """:data:`W8A8` when ``config.activation_bits`` is set, :data:`NF4` for ``weight_format="bnb-nf4"``, else
+    :data:`WEIGHT_ONLY`.
 
     >>> variation_for(SuperWeightConfig(bits=4)).name
     'weight-only'
     """
-    return W8A8 if config.activations.enabled else WEIGHT_ONLY
+    if config.activations.enabled:
+        return W8A8
+    return NF4 if config.weight_format == "bnb-nf4" else WEIGHT_ONLY
 
 
 def calibrate(
@@ -283,6 +302,8 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.
             )
     if config.activations.enabled:  # W8A8: its own module class (see .w8a8)
         return build_w8a8_skeleton(model, config, targets, counts)
+    if config.weight_format == "bnb-nf4":
+        return build_nf4_skeleton(model, config, targets, counts)
     for name, module in targets.items():
         in_features, out_features = features(module)
         bias = module.bias
@@ -322,10 +343,10 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """Replace every :class:`SuperWeightLinear` by a dense ``nn.Linear`` (super weights exact)."""
+    """Replace every quantized layer (:class:`SuperWeightLinear`, the NF4 layer) by a dense ``nn.Linear`` (super weights exact)."""
     dtype = resolve_dtype(dtype)
     for name, module in list(model.named_modules()):
-        if isinstance(module, SuperWeightLinear):
+        if is_quantized_layer(module):
             set_module(model, name, module.to_linear(dtype))
     return model
 

@@ -43,6 +43,7 @@ from ..format import (
     read_safetensors_index,
     safetensors_dtype_name,
 )
+from ..nn.layers import is_quantized_layer
 from ..nn.linear import SuperWeightLinear
 
 __all__ = ["read_checkpoint_index", "check_checkpoint_layout", "verify_quantized_model", "layer_digests"]
@@ -85,7 +86,7 @@ def check_checkpoint_layout(model: nn.Module, index: Mapping[str, StoredTensor])
     modules = dict(model.named_modules())
     by_module = _stored_by_module(index)
     for name, module in modules.items():
-        if not isinstance(module, SuperWeightLinear):
+        if not is_quantized_layer(module):
             continue
         stored = by_module.get(name, {})
         weight = stored.get(WEIGHT)
@@ -104,7 +105,7 @@ def check_checkpoint_layout(model: nn.Module, index: Mapping[str, StoredTensor])
     for key, entry in index.items():
         module_name, _ = _split(key)
         shape = expected_shapes.get(key)
-        if shape is not None and not isinstance(modules.get(module_name), SuperWeightLinear) and shape != entry.shape:
+        if shape is not None and not is_quantized_layer(modules.get(module_name)) and shape != entry.shape:
             raise CheckpointFormatError(
                 f"{key} is stored as {list(entry.shape)}, but the model that config.json describes expects "
                 f"{list(shape)} (its size fields, e.g. hidden_size or vocab_size, were edited, or the weights belong to "
@@ -113,7 +114,7 @@ def check_checkpoint_layout(model: nn.Module, index: Mapping[str, StoredTensor])
     for module_name, stored in by_module.items():
         owner = modules.get(module_name)
         quantized = sorted(QUANTIZED_ONLY & set(stored))
-        if quantized and not isinstance(owner, SuperWeightLinear):
+        if quantized and not is_quantized_layer(owner):
             what = "is not a module of this model" if owner is None else "is kept in full precision by config.json"
             raise CheckpointFormatError(
                 f"{module_name}.{quantized[0]} is in the checkpoint (a quantized layer), but '{module_name}' {what} "
@@ -198,7 +199,7 @@ def verify_quantized_model(
     missing = _missing_keys(model) if pre_quantized else []
     if not pre_quantized and loaded_by_transformers:
         missing = [
-            f"{name}.{t}" for name, module in model.named_modules() if isinstance(module, SuperWeightLinear)
+            f"{name}.{t}" for name, module in model.named_modules() if is_quantized_layer(module)
             for t, tensor in module.named_parameters(recurse=False) if not getattr(tensor, "_is_hf_initialized", False)
         ]
     if missing:
@@ -219,7 +220,7 @@ def verify_quantized_model(
     expected = config.super_weights_by_module()
     modules = dict(model.named_modules())
     for name, module in modules.items():
-        if isinstance(module, SuperWeightLinear):
+        if is_quantized_layer(module):
             _verify_layer(name, module, expected.get(name, []))
     for name, records in expected.items():
         module = modules.get(name)
@@ -227,7 +228,7 @@ def verify_quantized_model(
             raise CheckpointFormatError(
                 f"config.json's field 'super_weights' names module '{name}', which this model does not have."
             )
-        if not isinstance(module, SuperWeightLinear):
+        if not is_quantized_layer(module):
             _verify_dense_super_weights(name, module, records)
     if pre_quantized:
         _verify_digests(model, config, index, metadata)
@@ -307,7 +308,7 @@ def _layer_tensors_as_stored(name: str, module: SuperWeightLinear, index: Mappin
 
 def layer_digests(model: nn.Module) -> dict[str, str]:
     """The content digest of every quantized module of ``model`` (what save_pretrained records in config.json)."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SuperWeightLinear)]
+    layers = [(n, m) for n, m in model.named_modules() if is_quantized_layer(m)]
     return dict(_parallel_digests([(n, m.stored_tensors()) for n, m in layers]))
 
 
@@ -341,7 +342,7 @@ def _verify_digests(
                 "field 'digests' is missing; the checkpoint's config.json was edited."
             )
         return  # written before digests existed: every other check applied
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SuperWeightLinear)}
+    layers = {n: m for n, m in model.named_modules() if is_quantized_layer(m)}
     extra = sorted(set(digests) - set(layers))
     if extra:
         raise CheckpointFormatError(
