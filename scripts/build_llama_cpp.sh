@@ -62,7 +62,9 @@ if [ ! -f "$src/.unpacked" ]; then
   download="$root/download"
   rm -rf "$download" "$src"
   mkdir -p "$download" "$root/src"
-  "$PY" -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
+  # --no-binary on this package only: ":all:" would also build its build backend's own dependencies from
+  # source (minutes), although pip needs them only to read the sdist's metadata.
+  "$PY" -m pip download -q --disable-pip-version-check --no-binary llama-cpp-python --no-deps \
     "llama-cpp-python==$VERSION" -d "$download"
   tar xzf "$download/llama_cpp_python-$VERSION.tar.gz" -C "$root/src"
   touch "$src/.unpacked"
@@ -70,6 +72,7 @@ if [ ! -f "$src/.unpacked" ]; then
 fi
 
 start=$(date +%s)
+mkdir -p "$root/cpu-$key"
 rm -f "$root/cpu-$key/complete"
 # Shared libraries (the default) so that llama-cpp-python's bindings can load this build's libllama.so;
 # binaries find them through the build tree's RPATH. Tests, examples and the server are built only on request.
