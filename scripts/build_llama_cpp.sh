@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Build llama.cpp's command-line tools (and its shared libraries, which llama-cpp-python's ctypes bindings load
-# through LLAMA_CPP_LIB_PATH) from the llama-cpp-python source distribution, once per version and CPU.
+# Build llama.cpp's command-line tools and its shared libraries from the llama-cpp-python source distribution,
+# once per version and CPU, and lay out llama-cpp-python's pure-Python package beside them (its ctypes bindings
+# load this build's libllama.so), so that neither needs the wheel's own ~10-minute build.
 #
-#   bash scripts/build_llama_cpp.sh [extra cmake targets, e.g. llama-server]
+#   bash scripts/build_llama_cpp.sh [extra cmake targets, e.g. llama-server]   build if needed; print the bin folder
+#   bash scripts/build_llama_cpp.sh --check                                   print the bin folder, or exit 1 if unbuilt
 #
 # Cache: ${OPTIMUM_SUPERWEIGHT_CACHE:-${XDG_CACHE_HOME:-~/.cache}/optimum_superweight}/llama.cpp-<version>/
-#   src/llama_cpp_python-<version>/          the unpacked sdist (vendor/llama.cpp holds convert_hf_to_gguf.py)
-#   cpu-<hash of CPU flags + compiler>/build  the cmake build; its bin/ holds the tools and the .so files
+#   src/llama_cpp_python-<version>/            the unpacked sdist (vendor/llama.cpp holds convert_hf_to_gguf.py)
+#   cpu-<hash of CPU flags + compiler>/build   the cmake build; build/bin holds the tools and the .so files
+#   cpu-<hash>/python/llama_cpp                the bindings, whose lib/ links to build/bin (put python/ on sys.path)
 # Idempotent (a finished build is reused; a requested target it lacks is built incrementally) and safe to
 # run concurrently: callers serialise on flock(1), which the kernel releases when a holder dies, so a killed
 # build leaves no stale lock, and the next caller resumes it. The last line printed is the bin folder.
@@ -14,6 +17,11 @@ set -euo pipefail
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 JOBS=${JOBS:-2}
 PY=${PYTHON:-python3}
+CHECK=0
+if [ "${1:-}" = "--check" ]; then
+  CHECK=1
+  shift
+fi
 TARGETS=(llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize llama "$@")
 
 cache=${OPTIMUM_SUPERWEIGHT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/optimum_superweight}
@@ -26,10 +34,9 @@ key=$(printf '%s\n%s\n' "$cpu_flags" "$compiler" | sha256sum | cut -c1-12)
 src="$root/src/llama_cpp_python-$VERSION"
 build="$root/cpu-$key/build"
 bin="$build/bin"
-mkdir -p "$root"
 
 have_all() {
-  [ -f "$root/cpu-$key/complete" ] || return 1
+  [ -f "$root/cpu-$key/complete" ] && [ -e "$root/cpu-$key/python/llama_cpp/lib/libllama.so" ] || return 1
   for t in "${TARGETS[@]}"; do
     case "$t" in
       llama) [ -e "$bin/libllama.so" ] || return 1 ;;
@@ -42,7 +49,12 @@ if have_all; then
   echo "$bin"
   exit 0
 fi
+if [ "$CHECK" = 1 ]; then
+  echo "build_llama_cpp.sh: llama.cpp $VERSION is not built for this CPU under $root (run scripts/build_llama_cpp.sh)" >&2
+  exit 1
+fi
 
+mkdir -p "$root"
 exec 9>"$root/.lock"
 if ! flock -n 9; then
   echo "build_llama_cpp.sh: another process is building llama.cpp $VERSION; waiting for it" >&2
@@ -85,6 +97,11 @@ cmake --build "$build" -j"$JOBS" --target "${TARGETS[@]}" >"$root/cpu-$key/build
   tail -40 "$root/cpu-$key/build.log" >&2
   exit 1
 }
+python="$root/cpu-$key/python"
+rm -rf "$python"
+mkdir -p "$python"
+cp -r "$src/llama_cpp" "$python/llama_cpp"
+ln -s "$bin" "$python/llama_cpp/lib"
 printf '%s\n' "${TARGETS[@]}" >"$root/cpu-$key/complete"
 echo "build_llama_cpp.sh: built llama.cpp $VERSION (${TARGETS[*]}) in $(($(date +%s) - start)) s" >&2
 echo "$bin"
