@@ -15,7 +15,7 @@
 # build leaves no stale lock, and the next caller resumes it. The last line printed is the bin folder.
 set -euo pipefail
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-JOBS=${JOBS:-2}
+JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 PY=${PYTHON:-python3}
 CHECK=0
 if [ "${1:-}" = "--check" ]; then
