@@ -54,7 +54,9 @@ def build_parser(prog: str = "optimum-superweight") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "optimum-superweight") -> int:
     """Entry point of ``optimum-superweight``; returns the process exit code (never raises for a command's error).
 
-    >>> main(["card", "--known", "huggyllama/llama-7b"])  # doctest: +SKIP
+    >>> main(["card", "--known", "huggyllama/llama-7b"])  # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+    huggyllama/llama-7b — source: ...
+    layers[2].mlp.down_proj.weight[3968, 7003]  module=model.layers.2.mlp.down_proj  row=3968  col=7003
     0
     """
     from .boundary import run_command
