@@ -645,7 +645,10 @@ class SuperWeightConfig(QuantizationConfigMixin):
         ``source`` is whatever :func:`optimum_superweight.read_super_weights` accepts: a Hub repo id, a local
         model folder, a README path or a ``ModelCard``. ``kwargs`` set the other fields (``bits=4``, ...).
 
-        >>> config = SuperWeightConfig.from_model_card("model_cards/huggyllama--llama-7b.md", bits=4)  # doctest: +SKIP
+        >>> from optimum_superweight.hub.index import model_cards_dir
+        >>> config = SuperWeightConfig.from_model_card(model_cards_dir() / "huggyllama--llama-7b.md", bits=4)
+        >>> config.super_weights[0]["row"], config.super_weights[0]["col"]
+        (3968, 7003)
         """
         # Imported here: the hub package builds cards from configs, so it imports this module when it loads.
         from .hub.reading import read_super_weights

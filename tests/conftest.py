@@ -16,6 +16,24 @@ os.environ.setdefault("OPTIMUM_SUPERWEIGHT_SPEED_CHECK", "0")
 PLANTED = ("model.layers.1.mlp.down_proj", 5, 7)
 
 
+def pytest_report_header(config):
+    """What decides which tests skip: the hardware (skips then print their reason with -rs) and the installs."""
+    import importlib.util
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        pass
+    optional = {name: importlib.util.find_spec(name) is not None for name in ("llama_cpp", "lm_eval", "gguf", "compressed_tensors")}
+    return [
+        f"optimum-superweight: torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}, "
+        f"AVX-512 {'yes' if ' avx512f' in flags else 'no'}, {torch.get_num_threads()} threads",
+        "optional installs (scripts/setup.sh): " + ", ".join(f"{k} {'yes' if v else 'MISSING'}" for k, v in optional.items()),
+    ]
+
+
 @pytest.fixture()
 def one_thread():
     """One torch thread for the test (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny

@@ -61,7 +61,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "optimum-superweight", *
     ``ready()`` runs after the arguments and the command's path checks passed, before its work (the console
     script imports the package there: see :mod:`optimum_superweight_entry`).
 
-    >>> main(["card", "--known", "huggyllama/llama-7b"])  # doctest: +SKIP
+    >>> main(["card", "--known", "huggyllama/llama-7b"])  # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+    huggyllama/llama-7b — source: ...
+    layers[2].mlp.down_proj.weight[3968, 7003]  module=model.layers.2.mlp.down_proj  row=3968  col=7003
     0
     """
     from .boundary import run_command

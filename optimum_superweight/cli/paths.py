@@ -1,7 +1,8 @@
 """Checks of the CLI's path arguments, done before any model is loaded, and outputs written all-or-nothing.
 
-    >>> check_model_source("/no/such/folder")  # doctest: +SKIP
-    ValueError: MODEL /no/such/folder does not exist: expected a local model folder ...
+    >>> check_model_source("/no/such/folder")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: MODEL /no/such/folder does not exist: expected a folder written by save_pretrained ...
 """
 
 from __future__ import annotations

@@ -26,9 +26,10 @@ _OWN_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_offset", "super_we
 
 
 def load_source(model_or_folder: Any) -> tuple[nn.Module, str | None]:
-    """The quantized model and the folder it came from (``None`` for a model passed in memory).
+    """The quantized model and the folder it came from (``None`` for a model passed in memory). Skipped as a
+    doctest: it needs a folder written by ``save_pretrained``.
 
-    >>> model, folder = load_source("out")   # doctest: +SKIP  (a folder written by save_pretrained)
+    >>> model, folder = load_source("out")  # doctest: +SKIP
     """
     if isinstance(model_or_folder, nn.Module):
         model = model_or_folder

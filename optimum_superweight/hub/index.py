@@ -6,7 +6,8 @@ and the coordinates themselves. Look a model up by its Hub id, case-insensitivel
 
     >>> [sw.paper_notation() for sw in known_super_weights("mistralai/mistral-7b-instruct-v0.1")]
     ['layers[1].mlp.down_proj.weight[2070, 7310]']
-    >>> SuperWeightConfig.from_known("huggyllama/llama-7b", bits=4).super_weights  # doctest: +SKIP
+    >>> from optimum_superweight import SuperWeightConfig
+    >>> SuperWeightConfig.from_known("huggyllama/llama-7b", bits=4).super_weights
     [{'module': 'model.layers.2.mlp.down_proj', 'row': 3968, 'col': 7003, 'layer': 2, 'source': 'index'}]
 
 The cards live in the top-level ``model_cards/`` folder of the source tree; the package finds them as

@@ -677,7 +677,8 @@ def read_super_weights(
             5xx); :class:`~optimum_superweight.errors.SuperWeightRepoNotFoundError` (also a ``ValueError``)
             when the repo or revision does not exist. The message names the repo, the cause and what to do.
 
-    >>> read_super_weights("model_cards/huggyllama--llama-7b.md")[0].paper_notation()  # doctest: +SKIP
+    >>> from optimum_superweight.hub.index import model_cards_dir
+    >>> read_super_weights(model_cards_dir() / "huggyllama--llama-7b.md")[0].paper_notation()
     'layers[2].mlp.down_proj.weight[3968, 7003]'
     """
     from huggingface_hub import RepoCard

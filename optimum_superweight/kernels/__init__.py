@@ -132,9 +132,10 @@ _announced: set[str] = set()
 def set_float32_policy(policy: str) -> None:
     """What float32 inputs do: ``"reference"`` (default: exact, slow) or ``"bfloat16"`` (cast, fast kernels).
 
+    >>> policy = float32_policy()
     >>> set_float32_policy("bfloat16"); float32_policy()
     'bfloat16'
-    >>> set_float32_policy("reference")
+    >>> set_float32_policy(policy)
     """
     if policy not in _FLOAT32_POLICIES:
         raise ValueError(f"float32 policy {policy!r} is invalid: use one of {_FLOAT32_POLICIES}.")
@@ -398,8 +399,10 @@ def kernel_summary(model: nn.Module, dtype: torch.dtype | None = None, tokens: i
 
     >>> from optimum_superweight.nn.linear import SuperWeightLinear
     >>> model = torch.nn.Sequential(SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32))
-    >>> kernel_summary(model, torch.bfloat16), kernel_summary(model, torch.bfloat16, tokens=512)  # compiler present
-    ({'cpu-int4': 1}, {'cpu-tiled': 1})
+    >>> kernel_summary(model, torch.bfloat16)
+    {'cpu-int4': 1}
+    >>> kernel_summary(model, torch.bfloat16, tokens=512) in ({'cpu-tiled': 1}, {'cpu-dense': 1})  # cpu-dense without AVX-512 or a compiler
+    True
     """
     modules = _quantized_modules(model)
     if dtype is None:
@@ -424,8 +427,9 @@ def prepare_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> dict[
 
     >>> from optimum_superweight.nn.linear import SuperWeightLinear
     >>> model = torch.nn.Sequential(SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32))
-    >>> prepare_kernels(model, torch.bfloat16)  # with a C++ compiler (else cpu-dense for prefill)
-    {'decode': {'cpu-int4': 1}, 'prefill': {'cpu-tiled': 1}}
+    >>> kernels = prepare_kernels(model, torch.bfloat16)
+    >>> kernels["decode"], kernels["prefill"] in ({'cpu-tiled': 1}, {'cpu-dense': 1})  # cpu-dense without AVX-512 or a compiler
+    ({'cpu-int4': 1}, True)
     """
     if dtype is None:
         dtype = _model_dtype(model)

@@ -13,9 +13,10 @@ returns ``None``, the reason is logged once, and the kernels that need the libra
 unsupported with that reason, so the dispatcher falls back to the pure-PyTorch kernels.
 ``OPTIMUM_SUPERWEIGHT_NATIVE=0`` (or ``set_native_kernels(False)``) skips the build.
 
+>>> enabled = native_kernels_enabled()
 >>> set_native_kernels(False); load("tiled_linear") is None, native_failure("tiled_linear")
 (True, 'native kernels disabled (OPTIMUM_SUPERWEIGHT_NATIVE=0 or set_native_kernels(False))')
->>> set_native_kernels(True)
+>>> set_native_kernels(enabled)
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ compiling fails, a warning names the cause and the eager path takes over for the
 off with ``set_fused_quantization(False)`` or ``OPTIMUM_SUPERWEIGHT_COMPILE=0``.
 
 >>> import torch
+>>> enabled = fused_quantization_enabled()
 >>> set_fused_quantization(False); fused_quantization_enabled()
 False
 >>> quantize_fused(torch.randn(4, 8), torch.ones(8), "per_tensor") is None   # disabled: caller runs eager
 True
->>> set_fused_quantization(True)
+>>> set_fused_quantization(enabled)
 """
 
 from __future__ import annotations

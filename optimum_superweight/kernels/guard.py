@@ -14,9 +14,10 @@ activation mode, dtype, token band: decode, prefill, or in between; see ``kernel
 Turn the check off with ``set_speed_check(False)`` or ``OPTIMUM_SUPERWEIGHT_SPEED_CHECK=0`` (for example to
 benchmark a kernel on a CPU where it loses).
 
+>>> enabled = speed_check_enabled()
 >>> set_speed_check(False); speed_check_enabled()
 False
->>> set_speed_check(True)
+>>> set_speed_check(enabled)
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Fixtures for the export tests: a tiny quantized checkpoint, llama.cpp's converter, an isolated loader."""
+"""Fixtures for the export tests: a tiny quantized checkpoint, llama.cpp's converter (from scripts/setup.sh), an
+isolated loader."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import os
 import site
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,6 @@ import torch
 MODULE, ROW, COL = "model.layers.1.mlp.down_proj", 5, 7
 IDS = torch.arange(2, 34).reshape(2, 16)
 _ISOLATED = Path(__file__).with_name("isolated_load.py")
-_SDIST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum_superweight" / "llama-cpp-python-sdist"
 
 
 def quantize_tiny(folder: Path, out: Path, **config) -> Path:
@@ -52,25 +51,12 @@ def load_isolated(export_dir: Path, tmp_path: Path, ids: torch.Tensor = IDS, mod
     return torch.load(out_file)
 
 
-def _download_sdist() -> Path | None:
-    """llama-cpp-python's source distribution (it vendors llama.cpp's converter), cached; None when unreachable."""
-    found = sorted(_SDIST_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    if found:
-        return found[-1]
-    _SDIST_CACHE.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python", "-d", str(_SDIST_CACHE)],
-            check=True, capture_output=True, timeout=300,
-        )
-    except (subprocess.SubprocessError, OSError):
-        return None
-    for archive in _SDIST_CACHE.glob("llama_cpp_python-*.tar.gz"):
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/conversion/" in m.name or "/vendor/llama.cpp/gguf-py/" in m.name or m.name.endswith("/vendor/llama.cpp/convert_hf_to_gguf.py")]
-            tar.extractall(_SDIST_CACHE, members=members, filter="data")
-    found = sorted(_SDIST_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    return found[-1] if found else None
+def sdist_folder() -> Path | None:
+    """llama.cpp inside the llama-cpp-python sdist that scripts/build_llama_cpp.sh unpacked (newest version)."""
+    from optimum_superweight.default_model import cache_dir
+
+    found = sorted(cache_dir().glob("llama.cpp-*/src/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return found[-1].parent if found else None
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +68,8 @@ def converter():
 
     if os.environ.get(CONVERTER_ENV):
         return find_converter()
-    folder = _download_sdist()
+    folder = sdist_folder()
+    # Never downloaded here: scripts/setup.sh puts it in place, and tests/test_setup.py fails when it is missing.
     if folder is None:
-        pytest.skip(f"llama.cpp's converter is unavailable: set {CONVERTER_ENV} or allow pip to reach PyPI")
+        pytest.skip(f"llama.cpp's converter is missing: run bash scripts/setup.sh (or set {CONVERTER_ENV})")
     return find_converter(folder)

@@ -1,7 +1,8 @@
 """llama.cpp runs our GGUF export of SmolLM2: perplexity within 1% of transformers on our weights, same tokens.
 
-Needs llama-cpp-python built from source (minutes): not in the default CI path. Run with
-``bash scripts/test_llama_cpp.sh``.
+Needs llama-cpp-python's bindings over a llama.cpp build: ``bash scripts/setup.sh`` builds both once per CPU
+(scripts/build_llama_cpp.sh), so these run in ``scripts/test.sh`` and CI; ``bash scripts/test_llama_cpp.sh`` runs
+only them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from optimum_superweight.evaluation import builtin_text, tokenize_text
 from optimum_superweight.export import export
 
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/test_llama_cpp.sh builds it)")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run bash scripts/setup.sh (tests/test_setup.py fails too)")
 
 
 def test_smollm2_gguf_in_llama_cpp(tmp_path, converter):
