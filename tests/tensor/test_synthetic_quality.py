@@ -146,9 +146,9 @@ def _refinement(bits: int, zero_point: str) -> tuple[torch.Tensor, torch.Tensor,
 @pytest.mark.parametrize("bits,zero_point", [(2, "float"), (3, "float"), (4, "float"), (4, "uint8"), (8, "float")])
 def test_importance_refinement_never_worse_than_its_start_grid(bits, zero_point):
     before, after, energy = _refinement(bits, zero_point)
-    # Group by group, within the precision of the method's own arithmetic: it compares grids by an expanded
-    # error (sum w x^2 - 2 s sum w q x + ...) from float32 sums over a group, exact to ~GROUP float32 epsilons
-    # of the group's sum of importance * w^2.
+    # Group by group, within the precision of the method's own arithmetic: it compares grids by each group's
+    # weighted squared error of the codes it will store, summed in float32 (so the slack of ~GROUP float32
+    # epsilons of the group's sum of importance * w^2 is generous).
     slack = GROUP * torch.finfo(torch.float32).eps * energy
     assert bool((after <= before + slack).all()), float(((after - before) / slack).max())
     # Not a no-op: with massive channels in the weights, the weighted fit moves grids and lowers the total.
