@@ -209,7 +209,8 @@ def kernels_by_cpu_markdown(result: dict) -> str:
         "## Kernels by CPU",
         "",
         "`python3 benchmarks/kernels_by_cpu.py`: every CPU kernel forced on the same random layers (bfloat16 input, "
-        "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
+        "or float32 where the format says so: `--dtype float32`; median of interleaved repeats) against dense "
+        "`F.linear` in the input's dtype; *dispatcher's pick* is the kernel a "
         "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
         "steps aside with a log line). `cpu-tiled` is the compiled kernel (`optimum_superweight/kernels/tiled.py`, built "
         "once per machine at first use): from 12 tokens per call (17 for 5- to 8-bit codes) it decodes tiles of "
