@@ -256,16 +256,14 @@ def _compile(name: str, requires: tuple[str, ...] = ()) -> ModuleType:
     extension = _extension_name(name, path.read_text(encoding="utf-8"))
     directory = cache_root() / extension
     library = directory / f"{extension}{_LIBRARY_SUFFIX}"
-    damaged = None
     if library.is_file():
-        try:
+        with contextlib.suppress(ImportError):  # damaged, or still being linked by another process: see below
             return _import_library(extension, library)
-        except ImportError as error:  # truncated by a killed link, or damaged on disk
-            damaged = error
     _check_toolchain()
     _writable_directory(directory)
     with _build_lock(directory):
-        if damaged is None and library.is_file():  # another process built it while we waited
+        damaged = None
+        if library.is_file():  # built by another process while we waited, or damaged (truncated by a killed link)
             try:
                 return _import_library(extension, library)
             except ImportError as error:

@@ -3,7 +3,8 @@
 The same int8 or int4 instruction can be fast on one x86 CPU and orders of magnitude slower on another
 (oneDNN's int8 GEMM with signed activations is native with AMX but emulated on AMD EPYC). So the first time a
 layer shape meets a kernel on a machine, both the kernel and a dense ``F.linear`` on the dequantized weight
-(in the input's dtype: what the user would run without this package) are timed on that call's own input. A
+(in the input's dtype: what the user would run without this package) are timed on that call's own input, on
+one torch thread and in that thread's CPU time (so that other processes on a loaded machine do not count). A
 kernel slower than dense by more than :data:`STEP_ASIDE_RATIO` (and by more than
 :data:`NOISE_FLOOR_SECONDS`, below which per-call overhead and timer noise dominate) is passed over for this
 shape from then on, and the next kernel is checked the same way. If every candidate is slow, the fastest one
@@ -203,9 +204,9 @@ def _best_time(function: Callable[[], Any], repeats: int = _REPEATS, warm_up: bo
         function()  # caches, lazy layouts, a one-off compilation
     best, spent = float("inf"), 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         function()
-        elapsed = time.perf_counter() - start
+        elapsed = time.thread_time() - start
         best, spent = min(best, elapsed), spent + elapsed
         if spent > _BUDGET_SECONDS:  # a pathological kernel is timed once, not many times
             break
@@ -243,6 +244,18 @@ def check_speed(
 ) -> Any:
     """Choose the kernel for ``module`` on inputs like ``x``: ``select()`` gives the registry's next choice
     (it skips kernels recorded here as stepped aside), ``run(selection, x)`` runs one. Returns the selection."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _check_speed(module, x, many, select, run, is_last_resort)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_speed(module, x, many, select, run, is_last_resort) -> Any:
+    """:func:`check_speed` on one torch thread, timed in this thread's CPU time: the ratio of a kernel to dense
+    then counts only their work, not the time other processes take the cores (on a loaded machine a 2-thread call
+    can wait a whole time slice for a descheduled thread, and such waits made verdicts differ between runs)."""
     verdict = _verdicts.setdefault(signature(module, x.dtype, many), {})
     rows = x.reshape(-1, x.shape[-1])[:_PROBE_ROWS]
     shape = _describe(module, rows.shape[0], x.dtype)

@@ -13,6 +13,13 @@ from optimum_superweight.kernels import guard, verdicts
 from optimum_superweight.nn.linear import SuperWeightLinear
 
 
+def _busy(seconds: float) -> None:
+    """Work (not sleep) for ``seconds`` of this thread's CPU time: the speed check times CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 class SleepyKernel:
     """Exact results (dense F.linear on the dequantized weight) after sleeping ``delay`` seconds per call."""
 
@@ -28,7 +35,7 @@ class SleepyKernel:
     def run(self, module, state, x):
         self.calls += 1
         if self.delay:
-            time.sleep(self.delay)
+            _busy(self.delay)
         return nn.functional.linear(x, state, None if module.bias is None else module.bias.to(x.dtype))
 
 
@@ -92,7 +99,7 @@ def test_when_every_kernel_is_slow_the_fastest_stays(checked_registry, monkeypat
     reference_run = kernels.REFERENCE.run
 
     def slow_reference(module, state, x):
-        time.sleep(0.25)
+        _busy(0.25)
         return reference_run(module, state, x)
 
     monkeypatch.setattr(kernels.REFERENCE, "run", slow_reference)
@@ -177,7 +184,7 @@ def test_one_warning_however_many_slow_shapes(checked_registry, monkeypatch, cap
     reference_run = kernels.REFERENCE.run
 
     def slow_reference(module, state, x):
-        time.sleep(0.1)
+        _busy(0.1)
         return reference_run(module, state, x)
 
     monkeypatch.setattr(kernels.REFERENCE, "run", slow_reference)
