@@ -93,10 +93,10 @@ def _formats(dense: nn.Linear) -> dict:
     }
 
 
-def _candidates(fmt: str, module: nn.Module, tokens: int) -> list:
+def _candidates(fmt: str, module: nn.Module, tokens: int, dtype: torch.dtype = torch.bfloat16) -> list:
     registry = w8a8_kernels._W8A8_KERNELS if fmt.startswith("W8A8") else kernels._KERNELS
     device = torch.device("cpu")
-    return [k for k in registry if k.unsupported(module, torch.bfloat16, device, tokens) is None]
+    return [k for k in registry if k.unsupported(module, dtype, device, tokens) is None]
 
 
 def _runner(kernel, module: nn.Module, x: torch.Tensor):
@@ -111,28 +111,34 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def _dispatcher_pick(module: nn.Module, x: torch.Tensor) -> str:
-    """The kernel the dispatcher runs for this call with the speed check on and no earlier verdicts."""
+    """The kernel the dispatcher runs for this call with the speed check on and no earlier verdicts (timed here,
+    neither read from nor written to the stored verdicts)."""
     guard.clear_speed_verdicts()
-    guard.set_speed_check(True)
+    choice = guard.kernel_choice()
+    guard.set_kernel_choice("timed")
     module.__dict__.pop("_kernel_selections", None)
-    with torch.inference_mode():
-        module(x)
+    try:
+        with torch.inference_mode():
+            module(x)
+    finally:
+        guard.set_kernel_choice(choice)
     return module.kernel
 
 
 def bench_shape(
     name: str, out_features: int, in_features: int, repeats: int, clock, formats: list[str] | None = None,
-    tokens_list: tuple[int, ...] = TOKENS,
+    tokens_list: tuple[int, ...] = TOKENS, dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict]:
     layers, dense = _layers(out_features, in_features, formats)
+    dense = dense.to(dtype)
     rows = []
     for tokens in tokens_list:
-        x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
+        x = torch.randn(tokens, in_features, dtype=dtype)
         for fmt, module in layers.items():
             if formats and fmt not in formats:
                 continue
-            variants = {"bf16 dense": lambda: dense(x)}
-            for kernel in _candidates(fmt, module, tokens):
+            variants = {"dense": lambda: dense(x)}
+            for kernel in _candidates(fmt, module, tokens, dtype):
                 variants[kernel.name] = _runner(kernel, module, x)
             samples: dict[str, list[float]] = {v: [] for v in variants}
             with torch.inference_mode():
@@ -143,15 +149,16 @@ def bench_shape(
                         start = clock()
                         run()
                         samples[variant].append(clock() - start)
-            dense_ms = _median_ms(samples["bf16 dense"])
+            dense_ms = _median_ms(samples["dense"])
             pick = _dispatcher_pick(module, x)
             for variant, values in samples.items():
-                if variant == "bf16 dense":
+                if variant == "dense":
                     continue
                 ms = _median_ms(values)
                 rows.append({
                     "shape": name, "out": out_features, "in": in_features, "tokens": tokens, "format": fmt,
                     "kernel": variant, "ms": ms, "dense_ms": dense_ms, "x_dense": ms / dense_ms, "picked": variant == pick,
+                    "dtype": str(dtype).removeprefix("torch."),
                 })
             logging.info("%s, %d tokens, %s: picked %s", name, tokens, fmt, pick)
     return rows
@@ -166,12 +173,13 @@ def merged_rows(previous: list[dict], new: list[dict]) -> list[dict]:
     >>> [row["ms"] for row in merged_rows(old, new)]
     [2.0, 3.0]
     """
-    key = lambda row: (row["shape"], row["tokens"], row["format"])  # noqa: E731
+    key = lambda row: (row["shape"], row["tokens"], row["format"], row.get("dtype", "bfloat16"))  # noqa: E731
     measured = {key(row) for row in new}
     rows = [row for row in previous if key(row) not in measured] + new
     shapes = [name for name, _, _ in SHAPES]
     formats = list(_formats(None))
     order = lambda row: (  # noqa: E731
+        row.get("dtype", "bfloat16") != "bfloat16",
         shapes.index(row["shape"]) if row["shape"] in shapes else len(shapes), row["tokens"],
         formats.index(row["format"]) if row["format"] in formats else len(formats),
     )
@@ -179,13 +187,17 @@ def merged_rows(previous: list[dict], new: list[dict]) -> list[dict]:
 
 
 def table(run: dict) -> str:
+    """Rows of bfloat16 input compare with bfloat16 dense ``F.linear``, rows of float32 input (format marked
+    "float32 input") with float32 dense."""
     lines = [
-        f"| layer | tokens | format | kernel | ms | bf16 dense ms | time / dense | dispatcher's pick |",
+        f"| layer | tokens | format | kernel | ms | dense ms | time / dense | dispatcher's pick |",
         "|---|---:|---|---|---:|---:|---:|:---:|",
     ]
     for row in run["rows"]:
+        dtype = row.get("dtype", "bfloat16")
+        fmt = row["format"] + ("" if dtype == "bfloat16" else f", {dtype} input")
         lines.append(
-            f"| {row['shape']} ({row['out']}x{row['in']}) | {row['tokens']} | {row['format']} | `{row['kernel']}` | "
+            f"| {row['shape']} ({row['out']}x{row['in']}) | {row['tokens']} | {fmt} | `{row['kernel']}` | "
             f"{row['ms']:.3f} | {row['dense_ms']:.3f} | x{row['x_dense']:.2f} | {'yes' if row['picked'] else ''} |"
         )
     return "\n".join(lines)
@@ -197,7 +209,8 @@ def kernels_by_cpu_markdown(result: dict) -> str:
         "## Kernels by CPU",
         "",
         "`python3 benchmarks/kernels_by_cpu.py`: every CPU kernel forced on the same random layers (bfloat16 input, "
-        "median of interleaved repeats) against bfloat16 dense `F.linear`; *dispatcher's pick* is the kernel a "
+        "or float32 where the format says so: `--dtype float32`; median of interleaved repeats) against dense "
+        "`F.linear` in the input's dtype; *dispatcher's pick* is the kernel a "
         "model runs with the first-use speed check on (a kernel more than 1.5x slower than dense on the CPU at hand "
         "steps aside with a log line). `cpu-tiled` is the compiled kernel (`optimum_superweight/kernels/tiled.py`, built "
         "once per machine at first use): from 12 tokens per call (17 for 5- to 8-bit codes) it decodes tiles of "
@@ -237,27 +250,33 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 repeats, SmolLM2 shape only")
     parser.add_argument("--formats", nargs="*", help="only these layer formats (e.g. 'int4 g64 float offsets')")
     parser.add_argument("--tokens", type=int, nargs="*", help=f"tokens per call (default {TOKENS})")
+    parser.add_argument("--shapes", nargs="*", help="only layers whose name starts with one of these (e.g. SmolLM2)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="input dtype (dense F.linear runs in the same dtype)")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "kernels_by_cpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = tuple(shape for shape in shapes if shape[0].startswith(tuple(args.shapes)))
     repeats = 3 if args.quick else args.repeats
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (process CPU time adds up every thread's time)")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     tokens = tuple(args.tokens) if args.tokens else TOKENS
-    rows = [row for shape in shapes for row in bench_shape(*shape, repeats, clock, args.formats, tokens)]
+    dtype = getattr(torch, args.dtype)
+    rows = [row for shape in shapes for row in bench_shape(*shape, repeats, clock, args.formats, tokens, dtype)]
     run = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": args.threads, "clock": args.clock,
         "repeats": repeats, "flags": _cpu_flags(), "rows": rows,
     }
     result = json.loads(args.output.read_text()) if args.output.is_file() else {}
     previous = result.setdefault("cpus", {}).get(guard.cpu_name())
-    if previous is not None and (args.formats or args.tokens or args.quick):
+    if previous is not None and (args.formats or args.tokens or args.quick or args.shapes or args.dtype != "bfloat16"):
         run["rows"] = merged_rows(previous["rows"], rows)
     result["cpus"][guard.cpu_name()] = run
-    print(f"\n{guard.cpu_name()}\n{table(run)}")
+    print(f"\n{guard.cpu_name()}, this run's rows\n{table({'rows': rows})}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.output}")

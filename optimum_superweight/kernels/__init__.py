@@ -26,12 +26,19 @@ kernel            when
 CUDA stays on the reference path for now: torch's CUDA int4 kernel was not wired because no GPU was
 available to test its (different) packing.
 
-**Float32 inputs.** The int kernels are fast only with bfloat16 activations. A float32 model therefore
-runs ``cpu-tiled`` for 2-, 3-, 4- and 8-bit layers (exact float32 arithmetic) and the reference path otherwise (exact too,
-but a full dequantization per call: slow, said once in the log). Opt in to casting the activations of the
-quantized layers to bfloat16 (outputs are cast back to float32; the rest of the model stays float32) with ``set_float32_policy("bfloat16")`` or the
-environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16``; or load the model with
-``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
+**Float32 inputs.** A float32 model runs ``cpu-tiled`` for 2- to 8-bit layers (exact float32 arithmetic; on AMD
+EPYC within x1.1 of float32 dense ``F.linear`` from 1 to 512 tokens: "Kernels by CPU" in benchmarks/RESULTS.md)
+and the reference path otherwise (exact too, but a full dequantization per call). What float32 inputs may do
+(``set_float32_policy`` or the environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32``):
+
+- ``"reference"`` (default): float32 arithmetic only, whatever the speed (where no float32 kernel is within
+  x1.5 of dense on the CPU at hand, the speed check says so once, naming the other two policies);
+- ``"auto"``: float32 kernels where the speed check finds one within x1.5 of float32 dense on this CPU, else
+  the activations of that layer shape are cast to bfloat16 for the bfloat16 kernels (outputs cast back), said
+  once in the log; the choice is stored with the other verdicts, so it is the same in every run;
+- ``"bfloat16"``: every quantized layer computes in bfloat16 (the rest of the model stays float32);
+
+or load the model with ``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
 ``OPTIMUM_SUPERWEIGHT_DENSE_THRESHOLD`` (default 64) sets the token count from which ``cpu-dense`` wins.
 ``OPTIMUM_SUPERWEIGHT_NATIVE=0`` (or ``set_native_kernels(False)``) never builds nor runs ``cpu-tiled``; if its
 build fails (no C++ compiler or ninja) it says why once in the log and the other kernels run.
@@ -63,7 +70,7 @@ from torch import nn
 
 from . import build, guard
 from .cpu import DenseCpuKernel, Int4CpuKernel, Int8CpuKernel
-from .guard import cpu_name, set_speed_check, speed_check_enabled
+from .guard import cpu_name, kernel_choice, set_kernel_choice, set_speed_check, speed_check_enabled
 from .reference import ReferenceKernel
 from .tiled import INT4_TOKENS as TILED_INT4_TOKENS
 from .tiled import MIN_TOKENS as TILED_MIN_TOKENS
@@ -88,12 +95,15 @@ __all__ = [
     "token_band",
     "set_speed_check",
     "speed_check_enabled",
+    "set_kernel_choice",
+    "kernel_choice",
     "cpu_name",
+    "check_super_weight_indices",
 ]
 
 logger = logging.getLogger(__name__)
 
-_FLOAT32_POLICIES = ("reference", "bfloat16")
+_FLOAT32_POLICIES = ("reference", "auto", "bfloat16")
 REFERENCE = ReferenceKernel()
 _KERNELS: list["Kernel"] = [TiledCpuKernel(), Int4CpuKernel(), Int8CpuKernel(), DenseCpuKernel(), REFERENCE]
 # Kernels worth running per token; the others are only chosen for many tokens at once or as fallbacks.
@@ -130,7 +140,8 @@ _announced: set[str] = set()
 
 
 def set_float32_policy(policy: str) -> None:
-    """What float32 inputs do: ``"reference"`` (default: exact, slow) or ``"bfloat16"`` (cast, fast kernels).
+    """What float32 inputs do: ``"reference"`` (default: float32 arithmetic only), ``"auto"`` (bfloat16 where no
+    float32 kernel is fast on this CPU, said once) or ``"bfloat16"`` (always cast to bfloat16).
 
     >>> policy = float32_policy()
     >>> set_float32_policy("bfloat16"); float32_policy()
@@ -262,29 +273,31 @@ def select_kernel(
     own = getattr(module, "select_own_kernel", None)
     if own is not None:  # modules with other semantics (W8A8: kernels/w8a8.py) choose among their own kernels
         return own(dtype, device, tokens, requires_grad, _settings["reference_only"])
-    compute_dtype, cast = dtype, False
-    if dtype == torch.float32 and device.type == "cpu" and _settings["float32"] == "bfloat16":
-        compute_dtype, cast = torch.bfloat16, True
     if _settings["reference_only"]:
         return KernelSelection(REFERENCE, dtype, False, "OPTIMUM_SUPERWEIGHT_KERNELS=reference")
+    modes = [(dtype, False)]  # (compute dtype, cast): the input's own dtype first
+    if dtype == torch.float32 and device.type == "cpu" and _settings["float32"] != "reference":
+        modes = [(torch.bfloat16, True)] if _settings["float32"] == "bfloat16" else [(dtype, False), (torch.bfloat16, True)]
     many = tokens >= _settings["threshold"]
-    passed = []
-    for kernel in _KERNELS:
-        if many and kernel.name in _DECODE_KERNELS:
-            passed.append(f"{kernel.name}: {tokens} tokens >= dense threshold {_settings['threshold']}")
-            continue
-        if requires_grad and kernel.name in _NO_BACKWARD:
-            passed.append(f"{kernel.name}: input requires grad (no backward)")
-            continue
-        why = kernel.unsupported(module, compute_dtype, device, tokens)
-        if why is None and kernel is not REFERENCE:
-            why = guard.stepped_aside(module, kernel.name, dtype, token_band(module, tokens))
-        if why is None:
+    passed: list[str] = []
+    for compute_dtype, cast in modes:
+        for kernel in _KERNELS:
             if kernel is REFERENCE:
-                return KernelSelection(REFERENCE, dtype, False, "; ".join(passed))
-            return KernelSelection(kernel, compute_dtype, cast, "; ".join(passed))
-        passed.append(f"{kernel.name}: {why}")
-    raise RuntimeError("no kernel accepted the call; the reference kernel must close the list")  # unreachable
+                continue
+            label = kernel.name + ("+bf16-cast" if cast else "")
+            if many and kernel.name in _DECODE_KERNELS:
+                passed.append(f"{label}: {tokens} tokens >= dense threshold {_settings['threshold']}")
+                continue
+            if requires_grad and kernel.name in _NO_BACKWARD:
+                passed.append(f"{label}: input requires grad (no backward)")
+                continue
+            why = kernel.unsupported(module, compute_dtype, device, tokens)
+            if why is None:
+                why = guard.stepped_aside(module, label, dtype, token_band(module, tokens))
+            if why is None:
+                return KernelSelection(kernel, compute_dtype, cast, "; ".join(passed))
+            passed.append(f"{label}: {why}")
+    return KernelSelection(REFERENCE, dtype, False, "; ".join(passed))
 
 
 def _state_key(module: nn.Module, device: torch.device) -> tuple:
@@ -295,6 +308,40 @@ def _state_key(module: nn.Module, device: torch.device) -> tuple:
     return tuple(key)
 
 
+def check_super_weight_indices(module: nn.Module) -> None:
+    """Raise ``ValueError`` unless the layer's super-weight coordinates lie inside its matrix, one value each.
+
+    Kernels index tiles, activations and outputs by these coordinates, and a state is rebuilt whenever they
+    change (after the load-time checks), so every state build checks them.
+
+    >>> from optimum_superweight.nn.linear import SuperWeightLinear
+    >>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32, super_weights=[(5, 7)])
+    >>> layer.super_weight_indices[0, 1] = 64
+    >>> check_super_weight_indices(layer)
+    Traceback (most recent call last):
+    ...
+    ValueError: SuperWeightLinear(32x64).super_weight_indices: entry #0 is (5, 64), outside the matrix; accepted are rows 0..31 and columns 0..63.
+    """
+    indices = getattr(module, "super_weight_indices", None)
+    if indices is None or indices.numel() == 0:
+        return
+    where = f"{type(module).__name__}({module.out_features}x{module.in_features})"
+    values = getattr(module, "super_weight_values", None)
+    if indices.dim() != 2 or indices.shape[1] != 2 or values is None or tuple(values.shape) != (indices.shape[0],):
+        raise ValueError(
+            f"{where}.super_weight_indices: shape {tuple(indices.shape)} with super_weight_values of shape "
+            f"{None if values is None else tuple(values.shape)}; accepted are [k, 2] coordinates and k values."
+        )
+    idx = indices.detach().to(torch.int64)
+    bad = (idx[:, 0] < 0) | (idx[:, 0] >= module.out_features) | (idx[:, 1] < 0) | (idx[:, 1] >= module.in_features)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{where}.super_weight_indices: entry #{i} is ({int(idx[i, 0])}, {int(idx[i, 1])}), outside the matrix; "
+            f"accepted are rows 0..{module.out_features - 1} and columns 0..{module.in_features - 1}."
+        )
+
+
 def _state(module: nn.Module, selection: KernelSelection, device: torch.device) -> Any:
     # Plain attributes, not buffers: never saved, never moved by .to() (a moved CPU layout is useless).
     cache = module.__dict__.setdefault("_kernel_states", {})
@@ -302,6 +349,7 @@ def _state(module: nn.Module, selection: KernelSelection, device: torch.device) 
     key = _state_key(module, device)
     entry = cache.get(slot)
     if entry is None or entry[0] != key:
+        check_super_weight_indices(module)
         with torch.no_grad():
             entry = (key, selection.kernel.prepare(module, device, selection.compute_dtype))
         cache[slot] = entry
@@ -315,11 +363,22 @@ def _announce(selection: KernelSelection, dtype: torch.dtype) -> None:
     if message in _announced:
         return
     _announced.add(message)
-    if selection.kernel is REFERENCE and dtype == torch.float32:
+    if selection.cast and _settings["float32"] == "auto":
+        if "auto-cast" not in _announced:  # once per process: the kernels of each shape are logged at INFO level
+            _announced.add("auto-cast")
+            logger.warning(
+                "optimum-superweight: float32 input computed in bfloat16 in quantized layers where no float32 kernel is "
+                "within x%.1f of float32 dense F.linear on %s (allowed by the float32 policy 'auto'; "
+                "kernels.kernel_summary(model, torch.float32, tokens) lists them). First: %s.",
+                guard.STEP_ASIDE_RATIO, cpu_name(), message,
+            )
+        logger.info("%s.", message)
+    elif selection.kernel is REFERENCE and dtype == torch.float32 and "reference-float32" not in _announced:
+        _announced.add("reference-float32")  # once per process; later shapes at INFO level
         logger.warning(
             "%s. The reference kernel dequantizes the whole weight on every call (slow). Load the model with "
             "dtype=torch.bfloat16, or opt in to bfloat16 activations in the quantized layers with "
-            "optimum_superweight.kernels.set_float32_policy('bfloat16') / OPTIMUM_SUPERWEIGHT_FLOAT32=bfloat16.",
+            "optimum_superweight.kernels.set_float32_policy('auto' or 'bfloat16') / OPTIMUM_SUPERWEIGHT_FLOAT32=auto.",
             message,
         )
     else:
@@ -368,6 +427,9 @@ def _first_selection(module: nn.Module, x: torch.Tensor, tokens: int, band: int,
         or guard.checked(module, x.dtype, band)
     ):
         return select()
+    stored = guard.recall(module, x.dtype, band, select)  # the same verdict in every run on this machine
+    if stored is not None:
+        return stored
     return guard.check_speed(module, x, band, select, lambda selection, rows: _run(module, selection, rows), _is_reference)
 
 
@@ -442,6 +504,9 @@ def prepare_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> dict[
                 _state(module, selection, device)
     summary = {"decode": kernel_summary(model, dtype, 1), "prefill": kernel_summary(model, dtype, prefill_tokens)}
     logger.info("optimum-superweight kernels for %s input: decode %s, prefill %s", dtype, summary["decode"], summary["prefill"])
+    speed = guard.speed_summary()
+    if speed is not None:
+        logger.info("%s", speed)
     return summary
 
 

@@ -93,8 +93,13 @@ def tile_rows(out_features: int, in_features: int, element_size: int, threads: i
     return max(1, min(rows, out_features))
 
 
+#: What the library's decoder needs (``/proc/cpuinfo`` flags): without them it is not built at all (its scalar
+#: decoder would lose to ``cpu-dense``, and compiling it takes about a minute).
+CPU_FEATURES = ("avx512f", "avx512bw")
+
+
 def _library():
-    return build.load(_SOURCE)
+    return build.load(_SOURCE, requires=CPU_FEATURES)
 
 
 def unavailable() -> str | None:

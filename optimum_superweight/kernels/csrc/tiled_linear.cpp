@@ -289,12 +289,22 @@ Packed packed_of(const torch::Tensor& codes, const torch::Tensor& scale, const t
                 has_offset ? offset.data_ptr<float>() : nullptr, N, G, B, group, K, bits};
 }
 
-Patches patches_of(const torch::Tensor& rows, const torch::Tensor& cols, const torch::Tensor& values) {
+// Super weights of an N x K matrix. Every coordinate is checked here, on every call: they are written into
+// tiles and read from activations by raw index, and a state can be built from indices changed after the load.
+Patches patches_of(const torch::Tensor& rows, const torch::Tensor& cols, const torch::Tensor& values, int64_t N,
+                   int64_t K) {
   TORCH_CHECK(rows.dtype() == torch::kInt64 && cols.dtype() == torch::kInt64 && values.dtype() == torch::kFloat32 &&
                   rows.numel() == cols.numel() && rows.numel() == values.numel() && rows.is_contiguous() &&
-                  cols.is_contiguous() && values.is_contiguous(),
-              "super weights: int64 rows, int64 cols, float32 values of one length");
-  return Patches{rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), values.data_ptr<float>(), rows.numel()};
+                  cols.is_contiguous() && values.is_contiguous() && rows.device().is_cpu() && cols.device().is_cpu() &&
+                  values.device().is_cpu(),
+              "super weights: int64 rows, int64 cols, float32 values of one length, on the CPU");
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < N && c[i] >= 0 && c[i] < K, "super weight #", i, " at (", r[i], ", ", c[i],
+                ") is outside the ", N, "x", K, " matrix");
+  }
+  return Patches{r, c, values.data_ptr<float>(), rows.numel()};
 }
 
 template <typename T>
@@ -591,7 +601,7 @@ torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous 2-D CPU tensor");
   TORCH_CHECK(tile > 0, "tile > 0");
   const Packed w = packed_of(codes, scale, zero, offset, group, bits, x.size(1));
-  const Patches p = patches_of(rows, cols, values);
+  const Patches p = patches_of(rows, cols, values, w.N, w.K);
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N && bias->scalar_type() == x.scalar_type(),
@@ -614,7 +624,7 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous 2-D CPU tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxSmallTokens, "x: 1 to ", kMaxSmallTokens, " tokens, got ", x.size(0));
   const Packed w = packed_of(codes, scale, zero, offset, group, bits, x.size(1));
-  const Patches p = patches_of(rows, cols, values);
+  const Patches p = patches_of(rows, cols, values, w.N, w.K);
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N && bias->scalar_type() == x.scalar_type() &&
@@ -644,7 +654,7 @@ torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor
                          torch::Tensor rows, torch::Tensor cols, torch::Tensor values, int64_t group, int64_t bits,
                          int64_t K, torch::ScalarType dtype) {
   const Packed w = packed_of(codes, scale, zero, offset, group, bits, K);
-  const Patches p = patches_of(rows, cols, values);
+  const Patches p = patches_of(rows, cols, values, w.N, w.K);
   auto out = torch::empty({w.N, K}, torch::dtype(dtype));
   switch (dtype) {
     case torch::kBFloat16: decode_rows<c10::BFloat16>(w, p, 0, w.N, out.data_ptr<c10::BFloat16>()); break;
@@ -657,10 +667,14 @@ torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor
 
 bool vectorized() { return OSW_AVX512; }
 
+// The products run without the GIL (arguments are converted before it is released and the result after it is
+// taken back): Python threads serving one model compute at the same time.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("tiled_linear", &tiled_linear, "y = x @ dequantize(codes)^T, decoded tile by tile");
-  m.def("small_linear", &small_linear, "y = x @ dequantize(codes)^T for a few tokens (up to small_tokens()), decoded in registers");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("tiled_linear", &tiled_linear, "y = x @ dequantize(codes)^T, decoded tile by tile", release());
+  m.def("small_linear", &small_linear,
+        "y = x @ dequantize(codes)^T for a few tokens (up to small_tokens()), decoded in registers", release());
   m.def("small_tokens", []() { return kMaxSmallTokens; }, "the most tokens small_linear takes");
-  m.def("dequantize", &dequantize, "the dense weight, decoded as tiled_linear decodes it");
+  m.def("dequantize", &dequantize, "the dense weight, decoded as tiled_linear decodes it", release());
   m.def("vectorized", &vectorized, "whether the AVX-512 decoder was compiled in");
 }
