@@ -155,6 +155,39 @@ def run_setup(args) -> dict:
     }
 
 
+def backward_timing(tokens: int = 512, repeats: int = 5) -> list[dict]:
+    """Seconds for ``grad_output @ W`` on SmolLM2's layer shapes (bfloat16, 4-bit default codes): our backward
+    (:func:`optimum_superweight.nn.autograd.input_gradient`: fused dequantize per row block), the same through the
+    reference dequantization of the whole matrix, and a dense matmul with a bfloat16 weight (the floor)."""
+    import torch
+
+    from optimum_superweight.nn.autograd import input_gradient
+    from optimum_superweight.nn.linear import SuperWeightLinear
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - tick)
+        return min(times)
+
+    rows = []
+    for out_features, in_features in ((576, 576), (1536, 576), (576, 1536)):
+        torch.manual_seed(0)
+        layer = SuperWeightLinear.from_linear(torch.nn.Linear(in_features, out_features), bits=4, group_size=64, symmetric=False)
+        dense = layer.dequantize_weight(torch.bfloat16)
+        g = torch.randn(tokens, out_features, dtype=torch.bfloat16)
+        rows.append({
+            "shape": f"{out_features}x{in_features}", "tokens": tokens,
+            "ours_s": best(lambda: input_gradient(layer, g)),
+            "reference_s": best(lambda: g @ layer.dequantize_weight(torch.bfloat16)),
+            "dense_s": best(lambda: g @ dense),
+        })
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| setup | s/step | peak RSS MiB | loss first5 -> last5 | held-out ppl before -> after |", "|---|---|---|---|---|"]
     for r in rows:
@@ -178,7 +211,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-chunks", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--backward", action="store_true", help="only time the backward's grad_output @ W paths")
     args = parser.parse_args()
+    if args.backward:
+        rows = backward_timing()
+        print("| shape | tokens | ours (fused dequantize) ms | reference dequantize + matmul ms | dense bf16 matmul ms | ours / dense |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['shape']} | {r['tokens']} | {r['ours_s'] * 1e3:.2f} | {r['reference_s'] * 1e3:.2f} | "
+                  f"{r['dense_s'] * 1e3:.2f} | x{r['ours_s'] / r['dense_s']:.2f} |")
+        args.out.with_name("finetune_backward.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return
     if args.setup:
         print(json.dumps(run_setup(args)))
         return
