@@ -150,7 +150,9 @@ class SuperWeightQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # Adapters (PEFT LoRA, optimum_superweight.peft) train on weight-only layers: their backward gives the
+        # input's gradient from the packed weight (nn/autograd.py). W8A8 layers quantize their input: no gradient.
+        return not self.quantization_config.activations.enabled
 
     def _dequantize(self, model, dtype: torch.dtype | str | None = None):
         # transformers passes model.config.dtype: a string ("float32") once the config was saved or reloaded.

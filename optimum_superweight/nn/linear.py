@@ -19,6 +19,7 @@ from torch import nn
 from ..format import SCALE, SCALE_DTYPES, TENSORS, LayerFormat, check_quantizable
 from ..kernels import kernel_label, linear_forward
 from ..records import SuperWeight
+from .autograd import needs_graph, quantized_linear
 from ..tensor.quantize import ZERO_POINTS, GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
 
 __all__ = ["SuperWeightLinear"]
@@ -184,7 +185,9 @@ class SuperWeightLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dispatch to a fast kernel when one fits (see optimum_superweight.kernels); the reference is
-        # dequantize_weight() + F.linear.
+        # dequantize_weight() + F.linear. Training (LoRA on top): a backward that keeps no dense weight (nn/autograd.py).
+        if needs_graph(self, x):
+            return quantized_linear(self, x)
         return linear_forward(self, x)
 
     @property
