@@ -96,20 +96,15 @@ def load(setup: str, path: str):
 
 
 def nf4_options() -> dict:
-    """The NF4 form's config keywords, once the branch that adds it is merged; until then the row is skipped."""
-    from optimum_superweight.config import FIELDS
-
-    for name in ("storage", "form", "quant_type", "weight_format"):
-        if name in FIELDS:
-            return {name: "nf4"}
-    raise LookupError("SuperWeightConfig has no NF4 form yet (issue 22, item 4 is built on another branch)")
+    """The NF4 form's config keywords (bitsandbytes' own 4-bit layers with exact super weights)."""
+    return {"weight_format": "bnb-nf4"}
 
 
 def lora(model, setup: str):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    if setup != "bnb":
+    if setup == "ours":  # bitsandbytes' Linear4bit (bnb and our NF4 form) is a layer PEFT already knows
         from optimum_superweight.peft import prepare_lora_config
 
         config = prepare_lora_config(config, model)
