@@ -92,7 +92,8 @@ def legacy_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
 def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` plus the 4.x keys (RoPE, ``torch_dtype``), in every nested sub-config too (``text_config``).
 
-    A key already present is never overwritten: a config that has both spellings keeps what it says.
+    A RoPE key already present is never overwritten (a config that has both spellings keeps what it says);
+    ``torch_dtype`` always follows ``dtype``, the key transformers 5 writes for what the folder holds.
     """
     out = dict(config)
     for key, value in config.items():
@@ -101,7 +102,7 @@ def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in legacy_rope_keys(config).items():
         out.setdefault(key, value)
     if "dtype" in config and isinstance(config["dtype"], str):
-        out.setdefault("torch_dtype", config["dtype"])
+        out["torch_dtype"] = config["dtype"]  # 5.x's dtype is what the folder holds; a stale torch_dtype would lie
     return out
 
 
@@ -130,7 +131,7 @@ def add_transformers4_keys(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if config_file.is_file():
         config = json.loads(config_file.read_text())
         legacy = legacy_config(config)
-        added["config"] = {k: v for k, v in legacy.items() if k not in config}
+        added["config"] = {k: v for k, v in legacy.items() if config.get(k, object()) != v}
         if legacy != config:
             config_file.write_text(json.dumps(legacy, indent=2, sort_keys=True) + "\n")
     tokenizer_file = folder / "tokenizer_config.json"
