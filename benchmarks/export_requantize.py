@@ -86,6 +86,33 @@ def _ppl(model, tokenizer, texts, tokens: int) -> dict[str, float]:
     return {t.key: round(float(perplexity(model, tokenizer, t.text, max_tokens=tokens)), 4) for t in texts}
 
 
+def export_requantize_markdown(result: dict) -> str:
+    """The RESULTS.md section (``suite/report.py`` renders it from ``results/export_requantize.json``)."""
+    meta, rows = result["meta"], result["rows"]
+    keys = [t["key"] for t in meta["texts"]]
+    lines = [
+        "## Export with `--requantize`: what re-fitting costs where it must act",
+        "",
+        f"`{meta['command']}` ({meta['date']}, {meta['machine']}, shared with other jobs): SmolLM2-135M-Instruct "
+        "quantized with `SuperWeightConfig()` (float offsets, which neither AWQ nor compressed-tensors holds), exported "
+        "with `--requantize`, the weights decoded from the written files (AWQ: this package's unpacker, checked against "
+        "the layout's spec in the tests; compressed-tensors: its own decompressor) and scored in float32 on the first "
+        f"{meta['tokens']} tokens of each held-out text ({', '.join(keys)}: `benchmarks/suite/texts.py`; the re-fit's "
+        "importance comes from the package's calibration text, `pydoc_data`). Ratio = perplexity / the checkpoint's.",
+        "",
+        f"| weights | layers re-fitted | {' | '.join(keys)} | ratio to checkpoint |",
+        "|---|---:|" + "---:|" * len(keys) + "---|",
+    ]
+    for row in rows:
+        ppl = " | ".join(f"{row['ppl'][k]:.3f}" for k in keys)
+        ratio = ", ".join(f"x{row['ratio_to_checkpoint'][k]:.4f}" for k in keys)
+        refitted = row.get("refitted", row.get("layers_replaced", ""))
+        lines.append(f"| {row['row']} | {refitted} | {ppl} | {ratio} |")
+    lines += ["", "Round-to-nearest rows re-quantize every layer of the checkpoint (super weights held out and exact) on "
+              "the min-max grid of its group: what `--requantize` did before it re-fitted.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
@@ -147,14 +174,7 @@ def main() -> None:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2, default=str))
-    keys = [t.key for t in texts]
-    print(f"| row | {' | '.join(keys)} | ratio to checkpoint ({', '.join(keys)}) |")
-    print("|---|" + "---:|" * (len(keys) + 1))
-    for row in rows:
-        ppl = " | ".join(f"{row['ppl'][k]:.3f}" for k in keys)
-        ratio = ", ".join(f"x{row['ratio_to_checkpoint'][k]:.4f}" for k in keys)
-        print(f"| {row['row']} | {ppl} | {ratio} |")
-
+    print(export_requantize_markdown(result))
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import DEFAULT_IMPORTANCE_TOKENS
 from ..tensor.hqq import hqq_quantize_weight
 from ..tensor.packing import unpack_codes
 from .codes import ModuleCodes, exactly_representable
@@ -40,9 +41,9 @@ __all__ = ["TargetForm", "RefitReport", "target_group", "express", "regroup", "r
 logger = logging.getLogger(__name__)
 
 #: Tokens of held-out text (the start of the built-in text) the re-fit's effect is measured on.
-EFFECT_TOKENS = 2048
-#: Calibration tokens (the end of the built-in text) the re-fit's importance is measured on.
-IMPORTANCE_TOKENS = 4096
+EFFECT_TOKENS = 1024
+#: Calibration tokens (the end of the built-in text) the re-fit's importance is measured on: the quantizer's own.
+IMPORTANCE_TOKENS = DEFAULT_IMPORTANCE_TOKENS
 
 
 @dataclass(frozen=True)
