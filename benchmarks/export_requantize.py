@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--texts", default="austen,jargon")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    parser.add_argument("--quick", action="store_true",
+                        help="only the checkpoint, the two zero-point exports and the old symmetric rounding (no "
+                        "full-precision, symmetric compressed-tensors or zero-point rounding rows)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,8 +135,9 @@ def main() -> None:
     texts = evaluation_texts(tuple(args.texts.split(",")))
     work = Path(tempfile.mkdtemp(prefix="export-requantize-"))
     rows = []
-    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    rows.append({"row": "full precision (float32)", "ppl": _ppl(full, tokenizer, texts, args.tokens)})
+    if not args.quick:
+        full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        rows.append({"row": "full precision (float32)", "ppl": _ppl(full, tokenizer, texts, args.tokens)})
     start = time.perf_counter()
     quantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=osw.SuperWeightConfig())
     quantize_s = time.perf_counter() - start
@@ -150,8 +154,11 @@ def main() -> None:
                 modules[name].weight.copy_(weight)
         rows.append({"row": label, "layers_replaced": len(weights), "ppl": _ppl(model, tokenizer, texts, args.tokens), **extra})
 
-    for fmt, options, decode in (("awq", {}, _decode_awq), ("compressed-tensors", {"dtype": "float32"}, _decode_ct),
-                                 ("compressed-tensors", {"dtype": "float32", "zero_point": "symmetric"}, _decode_ct)):
+    exports = [("awq", {}, _decode_awq), ("compressed-tensors", {"dtype": "float32"}, _decode_ct)]
+    if not args.quick:
+        exports.append(("compressed-tensors", {"dtype": "float32", "zero_point": "symmetric"}, _decode_ct))
+    checkpoint_row = len(rows) - 1
+    for fmt, options, decode in exports:
         out = work / f"{fmt}-{options.get('zero_point', 'auto')}"
         start = time.perf_counter()
         result = export(work / "q", out, format=fmt, allow_requantize=True, **options)
@@ -159,10 +166,11 @@ def main() -> None:
         label = f"{fmt} --requantize" + (" (symmetric)" if options.get("zero_point") == "symmetric" else " (zero-points)")
         weights_row(label, decode(out), {"refitted": len(result["requantized"]), "dense": result["dense"],
                                          "export_s": round(seconds, 1), "export_effect": result["refit"]["effect"]})
-    weights_row("round-to-nearest, zero-points (for comparison)", _rtn(quantized, symmetric=False), {})
+    if not args.quick:
+        weights_row("round-to-nearest, zero-points (for comparison)", _rtn(quantized, symmetric=False), {})
     weights_row("round-to-nearest, symmetric (old --requantize)", _rtn(quantized, symmetric=True), {})
 
-    base = rows[1]["ppl"]
+    base = rows[checkpoint_row]["ppl"]
     for row in rows:
         row["ratio_to_checkpoint"] = {k: round(v / base[k], 4) for k, v in row["ppl"].items()}
     result = {
