@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float16", "bfloat16", "float32"],
-        help="awq: dtype of dense layers and the config (auto: float16, AWQ's own); compressed-tensors: serving dtype of "
+        help="awq: dtype of dense layers and the config (auto: float16, AWQ's own, unless it would round a super weight, "
+        "then float32); compressed-tensors: serving dtype of "
         "scales and dense layers (auto: the model's)",
     )
     parser.add_argument(
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "compressed-tensors":
         options = {"dtype": args.dtype, "zero_point": args.zero_point}
     elif args.format == "awq":
-        options = {"dtype": "float16" if args.dtype == "auto" else args.dtype}
+        options = {"dtype": args.dtype}
     else:
         options = {
             "super_weight_type": args.super_weight_type,

@@ -58,7 +58,8 @@ def export(
         tokenizer: Shipped with the export; by default the one saved next to the checkpoint.
         allow_requantize: Re-fit layers the format cannot hold exactly (from their dequantized weights, weighted
             by activations on the calibration text when a tokenizer is available) instead of raising.
-        **options: Format options. AWQ: ``dtype`` of dense tensors (``"float16"``). compressed-tensors: ``dtype``
+        **options: Format options. AWQ: ``dtype`` of dense tensors (``"auto"``: float16 unless it would round a
+            super weight). compressed-tensors: ``dtype``
             (``"auto"`` = the model's), ``zero_point`` (the form re-fitted layers take: ``"uint8"`` or
             ``"symmetric"``). GGUF: see
             :func:`optimum_superweight.export.gguf.export_gguf` (``super_weight_type``, ``dense_type``,

@@ -194,17 +194,22 @@ def export_awq(
     linear_names: list[str],
     model: nn.Module | None = None,
     tokenizer: Any = None,
-    dtype: str = "float16",
+    dtype: str = "auto",
     allow_requantize: bool = False,
     source: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out`` (a transformers-style folder in AWQ GEMM layout) from our codes and the dense folder.
 
     ``linear_names``: every ``nn.Linear``-like layer of the model (those not written as AWQ go to
-    ``modules_to_not_convert``). ``dtype``: of the dense tensors and the config (``"float16"``, AWQ's own).
+    ``modules_to_not_convert``). ``dtype``: of the dense tensors and the config; ``"auto"``: float16 (AWQ's own)
+    unless it would round a super weight, then float32.
     """
+    if dtype == "auto":
+        # float16 (AWQ's own) unless it would round a super weight: then float32, which holds every value.
+        exact = all(exactly_representable(c.super_values, torch.float16) for c in all_codes if c.num_super_weights)
+        dtype = "float16" if exact else "float32"
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {sorted(_DTYPES)}.")
+        raise ValueError(f"dtype={dtype!r} is invalid: expected 'auto' or one of {sorted(_DTYPES)}.")
     serving = _DTYPES[dtype]
     plan = plan_awq(all_codes, serving, allow_requantize=allow_requantize, model=model, tokenizer=tokenizer)
     not_converted = sorted(n for n in linear_names if n not in plan.quantized)

@@ -65,7 +65,8 @@ def awq_card(plan: Any, records: list, dtype: str, source: str | None, notes: li
         f"vllm serve THIS_FOLDER --dtype {'float16' if dtype == 'float32' else dtype}   # CPU: cpu_awq; GPU: awq_marlin or awq",
         "```", "",
         "Serve in float16 (the dtype of the AWQ scales): vLLM casts the scales to its model dtype, and bfloat16 would "
-        "round them. transformers 5.x reads `quant_method: awq` through `gptqmodel` (`pip install gptqmodel`); "
+        "round them. (A float32 export keeps super weights that float16 would round exact in the file; a float16 "
+        "server rounds them when it loads.) transformers 5.x reads `quant_method: awq` through `gptqmodel` (`pip install gptqmodel`); "
         "transformers 4.x through `autoawq`.", "",
         "## vLLM kernels for these shapes", "",
     ]
