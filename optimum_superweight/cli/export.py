@@ -1,4 +1,8 @@
-"""``optimum-superweight export MODEL OUT --format compressed-tensors|gguf``: write a checkpoint for vLLM or llama.cpp."""
+"""``optimum-superweight export MODEL OUT --format awq|compressed-tensors|gguf``: write a checkpoint for vLLM or llama.cpp.
+
+AWQ: vLLM on CPU and GPU. compressed-tensors: vLLM on GPU (and plain transformers when symmetric). GGUF: llama.cpp.
+Layers a format cannot hold exactly are refused with the layer named, or re-fitted with ``--requantize``.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,33 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a quantized checkpoint to compressed-tensors (vLLM) or GGUF (llama.cpp), super weights exact",
+        help="export a quantized checkpoint to AWQ or compressed-tensors (vLLM) or GGUF (llama.cpp), super weights exact",
         description=__doc__,
     )
     parser.add_argument("model", help="folder of a checkpoint saved by this package")
-    parser.add_argument("output", help="output folder (compressed-tensors) or .gguf file (gguf)")
-    parser.add_argument("--format", required=True, choices=["compressed-tensors", "gguf"], help="target format")
+    parser.add_argument("output", help="output folder (awq, compressed-tensors) or .gguf file (gguf)")
+    parser.add_argument("--format", required=True, choices=["awq", "compressed-tensors", "gguf"], help="target format")
     parser.add_argument(
         "--requantize",
         action="store_true",
-        help="re-quantize layers the format cannot hold exactly (default: refuse with an error naming them)",
+        help="re-fit layers the format cannot hold exactly from their dequantized weights, weighted by activations on "
+        "the calibration text (default: refuse with an error naming them); the output's README says which and what it cost",
     )
-    parser.add_argument("--dtype", default="auto", help="compressed-tensors: serving dtype of scales and dense layers (default: the model's)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="awq: dtype of dense layers and the config (auto: float16, AWQ's own, unless it would round a super weight, "
+        "then float32); compressed-tensors: serving dtype of "
+        "scales and dense layers (auto: the model's)",
+    )
+    parser.add_argument(
+        "--zero-point",
+        default="auto",
+        choices=["auto", "uint8", "symmetric"],
+        help="compressed-tensors: the form of the export (auto: symmetric when every exact layer is symmetric, else "
+        "integer zero-points); layers in another form need --requantize",
+    )
     parser.add_argument(
         "--super-weight-type",
         default="auto",
@@ -42,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export
 
     if args.format == "compressed-tensors":
+        options = {"dtype": args.dtype, "zero_point": args.zero_point}
+    elif args.format == "awq":
         options = {"dtype": args.dtype}
     else:
         options = {
@@ -53,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         }
     result = export(args.model, args.output, format=args.format, allow_requantize=args.requantize, **options)
     print(json.dumps(result, indent=2))
-    serve = f"vllm serve {args.output}" if args.format == "compressed-tensors" else f"llama-cli -m {args.output}  (or llama_cpp.Llama(model_path=...))"
+    serve = {
+        "awq": f"vllm serve {args.output} --dtype float16",
+        "compressed-tensors": f"vllm serve {args.output}",
+    }.get(args.format, f"llama-cli -m {args.output}  (or llama_cpp.Llama(model_path=...))")
     print(f"written {args.output}; serve it with: {serve}")
     return 0
