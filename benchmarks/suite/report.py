@@ -210,8 +210,8 @@ def standalone_sections(data_dir: Path) -> str:
     their result files when present: ``quality_multitext.json`` (``benchmarks/quality_multitext.py``),
     ``low_memory.json`` (``benchmarks/low_memory.py``), ``w8a8.json`` (``benchmarks/w8a8.py``),
     ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``), ``llama_cpp.json`` (``benchmarks/llama_cpp.py``),
-    ``checkpoint_integrity.json`` (``benchmarks/checkpoint_integrity.py``) and ``load_time.json``
-    (``benchmarks/load_time.py``).
+    ``checkpoint_integrity.json`` (``benchmarks/checkpoint_integrity.py``), ``load_time.json``
+    (``benchmarks/load_time.py``) and ``serve.json`` (``benchmarks/serve.py``).
     Each states its own command and date."""
     import importlib.util
 
@@ -224,6 +224,7 @@ def standalone_sections(data_dir: Path) -> str:
         ("llama_cpp.py", "llama_cpp.json", "llama_cpp_markdown"),
         ("checkpoint_integrity.py", "checkpoint_integrity.json", "checkpoint_integrity_markdown"),
         ("load_time.py", "load_time.json", "load_time_markdown"),
+        ("serve.py", "serve.json", "serve_markdown"),
     ):
         path = data_dir / result_file
         if not path.is_file():
