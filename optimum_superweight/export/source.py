@@ -87,15 +87,14 @@ def _dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     seen: set[int] = set()
     for key, tensor in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
-        # Ties are seen on the model's own tensors: a freed temporary's address may be reused by the next one.
-        if tensor.data_ptr() in seen and tensor.numel():
-            continue  # a tied weight: transformers re-ties it on load
-        seen.add(tensor.data_ptr())
         if prefix in quantized:
             if leaf in _OWN_SUFFIXES:
                 continue
             if leaf == "weight":
                 tensor = quantized[prefix].dequantize_weight(torch.float32)
+        if tensor.data_ptr() in seen and tensor.numel():
+            continue  # a tied weight: transformers re-ties it on load
+        seen.add(tensor.data_ptr())
         state[key] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
     return state
 
