@@ -1,12 +1,14 @@
-"""Export a quantized model to the formats servers load: compressed-tensors (vLLM) and GGUF (llama.cpp).
+"""Export a quantized model to the formats servers load: AWQ and compressed-tensors (vLLM), GGUF (llama.cpp).
 
 >>> from optimum_superweight.export import export
+>>> export("out", "out-awq", format="awq")                           # doctest: +SKIP
 >>> export("out", "out-vllm", format="compressed-tensors")          # doctest: +SKIP
 >>> export(model, "model.gguf", format="gguf", tokenizer=tokenizer)  # doctest: +SKIP
 
-Both writers take our codes and scales as they are. Where a format cannot hold a layer exactly they raise
-:class:`NotExpressibleError` naming the layer and what is missing; ``allow_requantize=True`` re-quantizes
-such layers instead (and the result says which). Super weights always stay exact.
+The writers take our codes and scales as they are. Where a format cannot hold a layer exactly they raise
+:class:`NotExpressibleError` naming the layer and what is missing; ``allow_requantize=True`` re-fits such
+layers instead (:mod:`.refit`; the result says which and what it cost). Super weights always stay exact.
+Every exported folder also carries the keys transformers 4.x readers need (:mod:`.compat`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.linear import SuperWeightLinear
 from .codes import VARIANTS, ModuleCodes, quantized_modules
 from .errors import NotExpressibleError
+from .compat import add_transformers4_keys
 from .source import load_source, super_weight_records, tokenizer_of, write_dense_folder
 
 __all__ = ["export", "FORMATS", "NotExpressibleError", "ModuleCodes", "VARIANTS"]
 
 #: Accepted values of ``format``.
-FORMATS = ("compressed-tensors", "gguf")
+FORMATS = ("awq", "compressed-tensors", "gguf")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -50,16 +54,20 @@ def export(
     Args:
         model_or_folder: The quantized model, or the folder ``save_pretrained`` wrote.
         out: Output folder (compressed-tensors) or ``.gguf`` file (GGUF).
-        format: ``"compressed-tensors"`` or ``"gguf"``.
+        format: ``"awq"``, ``"compressed-tensors"`` or ``"gguf"``.
         tokenizer: Shipped with the export; by default the one saved next to the checkpoint.
-        allow_requantize: Re-quantize layers the format cannot hold exactly instead of raising.
-        **options: Format options. compressed-tensors: ``dtype`` (``"auto"`` = the model's). GGUF: see
+        allow_requantize: Re-fit layers the format cannot hold exactly (from their dequantized weights, weighted
+            by activations on the calibration text when a tokenizer is available) instead of raising.
+        **options: Format options. AWQ: ``dtype`` of dense tensors (``"float16"``). compressed-tensors: ``dtype``
+            (``"auto"`` = the model's), ``zero_point`` (the form re-fitted layers take: ``"uint8"`` or
+            ``"symmetric"``). GGUF: see
             :func:`optimum_superweight.export.gguf.export_gguf` (``super_weight_type``, ``dense_type``,
             ``llama_quantize``, ``converter``, ``pre_tokenizer``).
 
     Returns:
         A summary: the path, which layers were written from our codes, which stayed dense, which were
-        re-quantized.
+        re-fitted (``requantized``) or regrouped, the measured effect of a re-fit (``refit``), the keys added for
+        transformers 4.x (``transformers4``).
 
     >>> export("out", "smollm2-vllm")  # doctest: +SKIP
     {'format': 'compressed-tensors', 'path': 'smollm2-vllm', 'quantized': 210, 'dense': ['model.layers.11.mlp.down_proj'], ...}
@@ -73,21 +81,23 @@ def export(
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="superweight-export-") as scratch:
         dense = write_dense_folder(model, Path(scratch) / "dense", tokenizer)
-        if format == "compressed-tensors":
-            from .compressed_tensors import export_compressed_tensors
+        if format in ("awq", "compressed-tensors"):
+            if format == "awq":
+                from .awq import export_awq
 
-            result = export_compressed_tensors(
-                all_codes,
-                dense,
-                out,
-                records=records,
-                model_dtype=_model_dtype(model),
-                allow_requantize=allow_requantize,
-                source=folder,
-                **options,
-            )
+                linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SuperWeightLinear))]
+                result = export_awq(all_codes, dense, out, records=records, linear_names=linears, model=model,
+                                    tokenizer=tokenizer, allow_requantize=allow_requantize, source=folder, **options)
+            else:
+                from .compressed_tensors import export_compressed_tensors
+
+                result = export_compressed_tensors(
+                    all_codes, dense, out, records=records, model_dtype=_model_dtype(model),
+                    allow_requantize=allow_requantize, source=folder, model=model, tokenizer=tokenizer, **options,
+                )
             if tokenizer is not None:
                 tokenizer.save_pretrained(out)
+            result["transformers4"] = add_transformers4_keys(out)
             return result
         from .gguf import export_gguf
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..nn.linear import SuperWeightLinear
 from ..tensor.packing import unpack_codes
+from ..tensor.quantize import QuantizedWeight, restore_exact
 
 __all__ = ["ModuleCodes", "VARIANTS", "module_codes", "quantized_modules", "exactly_representable"]
 
@@ -43,6 +44,8 @@ class ModuleCodes:
     super_indices: torch.Tensor | None
     super_values: torch.Tensor | None
     module: SuperWeightLinear
+    #: Set when the export re-fitted this layer (:mod:`.refit`): the new codes, which ``codes``/``scale``/... hold.
+    refit: QuantizedWeight | None = None
 
     @property
     def num_super_weights(self) -> int:
@@ -64,10 +67,16 @@ class ModuleCodes:
     def dequantize(self) -> torch.Tensor:
         """float32 ``[out, in]``: the layer's own :meth:`SuperWeightLinear.dequantize_weight`, super weights exact.
 
-        Writers compare what they wrote against this, never against their own arithmetic.
+        Writers compare what they wrote against this, never against their own arithmetic. A re-fitted layer
+        (:attr:`refit`) gives its new weight, super weights exact.
         """
         with torch.no_grad():
-            return self.module.dequantize_weight(torch.float32).cpu()
+            if self.refit is None:
+                return self.module.dequantize_weight(torch.float32).cpu()
+            weight = self.refit.dequantize(torch.float32).cpu()
+            if self.super_indices is not None:
+                restore_exact(weight, self.super_indices, self.super_values)
+            return weight
 
 
 def _symmetric(codes: ModuleCodes) -> tuple[torch.Tensor, torch.Tensor]:

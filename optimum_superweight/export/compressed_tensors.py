@@ -4,28 +4,32 @@ Our codes and scales are written as they are, through compressed-tensors' own AP
 then its model compressor), in ONE quantized config group: transformers 5.24 decodes a second group with the
 first group's arguments. compressed-tensors has no sparse outliers, so a layer holding a super weight, and the
 layers vLLM fuses with it (q/k/v, gate/up), go to ``ignore`` and stay dense with exact values. After
-compression every packed tensor is unpacked again and compared with our codes: a mismatch is an error.
+compression every packed tensor is unpacked again and compared with our codes, and the written folder is decoded
+by compressed-tensors' own decompressor and compared with our dequantized weights: a mismatch is an error.
 
-What compressed-tensors cannot express exactly (a remainder group, float offsets, scales that the serving
-dtype would round) is refused, or re-quantized only with ``allow_requantize=True``.
+Symmetric codes are written symmetric; integer zero-points as compressed-tensors' asymmetric scheme (vLLM on GPU
+reads it through Marlin; transformers 5.x's loader decodes it wrongly, so the output's README says which readers
+decode it). What compressed-tensors cannot express exactly (a remainder group, float offsets, scales that the
+serving dtype would round) is refused, or re-fitted only with ``allow_requantize=True`` (:mod:`.refit`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..tensor.packing import unpack_codes
-from ..tensor.quantize import quantize_weight
 from .codes import ModuleCodes, exactly_representable
-from .errors import NotExpressibleError, require
+from .errors import require
+from .readme import refit_section, super_weight_section
+from .refit import RefitReport, TargetForm, measure_effect, resolve_layers, target_group
 
-__all__ = ["export_compressed_tensors", "fused_siblings", "kernel_notes", "CompressedTensorsPlan"]
+__all__ = ["export_compressed_tensors", "fused_siblings", "kernel_notes", "CompressedTensorsPlan", "decompress_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +41,10 @@ FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
     ("w1", "w3"),
 )
 
-#: Variants written, and the ``symmetric`` flag of the scheme that holds them. Integer zero-points
-#: (``"zero_point": False``) pack exactly and compressed-tensors' own decompress reads them back exactly, but
-#: transformers 5.24's loader decodes them wrongly (logits off, no error): refused until a loader gets them right.
-CT_VARIANTS: dict[str, bool] = {"symmetric": True}
+#: Re-fit forms accepted by the ``zero_point`` option (the form layers that must change take).
+REFIT_FORMS = ("auto", "uint8", "symmetric")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def fused_siblings(name: str) -> list[str]:
     """``name`` and the modules fused with it in vLLM: ``...self_attn.k_proj`` -> q/k/v of that layer."""
@@ -71,7 +72,7 @@ def kernel_notes(shapes: dict[str, tuple[int, int]]) -> list[str]:
 
 @dataclass
 class CompressedTensorsPlan:
-    """Which layers are quantized (with which codes) and which stay dense, and why."""
+    """Which layers are quantized (in their export form) and which stay dense, and why."""
 
     bits: int
     group_size: int  # -1: per output channel
@@ -79,58 +80,14 @@ class CompressedTensorsPlan:
     quantized: dict[str, ModuleCodes] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
-    requantized: list[str] = field(default_factory=list)
+    report: RefitReport = field(default_factory=RefitReport)
+
+    @property
+    def requantized(self) -> list[str]:
+        return list(self.report.refitted)
 
 
-def _check_module(codes: ModuleCodes, serving: torch.dtype) -> None:
-    require(
-        codes.variant in CT_VARIANTS,
-        codes.name,
-        f"variant {codes.variant!r}: only {sorted(CT_VARIANTS)} is exported (zero-points pack exactly, but transformers "
-        "5.24 decodes pack-quantized zero-points wrongly; float offsets have no compressed-tensors form)",
-    )
-    require(1 <= codes.bits <= 8, codes.name, f"{codes.bits}-bit codes (pack-quantized packs 1 to 8 bits)")
-    require(
-        codes.per_row or codes.in_features % codes.group_size == 0,
-        codes.name,
-        f"in_features {codes.in_features} is not a multiple of group_size {codes.group_size} (compressed-tensors has no "
-        "remainder group)",
-    )
-    require(
-        exactly_representable(codes.scale, serving),
-        codes.name,
-        f"{codes.scale.dtype} scales that {serving} would round (export with dtype= the scale dtype or float32)",
-    )
-
-
-def _requantized(codes: ModuleCodes) -> ModuleCodes:
-    """Codes recomputed (RTN, symmetric, super weights held out) at a group size compressed-tensors can hold."""
-    group = math.gcd(codes.in_features, codes.group_size)
-    dense = codes.dequantize()
-    quantized = quantize_weight(
-        dense,
-        bits=codes.bits,
-        group_size=group,
-        symmetric=True,
-        scale_dtype=codes.scale.dtype,
-        holdout=codes.super_indices,
-    )
-    new = ModuleCodes(**{**codes.__dict__})
-    new.variant = "symmetric" if quantized.symmetric else "zero_point"
-    new.group_size = group
-    new.codes = unpack_codes(quantized.packed, codes.bits, group).reshape(codes.out_features, -1)[:, : codes.in_features]
-    new.scale = quantized.scale
-    new.zero_point = quantized.zero_point
-    new.offset = None
-    return new
-
-
-def plan_compressed_tensors(
-    all_codes: list[ModuleCodes], serving: torch.dtype, *, allow_requantize: bool = False
-) -> CompressedTensorsPlan:
-    """Decide, layer by layer, quantized (exact or re-quantized on request) or dense in ``ignore``."""
-    if not all_codes:
-        raise ValueError("No quantized layer to export.")
+def _dense_layers(all_codes: list[ModuleCodes], serving: torch.dtype) -> dict[str, str]:
     dense: dict[str, str] = {}
     for codes in all_codes:
         if codes.num_super_weights:
@@ -142,33 +99,46 @@ def plan_compressed_tensors(
             )
             for sibling in fused_siblings(codes.name):
                 dense[sibling] = f"holds a super weight ({codes.name})" if sibling == codes.name else f"fused with {codes.name}"
-    chosen: dict[str, ModuleCodes] = {}
-    requantized = []
-    for codes in all_codes:
-        if codes.name in dense:
-            continue
-        try:
-            _check_module(codes, serving)
-        except NotExpressibleError:
-            if not allow_requantize:
-                raise
-            codes = _requantized(codes)
-            _check_module(codes, serving)
-            requantized.append(codes.name)
-        chosen[codes.name] = codes
-    kinds = {(c.bits, -1 if c.per_row else c.group_size, c.variant) for c in chosen.values()}
-    if len(kinds) > 1:
-        raise NotExpressibleError(
-            "compressed-tensors export",
-            f"layers with different settings {sorted(kinds)}: one config group is required (transformers 5.24 "
-            "decodes a second group with the first group's arguments)",
-        )
-    (bits, group, variant), = kinds if kinds else {(all_codes[0].bits, all_codes[0].group_size, all_codes[0].variant)}
-    plan = CompressedTensorsPlan(bits=bits, group_size=group, symmetric=CT_VARIANTS.get(variant, True))
-    plan.quantized = chosen
+    return dense
+
+
+def _target(candidates: list[ModuleCodes], serving: torch.dtype, zero_point: str, allow_requantize: bool) -> TargetForm:
+    """One config group: the layers' bits and group size; symmetric when every layer that is exact as it is is
+    symmetric (or on request), else integer zero-points; re-fitted layers take that form."""
+    if zero_point not in REFIT_FORMS:
+        raise ValueError(f"zero_point={zero_point!r} is invalid: expected one of {', '.join(REFIT_FORMS)}.")
+    bits = Counter(c.bits for c in candidates).most_common(1)[0][0]
+    integer = {c.variant for c in candidates if c.variant != "float_offset"}
+    symmetric = zero_point == "symmetric" or (zero_point == "auto" and integer == {"symmetric"})
+    return TargetForm(
+        bits=bits,
+        group_size=target_group(candidates, allow_regroup=allow_requantize),
+        variants=("symmetric",) if symmetric else ("zero_point",),
+        refit_form="symmetric" if symmetric else "uint8",
+        scale_dtype=torch.float16 if serving == torch.float32 else serving,
+    )
+
+
+def plan_compressed_tensors(
+    all_codes: list[ModuleCodes], serving: torch.dtype, *, allow_requantize: bool = False, zero_point: str = "auto",
+    model: torch.nn.Module | None = None, tokenizer: Any = None,
+) -> CompressedTensorsPlan:
+    """Decide, layer by layer, quantized (exact, regrouped, or re-fitted on request) or dense in ``ignore``."""
+    if not all_codes:
+        raise ValueError("No quantized layer to export.")
+    dense = _dense_layers(all_codes, serving)
+    candidates = [c for c in all_codes if c.name not in dense]
+    if not candidates:
+        raise ValueError("Every quantized layer holds a super weight or is fused with one: nothing to pack.")
+    target = _target(candidates, serving, zero_point, allow_requantize)
+    require(1 <= target.bits <= 8, candidates[0].name, f"{target.bits}-bit codes (pack-quantized packs 1 to 8 bits)")
+    quantized, report = resolve_layers(all_codes, set(dense), target, allow_requantize=allow_requantize, model=model,
+                                       tokenizer=tokenizer)
+    plan = CompressedTensorsPlan(bits=target.bits, group_size=target.group_size, symmetric=target.variants == ("symmetric",))
+    plan.quantized = quantized
     plan.ignore = sorted(dense)
     plan.reasons = dense
-    plan.requantized = requantized
+    plan.report = report
     return plan
 
 
@@ -222,6 +192,51 @@ def _verify_packed(model: torch.nn.Module, plan: CompressedTensorsPlan) -> None:
             raise RuntimeError(f"{name}: compressed-tensors packed different codes than ours; nothing was written.")
 
 
+def decompress_check(out: Path, plan: CompressedTensorsPlan, serving: torch.dtype) -> None:
+    """Decode every packed layer of the written ``out`` with compressed-tensors' own decompressor (the code vLLM's
+    loader mirrors) and require our dequantized weight, bit for bit (rounded once to ``serving``, as it computes)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    config = QuantizationConfig.model_validate(json.loads((Path(out) / "config.json").read_text())["quantization_config"])
+    scheme = config.config_groups["group_0"]
+    files = sorted(Path(out).glob("*.safetensors"))
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {key: h for h in handles for key in h.keys()}
+    for name, codes in plan.quantized.items():
+        local = {leaf: where[f"{name}.{leaf}"].get_tensor(f"{name}.{leaf}")
+                 for leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+                 if f"{name}.{leaf}" in where}
+        decoded = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+        expected = codes.dequantize().to(decoded.dtype)
+        if not torch.equal(decoded, expected):
+            raise RuntimeError(f"{name}: compressed-tensors' decompressor decodes the written layer differently from our "
+                               "weight; the export is invalid.")
+
+
+def _readers(plan: CompressedTensorsPlan) -> list[str]:
+    if plan.symmetric:
+        return [
+            "- compressed-tensors' decompressor: checked bit-exact at export.",
+            "- vLLM on GPU (Marlin / Machete WNA16, shapes permitting).",
+            "- vLLM 0.16 on CPU: no (its `CPUWNA16LinearKernel` reads GPTQ parameter names and fails on every "
+            "compressed-tensors int4 checkpoint): export `--format awq` for vLLM on CPU.",
+            "- plain transformers 5.x (`pip install compressed-tensors`): bit-equal to the checkpoint's dequantized weights.",
+        ]
+    return [
+        "- compressed-tensors' decompressor: checked bit-exact at export.",
+        "- vLLM on GPU: compressed-tensors WNA16 with zero-points maps to Marlin (`WNA16_ZP_SUPPORTED_TYPES_MAP`; "
+        "group size and shapes permitting).",
+        "- vLLM 0.16 on CPU: no (its `CPUWNA16LinearKernel` takes symmetric int4 only and reads GPTQ parameter names): "
+        "export `--format awq` for vLLM on CPU.",
+        "- plain transformers 5.x: **no**. Observed with transformers 5.25.0 and compressed-tensors 0.20.1: loading "
+        "stops with a size-mismatch error on the packed `weight_zero_point` (transformers 5.24 loaded such files "
+        "and decoded the zero-points wrongly, without an error). Use the symmetric export, the AWQ export, or the "
+        "optimum-superweight checkpoint itself in transformers.",
+    ]
+
+
 def _card(plan: CompressedTensorsPlan, records: list, serving: torch.dtype, source: str | None) -> str:
     shapes = {n: (c.out_features, c.in_features) for n, c in plan.quantized.items()}
     kind = "symmetric" if plan.symmetric else "asymmetric (integer zero-points)"
@@ -236,7 +251,13 @@ def _card(plan: CompressedTensorsPlan, records: list, serving: torch.dtype, sour
         "# compressed-tensors export of an optimum-superweight checkpoint",
         "",
         f"Weights: int{plan.bits} {kind}, {group}, `pack-quantized`, scales in {str(serving).removeprefix('torch.')}; "
-        f"the codes and scales of the optimum-superweight checkpoint{f' `{source}`' if source else ''}, unchanged.",
+        f"made from the optimum-superweight checkpoint{f' `{source}`' if source else ''}.",
+        "",
+        refit_section(plan.report),
+        "",
+        "## Readers known to decode it",
+        "",
+        *_readers(plan),
         "",
         "## Serve",
         "",
@@ -244,21 +265,18 @@ def _card(plan: CompressedTensorsPlan, records: list, serving: torch.dtype, sour
         "vllm serve THIS_FOLDER",
         "```",
         "",
-        "or load it in plain transformers (needs `pip install compressed-tensors`, not optimum-superweight):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
-        "```",
-        "",
-        "## Super weights (kept exact: their layers are dense, listed in `ignore`)",
-        "",
     ]
-    lines += [f"- `{sw.paper_notation()}` = {sw.value!r}" for sw in records] or ["- none recorded"]
-    lines += ["", "Dense layers and why:", ""]
-    lines += [f"- `{name}`: {why}" for name, why in sorted(plan.reasons.items())]
-    if plan.requantized:
-        lines += ["", f"Re-quantized on request (`allow_requantize=True`), not our codes: {', '.join(plan.requantized)}"]
+    if plan.symmetric:
+        lines += [
+            "or load it in plain transformers (needs `pip install compressed-tensors`, not optimum-superweight):",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
+            "```",
+            "",
+        ]
+    lines += [super_weight_section(records, plan.reasons, "ignore")]
     lines += ["", "## vLLM kernels for these shapes", ""] + [f"- {note}" for note in kernel_notes(shapes)]
     if serving == torch.float32:
         lines.append(
@@ -279,10 +297,19 @@ def export_compressed_tensors(
     records: list,
     model_dtype: torch.dtype = torch.float32,
     dtype: str | torch.dtype = "auto",
+    zero_point: str = "auto",
     allow_requantize: bool = False,
     source: str | None = None,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Write ``out`` from the dense folder (see :func:`..source.write_dense_folder`) and our codes."""
+    """Write ``out`` from the dense folder (see :func:`..source.write_dense_folder`) and our codes.
+
+    ``zero_point``: the form of the export's one config group: ``"auto"`` (symmetric when every layer that is
+    exact as it is is symmetric, else integer zero-points), ``"uint8"`` or ``"symmetric"``; layers that cannot be
+    held in it are re-fitted into it with ``allow_requantize`` (``model``/``tokenizer``: the importance and the
+    measured effect of the re-fit).
+    """
     try:
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import apply_quantization_config
@@ -291,17 +318,21 @@ def export_compressed_tensors(
             "compressed-tensors export needs the `compressed-tensors` package: pip install 'optimum-superweight[vllm]'"
         ) from error
     serving = _serving_dtype(dtype, model_dtype)
-    plan = plan_compressed_tensors(all_codes, serving, allow_requantize=allow_requantize)
-    model = _load_dense(dense_folder, serving)
-    skip = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in plan.quantized)
+    plan = plan_compressed_tensors(all_codes, serving, allow_requantize=allow_requantize, zero_point=zero_point,
+                                   model=model, tokenizer=tokenizer)
+    dense_model = _load_dense(dense_folder, serving)
+    skip = sorted(n for n, m in dense_model.named_modules() if isinstance(m, torch.nn.Linear) and n not in plan.quantized)
     config = _quantization_config(plan, skip)
-    apply_quantization_config(model, config, show_progress=False)
-    _set_parameters(model, plan, serving)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
-    _verify_packed(model, plan)
-    model.save_pretrained(out)
+    apply_quantization_config(dense_model, config, show_progress=False)
+    _set_parameters(dense_model, plan, serving)
+    compressor = ModelCompressor.from_pretrained_model(dense_model, quantization_format="pack-quantized")
+    compressor.compress_model(dense_model)
+    _verify_packed(dense_model, plan)
+    dense_model.save_pretrained(out)
     compressor.update_config(str(out))
+    decompress_check(Path(out), plan, serving)
+    if model is not None:
+        plan.report.effect = measure_effect(model, tokenizer, plan.quantized)
     shapes = {n: (c.out_features, c.in_features) for n, c in plan.quantized.items()}
     for note in kernel_notes(shapes):
         if "not met" in note:
@@ -310,9 +341,13 @@ def export_compressed_tensors(
     return {
         "format": "compressed-tensors",
         "path": str(out),
+        "symmetric": plan.symmetric,
+        "group_size": plan.group_size,
         "quantized": len(plan.quantized),
         "dense": plan.ignore,
         "requantized": plan.requantized,
+        "regrouped": list(plan.report.regrouped),
+        "refit": plan.report.to_dict(),
         "dtype": str(serving).removeprefix("torch."),
         "kernels": kernel_notes(shapes),
     }

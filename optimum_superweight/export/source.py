@@ -18,6 +18,7 @@ from torch import nn
 from ..nn.linear import SuperWeightLinear
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
+from .compat import add_transformers4_keys
 
 __all__ = ["load_source", "super_weight_records", "write_dense_folder", "tokenizer_of"]
 
@@ -91,7 +92,9 @@ def _dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
             if leaf in _OWN_SUFFIXES:
                 continue
             if leaf == "weight":
-                tensor = quantized[prefix].dequantize_weight(torch.float32)
+                # A fresh tensor (never tied): kept out of the tie check, whose addresses a freed temporary could reuse.
+                state[key] = quantized[prefix].dequantize_weight(torch.float32).to(dtype).contiguous()
+                continue
         if tensor.data_ptr() in seen and tensor.numel():
             continue  # a tied weight: transformers re-ties it on load
         seen.add(tensor.data_ptr())
@@ -102,7 +105,8 @@ def _dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
 def write_dense_folder(model: nn.Module, folder: str | os.PathLike[str], tokenizer: Any = None, dtype: torch.dtype = torch.float32) -> Path:
     """Save ``model`` with every quantized layer dequantized (super weights exact) as a plain transformers folder.
 
-    float32 holds every dequantized value exactly; ``config.json`` carries no quantization method.
+    float32 holds every dequantized value exactly; ``config.json`` carries no quantization method, and the
+    transformers 4.x keys (:func:`.compat.add_transformers4_keys`) next to the 5.x ones.
     """
     from safetensors.torch import save_file
 
@@ -119,4 +123,5 @@ def write_dense_folder(model: nn.Module, folder: str | os.PathLike[str], tokeniz
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    add_transformers4_keys(folder)
     return folder

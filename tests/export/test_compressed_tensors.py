@@ -55,21 +55,68 @@ def test_negative_control_zeroed_super_weight_changes_logits(tiny_checkpoint, tm
     assert (loaded["logits"] - logits).abs().max() > 0.1 * logits.abs().max()
 
 
-def test_remainder_group_refused_then_requantized_on_request(tiny_llama_dir, tmp_path):
+def test_remainder_group_refused_then_regrouped_exactly_on_request(tiny_llama_dir, tmp_path):
     checkpoint = quantize_tiny(tiny_llama_dir, tmp_path / "g48", group_size=48)  # 64 inputs: groups of 48 + 16
     with pytest.raises(NotExpressibleError, match="not a multiple of group_size 48"):
         export(checkpoint, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct").exists()
     result = export(checkpoint, tmp_path / "ct", format="compressed-tensors", allow_requantize=True)
-    assert result["requantized"] and "model.layers.0.self_attn.q_proj" in result["requantized"]
+    # Groups of 16 (gcd(64, 48), one group for all) hold every layer exactly: regrouped, nothing re-fitted.
+    assert not result["requantized"] and "model.layers.0.self_attn.q_proj" in result["regrouped"]
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
-    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 16  # gcd(64, 48), one group for all
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 16
+    loaded = load_isolated(tmp_path / "ct", tmp_path)
+    logits, _, _ = _reference(checkpoint)
+    assert torch.equal(loaded["logits"], logits)
 
 
-def test_zero_points_refused(tiny_llama_dir, tmp_path):
+def _decompressed(folder) -> dict[str, torch.Tensor]:
+    """Every packed layer of ``folder`` decoded by compressed-tensors' own decompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    config = QuantizationConfig.model_validate(json.loads((folder / "config.json").read_text())["quantization_config"])
+    scheme = config.config_groups["group_0"]
+    state = load_file(folder / "model.safetensors")
+    names = {key.rpartition(".")[0] for key in state if key.endswith(".weight_packed")}
+    return {name: PackedQuantizationCompressor.decompress(
+        {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}, scheme)["weight"]
+        for name in names}
+
+
+def test_zero_points_exported_and_decoded_exactly_by_compressed_tensors(tiny_llama_dir, tmp_path):
     checkpoint = quantize_tiny(tiny_llama_dir, tmp_path / "asym", group_size=64, symmetric=False)
-    with pytest.raises(NotExpressibleError, match="zero_point"):
+    result = export(checkpoint, tmp_path / "ct", format="compressed-tensors")
+    assert result["symmetric"] is False and result["quantized"] == 27 and not result["requantized"]
+    weights = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["symmetric"] is False and weights["group_size"] == 64
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    decoded = _decompressed(tmp_path / "ct")
+    assert len(decoded) == 27 and MODULE not in decoded
+    zero_points_used = False
+    for name, weight in decoded.items():
+        module = model.get_submodule(name)
+        assert torch.equal(weight.float(), module.dequantize_weight(torch.float32)), name
+        zero_points_used |= bool((module.weight_zero_point != 8).any())
+    assert zero_points_used  # the check covers zero-points other than the symmetric centre
+    readme = (tmp_path / "ct" / "README.md").read_text()
+    assert "Readers known to decode it" in readme and "Marlin" in readme and "transformers 5.x: **no**" in readme
+
+
+def test_float_offsets_refitted_to_zero_points_on_request(tiny_llama_dir, tmp_path):
+    checkpoint = quantize_tiny(tiny_llama_dir, tmp_path / "f", group_size=64, symmetric=False, zero_point="float", method="hqq")
+    with pytest.raises(NotExpressibleError, match="float offsets"):
         export(checkpoint, tmp_path / "ct", format="compressed-tensors")
+    result = export(checkpoint, tmp_path / "ct", format="compressed-tensors", allow_requantize=True)
+    assert result["symmetric"] is False and len(result["requantized"]) == 27
+    assert result["refit"]["effect"]["ratio"] > 0
+    readme = (tmp_path / "ct" / "README.md").read_text()
+    assert "re-fitted" in readme and "unchanged" not in readme
+    # On request, symmetric: what plain transformers reads.
+    result = export(checkpoint, tmp_path / "ct-sym", format="compressed-tensors", allow_requantize=True, zero_point="symmetric")
+    assert result["symmetric"] is True and len(result["requantized"]) == 27
+    assert len(_decompressed(tmp_path / "ct-sym")) == 27
 
 
 def test_serving_dtype_that_rounds_super_weight_refused(tiny_checkpoint, tmp_path):
