@@ -181,14 +181,16 @@ def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Pa
         result = export(checkpoint, path, format="gguf", converter=converter, **options)
         (work / f"{key}-ours-{index}.json").write_text(json.dumps(result, indent=2, default=str))
         files[name] = (path, "ours")
-    f16 = work / f"{key}-f16.gguf"
+    f16 = work / f"{key}-f16.gguf"  # llama.cpp's own files depend on the source model only: made once
     env = dict(os.environ, PYTHONPATH=str(converter / "gguf-py"))
-    subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(source), "--outtype", "f16", "--outfile", str(f16)],
-                   check=True, capture_output=True, env=env)
+    if not f16.is_file():
+        subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(source), "--outtype", "f16", "--outfile", str(f16)],
+                       check=True, capture_output=True, env=env)
     files["llama.cpp F16 (its converter)"] = (f16, "source")
     for ftype in ("Q4_K_M", "Q4_0"):
         target = work / f"{key}-{ftype}.gguf"
-        _run([tools / "llama-quantize", f16, target, ftype])
+        if not target.is_file():
+            _run([tools / "llama-quantize", f16, target, ftype])
         files[f"llama.cpp {ftype} (llama-quantize of F16)"] = (target, "source")
     return files
 
