@@ -82,19 +82,45 @@ def _fp16(value: float) -> np.float16 | None:
     return half if np.isfinite(half) else None
 
 
+def _refit_q4_1(values: np.ndarray, at: int) -> tuple[np.float16, np.float16, np.ndarray] | None:
+    """float16 ``(d, m)`` and codes with ``m + 15*d == values[at]`` exactly, the neighbours' squared error least.
+
+    ``m`` = value - 15*d is exact in float16 for many ``d``: the candidates put the bottom level ``m`` between
+    the neighbours' mean and their far end, each nudged a few float16 steps until ``m`` is exact.
+    """
+    target = float(np.float32(values[at]))
+    others = np.delete(values, at).astype(np.float64)
+    far = others.min() if target > others.mean() else others.max()
+    best = None
+    for bottom in np.linspace(others.mean(), far, 12):
+        base = np.float16((target - bottom) / 15)
+        for step in range(-6, 7):
+            d = np.float16(base + step * np.spacing(base)) if np.isfinite(base) and base != 0 else None
+            if d is None or not np.isfinite(d) or d == 0:
+                continue
+            m = target - 15 * float(d)
+            if not np.isfinite(np.float16(m)) or float(np.float16(m)) != m:
+                continue
+            q = np.clip(np.rint((values - np.float32(m)) / np.float32(d)), 0, 15).astype(np.uint8)
+            q[at] = 15
+            back = q.astype(np.float32) * np.float32(d) + np.float32(np.float16(m))
+            if back[at] != np.float32(values[at]):
+                continue
+            error = float(((back - values) ** 2).sum())
+            if best is None or error < best[0]:
+                best = (error, d, np.float16(m), q)
+    return None if best is None else best[1:]
+
+
 def _refit(block_type: str, values: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Block bytes and dequantized values of a block of 32 whose element ``at`` is ``values[at]`` exactly."""
     target = np.float32(values[at])
     others = np.delete(values, at)
-    if block_type == "Q4_1":  # w = d*q + m: the super weight is m (q = 0); the others share one side of it
-        m = _fp16(target)
-        if m is None or np.float32(m) != target or not (np.all(others >= target) or np.all(others <= target)):
+    if block_type == "Q4_1":  # w = d*q + m: the super weight is the top level, m + 15*d, and m the far end
+        fitted = _refit_q4_1(values, at)
+        if fitted is None:
             return None
-        d = _fp16((np.float32(others.mean()) - target) / 15)
-        if d is None or d == 0:
-            return None
-        q = np.clip(np.rint((values - np.float32(m)) / np.float32(d)), 0, 15).astype(np.uint8)
-        q[at] = 0
+        d, m, q = fitted
         back = q.astype(np.float32) * np.float32(d) + np.float32(m)
         head = np.array([d, m], dtype=np.float16).view(np.uint8)
         body = q[:16] | (q[16:] << 4)

@@ -217,14 +217,21 @@ def test_super_weight_not_carried_when_no_block_holds_it():
     from optimum_superweight.export.gguf_types import carry_super_weights
 
     data, exact = _block_tensor("Q4_1")
-    exact[0, 3] = 1 + 2**-20  # not a float16 value: Q4_1's offset cannot be it
+    exact[0, 3] = 1e6  # beyond float16: no scale reaches it in 15 steps
     assert carry_super_weights("t", "Q4_1", data, exact, [(0, 3)]) is None
     exact[0, 3], exact[0, 4] = 3.0, -3.0  # two super weights in one block of 32
     assert carry_super_weights("t", "Q4_1", data, exact, [(0, 3), (0, 4)]) is None
-    exact[0, 4] = exact[0, 5]
-    exact[0, 10], exact[0, 11] = 0.5, -0.5  # neighbours on both sides of a moderate value
-    exact[0, 3] = 0.0
-    assert carry_super_weights("t", "Q4_1", data, exact, [(0, 3)]) is None
+
+
+def test_super_weight_beyond_float16_precision_carried_as_top_level():
+    from optimum_superweight.export.gguf_types import carry_super_weights
+
+    data, exact = _block_tensor("Q4_1")
+    exact[1, 70] = 5.875732421875  # SmolLM2's super weight: 14 significant bits, not a float16 value
+    new, expected, [record] = carry_super_weights("t", "Q4_1", data, exact, [(1, 70)])
+    back = gguf.quants.dequantize(new, gguf.GGMLQuantizationType.Q4_1).reshape(exact.shape)
+    assert back[1, 70] == exact[1, 70] and np.array_equal(back, expected)
+    assert record.neighbours_max_change < 5.875732421875 / 15  # within half a level of a grid spanning the block
 
 
 def test_dense_type_is_the_smallest_exact():
