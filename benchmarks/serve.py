@@ -164,7 +164,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
             "embedding_types": types}
 
 
-def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Path) -> dict[str, tuple[Path, str]]:
+def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Path, all_variants: bool) -> dict[str, tuple[Path, str]]:
     """Every GGUF of one model: ours (three variants) and llama.cpp's own, with the transformers reference."""
     from optimum_superweight.export import export
     from optimum_superweight.export.gguf import find_converter
@@ -177,6 +177,8 @@ def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Pa
         "ours: --super-weight-type auto (dense super-weight layer)": {"super_weight_type": "auto"},
     }
     for index, (name, options) in enumerate(variants.items()):
+        if index and not all_variants:
+            break
         path = work / f"{key}-ours-{index}.gguf"
         result = export(checkpoint, path, format="gguf", converter=converter, **options)
         (work / f"{key}-ours-{index}.json").write_text(json.dumps(result, indent=2, default=str))
@@ -186,7 +188,8 @@ def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Pa
     if not f16.is_file():
         subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(source), "--outtype", "f16", "--outfile", str(f16)],
                        check=True, capture_output=True, env=env)
-    files["llama.cpp F16 (its converter)"] = (f16, "source")
+    if all_variants:
+        files["llama.cpp F16 (its converter)"] = (f16, "source")
     for ftype in ("Q4_K_M", "Q4_0"):
         target = work / f"{key}-{ftype}.gguf"
         if not target.is_file():
@@ -214,12 +217,12 @@ def _llama_bench(tools: Path, paths: list[Path], threads: int) -> dict[str, floa
     return {Path(row["model_filename"]).name: float(row["avg_ts"]) for row in json.loads(done.stdout)}
 
 
-def measure_llama_cpp(key: str, chunks: int, threads: int, tools: Path, work: Path) -> dict[str, Any]:
+def measure_llama_cpp(key: str, chunks: int, threads: int, tools: Path, work: Path, all_variants: bool = True) -> dict[str, Any]:
     """Rows of one model: each GGUF's size, label, llama-perplexity vs transformers on the same tokens, tok/s."""
     from transformers import AutoTokenizer
 
     source, checkpoint = source_model(key), default_checkpoint(key)
-    files = _llama_files(key, checkpoint, source, work, tools)
+    files = _llama_files(key, checkpoint, source, work, tools, all_variants)
     text_file = work / f"{key}-text.txt"
     text = held_out_text()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -298,7 +301,7 @@ def _dense_bf16(source: Path, target: Path) -> Path:
     return target
 
 
-def measure_vllm(key: str, windows: int, work: Path) -> dict[str, Any]:
+def measure_vllm(key: str, windows: int, work: Path, checkpoint: Path | None = None, new_tokens: int = 64) -> dict[str, Any]:
     """AWQ export and bf16 model in vLLM (child process of the venv) vs transformers on the same windows."""
     from transformers import AutoTokenizer
 
@@ -307,7 +310,7 @@ def measure_vllm(key: str, windows: int, work: Path) -> dict[str, Any]:
     from optimum_superweight.export import export
 
     python = vllm_venv()
-    source, checkpoint = source_model(key), default_checkpoint(key)
+    source, checkpoint = source_model(key), checkpoint or default_checkpoint(key)
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenize_text(tokenizer, held_out_text(), max_tokens=512 * windows)
     awq = work / f"{key}-awq"
@@ -318,7 +321,7 @@ def measure_vllm(key: str, windows: int, work: Path) -> dict[str, Any]:
     reference = {"ours": float(osw.perplexity(_load_dense(checkpoint, True), tokenizer, token_ids=ids)),
                  "source": float(osw.perplexity(_load_dense(source, False), tokenizer, token_ids=ids))}
     request = work / f"{key}-vllm-request.json"
-    request.write_text(json.dumps({"ids": ids, "bos": tokenizer.bos_token_id, "window": 512, "new_tokens": 64,
+    request.write_text(json.dumps({"ids": ids, "bos": tokenizer.bos_token_id, "window": 512, "new_tokens": new_tokens,
                                    "models": {name: str(folder) for name, (folder, _) in folders.items()}}))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_TARGET_DEVICE="cpu", PYTHONPATH="")
     done = subprocess.run([python, str(Path(__file__).resolve()), "vllm-child", str(request)], capture_output=True, text=True, env=env, timeout=3600)
@@ -334,7 +337,7 @@ def measure_vllm(key: str, windows: int, work: Path) -> dict[str, Any]:
                       "size_mb": size, "transformers_of": "our checkpoint" if kind == "ours" else "the full-precision model",
                       "quantization": row.get("quantization")}
     refitted = summary.get("requantized") or []
-    return {"model": key, "tokens_scored": len(ids), "windows": windows, "rows": rows, "vllm": served.get("version"),
+    return {"model": key, "checkpoint": str(checkpoint), "tokens_scored": len(ids), "windows": windows, "rows": rows, "vllm": served.get("version"),
             "awq_refitted_layers": len(refitted), "awq_refit": summary.get("refit")}
 
 
@@ -413,8 +416,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8, help="llama-perplexity chunks of 512")
     parser.add_argument("--windows", type=int, default=4, help="vLLM windows of 512 tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="llama.cpp: our default export and llama.cpp's Q4_K_M / Q4_0 only")
     parser.add_argument("--llama-bin", default=None)
     parser.add_argument("--work", default=str(CACHE / "serve" / "work"))
+    parser.add_argument("--new-tokens", type=int, default=int(os.environ.get("SERVE_NEW_TOKENS", 64)), help="vllm: decode length for tok/s")
+    parser.add_argument("--checkpoint", default=None, help="vllm: serve this checkpoint instead of the cached default")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -425,7 +431,8 @@ def main() -> None:
             stamp = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                      "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
             try:
-                measured = measure_llama_cpp(key, args.chunks, args.threads, tools, work) if tools else measure_vllm(key, args.windows, work)
+                measured = measure_llama_cpp(key, args.chunks, args.threads, tools, work, not args.quick) if tools else measure_vllm(
+                    key, args.windows, work, Path(args.checkpoint) if args.checkpoint else None, args.new_tokens)
             except Exception as error:  # recorded: a server that fails is a result too
                 measured = {"model": key, "error": f"{type(error).__name__}: {error}"}
             models.append({**stamp, **measured})
