@@ -164,7 +164,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
             "embedding_types": types}
 
 
-def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Path, all_variants: bool) -> dict[str, tuple[Path, str]]:
+def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Path, all_variants: bool, reuse: bool = False) -> dict[str, tuple[Path, str]]:
     """Every GGUF of one model: ours (three variants) and llama.cpp's own, with the transformers reference."""
     from optimum_superweight.export import export
     from optimum_superweight.export.gguf import find_converter
@@ -180,9 +180,11 @@ def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Pa
         if index and not all_variants:
             break
         path = work / f"{key}-ours-{index}.gguf"
+        files[name] = (path, "ours")
+        if path.is_file() and path.with_suffix(".json").is_file() and reuse:
+            continue  # --reuse: an export of this checkpoint made by an earlier run
         result = export(checkpoint, path, format="gguf", converter=converter, **options)
         (work / f"{key}-ours-{index}.json").write_text(json.dumps(result, indent=2, default=str))
-        files[name] = (path, "ours")
     f16 = work / f"{key}-f16.gguf"  # llama.cpp's own files depend on the source model only: made once
     env = dict(os.environ, PYTHONPATH=str(converter / "gguf-py"))
     if not f16.is_file():
@@ -217,12 +219,13 @@ def _llama_bench(tools: Path, paths: list[Path], threads: int) -> dict[str, floa
     return {Path(row["model_filename"]).name: float(row["avg_ts"]) for row in json.loads(done.stdout)}
 
 
-def measure_llama_cpp(key: str, chunks: int, threads: int, tools: Path, work: Path, all_variants: bool = True) -> dict[str, Any]:
+def measure_llama_cpp(key: str, chunks: int, threads: int, tools: Path, work: Path, all_variants: bool = True,
+                      bench: bool = True, reuse: bool = False) -> dict[str, Any]:
     """Rows of one model: each GGUF's size, label, llama-perplexity vs transformers on the same tokens, tok/s."""
     from transformers import AutoTokenizer
 
     source, checkpoint = source_model(key), default_checkpoint(key)
-    files = _llama_files(key, checkpoint, source, work, tools, all_variants)
+    files = _llama_files(key, checkpoint, source, work, tools, all_variants, reuse)
     text_file = work / f"{key}-text.txt"
     text = held_out_text()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -242,7 +245,7 @@ def measure_llama_cpp(key: str, chunks: int, threads: int, tools: Path, work: Pa
         reference[kind] = llama_protocol_perplexity(model, ids, 512, chunks, bos)
         del model
         _log(f"{key}: transformers ({kind}) {reference[kind]:.4f}")
-    speeds = _llama_bench(tools, [path for path, _ in files.values()], threads)
+    speeds = _llama_bench(tools, [path for path, _ in files.values()], threads) if bench else {}
     rows = {}
     for name, (path, kind) in files.items():
         ppl = _llama_perplexity(tools, path, text_file, chunks, threads)
@@ -416,6 +419,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8, help="llama-perplexity chunks of 512")
     parser.add_argument("--windows", type=int, default=4, help="vLLM windows of 512 tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bench", action="store_true", help="llama.cpp: skip llama-bench (an oversubscribed machine stalls its threads)")
+    parser.add_argument("--reuse", action="store_true", help="llama.cpp: reuse our exports from an earlier run in --work")
     parser.add_argument("--quick", action="store_true", help="llama.cpp: our default export and llama.cpp's Q4_K_M / Q4_0 only")
     parser.add_argument("--llama-bin", default=None)
     parser.add_argument("--work", default=str(CACHE / "serve" / "work"))
@@ -431,7 +436,7 @@ def main() -> None:
             stamp = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                      "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
             try:
-                measured = measure_llama_cpp(key, args.chunks, args.threads, tools, work, not args.quick) if tools else measure_vllm(
+                measured = measure_llama_cpp(key, args.chunks, args.threads, tools, work, not args.quick, not args.no_bench, args.reuse) if tools else measure_vllm(
                     key, args.windows, work, Path(args.checkpoint) if args.checkpoint else None, args.new_tokens)
             except Exception as error:  # recorded: a server that fails is a result too
                 measured = {"model": key, "error": f"{type(error).__name__}: {error}"}
