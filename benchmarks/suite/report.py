@@ -211,7 +211,8 @@ def standalone_sections(data_dir: Path) -> str:
     ``low_memory.json`` (``benchmarks/low_memory.py``), ``w8a8.json`` (``benchmarks/w8a8.py``),
     ``kernels_by_cpu.json`` (``benchmarks/kernels_by_cpu.py``), ``llama_cpp.json`` (``benchmarks/llama_cpp.py``),
     ``checkpoint_integrity.json`` (``benchmarks/checkpoint_integrity.py``), ``load_time.json``
-    (``benchmarks/load_time.py``) and ``export_requantize.json`` (``benchmarks/export_requantize.py``).
+    (``benchmarks/load_time.py``), ``export_requantize.json`` (``benchmarks/export_requantize.py``) and
+    ``serve.json`` (``benchmarks/serve.py``).
     Each states its own command and date."""
     import importlib.util
 
@@ -225,6 +226,7 @@ def standalone_sections(data_dir: Path) -> str:
         ("checkpoint_integrity.py", "checkpoint_integrity.json", "checkpoint_integrity_markdown"),
         ("load_time.py", "load_time.json", "load_time_markdown"),
         ("export_requantize.py", "export_requantize.json", "export_requantize_markdown"),
+        ("serve.py", "serve.json", "serve_markdown"),
     ):
         path = data_dir / result_file
         if not path.is_file():

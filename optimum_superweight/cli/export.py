@@ -44,9 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--super-weight-type",
-        default="auto",
-        choices=["auto", "f32", "f16", "bf16", "q8_0"],
-        help="gguf: type of tensors holding super weights (auto: F16 where lossless, else F32)",
+        default="block",
+        choices=["block", "auto", "f32", "f16", "bf16", "q8_0"],
+        help="gguf: layers holding super weights (block: keep the block type, super weight exact in a re-fitted block; "
+        "auto: dense, F16/BF16 where lossless, else F32)",
+    )
+    parser.add_argument(
+        "--embedding-type", default="auto", metavar="TYPE",
+        help="gguf: embeddings and output head (auto: llama.cpp's own choice, e.g. Q8_0; keep: as --dense-type; or Q8_0, Q5_0, F16, ...)",
     )
     parser.add_argument(
         "--dense-type", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0"], help="gguf: type of embeddings etc."
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         options = {
             "super_weight_type": args.super_weight_type,
+            "embedding_type": args.embedding_type,
             "dense_type": args.dense_type,
             "llama_quantize": args.llama_quantize,
             "converter": args.converter,

@@ -8,8 +8,10 @@ name and the row permutation, and the tensor is written from our codes, permuted
 llama.cpp block type that holds them exactly (:data:`ENCODINGS`). Every written block is dequantized again with
 gguf-py and compared with our weights; a mismatch is an error.
 
-Tensors that hold super weights are written dense (``super_weight_type``); the coordinates go to the metadata
-under ``superweight.*``.
+A layer that holds super weights keeps its block type: the block of 32 around each super weight is re-fitted
+so that the super weight is exact (:mod:`.gguf_types`); ``super_weight_type`` writes such layers dense instead.
+Token embeddings and output head take the type llama.cpp's quantizer gives them, and ``general.file_type``
+names the type of most layer weights. The super weights' coordinates go to the metadata under ``superweight.*``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,10 @@ import torch
 
 from .codes import ModuleCodes, exactly_representable
 from .errors import NotExpressibleError, require
+from .gguf_types import EMBEDDING_TYPES, CarriedSuperWeight, carry_super_weights, dense_type_for, file_type_label
+from .gguf_types import embedding_type as llama_cpp_embedding_type
 
-__all__ = ["export_gguf", "ENCODINGS", "GGUFEncoding", "encode", "find_converter", "CONVERTER_ENV"]
+__all__ = ["export_gguf", "ENCODINGS", "GGUFEncoding", "encode", "find_converter", "CONVERTER_ENV", "SUPER_WEIGHT_TYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +122,36 @@ def encoding_for(codes: ModuleCodes) -> GGUFEncoding:
     raise NotExpressibleError(codes.name, "no llama.cpp block type holds it (" + "; ".join(reasons) + ")")
 
 
-def encode(codes: ModuleCodes, rows: torch.Tensor | None = None) -> tuple[np.ndarray, str]:
-    """Our codes as llama.cpp blocks, verified by gguf-py's dequantize: ``(bytes, type name)``."""
+def encode(codes: ModuleCodes, rows: torch.Tensor | None = None, *, carry: bool = False) -> tuple[np.ndarray, str, list[CarriedSuperWeight]]:
+    """Our codes as llama.cpp blocks, verified by gguf-py's dequantize: ``(bytes, type name, carried)``.
+
+    With ``carry``, a layer's super weights are written exactly inside re-fitted blocks
+    (:func:`.gguf_types.carry_super_weights`; :class:`NotExpressibleError` where no block holds one); every
+    other block must dequantize bit-exactly to our weights.
+    """
     gguf = _gguf()
     rows = torch.arange(codes.out_features) if rows is None else rows
     encoding = encoding_for(codes)
     data = encoding.encode(codes, rows)
+    exact = codes.dequantize()[rows].numpy()
+    expected, carried = exact, []
+    if codes.num_super_weights:
+        if not carry:
+            raise NotExpressibleError(codes.name, "holds super weights: carry them (carry=True) or write the tensor dense")
+        where = torch.empty_like(rows)
+        where[rows] = torch.arange(len(rows))  # GGUF row of each of our rows
+        positions = [(int(where[r]), int(c)) for r, c in codes.super_indices.tolist()]
+        fitted = carry_super_weights(codes.name, encoding.name, data, exact, positions)
+        if fitted is None:
+            raise NotExpressibleError(codes.name, f"no {encoding.name} block holds its super weight exactly")
+        data, expected, carried = fitted
+        if any(expected[r, c] != exact[r, c] for r, c in positions):
+            raise RuntimeError(f"{codes.name}: a carried super weight is not exact; nothing was written.")
     qtype = gguf.GGMLQuantizationType[encoding.name]
     back = gguf.quants.dequantize(data, qtype)
-    if not np.array_equal(back, codes.dequantize()[rows].numpy()):
+    if not np.array_equal(back, expected):
         raise RuntimeError(f"{codes.name}: {encoding.name} blocks do not dequantize to our weights; nothing was written.")
-    return data, encoding.name
+    return data, encoding.name, carried
 
 
 # -- the converter ----------------------------------------------------------------------------------------------
@@ -175,15 +199,42 @@ def _conversion_module(folder: Path):
 
 
 _TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+#: ``super_weight_type`` choices: ``block`` (the layer keeps its block type; see :func:`.gguf_types.carry_super_weights`),
+#: ``auto`` (dense, the smallest type that holds the layer exactly: F16, BF16, then F32) or a dense type.
+SUPER_WEIGHT_TYPES = ("block", "auto", *_TYPES)
+_EMBEDDINGS = ("token_embd.weight", "output.weight")
 
 
 @dataclass
 class _Plan:
     encoded: dict[str, ModuleCodes]  # HF tensor name -> codes written from our blocks
+    carried: set[str]  # HF tensor names whose super weights ride in re-fitted blocks
     dense_types: dict[str, str]  # HF tensor name -> forced GGUF type
     requantize: dict[str, str]  # HF tensor name -> type gguf-py re-quantizes it to (on request)
-    written: dict[str, tuple[np.ndarray, str]]  # GGUF name -> our blocks, filled while converting
-    gguf_names: dict[str, str]  # HF tensor name -> GGUF name
+    embedding_type: str  # "auto" (llama.cpp's choice), "keep" (dense_types) or a type name
+    shapes: dict[str, tuple[int, ...]]  # HF tensor name -> shape, for every tensor of the dense twin
+    label: str  # LlamaFileType member written as general.file_type
+    written: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # GGUF name -> our bytes
+    gguf_names: dict[str, str] = field(default_factory=dict)  # HF tensor name -> GGUF name
+    carried_records: list[CarriedSuperWeight] = field(default_factory=list)
+    embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)  # GGUF name -> type and error
+    has_output: bool = True
+
+
+def _quantize_embedding(plan: _Plan, new_name: str, data: torch.Tensor) -> None:
+    """Quantize ``token_embd`` / ``output`` with gguf-py (the converter's own path), recording the rounding."""
+    gguf = _gguf()
+    if plan.embedding_type == "auto":
+        type_name, reason = llama_cpp_embedding_type(new_name, int(data.shape[-1]), plan.has_output)
+    else:
+        type_name, reason = plan.embedding_type, "requested"
+    values = data.to(torch.float32).numpy()
+    qtype = gguf.GGMLQuantizationType[type_name]
+    raw = gguf.quants.quantize(values, qtype)
+    error = np.abs(gguf.quants.dequantize(raw, qtype).reshape(values.shape) - values)
+    plan.written[new_name] = (raw, type_name)
+    plan.embeddings[new_name] = {"type": type_name, "reason": reason, "exact": bool(error.max() == 0),
+                                 "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean())}
 
 
 def _exporting_class(base: type, plan: _Plan, metadata: Callable[[Any], None], pre_tokenizer: str | None) -> type:
@@ -194,7 +245,8 @@ def _exporting_class(base: type, plan: _Plan, metadata: Callable[[Any], None], p
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            add_tensor = self.gguf_writer.add_tensor
+            writer = self.gguf_writer
+            add_tensor, add_file_type = writer.add_tensor, writer.add_file_type
 
             def add_ours(name: str, tensor: Any, *a: Any, raw_dtype: Any = None, **kw: Any) -> None:
                 if name in plan.written:
@@ -202,13 +254,24 @@ def _exporting_class(base: type, plan: _Plan, metadata: Callable[[Any], None], p
                     return add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[type_name])
                 return add_tensor(name, tensor, *a, raw_dtype=raw_dtype, **kw)
 
-            self.gguf_writer.add_tensor = add_ours
+            writer.add_tensor = add_ours
+            # The converter writes every tensor as F32 placeholders: label the file by what it holds.
+            writer.add_file_type = lambda ftype: add_file_type(int(gguf.LlamaFileType[plan.label]))
+            plan.has_output = any(self._gguf_name(key) == "output.weight" for key in plan.shapes)
+
+        def _gguf_name(self, key: str) -> str | None:
+            try:
+                return self.map_tensor_name(key)
+            except ValueError:
+                return None
 
         def modify_tensors(self, data_torch, name, bid):
             codes = plan.encoded.get(name)
             if codes is None:
                 for new_name, data in super().modify_tensors(data_torch, name, bid):
                     plan.gguf_names[name] = new_name
+                    if new_name in _EMBEDDINGS and plan.embedding_type != "keep":
+                        _quantize_embedding(plan, new_name, data)
                     yield new_name, data
                 return
             # The converter's own name mapping and row permutation, run on a column of row numbers.
@@ -218,12 +281,14 @@ def _exporting_class(base: type, plan: _Plan, metadata: Callable[[Any], None], p
                 raise NotExpressibleError(name, "the converter reshapes this tensor beyond a row permutation")
             new_name, permuted = outputs[0]
             rows = permuted[:, 0].long()
-            plan.written[new_name] = encode(codes, rows)
+            data, type_name, carried = encode(codes, rows, carry=name in plan.carried)
+            plan.written[new_name] = (data, type_name)
+            plan.carried_records.extend(replace(record, tensor=new_name) for record in carried)
             plan.gguf_names[name] = new_name
             yield new_name, permuted  # placeholder, replaced by our blocks in add_tensor
 
         def tensor_force_quant(self, name, new_name, bid, n_dims):
-            if name in plan.encoded:
+            if new_name in plan.written:
                 return gguf.GGMLQuantizationType.F32  # placeholder only
             if name in plan.requantize:
                 return gguf.GGMLQuantizationType[plan.requantize[name]]
@@ -243,23 +308,24 @@ def _exporting_class(base: type, plan: _Plan, metadata: Callable[[Any], None], p
     return SuperWeightExport
 
 
-def _dense_types(dense_folder: Path, names: set[str], super_names: set[str], super_type: str, dense_type: str) -> dict[str, str]:
-    """GGUF type of each dense 2-D tensor: ``auto`` = F16 where that is lossless, else F32."""
+def _dense_types(dense_folder: Path, skip: set[str], super_names: set[str], super_type: str, dense_type: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """GGUF type of each dense 2-D tensor (``auto``: the smallest that holds it exactly), and every tensor's shape."""
     from safetensors import safe_open
 
-    types = {}
+    types, shapes = {}, {}
     with safe_open(str(dense_folder / "model.safetensors"), "pt") as handle:
         for key in handle.keys():
-            if key in names:
+            shapes[key] = tuple(handle.get_slice(key).get_shape())
+            if key in skip:
                 continue
             wanted = super_type if key.removesuffix(".weight") in super_names else dense_type
-            if wanted != "auto":
+            if wanted not in ("auto", "block"):
                 types[key] = _TYPES[wanted]
                 continue
             tensor = handle.get_tensor(key)
             if tensor.dim() >= 2 and tensor.is_floating_point():
-                types[key] = "F16" if exactly_representable(tensor, torch.float16) else "F32"
-    return types
+                types[key] = dense_type_for(tensor)
+    return types, shapes
 
 
 def _metadata(records: list, summary: dict[str, Any]) -> Callable[[Any], None]:
@@ -276,6 +342,77 @@ def _metadata(records: list, summary: dict[str, Any]) -> Callable[[Any], None]:
     return write
 
 
+def _check_options(super_weight_type: str, dense_type: str, requantize_type: str, embedding_type: str) -> str:
+    """Validate the type options; returns ``embedding_type`` normalised (``auto``, ``keep`` or a type name)."""
+    if super_weight_type not in SUPER_WEIGHT_TYPES:
+        raise ValueError(f"super_weight_type={super_weight_type!r} is invalid: expected one of {list(SUPER_WEIGHT_TYPES)}.")
+    if dense_type != "auto" and dense_type not in _TYPES:
+        raise ValueError(f"dense_type={dense_type!r} is invalid: expected 'auto' or one of {sorted(_TYPES)}.")
+    if requantize_type not in _TYPES:
+        raise ValueError(f"requantize_type={requantize_type!r} is invalid: expected one of {sorted(_TYPES)}.")
+    if embedding_type in ("auto", "keep"):
+        return embedding_type
+    if embedding_type.upper() not in EMBEDDING_TYPES:
+        raise ValueError(f"embedding_type={embedding_type!r} is invalid: expected 'auto', 'keep' or one of {list(EMBEDDING_TYPES)}.")
+    return embedding_type.upper()
+
+
+def _plan(all_codes: list[ModuleCodes], dense_folder: Path, *, allow_requantize: bool, super_weight_type: str, dense_type: str,
+          requantize_type: str, embedding_type: str, llama_quantize: str | None) -> _Plan:
+    """Which layer is written from our blocks, which is carried, re-quantized or dense, and the file's label."""
+    encoded, carried, requantize, dense_super = {}, set(), {}, set()
+    elements: Counter[str] = Counter()
+    for codes in all_codes:
+        key = f"{codes.name}.weight"
+        if llama_quantize is not None:
+            if codes.num_super_weights:
+                dense_super.add(codes.name)
+            continue  # written dense (F32) and handed to llama.cpp's quantizer
+        if codes.num_super_weights:
+            if super_weight_type != "block" or not _carries(codes):
+                dense_super.add(codes.name)
+                continue
+            carried.add(key)
+        try:
+            elements[encoding_for(codes).name] += codes.out_features * codes.in_features
+            encoded[key] = codes
+        except NotExpressibleError:
+            if not allow_requantize:
+                raise
+            requantize[key] = _TYPES[requantize_type]
+            elements[requantize[key]] += codes.out_features * codes.in_features
+    dense_types, shapes = _dense_types(dense_folder, set(encoded), dense_super, super_weight_type,
+                                       "f32" if llama_quantize else dense_type)
+    for name in dense_super:
+        elements[dense_types.get(f"{name}.weight", "F32")] += int(np.prod(shapes[f"{name}.weight"]))
+    return _Plan(encoded, carried, dense_types, requantize, "keep" if llama_quantize else embedding_type, shapes,
+                 file_type_label(dict(elements)))
+
+
+def _carries(codes: ModuleCodes) -> bool:
+    try:
+        encode(codes, carry=True)
+        return True
+    except NotExpressibleError as error:
+        logger.info("%s: written dense (%s)", codes.name, error.what)
+        return False
+
+
+def _file_summary(out: Path) -> dict[str, Any]:
+    """Tensor count per type, size and bits per weight of the written file, read back with gguf-py."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(out)
+    count: Counter[str] = Counter()
+    elements = payload = 0
+    for tensor in reader.tensors:
+        count[tensor.tensor_type.name] += 1
+        elements += int(tensor.n_elements)
+        payload += int(tensor.n_bytes)
+    label = gguf.LlamaFileType(int(reader.fields["general.file_type"].parts[-1][0])).name
+    return {"file_type": label, "tensor_types": dict(sorted(count.items())), "size_bytes": out.stat().st_size,
+            "bits_per_weight": round(8 * payload / max(elements, 1), 3)}
+
+
 def export_gguf(
     all_codes: list[ModuleCodes],
     dense_folder: Path,
@@ -283,7 +420,8 @@ def export_gguf(
     *,
     records: list,
     allow_requantize: bool = False,
-    super_weight_type: str = "auto",
+    super_weight_type: str = "block",
+    embedding_type: str = "auto",
     dense_type: str = "auto",
     requantize_type: str = "q8_0",
     llama_quantize: str | None = None,
@@ -293,46 +431,35 @@ def export_gguf(
     """Write the GGUF file ``out``.
 
     Args:
-        super_weight_type: Type of tensors holding super weights: ``"auto"`` (F16 where lossless, else F32: the
-            super weight is never rounded), ``"f16"``, ``"f32"``, ``"q8_0"`` (rounding accepted explicitly).
-        dense_type: Type of the other full-precision matrices (embeddings, untied output): same choices.
+        super_weight_type: How a layer holding super weights is written: ``"block"`` (its block type, the
+            super weight exact inside a re-fitted block of 32 whose other 31 weights are rounded to that
+            block's levels; dense where no block holds it), ``"auto"`` (dense, the smallest of F16 / BF16 /
+            F32 that holds the layer exactly), ``"f16"``, ``"bf16"``, ``"f32"``, ``"q8_0"`` (rounding accepted).
+        embedding_type: Token embeddings and output head: ``"auto"`` (the type llama.cpp's quantizer gives
+            them at 4-bit levels, see :func:`.gguf_types.embedding_type`), ``"keep"`` (dense, as
+            ``dense_type``) or a type of :data:`.gguf_types.EMBEDDING_TYPES`.
+        dense_type: Type of the other full-precision matrices: same choices as ``super_weight_type`` but ``block``.
         requantize_type: With ``allow_requantize``, gguf-py re-quantizes layers no block type holds to this.
         llama_quantize: e.g. ``"Q4_K_M"``: llama.cpp then re-quantizes every tensor from our dequantized
-            weights except the super-weight tensors (kept at ``super_weight_type``); needs llama-cpp-python.
+            weights except the super-weight tensors (kept dense); needs llama-cpp-python.
         converter: llama.cpp source folder (default ``$OPTIMUM_SUPERWEIGHT_LLAMA_CPP``).
         pre_tokenizer: Override llama.cpp's pre-tokenizer name when its converter does not know the tokenizer.
+
+    >>> export_gguf(codes, dense, Path("m.gguf"), records=records)["file_type"]  # doctest: +SKIP
+    'MOSTLY_Q4_1'
     """
-    for field_name, value in (("super_weight_type", super_weight_type), ("dense_type", dense_type)):
-        if value != "auto" and value not in _TYPES:
-            raise ValueError(f"{field_name}={value!r} is invalid: expected 'auto' or one of {sorted(_TYPES)}.")
-    if requantize_type not in _TYPES:
-        raise ValueError(f"requantize_type={requantize_type!r} is invalid: expected one of {sorted(_TYPES)}.")
+    embedding_type = _check_options(super_weight_type, dense_type, requantize_type, embedding_type)
     folder = find_converter(converter)
     conversion = _conversion_module(folder)
     gguf = _gguf()
-    super_modules = {c.name for c in all_codes if c.num_super_weights}
-    encoded, requantize = {}, {}
-    for codes in all_codes:
-        if codes.name in super_modules:
-            continue
-        key = f"{codes.name}.weight"
-        if llama_quantize is not None:
-            continue  # written dense (F32) and handed to llama.cpp's quantizer
-        try:
-            encoding_for(codes)
-            encoded[key] = codes
-        except NotExpressibleError:
-            if not allow_requantize:
-                raise
-            requantize[key] = _TYPES[requantize_type]
-    dense_types = _dense_types(dense_folder, set(encoded), super_modules, super_weight_type, "f32" if llama_quantize else dense_type)
-    plan = _Plan(encoded, dense_types, requantize, {}, {})
-    summary = {
-        "encoded": len(encoded),
-        "requantized": sorted(k.removesuffix(".weight") for k in requantize),
-        "super_weight_tensors": sorted(super_modules),
-        "llama_quantize": llama_quantize,
-    }
+    plan = _plan(all_codes, dense_folder, allow_requantize=allow_requantize, super_weight_type=super_weight_type,
+                 dense_type=dense_type, requantize_type=requantize_type, embedding_type=embedding_type,
+                 llama_quantize=llama_quantize)
+    super_modules = sorted(c.name for c in all_codes if c.num_super_weights)
+    dense_super = [n for n in super_modules if f"{n}.weight" not in plan.carried]
+    summary = {"encoded": len(plan.encoded), "requantized": sorted(k.removesuffix(".weight") for k in plan.requantize),
+               "super_weight_tensors": super_modules, "dense_super_weight_tensors": dense_super,
+               "llama_quantize": llama_quantize}
     hparams = conversion.ModelBase.load_hparams(dense_folder, False)
     base = conversion.get_model_class(conversion.get_model_architecture(hparams, conversion.ModelType.TEXT))
     model_class = _exporting_class(base, plan, _metadata(records, summary), pre_tokenizer)
@@ -345,20 +472,26 @@ def export_gguf(
             model_class(dense_folder, gguf.LlamaFileType.ALL_F32, target, eager=True).write()
         if plan.written:
             raise RuntimeError(f"tensors {sorted(plan.written)} were encoded but never written; nothing was exported.")
+        missing = sorted((set(plan.encoded) | set(plan.requantize) | {f"{n}.weight" for n in super_modules}) - set(plan.gguf_names))
+        if missing:
+            raise RuntimeError(f"tensors {missing} never reached the converter; nothing was exported.")
         if llama_quantize is None:
             target.replace(out)
         else:
-            keep = {plan.gguf_names[f"{n}.weight"]: dense_types.get(f"{n}.weight", "F32") for n in super_modules}
+            keep = {plan.gguf_names[f"{n}.weight"]: plan.dense_types.get(f"{n}.weight", "F32") for n in super_modules}
             _llama_quantize(target, out, llama_quantize, keep)
     finally:
         target.unlink(missing_ok=True)
-    super_gguf = sorted(plan.gguf_names[f"{n}.weight"] for n in super_modules if f"{n}.weight" in plan.gguf_names)
-    types = {plan.gguf_names[k]: enc.name for k, enc in ((k, encoding_for(c)) for k, c in encoded.items())}
+    gguf_name = plan.gguf_names.get
     return {
         "format": "gguf",
         "path": str(out),
-        "encoded": types,
-        "super_weight_tensors": super_gguf,
+        **_file_summary(out),
+        "encoded": {gguf_name(k, k): encoding_for(c).name for k, c in plan.encoded.items()},
+        "embeddings": plan.embeddings,
+        "super_weight_tensors": sorted(gguf_name(f"{n}.weight", n) for n in super_modules),
+        "dense_super_weight_tensors": {gguf_name(f"{n}.weight", n): plan.dense_types.get(f"{n}.weight", "F32") for n in dense_super},
+        "carried_super_weights": [record.as_dict() for record in plan.carried_records],
         "requantized": summary["requantized"],
         "llama_quantize": llama_quantize,
     }

@@ -27,7 +27,7 @@ def test_blocks_dequantize_to_our_weights(tiny_llama_dir, tmp_path, bits, symmet
     _, codes = _codes(checkpoint)
     layer = codes["model.layers.0.self_attn.q_proj"]
     rows = torch.randperm(layer.out_features)
-    data, name = encode(layer, rows)  # encode() itself compares gguf-py's dequantize with ours
+    data, name, _ = encode(layer, rows)  # encode() itself compares gguf-py's dequantize with ours
     assert name == expected
     back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[name])
     assert np.array_equal(back, layer.dequantize()[rows].numpy())
@@ -63,8 +63,9 @@ def test_group_not_multiple_of_block_refused(tiny_llama_dir, tmp_path):
 def test_export_tensors_layout_metadata(tiny_checkpoint, tmp_path, converter):
     out = tmp_path / "tiny.gguf"
     result = export(tiny_checkpoint, out, format="gguf", converter=converter, pre_tokenizer="default")
-    assert result["super_weight_tensors"] == ["blk.1.ffn_down.weight"]
-    assert set(result["encoded"].values()) == {"Q4_0"} and len(result["encoded"]) == 27
+    assert result["super_weight_tensors"] == ["blk.1.ffn_down.weight"] and not result["dense_super_weight_tensors"]
+    assert set(result["encoded"].values()) == {"Q4_0"} and len(result["encoded"]) == 28  # the super-weight layer too
+    assert result["file_type"] == "MOSTLY_Q4_0"
     model, codes = _codes(tiny_checkpoint)
     reader = gguf.GGUFReader(out)
     tensors = {t.name: t for t in reader.tensors}
@@ -82,10 +83,23 @@ def test_export_tensors_layout_metadata(tiny_checkpoint, tmp_path, converter):
             assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
             back = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected.shape)
             assert np.array_equal(back, expected.numpy()), (layer, name)
+    # The super-weight layer stays Q4_0; only the block of 32 around the super weight differs from our weights.
     down = tensors["blk.1.ffn_down.weight"]
-    assert down.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    assert down.tensor_type == gguf.GGMLQuantizationType.Q4_0
     exact = model.get_submodule(MODULE).super_weight_values[0].item()
-    assert float(np.asarray(down.data).reshape(codes[MODULE].out_features, -1)[ROW, COL]) == exact
+    back = gguf.quants.dequantize(down.data, down.tensor_type).reshape(codes[MODULE].out_features, -1)
+    assert back[ROW, COL] == exact
+    differs = back != codes[MODULE].dequantize().numpy()
+    block = COL // 32 * 32
+    differs[ROW, block : block + 32] = False
+    assert not differs.any()
+    [carried] = result["carried_super_weights"]
+    assert (carried["tensor"], carried["row"], carried["col"], carried["value"]) == ("blk.1.ffn_down.weight", ROW, COL, exact)
+    # Embeddings and head: llama.cpp's choices for an untied model with rows of 64.
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q5_0
+    assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert {k: v["type"] for k, v in result["embeddings"].items()} == {"token_embd.weight": "Q5_0", "output.weight": "Q8_0"}
+    assert result["tensor_types"]["Q4_0"] == 28 and result["size_bytes"] == out.stat().st_size
 
     fields = reader.fields
     assert int(fields["superweight.count"].parts[-1][0]) == 1
@@ -95,6 +109,24 @@ def test_export_tensors_layout_metadata(tiny_checkpoint, tmp_path, converter):
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
         assert key in fields, key
     assert int(fields["tokenizer.ggml.bos_token_id"].parts[-1][0]) == 257
+    assert gguf.LlamaFileType(int(fields["general.file_type"].parts[-1][0])) == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_dense_super_weight_layer_and_kept_embeddings_on_request(tiny_checkpoint, tmp_path, converter):
+    out = tmp_path / "dense.gguf"
+    result = export(tiny_checkpoint, out, format="gguf", converter=converter, pre_tokenizer="default",
+                    super_weight_type="auto", embedding_type="keep")
+    assert not result["carried_super_weights"] and len(result["encoded"]) == 27
+    model, codes = _codes(tiny_checkpoint)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    down = tensors["blk.1.ffn_down.weight"]
+    assert down.tensor_type.name == result["dense_super_weight_tensors"]["blk.1.ffn_down.weight"]
+    assert down.tensor_type.name in ("F16", "BF16", "F32")
+    back = gguf.quants.dequantize(down.data, down.tensor_type).reshape(codes[MODULE].out_features, -1)
+    assert np.array_equal(back, codes[MODULE].dequantize().numpy())  # the whole layer, bit-exact
+    assert tensors["token_embd.weight"].tensor_type.name in ("F16", "BF16", "F32") and not result["embeddings"]
+    with pytest.raises(ValueError, match="embedding_type='q6_k' is invalid"):
+        export(tiny_checkpoint, out, format="gguf", converter=converter, embedding_type="q6_k")
 
 
 def test_missing_converter_names_what_to_install(tiny_checkpoint, tmp_path, monkeypatch):
@@ -132,3 +164,79 @@ def test_float_offset_checkpoint_exports_losslessly_as_q4_1(tiny_llama_dir, tmp_
     tensor = {t.name: t for t in gguf.GGUFReader(tmp_path / "fo.gguf").tensors}["blk.0.ffn_up.weight"]
     back = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(layer.out_features, layer.in_features)
     assert np.array_equal(back, layer.dequantize().numpy())
+
+
+# -- type choices, labels, super weights carried inside blocks (no converter needed) ------------------------------
+def test_embedding_types_follow_llama_quantize():
+    from optimum_superweight.export.gguf_types import embedding_type
+
+    assert embedding_type("output.weight", 576, has_output=True)[0] == "Q8_0"  # 576 % 256: llama.cpp falls back
+    assert embedding_type("token_embd.weight", 640, has_output=False)[0] == "Q8_0"  # tied: treated as the head
+    assert embedding_type("token_embd.weight", 576, has_output=True)[0] == "Q5_0"  # untied: Q4_K's fallback
+    assert embedding_type("output.weight", 1024, has_output=True) == ("Q8_0", "llama.cpp's quantizer picks Q6_K for the output head; gguf-py cannot write Q6_K, so Q8_0")
+    with pytest.raises(ValueError, match="gguf_name='blk.0.attn_q.weight'"):
+        embedding_type("blk.0.attn_q.weight", 64, has_output=True)
+
+
+def test_file_type_label_names_most_layer_weights():
+    from optimum_superweight.export.gguf_types import file_type_label
+
+    assert file_type_label({"Q4_1": 1000, "F32": 10}) == "MOSTLY_Q4_1"
+    assert file_type_label({"Q4_0": 10, "Q8_0": 1000}) == "MOSTLY_Q8_0"
+    assert file_type_label({}) == "ALL_F32"
+    for label in ("MOSTLY_Q4_1", "MOSTLY_Q4_0", "MOSTLY_Q8_0", "MOSTLY_F16", "MOSTLY_BF16", "ALL_F32"):
+        assert label in gguf.LlamaFileType.__members__
+
+
+def _block_tensor(block_type, rows=4, cols=96, seed=0):
+    """Random weights on a ``block_type`` grid (gguf-py's quantizer) as ``(bytes, exact float32)``."""
+    values = np.random.default_rng(seed).normal(0, 0.02, (rows, cols)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[block_type]
+    data = gguf.quants.quantize(values, qtype)
+    return data, gguf.quants.dequantize(data, qtype).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("block_type", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("value", [-3.5078125, 2.28125])
+def test_super_weight_carried_exactly_in_one_block(block_type, value):
+    from optimum_superweight.export.gguf_types import carry_super_weights
+
+    data, exact = _block_tensor(block_type)
+    exact[2, 40] = value
+    new, expected, records = carry_super_weights("t", block_type, data, exact, [(2, 40)])
+    back = gguf.quants.dequantize(new, gguf.GGMLQuantizationType[block_type]).reshape(exact.shape)
+    assert np.array_equal(back, expected) and back[2, 40] == value
+    changed = back != exact
+    assert not changed[:, :32].any() and not changed[:, 64:].any() and not changed[[0, 1, 3]].any()  # other blocks untouched
+    assert records[0].row == 2 and records[0].col == 40 and records[0].value == value
+    assert records[0].neighbours_max_change == pytest.approx(np.abs(np.delete(back[2, 32:64] - exact[2, 32:64], 8)).max())
+    assert records[0].neighbours_max_change < 0.1  # the 31 neighbours stay near their values
+
+
+def test_super_weight_not_carried_when_no_block_holds_it():
+    from optimum_superweight.export.gguf_types import carry_super_weights
+
+    data, exact = _block_tensor("Q4_1")
+    exact[0, 3] = 1e6  # beyond float16: no scale reaches it in 15 steps
+    assert carry_super_weights("t", "Q4_1", data, exact, [(0, 3)]) is None
+    exact[0, 3], exact[0, 4] = 3.0, -3.0  # two super weights in one block of 32
+    assert carry_super_weights("t", "Q4_1", data, exact, [(0, 3), (0, 4)]) is None
+
+
+def test_super_weight_beyond_float16_precision_carried_as_top_level():
+    from optimum_superweight.export.gguf_types import carry_super_weights
+
+    data, exact = _block_tensor("Q4_1")
+    exact[1, 70] = 5.875732421875  # SmolLM2's super weight: 14 significant bits, not a float16 value
+    new, expected, [record] = carry_super_weights("t", "Q4_1", data, exact, [(1, 70)])
+    back = gguf.quants.dequantize(new, gguf.GGMLQuantizationType.Q4_1).reshape(exact.shape)
+    assert back[1, 70] == exact[1, 70] and np.array_equal(back, expected)
+    assert record.neighbours_max_change < 5.875732421875 / 15  # within half a level of a grid spanning the block
+
+
+def test_dense_type_is_the_smallest_exact():
+    from optimum_superweight.export.gguf_types import dense_type_for
+
+    assert dense_type_for(torch.tensor([1.5, -2.25])) == "F16"
+    assert dense_type_for(torch.tensor([2.0**100, 1.0])) == "BF16"
+    assert dense_type_for(torch.tensor([1 + 2**-20])) == "F32"

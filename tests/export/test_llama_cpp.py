@@ -29,6 +29,7 @@ def test_smollm2_gguf_in_llama_cpp(tmp_path, converter):
     result = export(tmp_path / "q", tmp_path / "smollm2.gguf", format="gguf", converter=converter)
     assert set(result["encoded"].values()) == {"Q4_0"}
     assert "blk.11.ffn_down.weight" in result["super_weight_tensors"]
+    assert result["file_type"] == "MOSTLY_Q4_0" and result["embeddings"]["token_embd.weight"]["type"] == "Q8_0"
 
     text = builtin_text()
     ids = tokenize_text(tokenizer, text, max_tokens=2048)
