@@ -27,7 +27,7 @@ from ..format import DIGEST_ALGORITHM, DIGESTS_METADATA_KEY, read_safetensors_me
 from ..kernels import prepare_kernels
 from ..prompts import model_tokenizer
 from .loading import SuperWeightQuantize, plan_low_memory
-from .plan import plan_targets
+from .plan import fit_to_model, plan_targets
 from .replace import build_quantized_skeleton, dequantize_model, quantize_model, record_results, resolve_dtype
 from .verify import check_checkpoint_layout, layer_digests, read_checkpoint_index, verify_quantized_model
 
@@ -76,7 +76,9 @@ class SuperWeightQuantizer(HfQuantizer):
             if self._index is not None:  # before transformers casts, drops or re-initialises a tensor
                 check_checkpoint_layout(model, self._index)
                 self._metadata = read_safetensors_metadata(sorted({e.file for e in self._index.values()}))
-        elif self.quantization_config.low_memory:
+        else:
+            self.quantization_config = fit_to_model(model, self.quantization_config)
+        if not self.pre_quantized and self.quantization_config.low_memory:
             self._low_memory = plan_low_memory(model, self.quantization_config, kwargs.get("checkpoint_files"))
         return model
 
