@@ -174,6 +174,14 @@ FIELDS: dict[str, Validator] = {
 #: Fields whose keyword default ``None`` means "follow the method" (resolved in ``__init__``): every checkpoint
 #: records the resolved value, so ``null`` in config.json is refused rather than re-resolved.
 _RESOLVED_FIELDS = ("method", "symmetric", "zero_point", "importance", "calibration_tokens")
+#: quantization_config key of a config.json written while save_pretrained replaced a checkpoint's files
+#: (:mod:`optimum_superweight.models.saving`); such a checkpoint is refused with :data:`INCOMPLETE_MESSAGE`.
+INCOMPLETE_KEY = "save_incomplete"
+INCOMPLETE_MESSAGE = (
+    "config.json says that save_pretrained was interrupted while it replaced this checkpoint's files "
+    f"(quantization_config field '{INCOMPLETE_KEY}'): the weight files may mix two saves. Save the model again into "
+    "this folder (or restore the folder from a copy)."
+)
 #: Keys of a quantization_config that transformers itself may add; read and ignored.
 _TRANSFORMERS_KEYS = frozenset({"dequantize"})
 
@@ -454,6 +462,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"quantization_config={config_dict!r} is invalid: accepted is a mapping of SuperWeightConfig fields."
             )
+        if config_dict.get(INCOMPLETE_KEY):
+            raise ValueError(INCOMPLETE_MESSAGE)
         for key in _RESOLVED_FIELDS:
             if key in config_dict and config_dict[key] is None:
                 # The constructor reads None as "the method's default"; a checkpoint records what it was written with.
