@@ -130,6 +130,10 @@ def _index(v: Any) -> bool:
 
 
 _INDICES = _list_of(_index, "indices from 0 to 2**31 - 1")
+#: No model has anywhere near this many decoder layers; the model's own count is checked when it is known
+#: (:func:`optimum_superweight.models.plan.fit_to_model`).
+MAX_LAYERS = 4096
+_LAYERS = _list_of(lambda v: _is_int(v) and 0 <= v < MAX_LAYERS, f"layer indices from 0 to {MAX_LAYERS - 1}")
 
 #: Every field of ``config.json["quantization_config"]`` (in its key order) and what it accepts. Adding a
 #: field: one line here, a parameter of ``__init__`` and its docstring. Cross-field rules are in ``post_init``.
@@ -148,7 +152,7 @@ FIELDS: dict[str, Validator] = {
     "detection_prompts": _optional(_list_of(lambda v: isinstance(v, str) and bool(v.strip()), "non-empty strings", non_empty=True)),
     "detection_threshold": _number(0),
     "detection_min_ratio": _number(0),
-    "detection_layers": _optional(_INDICES),
+    "detection_layers": _optional(_LAYERS),
     "max_super_weights": _int_range(0, 4096),
     "method": _choice(METHODS),
     "importance": _choice(IMPORTANCES),
@@ -171,6 +175,17 @@ FIELDS: dict[str, Validator] = {
         f"module names to '<algorithm>:<hex>' digests ({', '.join(DIGEST_ALGORITHMS)}; written by save_pretrained)",
     )),
 }
+#: Fields whose keyword default ``None`` means "follow the method" (resolved in ``__init__``): every checkpoint
+#: records the resolved value, so ``null`` in config.json is refused rather than re-resolved.
+_RESOLVED_FIELDS = ("method", "symmetric", "zero_point", "importance", "calibration_tokens")
+#: quantization_config key of a config.json written while save_pretrained replaced a checkpoint's files
+#: (:mod:`optimum_superweight.models.saving`); such a checkpoint is refused with :data:`INCOMPLETE_MESSAGE`.
+INCOMPLETE_KEY = "save_incomplete"
+INCOMPLETE_MESSAGE = (
+    "config.json says that save_pretrained was interrupted while it replaced this checkpoint's files "
+    f"(quantization_config field '{INCOMPLETE_KEY}'): the weight files may mix two saves. Save the model again into "
+    "this folder (or restore the folder from a copy)."
+)
 #: Keys of a quantization_config that transformers itself may add; read and ignored.
 _TRANSFORMERS_KEYS = frozenset({"dequantize"})
 
@@ -467,6 +482,13 @@ class SuperWeightConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"quantization_config={config_dict!r} is invalid: accepted is a mapping of SuperWeightConfig fields."
             )
+        if config_dict.get(INCOMPLETE_KEY):
+            raise ValueError(INCOMPLETE_MESSAGE)
+        for key in _RESOLVED_FIELDS:
+            if key in config_dict and config_dict[key] is None:
+                # The constructor reads None as "the method's default"; a checkpoint records what it was written with.
+                raise _invalid(key, None, f"{FIELDS[key][1]} (a checkpoint records the value it was written with; null "
+                               "would silently become today's default)")
         unknown = sorted(set(config_dict) - set(FIELDS) - _TRANSFORMERS_KEYS)
         if unknown:
             logger.warning("SuperWeightConfig ignores unknown keys %s.", ", ".join(unknown))

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .detection.inputs import context_length
+
 __all__ = [
     "PerplexityResult",
     "builtin_text",
@@ -242,6 +244,10 @@ def perplexity(
             ids = ids[:max_tokens]
     bos_id = getattr(tokenizer, "bos_token_id", None) if add_bos else None
     use_bos = bos_id is not None
+    limit = context_length(model)
+    if limit is not None and window + use_bos > limit:  # a short-context model: windows fit its positions
+        window = max(1, limit - use_bos)
+        stride = min(stride, window)
     spans = _windows(len(ids), window, stride, use_bos)
     if not spans:
         raise ValueError(

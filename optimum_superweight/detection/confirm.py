@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..architectures import ProjectionSite
-from .inputs import model_device, vocab_size
+from .inputs import context_length, model_device, vocab_size
 from .run import DetectionRun
 from .search import Candidate
 
@@ -32,6 +32,8 @@ def confirmation_ids(model: torch.nn.Module, tokenizer: Any, n_tokens: int) -> t
         if sum(map(len, pieces)) > 8 * n_tokens:
             break
     text = "\n\n".join(pieces)
+    limit = context_length(model)
+    n_tokens = n_tokens if limit is None else min(n_tokens, limit)  # one forward pass holds at most that many
     if tokenizer is not None:
         ids = list(tokenizer(text)["input_ids"])[:n_tokens]
     else:

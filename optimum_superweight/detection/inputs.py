@@ -25,6 +25,7 @@ __all__ = [
     "pad_batch",
     "model_device",
     "layer_output",
+    "context_length",
 ]
 
 #: Tokens of built-in text each candidate's ablation is scored on.
@@ -79,6 +80,26 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
+
+
+#: Config fields that bound how many positions one forward pass may hold (GPT-2's learned position table is
+#: ``n_positions`` long; a longer window indexes past it). A sliding window bounds what one token attends to.
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length", "sliding_window")
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most tokens one forward pass of ``model`` can take (the smallest of its config's position limits), or
+    ``None`` when its config names none; calibration, confirmation and ablation texts are cut to fit it.
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> context_length(build_tiny_model("gpt2", super_weights=None, n_positions=128))
+    128
+    """
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    limits = [getattr(config, field, None) for field in _CONTEXT_FIELDS]
+    limits = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(limits) if limits else None
 
 
 def layer_output(output: Any) -> torch.Tensor:

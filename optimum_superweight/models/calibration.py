@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..detection.inputs import model_device
+from ..detection.inputs import context_length, model_device
 from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
 
 __all__ = [
     "calibration_token_ids", "model_calibration_ids", "collect_hessians", "collect_input_energy", "collect_input_absmax",
-    "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW",
+    "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW", "fitting_window",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,20 @@ def calibration_token_ids(
     return ids[-n_tokens:]
 
 
+def fitting_window(model: nn.Module, window: int, bos_id: int | None = None) -> int:
+    """``window``, shortened to what one forward pass of ``model`` holds (its position limit, less the BOS token that
+    starts each window): a GPT-2-style model with ``n_positions=128`` calibrates on windows of 127 tokens + BOS.
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> fitting_window(build_tiny_model("gpt2", super_weights=None, n_positions=128), 512, bos_id=0)
+    127
+    """
+    limit = context_length(model)
+    if limit is None:
+        return window
+    return max(1, min(window, limit - (bos_id is not None)))
+
+
 def _windows(token_ids: Sequence[int], window: int, bos_id: int | None) -> torch.Tensor:
     ids = torch.tensor(list(token_ids), dtype=torch.long)
     n = (len(ids) // window) * window
@@ -111,6 +125,7 @@ def _run_with_input_hooks(
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"{caller}: no module named {missing[:3]} in {type(model).__name__}.")
+    window = fitting_window(model, window, bos_id)
     batches = _windows(token_ids, window, bos_id).split(batch_size)
     device = model_device(model)
     alias: dict[str, str] = {}  # module -> module whose accumulator it shares

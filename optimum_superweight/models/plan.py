@@ -6,6 +6,8 @@ in :mod:`.loading`). It reads weights and checks them; it changes nothing.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +29,51 @@ __all__ = [
     "check_finite_weights",
     "check_super_weights",
     "coordinates_by_module",
+    "fit_to_model",
 ]
+
+logger = logging.getLogger(__name__)
+
+
+def _layer_count(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for field in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def fit_to_model(model: nn.Module, config: SuperWeightConfig) -> SuperWeightConfig:
+    """``config`` checked against the model it quantizes (a copy when something is resolved; ``config`` is kept).
+
+    ``detection_layers`` must name layers the model has; a ``group_size`` wider than every layer to quantize would
+    pad each row to the group (a 64-wide layer stored as 100000 codes per row): such groups are one group per row,
+    recorded as ``group_size=-1`` (one scale per row), which is what they compute.
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> fit_to_model(build_tiny_model("llama", super_weights=None), SuperWeightConfig(group_size=100000)).group_size
+    -1
+    """
+    layers = _layer_count(model)
+    wanted = config.detection_layers or []
+    if layers is not None and any(layer >= layers for layer in wanted):
+        raise ValueError(
+            f"SuperWeightConfig.detection_layers={wanted!r} is invalid for this model: accepted are layer indices from 0 "
+            f"to {layers - 1} ({type(model).__name__} has {layers} decoder layers)."
+        )
+    widest = max((features(m)[0] for m in modules_to_convert(model, resolve_modules_to_not_convert(model, config)).values()), default=0)
+    if config.group_size != -1 and widest and config.group_size > widest:
+        logger.info(
+            "optimum-superweight: group_size=%d spans every layer's whole row (widest: %d inputs); recorded as "
+            "group_size=-1 (one scale per row), the same grid without padding each row to the group.",
+            config.group_size, widest,
+        )
+        config = copy.deepcopy(config)
+        config.group_size = -1
+        config.post_init()
+    return config
 
 
 @dataclass(frozen=True)

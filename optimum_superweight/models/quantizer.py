@@ -27,7 +27,8 @@ from ..format import DIGEST_ALGORITHM, DIGESTS_METADATA_KEY, read_safetensors_me
 from ..kernels import prepare_kernels
 from ..prompts import model_tokenizer
 from .loading import SuperWeightQuantize, plan_low_memory
-from .plan import plan_targets
+from .plan import fit_to_model, plan_targets
+from .saving import attach_save_hook
 from .replace import build_quantized_skeleton, dequantize_model, quantize_model, record_results, resolve_dtype
 from .verify import check_checkpoint_layout, layer_digests, read_checkpoint_index, verify_quantized_model
 
@@ -76,7 +77,9 @@ class SuperWeightQuantizer(HfQuantizer):
             if self._index is not None:  # before transformers casts, drops or re-initialises a tensor
                 check_checkpoint_layout(model, self._index)
                 self._metadata = read_safetensors_metadata(sorted({e.file for e in self._index.values()}))
-        elif self.quantization_config.low_memory:
+        else:
+            self.quantization_config = fit_to_model(model, self.quantization_config)
+        if not self.pre_quantized and self.quantization_config.low_memory:
             self._low_memory = plan_low_memory(model, self.quantization_config, kwargs.get("checkpoint_files"))
         return model
 
@@ -101,7 +104,7 @@ class SuperWeightQuantizer(HfQuantizer):
         verify_quantized_model(model, self.quantization_config, loaded_by_transformers=True)
         # No prepare_kernels here: kernel states (float32 copies of scales and offsets) would raise the load's
         # peak, which is what low_memory bounds; they are built at the first forward instead.
-        return attach_card_hook(model)
+        return attach_save_hook(attach_card_hook(model))
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         from ..hub.push import attach_card_hook
@@ -116,7 +119,7 @@ class SuperWeightQuantizer(HfQuantizer):
             )
             prepare_kernels(model)  # build kernel layouts now and log which kernel each layer uses
             # model.push_to_hub() must publish the coordinates, not transformers' default card.
-            return attach_card_hook(model)
+            return attach_save_hook(attach_card_hook(model))
         with torch.no_grad():
             # NaN/inf would make detection and calibration fail obscurely: refuse them first, by module and coordinate.
             plan_targets(model, config)
@@ -132,7 +135,7 @@ class SuperWeightQuantizer(HfQuantizer):
             quantize_model(model, config, records, tokenizer=tokenizer)  # records the results on model.config
         self.quantization_config = model.config.quantization_config
         prepare_kernels(model)
-        return attach_card_hook(model)
+        return attach_save_hook(attach_card_hook(model))
 
     # -- save ------------------------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model):

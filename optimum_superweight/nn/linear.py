@@ -11,12 +11,12 @@ instead of silently producing a model with random weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..format import SCALE, SCALE_DTYPES, TENSORS, LayerFormat, check_quantizable
+from ..format import BIAS, SCALE, SCALE_DTYPES, TENSORS, LayerFormat, check_quantizable
 from ..kernels import kernel_label, linear_forward
 from ..records import SuperWeight
 from .autograd import needs_graph, quantized_linear
@@ -169,6 +169,30 @@ class SuperWeightLinear(nn.Module):
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()
         return module
+
+    # -- dtype casts ------------------------------------------------------------------------------------
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "SuperWeightLinear":
+        """``model.to(dtype)``, ``.half()``, ``.float()``: the bias and the activations follow the cast; the stored
+        state (codes, scales, offsets, exact super weights) keeps the dtypes of the format table and only moves.
+
+        Re-rounding it would change the model (a super weight of 5.87573 becomes 5.875 in bfloat16, float16 scales
+        read as bfloat16) and the checkpoint it saves would no longer verify; bitsandbytes and HQQ guard it too.
+
+        >>> layer = SuperWeightLinear.from_linear(nn.Linear(64, 8), bits=4, group_size=32, super_weights=[(1, 2)])
+        >>> layer = layer.to(torch.bfloat16)
+        >>> layer.weight_scale.dtype, layer.super_weight_values.dtype, layer.bias.dtype
+        (torch.float16, torch.float32, torch.bfloat16)
+        """
+        exact = {id(t) for name, t in self.stored_tensors().items() if name != BIAS}  # the bias is in the model's dtype
+
+        def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in exact:
+                return fn(tensor)
+            # What fn does to a tensor of this dtype and device, learnt on an empty one: keep only the move.
+            probe = fn(tensor.new_empty(0))
+            return fn(tensor) if probe.dtype == tensor.dtype else tensor.to(device=probe.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     # -- inference --------------------------------------------------------------------------------------
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

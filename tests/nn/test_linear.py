@@ -39,3 +39,36 @@ def test_to_linear_restores_a_dense_layer():
     back = layer.to_linear()
     assert isinstance(back, nn.Linear) and back.weight[1, 2].item() == dense.weight[1, 2].item()
     assert torch.allclose(back.weight, dense.weight, atol=dense.weight.abs().max().item() / 100)
+
+
+@pytest.mark.parametrize("zero_point", ["uint8", "float"])
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "float-after-half", "to-dtype"])
+def test_casts_keep_codes_scales_and_super_weights_exact(zero_point, cast):
+    """25.3: a super weight of 5.87573 must not become 5.875 (bfloat16/float16) when the layer is cast."""
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 16)
+    with torch.no_grad():
+        dense.weight[3, 17] = 5.87573
+    layer = SuperWeightLinear.from_linear(
+        dense, bits=3, group_size=32, symmetric=False, zero_point=zero_point, super_weights=[(3, 17)]
+    )
+    before = {k: v.detach().clone() for k, v in layer.stored_tensors().items() if k != "bias"}
+    reference = layer.dequantize_weight(torch.float32)
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "float-after-half": torch.float32, "to-dtype": torch.float16}[cast]
+    if cast == "half":
+        layer = layer.half()
+    elif cast == "bfloat16":
+        layer = layer.bfloat16()
+    elif cast == "float-after-half":
+        layer = layer.half().float()
+    else:
+        layer = layer.to(device="cpu", dtype=torch.float16)
+    for name, tensor in before.items():
+        stored = getattr(layer, name)
+        assert stored.dtype == tensor.dtype and torch.equal(stored, tensor), name
+    assert layer.super_weight_values.item() == torch.tensor(5.87573).item()
+    assert layer.bias.dtype == dtype
+    assert torch.equal(layer.dequantize_weight(torch.float32), reference)
+    x = torch.randn(4, 96).to(dtype)
+    assert layer(x).dtype == dtype
+    assert torch.equal(layer.dequantize_weight(dtype), reference.to(dtype))

@@ -1,0 +1,150 @@
+"""25.2 and 25.7: a save killed or out of disk leaves the old checkpoint or a clear error; same model, same bytes."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_superweight import SuperWeightConfig, SuperWeightLinear
+from optimum_superweight.config import INCOMPLETE_KEY
+
+MODULE, ROW, COL = "model.layers.1.mlp.down_proj", 5, 7
+CHILD = Path(__file__).with_name("save_child.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+            # A SIGKILLed child must not die holding the kernel build lock (issue 25.1, another fix).
+            "OPTIMUM_SUPERWEIGHT_NATIVE": "0"}
+
+
+def _quantize(source: Path, out: Path, bits: int) -> Path:
+    config = SuperWeightConfig(bits=bits, group_size=32, super_weights=[{"module": MODULE, "row": ROW, "col": COL}])
+    AutoModelForCausalLM.from_pretrained(source, quantization_config=config).save_pretrained(out)
+    return out
+
+
+def _fingerprint(folder: Path) -> str:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, SuperWeightLinear)
+    return f"{layer.bits}:{hashlib.sha256(layer.weight.detach().numpy().tobytes()).hexdigest()}"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture()
+def two_checkpoints(tiny_llama_dir, tmp_path):
+    old = _quantize(tiny_llama_dir, tmp_path / "old", 2)
+    new = _quantize(tiny_llama_dir, tmp_path / "new", 4)
+    return old, new
+
+
+def _old_new_or_clear_error(target: Path, old: str, new: str) -> str:
+    try:
+        found = _fingerprint(target)
+    except ValueError as error:
+        assert INCOMPLETE_KEY in str(error) and "Save the model again" in str(error), str(error)
+        return "error"
+    assert found in (old, new), "the folder loads as a model that is neither the old nor the new checkpoint"
+    return "old" if found == old else "new"
+
+
+@pytest.mark.parametrize("point", ["mid-weights", "after-config", "replace-1", "replace-2", "replace-3", "replace-4"])
+def test_save_killed_at_any_point_leaves_old_checkpoint_or_clear_error(two_checkpoints, tmp_path, point):
+    old, new = two_checkpoints
+    old_print, new_print = _fingerprint(old), _fingerprint(new)
+    target = tmp_path / "target"
+    shutil.copytree(old, target)
+    child = subprocess.run(
+        [sys.executable, str(CHILD), str(new), str(target), point], env=_env(), capture_output=True, text=True,
+        timeout=900,
+    )
+    assert child.returncode in (0, -9), child.stderr[-2000:]
+    state = _old_new_or_clear_error(target, old_print, new_print)
+    if child.returncode == 0:
+        assert state == "new"
+    # Saving again repairs the folder whatever the kill left.
+    AutoModelForCausalLM.from_pretrained(new).save_pretrained(target)
+    assert _fingerprint(target) == new_print
+
+
+def test_save_on_a_full_disk_leaves_the_old_checkpoint(two_checkpoints, tmp_path):
+    old, new = two_checkpoints
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'mount failed'}): needs root")
+    try:
+        target = mount / "target"
+        shutil.copytree(old, target)
+        old_print = _fingerprint(target)
+        need = sum(p.stat().st_size for p in new.iterdir())
+        stats = os.statvfs(mount)
+        free = stats.f_bavail * stats.f_frsize
+        with open(mount / "filler", "wb") as handle:  # leave room for half of the new checkpoint
+            handle.write(b"\0" * max(0, free - need // 2))
+        model = AutoModelForCausalLM.from_pretrained(new)
+        with pytest.raises(Exception, match="No space left"):  # OSError, or safetensors' own error
+            model.save_pretrained(target)
+        assert _old_new_or_clear_error(target, old_print, _fingerprint(new)) == "old"
+        assert not [p for p in mount.iterdir() if p.name.startswith(".target.saving-")]
+    finally:
+        gc.collect()  # models loaded from the tmpfs map its files
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+QUANTIZE = """
+import sys, optimum_superweight
+from transformers import AutoModelForCausalLM
+config = optimum_superweight.SuperWeightConfig(bits=int(sys.argv[3]), group_size=32, symmetric=False)
+AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config).save_pretrained(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_two_processes_write_the_same_bytes(tiny_llama_dir, tmp_path, bits):
+    outs = [tmp_path / f"run{i}" for i in range(2)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", QUANTIZE, str(tiny_llama_dir), str(out), str(bits)], env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for out in outs
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err.decode()[-2000:]
+    first, second = (_files(out) for out in outs)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert first[name] == second[name], f"{name} differs between two processes"
+
+
+def test_save_reload_save_is_byte_identical(tiny_llama_dir, tmp_path):
+    first = _quantize(tiny_llama_dir, tmp_path / "first", 3)
+    again = tmp_path / "again"
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, optimum_superweight; from transformers import AutoModelForCausalLM; "
+         "AutoModelForCausalLM.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])", str(first), str(again)],
+        env=_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(first) == _files(again)
+    with torch.no_grad():
+        ids = torch.arange(2, 18).reshape(1, -1)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(first)(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(again)(ids).logits)
