@@ -22,7 +22,22 @@ from ..records import SuperWeight
 from .autograd import needs_graph, quantized_linear
 from ..tensor.quantize import ZERO_POINTS, GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
 
-__all__ = ["SuperWeightLinear"]
+__all__ = ["SuperWeightLinear", "dense_linear"]
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` ``[out, in]`` (and ``bias``, cast to the weight's dtype): what every
+    quantized layer's ``to_linear`` returns.
+
+    >>> dense_linear(torch.eye(3), None).weight.shape
+    torch.Size([3, 3])
+    """
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.to(weight.dtype))
+    return linear
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -221,13 +236,7 @@ class SuperWeightLinear(nn.Module):
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight (super weights exact)."""
-        weight = self.dequantize_weight(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.to(weight.dtype))
-        return linear
+        return dense_linear(self.dequantize_weight(dtype), self.bias)
 
     @property
     def num_super_weights(self) -> int:

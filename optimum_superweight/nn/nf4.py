@@ -34,6 +34,7 @@ from torch import nn
 
 from ..format import ABSMAX, TENSORS, LayerFormat, check_quantizable
 from ..records import SuperWeight
+from .linear import dense_linear
 from ..tensor.nf4 import DEFAULT_ABSMAX_GRID, NF4_BLOCKSIZE, NF4_LEVELS, nf4_blocks, nf4_codes, nf4_dequantize, nf4_packed_shape
 
 # bitsandbytes' CPU backend asks the Hub for an optional kernel at import and logs a warning when offline; its
@@ -208,14 +209,7 @@ class SuperWeightNF4Linear(bnb.nn.Linear4bit):
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight (super weights exact)."""
-        weight = self.dequantize_weight(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
-                           dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.to(weight.dtype))
-        return linear
+        return dense_linear(self.dequantize_weight(dtype), self.bias)
 
     # -- the checkpoint format's view (what models/verify.py and the digests read) -------------------------------
     @property
