@@ -14,7 +14,10 @@ Every exported folder also carries the keys transformers 4.x readers need (:mod:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,26 +83,60 @@ def export(
     all_codes = list(quantized_modules(model))
     records = super_weight_records(model)
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="superweight-export-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="superweight-export-") as scratch, _staged(out) as staging:
         dense = write_dense_folder(model, Path(scratch) / "dense", tokenizer)
         if format in ("awq", "compressed-tensors"):
             if format == "awq":
                 from .awq import export_awq
 
                 linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SuperWeightLinear))]
-                result = export_awq(all_codes, dense, out, records=records, linear_names=linears, model=model,
+                result = export_awq(all_codes, dense, staging, records=records, linear_names=linears, model=model,
                                     tokenizer=tokenizer, allow_requantize=allow_requantize, source=folder, **options)
             else:
                 from .compressed_tensors import export_compressed_tensors
 
                 result = export_compressed_tensors(
-                    all_codes, dense, out, records=records, model_dtype=_model_dtype(model),
+                    all_codes, dense, staging, records=records, model_dtype=_model_dtype(model),
                     allow_requantize=allow_requantize, source=folder, model=model, tokenizer=tokenizer, **options,
                 )
             if tokenizer is not None:
-                tokenizer.save_pretrained(out)
-            result["transformers4"] = add_transformers4_keys(out)
-            return result
-        from .gguf import export_gguf
+                tokenizer.save_pretrained(staging)
+            result["transformers4"] = add_transformers4_keys(staging)
+        else:
+            from .gguf import export_gguf
 
-        return export_gguf(all_codes, dense, out, records=records, allow_requantize=allow_requantize, **options)
+            result = export_gguf(all_codes, dense, staging, records=records, allow_requantize=allow_requantize, **options)
+    result["path"] = str(out)
+    return result
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """Write an export beside ``out`` and move it into place only once complete, so that a kill, a full disk or an
+    error leaves either the previous ``out`` or nothing: never a half-written export that a server would load.
+
+    A ``.gguf`` file is replaced in one atomic rename. A folder takes two (the old one aside, the new one in); a kill
+    between them leaves no ``out`` (the previous export is then the hidden ``.NAME.previous-*`` sibling).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.writing-{os.getpid()}"
+    _remove(staging)
+    try:
+        yield staging
+        if out.is_dir() and staging.is_dir():
+            previous = out.parent / f".{out.name}.previous-{os.getpid()}"
+            _remove(previous)
+            os.replace(out, previous)
+            os.replace(staging, out)
+            _remove(previous)
+        else:
+            os.replace(staging, out)
+    finally:
+        _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
