@@ -19,12 +19,14 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_time import _busy_processes  # noqa: E402  (one owner of the synthetic load)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -47,17 +49,6 @@ def fit_threads_markdown(result: dict) -> str:
     ]
     lines += [f"| {r['way']} | {r['median_s']:.1f} | {r['min_s']:.1f} | x{r['median_s'] / base:.1f} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
-
-
-@contextlib.contextmanager
-def _busy_processes(count: int):
-    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        yield
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
 
 
 @contextlib.contextmanager
