@@ -22,7 +22,7 @@ from ..records import SuperWeight
 from .autograd import needs_graph, quantized_linear
 from ..tensor.quantize import ZERO_POINTS, GroupLayout, QuantizedWeight, dequantize_weight, quantize_weight, restore_exact
 
-__all__ = ["SuperWeightLinear", "dense_linear"]
+__all__ = ["SuperWeightLinear", "ExactSuperWeightLayer", "dense_linear"]
 
 
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -40,11 +40,32 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
+class ExactSuperWeightLayer:
+    """What every quantized layer class shares (``SuperWeightLinear`` and the bitsandbytes NF4 layer, whose bases
+    differ): each defines ``dequantize_weight``, ``bias`` and ``super_weight_indices``."""
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (super weights exact)."""
+        return dense_linear(self.dequantize_weight(dtype), self.bias)
+
+    @property
+    def num_super_weights(self) -> int:
+        return 0 if self.super_weight_indices is None else int(self.super_weight_indices.shape[0])
+
+    def _keep_exact(self, weight: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Store the exact values at ``indices`` (``[k, 2]``, possibly empty) of the dense ``weight``, and its bias."""
+        if indices.numel():
+            self.super_weight_indices.data = indices
+            self.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
+        if bias is not None:
+            self.bias.data = bias.detach().clone()
+
+
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-class SuperWeightLinear(nn.Module):
+class SuperWeightLinear(ExactSuperWeightLayer, nn.Module):
     """Drop-in replacement for ``nn.Linear`` holding group-quantized codes and exact super weights.
 
     Build one from a dense layer:
@@ -178,11 +199,7 @@ class SuperWeightLinear(nn.Module):
             module.weight_zero_point.data = quantized.zero_point
         if quantized.offset is not None:
             module.weight_offset.data = quantized.offset
-        if coordinates:
-            module.super_weight_indices.data = indices
-            module.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
-        if linear.bias is not None:
-            module.bias.data = linear.bias.detach().clone()
+        module._keep_exact(weight, indices, linear.bias)
         return module
 
     # -- dtype casts ------------------------------------------------------------------------------------
@@ -233,14 +250,6 @@ class SuperWeightLinear(nn.Module):
     def kernel(self) -> str:
         """Kernel of the latest forward (before any: the one a bfloat16 token would use), e.g. ``'cpu-int4'``."""
         return kernel_label(self)
-
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with the dequantized weight (super weights exact)."""
-        return dense_linear(self.dequantize_weight(dtype), self.bias)
-
-    @property
-    def num_super_weights(self) -> int:
-        return 0 if self.super_weight_indices is None else int(self.super_weight_indices.shape[0])
 
     @property
     def format(self) -> LayerFormat:

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..format import ABSMAX, TENSORS, LayerFormat, check_quantizable
 from ..records import SuperWeight
-from .linear import dense_linear
+from .linear import ExactSuperWeightLayer
 from ..tensor.nf4 import DEFAULT_ABSMAX_GRID, NF4_BLOCKSIZE, NF4_LEVELS, nf4_blocks, nf4_codes, nf4_dequantize, nf4_packed_shape
 
 # bitsandbytes' CPU backend asks the Hub for an optional kernel at import and logs a warning when offline; its
@@ -53,7 +53,7 @@ __all__ = ["SuperWeightNF4Linear"]
 _STORED = {"weight", ABSMAX, "super_weight_indices", "super_weight_values"}
 
 
-class SuperWeightNF4Linear(bnb.nn.Linear4bit):
+class SuperWeightNF4Linear(ExactSuperWeightLayer, bnb.nn.Linear4bit):
     """bitsandbytes NF4 ``Linear4bit`` whose super weights stay exact (see the module docstring).
 
     >>> layer = SuperWeightNF4Linear(128, 64, bias=False, num_super_weights=1)
@@ -179,11 +179,7 @@ class SuperWeightNF4Linear(bnb.nn.Linear4bit):
                      dtype=weight.dtype, device=weight.device)
         module.weight_absmax = nn.Parameter(absmax.to(torch.float32), requires_grad=False)
         module.weight = packed
-        if coordinates:
-            module.super_weight_indices.data = indices
-            module.super_weight_values.data = weight[indices[:, 0].long(), indices[:, 1].long()].to(torch.float32)
-        if linear.bias is not None:
-            module.bias.data = linear.bias.detach().clone()
+        module._keep_exact(weight, indices, linear.bias)
         return module
 
     # -- inference ----------------------------------------------------------------------------------------
@@ -207,15 +203,7 @@ class SuperWeightNF4Linear(bnb.nn.Linear4bit):
             weight[idx[:, 0], idx[:, 1]] = self.super_weight_values
         return weight.to(dtype or (self.bias.dtype if self.bias is not None else self.state_dtype))
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with the dequantized weight (super weights exact)."""
-        return dense_linear(self.dequantize_weight(dtype), self.bias)
-
     # -- the checkpoint format's view (what models/verify.py and the digests read) -------------------------------
-    @property
-    def num_super_weights(self) -> int:
-        return 0 if self.super_weight_indices is None else int(self.super_weight_indices.shape[0])
-
     @property
     def format(self) -> LayerFormat:
         """This layer's settings as the checkpoint format sees them."""
