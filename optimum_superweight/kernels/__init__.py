@@ -28,14 +28,16 @@ available to test its (different) packing.
 
 **Float32 inputs.** A float32 model runs ``cpu-tiled`` for 2- to 8-bit layers (exact float32 arithmetic; on AMD
 EPYC within x1.1 of float32 dense ``F.linear`` from 1 to 512 tokens: "Kernels by CPU" in benchmarks/RESULTS.md)
-and the reference path otherwise (exact too, but a full dequantization per call). What float32 inputs may do
+wherever the speed check finds it within x1.5 of float32 dense on the CPU at hand. What float32 inputs may do
 (``set_float32_policy`` or the environment variable ``OPTIMUM_SUPERWEIGHT_FLOAT32``):
 
-- ``"reference"`` (default): float32 arithmetic only, whatever the speed (where no float32 kernel is within
-  x1.5 of dense on the CPU at hand, the speed check says so once, naming the other two policies);
-- ``"auto"``: float32 kernels where the speed check finds one within x1.5 of float32 dense on this CPU, else
-  the activations of that layer shape are cast to bfloat16 for the bfloat16 kernels (outputs cast back), said
-  once in the log; the choice is stored with the other verdicts, so it is the same in every run;
+- ``"auto"`` (default): float32 kernels where the speed check finds one within x1.5 of float32 dense on this CPU
+  (or, with the check off, where one supports the layer), else the activations of that layer shape are cast to
+  bfloat16 for the bfloat16 kernels (outputs cast back), said once in the log at INFO level (a choice made for
+  the user, not a fault; ``kernel_summary(model, torch.float32)`` lists the layers); the choice is stored with
+  the other verdicts, so it is the same in every run;
+- ``"reference"``: float32 arithmetic only, whatever the speed (the reference kernel where no float32 kernel is
+  within x1.5 of dense: the speed check then warns once, naming the other policies);
 - ``"bfloat16"``: every quantized layer computes in bfloat16 (the rest of the model stays float32);
 
 or load the model with ``dtype=torch.bfloat16``. ``OPTIMUM_SUPERWEIGHT_KERNELS=reference`` forces the reference everywhere;
@@ -68,7 +70,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from . import build, guard
+from . import build, guard, ops
 from .cpu import DenseCpuKernel, Int4CpuKernel, Int8CpuKernel
 from .guard import cpu_name, kernel_choice, set_kernel_choice, set_speed_check, speed_check_enabled
 from .reference import ReferenceKernel
@@ -104,6 +106,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _FLOAT32_POLICIES = ("reference", "auto", "bfloat16")
+DEFAULT_FLOAT32_POLICY = "auto"
 REFERENCE = ReferenceKernel()
 _KERNELS: list["Kernel"] = [TiledCpuKernel(), Int4CpuKernel(), Int8CpuKernel(), DenseCpuKernel(), REFERENCE]
 # Kernels worth running per token; the others are only chosen for many tokens at once or as fallbacks.
@@ -113,7 +116,7 @@ _NO_BACKWARD = _DECODE_KERNELS | {"cpu-tiled"}
 
 
 def _env_policy() -> str:
-    value = os.environ.get("OPTIMUM_SUPERWEIGHT_FLOAT32", "reference").strip().lower()
+    value = os.environ.get("OPTIMUM_SUPERWEIGHT_FLOAT32", DEFAULT_FLOAT32_POLICY).strip().lower()
     if value not in _FLOAT32_POLICIES:
         raise ValueError(f"OPTIMUM_SUPERWEIGHT_FLOAT32={value!r} is invalid: use one of {_FLOAT32_POLICIES}.")
     return value
@@ -140,8 +143,8 @@ _announced: set[str] = set()
 
 
 def set_float32_policy(policy: str) -> None:
-    """What float32 inputs do: ``"reference"`` (default: float32 arithmetic only), ``"auto"`` (bfloat16 where no
-    float32 kernel is fast on this CPU, said once) or ``"bfloat16"`` (always cast to bfloat16).
+    """What float32 inputs do: ``"auto"`` (default: bfloat16 where no float32 kernel is fast on this CPU, said once),
+    ``"reference"`` (float32 arithmetic only) or ``"bfloat16"`` (always cast to bfloat16).
 
     >>> policy = float32_policy()
     >>> set_float32_policy("bfloat16"); float32_policy()
@@ -364,21 +367,24 @@ def _announce(selection: KernelSelection, dtype: torch.dtype) -> None:
         return
     _announced.add(message)
     if selection.cast and _settings["float32"] == "auto":
-        if "auto-cast" not in _announced:  # once per process: the kernels of each shape are logged at INFO level
+        if "auto-cast" not in _announced:  # once per process, at INFO: chosen for speed, nothing for the user to fix
             _announced.add("auto-cast")
-            logger.warning(
-                "optimum-superweight: float32 input computed in bfloat16 in quantized layers where no float32 kernel is "
-                "within x%.1f of float32 dense F.linear on %s (allowed by the float32 policy 'auto'; "
-                "kernels.kernel_summary(model, torch.float32, tokens) lists them). First: %s.",
+            logger.info(
+                "optimum-superweight: float32 input computed in bfloat16 in quantized layers where no float32 kernel runs "
+                "the layer within x%.1f of float32 dense F.linear on %s (float32 policy 'auto', the default; 'reference' keeps "
+                "float32 arithmetic: kernels.set_float32_policy). kernels.kernel_summary(model, torch.float32, tokens) "
+                "lists them. First: %s.",
                 guard.STEP_ASIDE_RATIO, cpu_name(), message,
             )
-        logger.info("%s.", message)
+        else:
+            logger.debug("%s.", message)
     elif selection.kernel is REFERENCE and dtype == torch.float32 and "reference-float32" not in _announced:
         _announced.add("reference-float32")  # once per process; later shapes at INFO level
         logger.warning(
             "%s. The reference kernel dequantizes the whole weight on every call (slow). Load the model with "
-            "dtype=torch.bfloat16, or opt in to bfloat16 activations in the quantized layers with "
-            "optimum_superweight.kernels.set_float32_policy('auto' or 'bfloat16') / OPTIMUM_SUPERWEIGHT_FLOAT32=auto.",
+            "dtype=torch.bfloat16, or let the quantized layers compute in bfloat16 where that is faster with the float32 "
+            "policy 'auto' (the default) or always with 'bfloat16': optimum_superweight.kernels.set_float32_policy / "
+            "OPTIMUM_SUPERWEIGHT_FLOAT32.",
             message,
         )
     else:
@@ -386,7 +392,16 @@ def _announce(selection: KernelSelection, dtype: torch.dtype) -> None:
 
 
 def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``SuperWeightLinear.forward``: pick the kernel for this call, build its layout if needed, run it."""
+    """``SuperWeightLinear.forward``: pick the kernel for this call, build its layout if needed, run it.
+
+    Under ``torch.compile`` the whole call is one custom op (:mod:`~optimum_superweight.kernels.ops`) that runs
+    this same eager path when the compiled graph runs: no kernel state, ``data_ptr()`` or native call is traced."""
+    if torch.compiler.is_compiling():
+        return ops.compiled_forward(module, x)
+    return _eager_forward(module, x)
+
+
+def _eager_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
     band = token_band(module, tokens)
     grad = x.requires_grad and torch.is_grad_enabled()
@@ -399,6 +414,9 @@ def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         _announce(selection, x.dtype)
     module.__dict__["_last_kernel"] = selection.label
     return _run(module, selection, x)
+
+
+ops.set_eager_forward(_eager_forward)
 
 
 def _is_reference(kernel: Any) -> bool:
@@ -416,14 +434,13 @@ def _run(module: nn.Module, selection: KernelSelection, x: torch.Tensor) -> torc
 
 def _first_selection(module: nn.Module, x: torch.Tensor, tokens: int, band: int, grad: bool) -> KernelSelection:
     """The registry's choice, speed-checked against dense on this CPU the first time a layer shape meets it
-    (:mod:`~optimum_superweight.kernels.guard`): CPU only, not while tracing or computing gradients."""
+    (:mod:`~optimum_superweight.kernels.guard`): CPU only, not while computing gradients."""
     select = lambda: select_kernel(module, x.dtype, x.device, tokens, grad)  # noqa: E731
     if (
         not guard.speed_check_enabled()
         or _settings["reference_only"]
         or grad
         or x.device.type != "cpu"
-        or torch.compiler.is_compiling()
         or guard.checked(module, x.dtype, band)
     ):
         return select()

@@ -157,6 +157,12 @@ class SuperWeightQuantizer(HfQuantizer):
         # input's gradient from the packed weight (nn/autograd.py). W8A8 layers quantize their input: no gradient.
         return not self.quantization_config.activations.enabled
 
+    @property
+    def is_compileable(self) -> bool:
+        # Weight-only and W8A8 layers run as one torch.library op each (kernels/ops.py): no graph break in a
+        # decode step, so generate() may compile with a static cache. The bitsandbytes NF4 layers are not ours to vouch for.
+        return self.quantization_config.weight_format != "bnb-nf4"
+
     def _dequantize(self, model, dtype: torch.dtype | str | None = None):
         # transformers passes model.config.dtype: a string ("float32") once the config was saved or reloaded.
         return dequantize_model(model, resolve_dtype(dtype))

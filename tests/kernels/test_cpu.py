@@ -160,6 +160,7 @@ def test_float32_opt_in_casts_to_bfloat16_kernels():
 
 def test_float32_reference_is_announced_once(caplog):
     _without_native()
+    set_float32_policy("reference")  # float32 arithmetic only: the (slow) reference kernel, said once
     layer = _layer(64, 128, bits=4, group_size=64, seed=3)
     kernels._announced.clear()
     with caplog.at_level(logging.INFO, logger="optimum_superweight.kernels"):
@@ -167,7 +168,18 @@ def test_float32_reference_is_announced_once(caplog):
         layer(torch.randn(1, 128))
         _layer(64, 128, bits=4, group_size=64, seed=4)(torch.randn(1, 128))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "set_float32_policy(" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "set_float32_policy" in warnings[0].getMessage()
+
+
+def test_float32_without_a_float32_kernel_computes_in_bfloat16_by_default(caplog):
+    _without_native()
+    layer = _layer(64, 128, bits=4, group_size=64, seed=3)
+    kernels._announced.clear()
+    with caplog.at_level(logging.INFO, logger="optimum_superweight.kernels"):
+        out = layer(torch.randn(1, 128))
+    assert layer.kernel == "cpu-int4+bf16-cast" and out.dtype == torch.float32
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("float32 input computed in bfloat16" in r.getMessage() for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("bits, group_size, tokens", [(4, 64, 1), (8, -1, 1), (4, 64, 64)])

@@ -1,5 +1,5 @@
 """Float32 inputs: a float32 kernel at every token count by default; bfloat16 arithmetic only where the user
-allowed it (``set_float32_policy("auto")``) and no float32 kernel is fast on this CPU, said once."""
+allowed it (the float32 policy "auto", the default) and no float32 kernel is fast on this CPU, said once."""
 
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def test_auto_computes_in_bfloat16_where_the_float32_kernel_is_slow_and_says_so_
         assert layer.kernel == "cpu-int4+bf16-cast" and y.dtype == torch.float32
         reference = kernels.REFERENCE.run(layer, None, x)
         torch.testing.assert_close(y, reference, rtol=2e-2, atol=2e-2)  # bfloat16 activations
-    said = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert len(said) == 1 and "float32 input computed in bfloat16" in said[0].getMessage(), caplog.text
+    # Chosen for speed, not a fault: said once, at INFO level, and no warning.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    said = [r for r in caplog.records if "float32 input computed in bfloat16" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO", caplog.text
 
 
 def test_auto_keeps_float32_where_the_float32_kernel_is_fast(float32_registry, caplog):
@@ -112,5 +114,5 @@ def test_the_default_format_runs_a_float32_kernel_at_every_token_count(tokens):
     if tiled.unavailable() is not None:
         pytest.skip(tiled.unavailable())
     layer = _layer()
-    assert kernels.float32_policy() == "reference"
+    assert kernels.float32_policy() == kernels.DEFAULT_FLOAT32_POLICY == "auto"
     assert kernels.select_kernel(layer, torch.float32, CPU, tokens).label == "cpu-tiled"
