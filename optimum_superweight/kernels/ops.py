@@ -18,7 +18,8 @@ Eager code does not go through the op: :func:`optimum_superweight.kernels.linear
 >>> from optimum_superweight.nn.linear import SuperWeightLinear
 >>> layer = SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32)
 >>> x = torch.randn(2, 64, dtype=torch.bfloat16)
->>> bool(torch.equal(torch.ops.optimum_superweight.packed_linear(x, layer_tensors(layer), layer_handle(layer), 32), layer(x)))
+>>> y = torch.ops.optimum_superweight.packed_linear(x, layer_tensors(layer), layer_handle(layer), 32)
+>>> bool(torch.equal(y, layer(x)))
 True
 """
 
@@ -81,16 +82,19 @@ def _module_for(layer: int, tensors: list[Optional[torch.Tensor]]) -> nn.Module:
             "registered when torch.compile traces a layer's forward)."
         )
     if len(tensors) != len(TENSOR_NAMES):
-        raise ValueError(f"optimum_superweight::packed_linear: {len(tensors)} tensors; accepted are {len(TENSOR_NAMES)} {TENSOR_NAMES}.")
+        raise ValueError(
+            f"optimum_superweight::packed_linear: {len(tensors)} tensors; accepted are {len(TENSOR_NAMES)} {TENSOR_NAMES}."
+        )
     own = layer_tensors(module)
     if all(_same(a, b) for a, b in zip(own, tensors)):
         return module
     for name, mine, given in zip(TENSOR_NAMES, own, tensors):
-        if (mine is None) != (given is None) or (mine is not None and (mine.shape, mine.dtype) != (given.shape, given.dtype)):
+        expected = None if mine is None else (tuple(mine.shape), mine.dtype)
+        found = None if given is None else (tuple(given.shape), given.dtype)
+        if found != expected:
             raise ValueError(
-                f"optimum_superweight::packed_linear: tensor {name!r} is "
-                f"{None if given is None else (tuple(given.shape), given.dtype)}; the layer {type(module).__name__}"
-                f"({module.out_features}x{module.in_features}) accepts {None if mine is None else (tuple(mine.shape), mine.dtype)}."
+                f"optimum_superweight::packed_linear: tensor {name!r} is {found}; the layer "
+                f"{type(module).__name__}({module.out_features}x{module.in_features}) accepts {expected}."
             )
     return _rebound(module, tensors)
 
@@ -108,7 +112,9 @@ def _rebound(module: nn.Module, tensors: list[Optional[torch.Tensor]]) -> nn.Mod
 
 
 @torch.library.custom_op("optimum_superweight::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, tensors: list[Optional[torch.Tensor]], layer: int, out_features: int) -> torch.Tensor:
+def packed_linear(
+    x: torch.Tensor, tensors: list[Optional[torch.Tensor]], layer: int, out_features: int
+) -> torch.Tensor:
     """``y = x @ W^T + b`` for the quantized layer ``layer`` whose stored tensors are ``tensors``."""
     module = _module_for(layer, tensors)
     if module.out_features != out_features:
@@ -118,11 +124,15 @@ def packed_linear(x: torch.Tensor, tensors: list[Optional[torch.Tensor]], layer:
     with torch.no_grad():
         y = _eager["forward"](module, x)
     # A custom op's output may not alias its inputs (a kernel could return a view or the bias itself).
-    return y.clone() if any(t is not None and y.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (x, *tensors)) else y
+    storage = y.untyped_storage().data_ptr()
+    aliased = any(t is not None and t.untyped_storage().data_ptr() == storage for t in (x, *tensors))
+    return y.clone() if aliased else y
 
 
 @packed_linear.register_fake
-def _packed_linear_fake(x: torch.Tensor, tensors: list[Optional[torch.Tensor]], layer: int, out_features: int) -> torch.Tensor:
+def _packed_linear_fake(
+    x: torch.Tensor, tensors: list[Optional[torch.Tensor]], layer: int, out_features: int
+) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -132,4 +142,5 @@ OP = torch.ops.optimum_superweight.packed_linear.default
 
 def compiled_forward(module: nn.Module, x: torch.Tensor) -> Any:
     """The layer's forward as one op call (what ``torch.compile`` traces)."""
-    return torch.ops.optimum_superweight.packed_linear(x, layer_tensors(module), layer_handle(module), module.out_features)
+    op = torch.ops.optimum_superweight.packed_linear
+    return op(x, layer_tensors(module), layer_handle(module), module.out_features)
