@@ -302,8 +302,16 @@ def test_a_failing_build_falls_back_with_one_log_line(monkeypatch, caplog):
     assert "cpu-tiled: native build failed (RuntimeError: Error building extension 'tiled_linear': g++: not found)" in reason
     failures = [r for r in caplog.records if "no native CPU kernel" in r.getMessage()]
     assert len(failures) == 1 and "g++: not found" in failures[0].getMessage()
-    with torch.no_grad():  # float32 inputs go back to the reference kernel
+    with torch.no_grad():  # float32 inputs: the bfloat16 kernels (the default float32 policy, "auto") ...
         layer(x.float())
+    assert layer.kernel == "cpu-dense+bf16-cast"
+    policy = kernels.float32_policy()
+    kernels.set_float32_policy("reference")
+    try:
+        with torch.no_grad():  # ... or, with float32 arithmetic only, the reference kernel
+            layer(x.float())
+    finally:
+        kernels.set_float32_policy(policy)
     assert layer.kernel == "reference"
 
 
