@@ -261,6 +261,9 @@ def test_summary_and_prepare():
     _without_native()
     assert kernel_summary(model, torch.bfloat16) == {"cpu-int4": 1, "cpu-int8": 1, "cpu-dense": 1}
     assert prepare_kernels(model, torch.bfloat16)["prefill"] == {"cpu-dense": 3}
+    # float32 without a float32 kernel: the bfloat16 kernels by default ("auto"), the reference under "reference"
+    assert kernel_summary(model, torch.float32) == {"cpu-int4+bf16-cast": 1, "cpu-int8+bf16-cast": 1, "cpu-dense+bf16-cast": 1}
+    set_float32_policy("reference")
     assert kernel_summary(model, torch.float32) == {"reference": 3}
 
 
