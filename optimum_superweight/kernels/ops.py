@@ -86,7 +86,7 @@ def _module_for(layer: int, tensors: list[Optional[torch.Tensor]]) -> nn.Module:
             f"optimum_superweight::packed_linear: {len(tensors)} tensors; accepted are {len(TENSOR_NAMES)} {TENSOR_NAMES}."
         )
     own = layer_tensors(module)
-    if all(_same(a, b) for a, b in zip(own, tensors)):
+    if all(a is b for a, b in zip(own, tensors)) or all(_same(a, b) for a, b in zip(own, tensors)):
         return module
     for name, mine, given in zip(TENSOR_NAMES, own, tensors):
         expected = None if mine is None else (tuple(mine.shape), mine.dtype)
