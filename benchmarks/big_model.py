@@ -162,7 +162,7 @@ def _converter() -> Path:
     return Path(found[-1])
 
 
-def llama_cpp(checkpoint: Path, threads: int) -> dict:
+def llama_cpp(checkpoint: Path, threads: int, repetitions: int = 5) -> dict:
     """Our GGUF export (written once beside the checkpoint) and the original Q4_K_M in one llama-bench run."""
     sys.path.insert(0, str(ROOT))
     from suite.models import qwen_coder_gguf
@@ -176,7 +176,8 @@ def llama_cpp(checkpoint: Path, threads: int) -> dict:
         export_s = time.perf_counter() - start
     original = Path(qwen_coder_gguf())
     bench = _llama_bench()
-    command = [str(bench), "-m", str(ours), "-m", str(original), "-n", "64", "-p", "512", "-t", str(threads), "-o", "json"]
+    command = [str(bench), "-m", str(ours), "-m", str(original), "-n", "64", "-p", "512", "-t", str(threads),
+               "-r", str(repetitions), "-o", "json"]
     env = dict(os.environ, LD_LIBRARY_PATH=str(bench.parent) + ":" + os.environ.get("LD_LIBRARY_PATH", ""))
     load_before = os.getloadavg()[0]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
@@ -237,6 +238,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="repeats per layer timing")
     parser.add_argument("--llama-cpp", action="store_true", help="also export to GGUF and run llama-bench")
     parser.add_argument("--llama-only", action="store_true", help="only the llama.cpp part (added to the result file)")
+    parser.add_argument("--llama-reps", type=int, default=5, help="llama-bench repetitions (its -r; 5 is its default)")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "big_model.json")
     args = parser.parse_args()
     if not (args.checkpoint / "config.json").is_file():
@@ -253,7 +255,7 @@ def main() -> None:
         result = {**measure(args.checkpoint, dense, args.rounds, args.steps, args.prefill, args.reps), "cpu": cpu_name(),
                   "checkpoint": args.checkpoint.name, "dense": dense.name}
     if args.llama_cpp or args.llama_only:
-        result["llama_cpp"] = llama_cpp(args.checkpoint, threads=2)
+        result["llama_cpp"] = llama_cpp(args.checkpoint, threads=2, repetitions=args.llama_reps)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(big_model_markdown(result))

@@ -62,6 +62,14 @@ def scaling_markdown(result: dict) -> str:
             + " | ".join(f"{r['phases'].get(p, 0.0):.1f}" for p in PHASES)
             + f" | {r['peak_rss_gb']:.1f} | {r['cpu_s'] / r['total_s']:.2f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
         )
+    lines += ["", "The same runs in CPU seconds of the process (all its threads; on a busy machine wall time is mostly waiting "
+              "for a core, CPU time is the work):", "",
+              "| model | total CPU s | CPU s/M | " + " | ".join(f"{p}" for p in PHASES) + " |",
+              "|---|---:|---:|" + "---:|" * len(PHASES)]
+    for r in result["rows"]:
+        cpu = r.get("phases_cpu_s", {})
+        lines.append(f"| {r['label']} | {r['cpu_s']:.0f} | {r['cpu_s'] / (r['weights'] / 1e6):.2f} | "
+                     + " | ".join(f"{cpu.get(p, 0.0):.1f}" for p in PHASES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,9 +124,24 @@ def model_path(key: str) -> Path:
     return Path(getattr(models, source)())
 
 
-def measure_one(key: str, save: Path | None = None) -> dict:
+@contextlib.contextmanager
+def phases_on_torch_threads():
+    """Run detection, calibration and building on torch's threads, as before issue 23 (the fitting pool unchanged):
+    the quantizer's and the pipeline's one-intra-op-thread context replaced by a no-op."""
+    from optimum_superweight.models import quantizer, replace
+
+    originals = quantizer.single_intra_op_thread, replace.single_intra_op_thread
+    quantizer.single_intra_op_thread = replace.single_intra_op_thread = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        quantizer.single_intra_op_thread, replace.single_intra_op_thread = originals
+
+
+def measure_one(key: str, save: Path | None = None, torch_threads: bool = False) -> dict:
     """Quantize model ``key`` with the default in this process; its phases, peak memory and CPU time; with
-    ``save``, the quantized model is saved there after (timed apart: ``saving_s``)."""
+    ``save``, the quantized model is saved there after (timed apart: ``saving_s``); with ``torch_threads``, the
+    phases other than the fitting pool run on torch's threads (:func:`phases_on_torch_threads`)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -133,7 +156,7 @@ def measure_one(key: str, save: Path | None = None) -> dict:
     totals: dict[str, float] = {}
     cpu: dict[str, float] = {}
     cpu_start, start = _cpu_seconds(), time.perf_counter()
-    with phase_timers(totals, cpu):
+    with phase_timers(totals, cpu), (phases_on_torch_threads() if torch_threads else contextlib.nullcontext()):
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=SuperWeightConfig())
     total = time.perf_counter() - start
     cpu_total = _cpu_seconds() - cpu_start
@@ -153,15 +176,16 @@ def measure_one(key: str, save: Path | None = None) -> dict:
 
         AutoTokenizer.from_pretrained(path).save_pretrained(save)
         saving = time.perf_counter() - start
-    return {"key": key, "label": MODELS[key][0], "weights": weights, "total_s": total, "phases": phases,
+    return {"key": key, "label": MODELS[key][0] + (" (phases on torch's threads, before)" if torch_threads else ""),
+            "torch_threads": torch_threads, "weights": weights, "total_s": total, "phases": phases,
             "saving_s": saving,
             "phases_cpu_s": phases_cpu, "cpu_s": cpu_total,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "threads": torch.get_num_threads(), "load": [load_before, os.getloadavg()[0]]}
 
 
-def _run_child(key: str, output: Path, save: Path | None) -> dict:
-    command = [sys.executable, __file__, "--one", key, "--output", str(output)]
+def _run_child(key: str, output: Path, save: Path | None, torch_threads: bool = False) -> dict:
+    command = [sys.executable, __file__, "--one", key, "--output", str(output)] + (["--torch-threads"] if torch_threads else [])
     if save is not None:
         command += ["--save", str(save / f"{key}-default")]
     if MODELS[key][2] and BIG_LOCK.exists():
@@ -175,10 +199,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--one", choices=list(MODELS), help=argparse.SUPPRESS)  # the child: one model, this process
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "quantize_scaling.json")
+    parser.add_argument("--before", action="store_true",
+                        help="each model also with the phases on torch's threads (before issue 23), alternating")
+    parser.add_argument("--torch-threads", action="store_true", help=argparse.SUPPRESS)  # the child: that way
     parser.add_argument("--save", type=Path, help="save each quantized model under this folder (as <folder>/<model key>-default)")
     args = parser.parse_args()
     if args.one:
-        row = measure_one(args.one, args.save)
+        row = measure_one(args.one, args.save, args.torch_threads)
         args.output.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
         return
 
@@ -186,8 +213,12 @@ def main() -> None:
 
     rows = []
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    for key in args.models:
-        row = _run_child(key, args.output.with_suffix(f".{key}.json"), args.save)
+    runs = [(key, False) for key in args.models]
+    if args.before:  # before and after alternate, first one way then the other
+        runs = [run for i, key in enumerate(args.models) for run in ([(key, True), (key, False)] if i % 2 == 0 else
+                                                                       [(key, False), (key, True)])]
+    for key, torch_threads in runs:
+        row = _run_child(key, args.output.with_suffix(f".{key}.json"), args.save if not torch_threads else None, torch_threads)
         args.output.with_suffix(f".{key}.json").unlink()
         rows.append(row)
         print(f"  {row['label']}: {row['total_s']:.1f} s, "
