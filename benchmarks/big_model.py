@@ -107,6 +107,45 @@ def layer_timings(quantized, dense, layer: int, tokens_list: tuple[int, ...], re
     return rows
 
 
+class _Pair:
+    """A model-like holder of one decoder layer's projections under their model names (for :func:`layer_timings`)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    def get_submodule(self, name: str) -> torch.nn.Module:
+        return self.modules[name]
+
+
+def shape_timings(dense_path: Path, tokens_list: tuple[int, ...], reps: int) -> list[dict]:
+    """:func:`layer_timings` on random layers of the model's projection shapes (read from its config.json; no
+    weights loaded, so it runs beside other jobs): default-format layers (4-bit, groups of 64, float offsets; the
+    kernels' speed does not depend on the codes' values) against bfloat16 ``F.linear``."""
+    from transformers import AutoConfig
+
+    from optimum_superweight import SuperWeightConfig
+    from optimum_superweight.nn.linear import SuperWeightLinear
+
+    config, default = AutoConfig.from_pretrained(dense_path), SuperWeightConfig()
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    shapes = {"q_proj": (hidden, config.num_attention_heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (config.num_attention_heads * head_dim, hidden), "gate_proj": (hidden, inter),
+              "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+    quantized, dense = {}, {}
+    torch.manual_seed(0)
+    for name, (inp, out) in shapes.items():
+        full = f"model.layers.0.{'self_attn' if name in PROJECTIONS[:4] else 'mlp'}.{name}"
+        linear = torch.nn.Linear(inp, out, bias=bias and name in PROJECTIONS[:3])
+        quantized[full] = SuperWeightLinear.from_linear(
+            linear, bits=default.bits, group_size=default.group_size, symmetric=default.symmetric,
+            zero_point=default.zero_point, scale_dtype=default.scale_dtype).to(torch.bfloat16)
+        dense[full] = linear.to(torch.bfloat16)
+    return layer_timings(_Pair(quantized), _Pair(dense), 0, tokens_list, reps)
+
+
 def measure(checkpoint: Path, dense_path: Path, rounds: int, steps: int, prefill: int, reps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -191,6 +230,23 @@ def llama_cpp(checkpoint: Path, threads: int, repetitions: int = 5) -> dict:
             "load": [load_before, os.getloadavg()[0]], "gguf_mb": ours.stat().st_size / 2**20}
 
 
+def _layer_table(layers: list[dict]) -> list[str]:
+    lines = ["| projection | out x in | tokens | kernel | ms | bf16 dense ms | time / dense |", "|---|---|---:|---|---:|---:|---:|"]
+    for r in layers:
+        lines.append(f"| {r['module']} | {r['shape'][0]} x {r['shape'][1]} | {r['tokens']} | `{r['kernel']}` | {r['ms']:.3f} | "
+                     f"{r['dense_ms']:.3f} | x{r['ms'] / r['dense_ms']:.2f} |")
+    return lines
+
+
+def shapes_markdown(result: dict) -> str:
+    """The ``--shapes-only`` table."""
+    return "\n".join([
+        f"`python3 benchmarks/big_model.py --shapes-only` ({result['date']}, {result['cpu']}, 1-minute load average "
+        f"{result['load']:.1f}): random layers of {result['dense']}'s projection shapes in the default format, one "
+        "thread's CPU time (median of repeats, best of 3 interleaved rounds) against bfloat16 `F.linear`:", "",
+        *_layer_table(result["layers"])]) + "\n"
+
+
 def big_model_markdown(result: dict) -> str:
     """The section of ``benchmarks/RESULTS.md`` from ``results/big_model.json``."""
     med = {kind: {k: statistics.median(v) for k, v in result[kind].items()} for kind in ("decode_tok_s", "prefill_tok_s")}
@@ -212,10 +268,7 @@ def big_model_markdown(result: dict) -> str:
         lines.append(f"| {label} | {q:.2f} | {d:.2f} | x{q / d:.2f} |")
     lines += ["", "One decoder layer's projections, one thread's CPU time (median of interleaved repeats) of the quantized "
               "layer's call against `F.linear` with the same layer's dense bfloat16 weight:", "",
-              "| projection | out x in | tokens | kernel | ms | bf16 dense ms | time / dense |", "|---|---|---:|---|---:|---:|---:|"]
-    for r in result["layers"]:
-        lines.append(f"| {r['module']} | {r['shape'][0]} x {r['shape'][1]} | {r['tokens']} | `{r['kernel']}` | {r['ms']:.3f} | "
-                     f"{r['dense_ms']:.3f} | x{r['ms'] / r['dense_ms']:.2f} |")
+              *_layer_table(result["layers"])]
     llama = result.get("llama_cpp")
     if llama:
         lines += ["", f"llama.cpp on the same machine: `{llama['command']}` (load {llama['load'][0]:.1f}-{llama['load'][1]:.1f}), "
@@ -237,10 +290,23 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5, help="repeats per layer timing")
     parser.add_argument("--llama-cpp", action="store_true", help="also export to GGUF and run llama-bench")
+    parser.add_argument("--shapes-only", action="store_true",
+                        help="only the per-projection timings, on random layers of the model's shapes (little memory)")
     parser.add_argument("--llama-only", action="store_true", help="only the llama.cpp part (added to the result file)")
     parser.add_argument("--llama-reps", type=int, default=5, help="llama-bench repetitions (its -r; 5 is its default)")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "big_model.json")
     args = parser.parse_args()
+    if args.shapes_only:
+        from optimum_superweight.kernels.guard import cpu_name
+
+        dense = args.dense or _dense_path()
+        layers = shape_timings(dense, (1, args.prefill), args.reps)
+        result = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "dense": dense.name, "layers": layers,
+                  "load": os.getloadavg()[0]}
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(shapes_markdown(result))
+        return
     if not (args.checkpoint / "config.json").is_file():
         raise SystemExit(f"--checkpoint {args.checkpoint} holds no checkpoint: make it with `python3 "
                          "benchmarks/quantize_scaling.py --models qwen-coder --save ~/.cache/optimum_superweight/serve`.")
