@@ -251,7 +251,7 @@ def big_model_markdown(result: dict) -> str:
     """The section of ``benchmarks/RESULTS.md`` from ``results/big_model.json``."""
     med = {kind: {k: statistics.median(v) for k, v in result[kind].items()} for kind in ("decode_tok_s", "prefill_tok_s")}
     lines = [
-        "## Qwen2.5-Coder-1.5B end to end: the default against bfloat16 dense (issue 23)",
+        f"## {result.get('dense', 'Qwen2.5-Coder-1.5B')} end to end: the default against bfloat16 dense (issue 23)",
         "",
         f"`python3 benchmarks/big_model.py` ({result['date']}, {result.get('cpu', '')}, {result['threads']} torch threads, "
         f"1-minute load average {result['load'][0]:.1f}-{result['load'][1]:.1f}): the default-quantized checkpoint and "

@@ -32,7 +32,7 @@ from .methods import code_chooser, code_settings
 from .quantize import GroupLayout, QuantizedWeight
 
 __all__ = ["BLOCK_BYTES", "MIN_BLOCK_ROWS", "LayerWeight", "quantize_by_rows", "quantize_layers", "fitting_workers",
-           "allowed_threads", "single_intra_op_thread"]
+           "allowed_threads", "allowed_intra_op_threads", "single_intra_op_thread"]
 
 #: Rows quantized together hold at most this many bytes of float32: the quantization temporaries (about ten
 #: times the block: float32 copies, masks, int64 packing words) then stay a few MiB whatever the matrix size.
@@ -98,6 +98,25 @@ def single_intra_op_thread() -> Iterator[None]:
     finally:
         _allowed.threads = outer
         if before != 1:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def allowed_intra_op_threads() -> Iterator[None]:
+    """Inside :func:`single_intra_op_thread`, run the body on the caller's intra-op threads again (large linear
+    algebra, e.g. GPTQ's column sweep, whose few big operations gain from them); elsewhere a no-op.
+
+    >>> with single_intra_op_thread(), allowed_intra_op_threads():
+    ...     torch.get_num_threads() == allowed_threads()
+    True
+    """
+    before, wanted = torch.get_num_threads(), allowed_threads()
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
             torch.set_num_threads(before)
 
 
