@@ -12,6 +12,8 @@ renders into ``benchmarks/RESULTS.md``.
     python3 benchmarks/load_time.py              # ~6 min on 2 cores (3 x 5 loads + 1)
     python3 benchmarks/load_time.py --reps 1     # quick look
     python3 benchmarks/load_time.py --rows rtn default default-serial --busy 2 --output results/load_time_busy.json
+    python3 benchmarks/load_time.py --rows rtn default --no-steps --output benchmarks/results/load_time_issue23.json
+        # issue 23's check: the default against round-to-nearest with torch's default threads (goal: <= x3)
 
 ``--rows`` picks rows by key (:data:`CONFIGS`); ``default-serial`` is the default with the row blocks fitted one
 after the other on torch's own threads (how codes were chosen before the fitting pool of

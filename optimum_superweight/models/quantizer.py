@@ -26,6 +26,7 @@ from ..config import QUANT_METHOD, SuperWeightConfig
 from ..format import DIGEST_ALGORITHM, DIGESTS_METADATA_KEY, read_safetensors_metadata
 from ..kernels import prepare_kernels
 from ..prompts import model_tokenizer
+from ..tensor.rows import single_intra_op_thread
 from .loading import SuperWeightQuantize, plan_low_memory
 from .plan import fit_to_model, plan_targets
 from .saving import attach_save_hook
@@ -120,7 +121,10 @@ class SuperWeightQuantizer(HfQuantizer):
             prepare_kernels(model)  # build kernel layouts now and log which kernel each layer uses
             # model.push_to_hub() must publish the coordinates, not transformers' default card.
             return attach_save_hook(attach_card_hook(model))
-        with torch.no_grad():
+        # One intra-op thread for detection, calibration and building (thousands of small operations whose
+        # parallel regions collapse on a busy machine: benchmarks/RESULTS.md, "Quantize time on a busy machine");
+        # the fitting pool still uses the cores the caller allowed (tensor/rows.py).
+        with torch.no_grad(), single_intra_op_thread():
             # NaN/inf would make detection and calibration fail obscurely: refuse them first, by module and coordinate.
             plan_targets(model, config)
             records = config.get_super_weights()

@@ -39,7 +39,13 @@ from ..progress import forward_progress, progress_bar
 from ..records import SuperWeight
 from ..tensor.methods import code_method, code_settings
 from ..tensor.quantize import QuantizedWeight
-from ..tensor.rows import LayerWeight, quantize_by_rows, quantize_layers
+from ..tensor.rows import (
+    LayerWeight,
+    allowed_intra_op_threads,
+    quantize_by_rows,
+    quantize_layers,
+    single_intra_op_thread,
+)
 from .calibration import collect_hessians, collect_input_energy, model_calibration_ids
 from .modules import as_linear, features, set_module
 from .nf4 import build_nf4_skeleton, quantize_model_nf4
@@ -102,11 +108,13 @@ def quantize_model(
     >>> quantize_model(model, config)  # doctest: +SKIP
     """
     variation = variation_for(config)
-    skip, targets = plan_targets(model, config)
-    variation.prepare(model, config, tokenizer)  # before the super weights' exact values are read
-    records = config.get_super_weights() if super_weights is None else super_weights
-    plan = plan_quantization(model, skip, targets, records)
-    result = variation.quantize(model, config, plan, tokenizer=tokenizer, hessians=hessians)
+    # One intra-op thread (small operations collapse on a busy machine); the fitting pool uses the allowed cores.
+    with single_intra_op_thread():
+        skip, targets = plan_targets(model, config)
+        variation.prepare(model, config, tokenizer)  # before the super weights' exact values are read
+        records = config.get_super_weights() if super_weights is None else super_weights
+        plan = plan_quantization(model, skip, targets, records)
+        result = variation.quantize(model, config, plan, tokenizer=tokenizer, hessians=hessians)
     return record_results(model, config, result)
 
 
@@ -227,7 +235,8 @@ def choose_codes(
             raise ValueError(f"No calibration statistics (hessian) for module '{name}'.")
         shared.setdefault(id(hessians[name]), []).append(name)
     settings, codes = code_settings(config), {}
-    with progress_bar(total=len(linears), desc="choosing codes", unit="layer") as bar:
+    # A few large linear-algebra operations per group (Cholesky, column sweeps): the caller's threads pay there.
+    with progress_bar(total=len(linears), desc="choosing codes", unit="layer") as bar, allowed_intra_op_threads():
         for names in shared.values():
             weights = [linears[n].weight.detach() for n in names]
             holdouts = [torch.tensor(coordinates.get(n, []), dtype=torch.long).reshape(-1, 2) for n in names]

@@ -119,12 +119,13 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, low: int,
 def _grid_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, form: str, low: int, high: int) -> torch.Tensor:
     """The codes :func:`_encode` stores for the stored grid ``(scale, offset)`` (``[..., 1]``), same arithmetic:
     the refinement scores exactly what will be written. Symmetric codes are centred (``low < 0``)."""
+    # In place on the one temporary: the same operations in the same order as out of place, so the same codes.
     if form == "symmetric":
-        return torch.round(w / scale).clamp_(low, high)
+        return torch.div(w, scale).round_().clamp_(low, high)
     if form == "uint8":
         zero = torch.round(-offset / scale).clamp_(low, high)
-        return torch.round(w / scale).add_(zero).clamp_(low, high)
-    return torch.round((w - offset) / scale).clamp_(low, high)
+        return torch.div(w, scale).round_().add_(zero).clamp_(low, high)
+    return torch.sub(w, offset).div_(scale).round_().clamp_(low, high)
 
 
 def fit_group_grids(
@@ -184,8 +185,10 @@ def fit_group_grids(
     for step in range(iters + 1):
         codes = _codes(w, scale, offset, low, high)
         counted = codes * weight if has_excluded else codes
-        sums = _Sums(n, sum_w, sum_ww, counted.sum(-1, keepdim=True).double(),
-                     (counted * codes).sum(-1, keepdim=True).double(), (counted * w).sum(-1, keepdim=True).double())
+        scratch = torch.mul(counted, codes)  # reused in place: the same products as written out
+        sum_qq = scratch.sum(-1, keepdim=True).double()
+        sums = _Sums(n, sum_w, sum_ww, counted.sum(-1, keepdim=True).double(), sum_qq,
+                     torch.mul(counted, w, out=scratch).sum(-1, keepdim=True).double())
         error = sums.error(scale.double(), offset.double())
         better = error < best_error[active]
         best_error[active] = torch.where(better, error, best_error[active])
@@ -320,11 +323,16 @@ def refine_group_grids(
             # grids, massive channels) and could then prefer a worse grid.
             codes = _grid_codes(values, scale, offset, form, low, high)
             weighted = codes * weights
-            sums = _Sums(count, total, squares, weighted.sum(-1, keepdim=True).double(),
-                         (weighted * codes).sum(-1, keepdim=True).double(),
-                         (weighted * values).sum(-1, keepdim=True).double())
-            residual = values - codes * scale if symmetric else values - codes * scale - offset
-            error = (weights * residual * residual).sum(-1, keepdim=True).double()
+            # Two temporaries reused in place (the same products and sums as written out, so the same values):
+            # these passes are most of the cost of choosing the default's codes.
+            scratch = torch.mul(weighted, codes)
+            sum_qq = scratch.sum(-1, keepdim=True).double()
+            sum_qw = torch.mul(weighted, values, out=scratch).sum(-1, keepdim=True).double()
+            sums = _Sums(count, total, squares, weighted.sum(-1, keepdim=True).double(), sum_qq, sum_qw)
+            residual = torch.sub(values, torch.mul(codes, scale, out=scratch), out=scratch)
+            if not symmetric:
+                residual.sub_(offset)
+            error = torch.mul(weights, residual, out=weighted).mul_(residual).sum(-1, keepdim=True).double()
             better = error < best_error[rows]
             best_error[rows] = torch.where(better, error, best_error[rows])
             best_scale[rows] = torch.where(better, scale, best_scale[rows])

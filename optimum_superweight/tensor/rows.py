@@ -19,6 +19,7 @@ block after the other.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -31,7 +32,7 @@ from .methods import code_chooser, code_settings
 from .quantize import GroupLayout, QuantizedWeight
 
 __all__ = ["BLOCK_BYTES", "MIN_BLOCK_ROWS", "LayerWeight", "quantize_by_rows", "quantize_layers", "fitting_workers",
-           "single_intra_op_thread"]
+           "allowed_threads", "allowed_intra_op_threads", "single_intra_op_thread"]
 
 #: Rows quantized together hold at most this many bytes of float32: the quantization temporaries (about ten
 #: times the block: float32 copies, masks, int64 packing words) then stay a few MiB whatever the matrix size.
@@ -51,18 +52,34 @@ class LayerWeight:
     hessian: torch.Tensor | None = None
 
 
+_allowed = threading.local()  # .threads: the caller's count while single_intra_op_thread() runs in this thread
+
+
+def allowed_threads() -> int:
+    """The cores the user allowed: torch's intra-op thread count, or, inside :func:`single_intra_op_thread`, the
+    count its (outermost) caller had.
+
+    >>> with single_intra_op_thread():
+    ...     allowed_threads() == torch.get_num_threads() or torch.get_num_threads() == 1
+    True
+    """
+    return getattr(_allowed, "threads", None) or torch.get_num_threads()
+
+
 def fitting_workers(blocks: int) -> int:
-    """Threads that fit blocks at once: torch's intra-op thread count (what the user allowed), at most one per block.
+    """Threads that fit blocks at once: the cores the user allowed (:func:`allowed_threads`: torch's intra-op
+    thread count), at most one per block.
 
     >>> fitting_workers(1)
     1
     """
-    return max(1, min(torch.get_num_threads(), blocks))
+    return max(1, min(allowed_threads(), blocks))
 
 
 @contextlib.contextmanager
 def single_intra_op_thread() -> Iterator[None]:
-    """Run the body with one torch intra-op thread; the caller's count is restored after.
+    """Run the body with one torch intra-op thread; the caller's count is restored after, and meanwhile is what
+    :func:`allowed_threads` (so the fitting pool's size) says.
 
     torch keeps the count per thread (OpenMP) and a process-wide default that threads started meanwhile adopt:
     both are set here, so a pool started inside inherits one thread.
@@ -72,12 +89,34 @@ def single_intra_op_thread() -> Iterator[None]:
     1
     """
     before = torch.get_num_threads()
+    outer = getattr(_allowed, "threads", None)
+    _allowed.threads = outer or before
     if before != 1:
         torch.set_num_threads(1)
     try:
         yield
     finally:
+        _allowed.threads = outer
         if before != 1:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def allowed_intra_op_threads() -> Iterator[None]:
+    """Inside :func:`single_intra_op_thread`, run the body on the caller's intra-op threads again (large linear
+    algebra, e.g. GPTQ's column sweep, whose few big operations gain from them); elsewhere a no-op.
+
+    >>> with single_intra_op_thread(), allowed_intra_op_threads():
+    ...     torch.get_num_threads() == allowed_threads()
+    True
+    """
+    before, wanted = torch.get_num_threads(), allowed_threads()
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
             torch.set_num_threads(before)
 
 
@@ -108,7 +147,7 @@ def quantize_layers(
     (torch.Size([300, 2, 16]), torch.Size([8, 2, 16]))
     """
     choose, settings = code_chooser(config), code_settings(config)
-    wanted = torch.get_num_threads() if workers is None else workers
+    wanted = allowed_threads() if workers is None else workers
     blocks: list[tuple[str, int, int]] = []
     for name, layer in layers.items():
         rows = _block_rows(layer, wanted if len(layers) < wanted else 1)

@@ -117,3 +117,36 @@ def test_single_intra_op_thread_restores_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_pool_keeps_the_callers_cores_inside_one_intra_op_thread():
+    # The quantizer runs detection, calibration and building on one intra-op thread; the fitting pool inside
+    # must still use the cores the caller allowed, and nesting keeps the outermost count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with rows.single_intra_op_thread():
+            assert torch.get_num_threads() == 1
+            assert rows.allowed_threads() == 2 and rows.fitting_workers(8) == 2
+            with rows.single_intra_op_thread():
+                assert rows.allowed_threads() == 2
+            assert rows.allowed_threads() == 2
+        assert rows.allowed_threads() == 2 and torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert rows.allowed_threads() == 1 and rows.fitting_workers(8) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_allowed_intra_op_threads_gives_the_callers_count_back_inside():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with rows.single_intra_op_thread():
+            with rows.allowed_intra_op_threads():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        with rows.allowed_intra_op_threads():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
