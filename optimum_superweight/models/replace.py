@@ -47,6 +47,7 @@ from .plan import (
     QuantizationPlan,
     check_finite_weights,
     check_super_weights,
+    fit_to_model,
     modules_to_convert,
     plan_quantization,
     plan_targets,
@@ -101,6 +102,7 @@ def quantize_model(
     >>> config = SuperWeightConfig(bits=4, super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
     >>> quantize_model(model, config)  # doctest: +SKIP
     """
+    config = fit_to_model(model, config)  # every path through here: a group wider than every row is one per row
     variation = variation_for(config)
     skip, targets = plan_targets(model, config)
     variation.prepare(model, config, tokenizer)  # before the super weights' exact values are read
