@@ -135,6 +135,31 @@ def test_two_processes_write_the_same_bytes(tiny_llama_dir, tmp_path, bits):
         assert first[name] == second[name], f"{name} differs between two processes"
 
 
+QUANTIZE_UNDER = """
+import sys, optimum_superweight, torch
+import optimum_superweight.tensor.rows as rows
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[4]))
+rows.BLOCK_BYTES = int(sys.argv[5]) or rows.BLOCK_BYTES
+config = optimum_superweight.SuperWeightConfig(bits=int(sys.argv[3]), group_size=32, symmetric=False)
+AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config).save_pretrained(sys.argv[2])
+"""
+
+
+def test_same_bytes_whatever_the_threads_block_split_and_hash_seed(tiny_llama_dir, tmp_path):
+    """The candidate sources of run-to-run differences, forced: one thread and one block per layer against two
+    threads (calibration forward and the fitting pool), 7-row blocks, and another hash seed."""
+    conditions = {"plain": ("1", "0", "1"), "forced": ("2", str(4 * 64 * 7), "2")}
+    for name, (threads, block_bytes, seed) in conditions.items():
+        done = subprocess.run(
+            [sys.executable, "-c", QUANTIZE_UNDER, str(tiny_llama_dir), str(tmp_path / name), "3", threads, block_bytes],
+            env={**_env(), "OMP_NUM_THREADS": threads, "PYTHONHASHSEED": seed}, capture_output=True, text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(tmp_path / "plain") == _files(tmp_path / "forced")
+
+
 def test_save_reload_save_is_byte_identical(tiny_llama_dir, tmp_path):
     first = _quantize(tiny_llama_dir, tmp_path / "first", 3)
     again = tmp_path / "again"
