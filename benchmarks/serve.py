@@ -169,7 +169,9 @@ def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Pa
     from optimum_superweight.export import export
     from optimum_superweight.export.gguf import find_converter
 
-    converter = find_converter()
+    # The converter ships in the llama-cpp-python source that scripts/build_llama_cpp.sh built the tools from.
+    built_from = sorted(tools.resolve().parents[2].glob("src/llama_cpp_python-*/vendor/llama.cpp"))
+    converter = find_converter(None if os.environ.get("OPTIMUM_SUPERWEIGHT_LLAMA_CPP") or not built_from else built_from[-1])
     files: dict[str, tuple[Path, str]] = {}
     variants = {
         "ours: default export (Q8_0 embeddings, super weight in its block)": {},
