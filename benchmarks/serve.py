@@ -169,7 +169,9 @@ def _llama_files(key: str, checkpoint: Path, source: Path, work: Path, tools: Pa
     from optimum_superweight.export import export
     from optimum_superweight.export.gguf import find_converter
 
-    converter = find_converter()
+    # The converter ships in the llama-cpp-python source that scripts/build_llama_cpp.sh built the tools from.
+    built_from = sorted(tools.resolve().parents[2].glob("src/llama_cpp_python-*/vendor/llama.cpp"))
+    converter = find_converter(None if os.environ.get("OPTIMUM_SUPERWEIGHT_LLAMA_CPP") or not built_from else built_from[-1])
     files: dict[str, tuple[Path, str]] = {}
     variants = {
         "ours: default export (Q8_0 embeddings, super weight in its block)": {},
@@ -386,7 +388,8 @@ def serve_markdown(result: dict[str, Any]) -> str:
              "tokens, 2 threads, on a shared 2-core machine (compare rows of one run only).", ""]
     for server in ("llama.cpp", "vllm"):
         for model in result.get(server, []):
-            lines.append(f"**{server}, {model['model']}** ({model.get('date', '')}, load {model.get('load', '?')}, "
+            load = model.get("load", "?") + (f" -> {model['load_end']}" if model.get("load_end") else "")
+            lines.append(f"**{server}, {model['model']}** ({model.get('date', '')}, load {load}, "
                          f"{model.get('tokens_scored', '?')} tokens scored{', ' + model['vllm'] if model.get('vllm') else ''})")
             lines.append("")
             if "error" in model:
@@ -405,8 +408,10 @@ def serve_markdown(result: dict[str, Any]) -> str:
 
 
 def _save(server: str, models: list[dict[str, Any]]) -> None:
+    """Replace this server's rows of the models just measured; other models' rows (earlier runs) stay."""
     previous = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
-    previous[server] = models
+    measured = {m["model"] for m in models}
+    previous[server] = [m for m in previous.get(server, []) if m["model"] not in measured] + models
     RESULT.write_text(json.dumps(previous, indent=2, default=str))
 
 
@@ -440,7 +445,7 @@ def main() -> None:
                     key, args.windows, work, Path(args.checkpoint) if args.checkpoint else None, args.new_tokens)
             except Exception as error:  # recorded: a server that fails is a result too
                 measured = {"model": key, "error": f"{type(error).__name__}: {error}"}
-            models.append({**stamp, **measured})
+            models.append({**stamp, **measured, "load_end": " ".join(f"{x:.1f}" for x in os.getloadavg())})
             _save(args.server, models)
     print(serve_markdown(json.loads(RESULT.read_text())))
     subprocess.run([sys.executable, str(HERE / "run.py"), "--report-only"], check=True)

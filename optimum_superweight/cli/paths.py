@@ -148,8 +148,11 @@ def check_output_folder(path: str | os.PathLike[str], overwrite: bool, option: s
 def staged_folder(target: Path) -> Iterator[Path]:
     """Write into a temporary sibling of ``target`` and move it into place only if everything succeeded, so a
     failure (or Ctrl-C) never leaves a half-written checkpoint and a replaced folder has no stale files."""
+    from ..models.saving import SET_ASIDE, remove_stale_staging, staging_prefix
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale_staging(target)  # a killed run's leftovers
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target, "partial"), dir=target.parent))
     try:
         yield staging
     except BaseException:
@@ -157,9 +160,10 @@ def staged_folder(target: Path) -> Iterator[Path]:
         raise
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=staging_prefix(target, "old"), dir=target.parent))
         os.replace(target, old / "content")
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    remove_stale_staging(target, SET_ASIDE)  # a killed run's previous output: a new one is in place
 

@@ -90,6 +90,20 @@ def _nll_and_logprobs(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[
     return float(nll), log_probs
 
 
+def _sum_p_log_q(p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """``sum(p * log q)`` over ``[positions, vocab]``, the same to the last bit whatever torch's thread count:
+    ``torch.dot`` splits a long vector among the threads (the KL recorded in config.json then differed between
+    a 1- and a 2-thread process). One intra-op thread, a row at a time in float64, rows summed exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = [value for start in range(0, p.shape[0], 32)
+                for value in (p[start : start + 32].double() * log_q[start : start + 32].double()).sum(-1).tolist()]
+    finally:
+        torch.set_num_threads(before)
+    return math.fsum(rows)
+
+
 class Effect(NamedTuple):
     """What zeroing some weights does to the confirmation text: its NLL, KL from the original, perplexity ratio."""
 
@@ -156,10 +170,10 @@ class _Ablator:
         finally:
             for handle in cache_handles:
                 handle.remove()
-        self.base_p = base_logp.exp().reshape(-1)
+        self.base_p = base_logp.exp()
         # KL(p || q) summed over positions = sum p log p - sum p log q: the first term once, the
-        # second as one dot product per ablation (no [tokens, vocab] temporaries).
-        self.base_plogp = float(torch.dot(self.base_p, base_logp.reshape(-1)))
+        # second once per ablation (temporaries of 32 positions, not [tokens, vocab]).
+        self.base_plogp = _sum_p_log_q(self.base_p, base_logp)
         self.n_positions = base_logp.shape[0]
 
     def ablate(self, keys: list[tuple[int, int, int]]) -> Effect:
@@ -172,7 +186,7 @@ class _Ablator:
                 nll, logp = _nll_and_logprobs(self.run.model, self.text_ids)
         finally:
             self.run.restore(keys)
-        kl = (self.base_plogp - float(torch.dot(self.base_p, logp.reshape(-1)))) / self.n_positions
+        kl = (self.base_plogp - _sum_p_log_q(self.base_p, logp)) / self.n_positions
         return Effect(nll, max(kl, 0.0), math.exp(nll - self.base_nll))
 
 

@@ -14,6 +14,7 @@ Every exported folder also carries the keys transformers 4.x readers need (:mod:
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.saving import SET_ASIDE, remove_stale_staging, staging_prefix
 from ..nn.linear import SuperWeightLinear
 from .codes import VARIANTS, ModuleCodes, quantized_modules
 from .errors import NotExpressibleError
@@ -116,21 +118,23 @@ def _staged(out: Path) -> Iterator[Path]:
     error leaves either the previous ``out`` or nothing: never a half-written export that a server would load.
 
     A ``.gguf`` file is replaced in one atomic rename. A folder takes two (the old one aside, the new one in); a kill
-    between them leaves no ``out`` (the previous export is then the hidden ``.NAME.previous-*`` sibling).
+    between them leaves no ``out`` (the previous export is then the hidden ``.NAME.previous-*`` sibling, removed once a
+later export is in place). Staging left by a killed export is removed by the next export to ``out``.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.writing-{os.getpid()}"
-    _remove(staging)
+    remove_stale_staging(out)  # a killed export's leftovers
+    token = secrets.token_hex(4)
+    staging = out.parent / f"{staging_prefix(out, 'writing')}{token}"
     try:
         yield staging
         if out.is_dir() and staging.is_dir():
-            previous = out.parent / f".{out.name}.previous-{os.getpid()}"
-            _remove(previous)
+            previous = out.parent / f"{staging_prefix(out, 'previous')}{token}"
             os.replace(out, previous)
             os.replace(staging, out)
             _remove(previous)
         else:
             os.replace(staging, out)
+        remove_stale_staging(out, SET_ASIDE)  # a killed export's previous output: a new one is in place
     finally:
         _remove(staging)
 

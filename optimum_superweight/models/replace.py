@@ -53,6 +53,7 @@ from .plan import (
     QuantizationPlan,
     check_finite_weights,
     check_super_weights,
+    fit_to_model,
     modules_to_convert,
     plan_quantization,
     plan_targets,
@@ -107,6 +108,7 @@ def quantize_model(
     >>> config = SuperWeightConfig(bits=4, super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
     >>> quantize_model(model, config)  # doctest: +SKIP
     """
+    config = fit_to_model(model, config)  # every path through here: a group wider than every row is one per row
     variation = variation_for(config)
     # One intra-op thread (small operations collapse on a busy machine); the fitting pool uses the allowed cores.
     with single_intra_op_thread():

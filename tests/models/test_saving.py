@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,31 @@ def test_two_processes_write_the_same_bytes(tiny_llama_dir, tmp_path, bits):
         assert first[name] == second[name], f"{name} differs between two processes"
 
 
+QUANTIZE_UNDER = """
+import sys, optimum_superweight, torch
+import optimum_superweight.tensor.rows as rows
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[4]))
+rows.BLOCK_BYTES = int(sys.argv[5]) or rows.BLOCK_BYTES
+config = optimum_superweight.SuperWeightConfig(bits=int(sys.argv[3]), group_size=32, symmetric=False)
+AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config).save_pretrained(sys.argv[2])
+"""
+
+
+def test_same_bytes_whatever_the_threads_block_split_and_hash_seed(tiny_llama_dir, tmp_path):
+    """The candidate sources of run-to-run differences, forced: one thread and one block per layer against two
+    threads (calibration forward and the fitting pool), 7-row blocks, and another hash seed."""
+    conditions = {"plain": ("1", "0", "1"), "forced": ("2", str(4 * 64 * 7), "2")}
+    for name, (threads, block_bytes, seed) in conditions.items():
+        done = subprocess.run(
+            [sys.executable, "-c", QUANTIZE_UNDER, str(tiny_llama_dir), str(tmp_path / name), "3", threads, block_bytes],
+            env={**_env(), "OMP_NUM_THREADS": threads, "PYTHONHASHSEED": seed}, capture_output=True, text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(tmp_path / "plain") == _files(tmp_path / "forced")
+
+
 def test_save_reload_save_is_byte_identical(tiny_llama_dir, tmp_path):
     first = _quantize(tiny_llama_dir, tmp_path / "first", 3)
     again = tmp_path / "again"
@@ -148,3 +174,46 @@ def test_save_reload_save_is_byte_identical(tiny_llama_dir, tmp_path):
         ids = torch.arange(2, 18).reshape(1, -1)
         assert torch.equal(AutoModelForCausalLM.from_pretrained(first)(ids).logits,
                            AutoModelForCausalLM.from_pretrained(again)(ids).logits)
+
+
+# -- 25.2 leftovers: staging folders of a killed save are removed by the next save to the same target -------------
+def _staging(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_a_killed_saves_staging_is_removed_by_the_next_save(two_checkpoints, tmp_path, caplog):
+    _, new = two_checkpoints
+    target = tmp_path / "target"
+    child = subprocess.run([sys.executable, str(CHILD), str(new), str(target), "mid-weights"], env=_env(),
+                           capture_output=True, text=True, timeout=900)
+    assert child.returncode == -9, child.stderr[-2000:]
+    left = _staging(tmp_path, "target")
+    assert len(left) == 1 and left[0].startswith(".target.saving-") and not target.exists()
+    with caplog.at_level("WARNING", logger="optimum_superweight.models.saving"):
+        AutoModelForCausalLM.from_pretrained(new).save_pretrained(target)
+    assert _staging(tmp_path, "target") == []
+    lines = [r.getMessage() for r in caplog.records if "staging folder" in r.getMessage()]
+    assert len(lines) == 1 and left[0] in lines[0], lines
+    assert _fingerprint(target) == _fingerprint(new)
+
+
+def test_staging_of_a_running_save_or_of_another_target_is_kept(tmp_path, caplog):
+    from optimum_superweight.models import saving
+
+    target = tmp_path / "target"
+    running = tmp_path / f"{saving.staging_prefix(target, 'saving')}abc"  # this process: alive
+    other_target = tmp_path / f"{saving.staging_prefix(tmp_path / 'targets', 'saving')}abc"
+    foreign = tmp_path / ".target.saving-0000beef-999999999-abc"  # another host: only its age counts
+    old_foreign = tmp_path / ".target.saving-0000beef-999999998-abc"
+    set_aside = tmp_path / f".target.old-{saving._host_tag()}-999999997-abc"  # another kind: asked for separately
+    for folder in (running, other_target, foreign, old_foreign, set_aside):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+    day_ago = time.time() - saving.STALE_STAGING_SECONDS - 60
+    for path in (old_foreign / "model.safetensors", old_foreign):
+        os.utime(path, (day_ago, day_ago))
+    with caplog.at_level("WARNING", logger="optimum_superweight.models.saving"):
+        assert saving.remove_stale_staging(target) == [old_foreign]
+        assert saving.remove_stale_staging(target, saving.SET_ASIDE) == [set_aside]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (running, other_target, foreign))
+    assert len([r for r in caplog.records if "staging folder" in r.getMessage()]) == 2

@@ -62,6 +62,18 @@ def test_group_wider_than_every_row_is_one_group_per_row(tiny_llama_dir, tmp_pat
     AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
 
+def test_a_direct_quantize_model_call_clamps_the_group_too():
+    # Before: only from_pretrained (and the CLI through it) clamped; quantize_model padded each 64-wide row to 100000.
+    from optimum_superweight.models.replace import quantize_model
+
+    model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    config = SuperWeightConfig(bits=4, group_size=100000, super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 7}])
+    quantize_model(model, config)
+    assert config.group_size == 100000 and model.config.quantization_config.group_size == -1
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.group_size == -1 and layer.weight.numel() == 64 * 64 // 2
+
+
 def test_detection_layers_beyond_the_model_are_refused_with_the_layer_count(tiny_llama_dir):
     config = SuperWeightConfig(detection_layers=[7])
     with pytest.raises(ValueError, match=r"detection_layers=\[7\].*0 to 3.*4 decoder layers"):
