@@ -7,6 +7,11 @@ Servers pin transformers 4.x (vLLM 0.16 pins 4.57), and 4.x reads a config and a
   per attention type for Gemma 3); 4.x reads the top-level ``rope_theta`` (and ``rope_scaling``,
   ``partial_rotary_factor``, Gemma 3's ``rope_local_base_freq``) and falls back to its default (10000) when they
   are absent: a model with another base runs with the wrong positions, silently.
+- Gemma 3's per-attention-type ``rope_parameters`` cannot stay beside the top-level keys: vLLM on transformers 4.x
+  (``patch_rope_parameters`` in ``vllm/transformers_utils/config.py``, 0.16) writes the top-level ``rope_theta``
+  into whatever ``rope_parameters`` holds, so the nested dict stops looking nested and is refused ("rope_parameters
+  should have a 'rope_type' key"). There the nested dict is replaced by the top-level keys, which transformers 5
+  reads back into the same per-type dict (checked on every folder written: otherwise the folder is left as it was).
 - 5.x writes ``dtype``; 4.x reads ``torch_dtype``.
 - 5.x writes ``"tokenizer_class": "TokenizersBackend"``, a class 4.x does not have (loading fails). 4.x's
   ``PreTrainedTokenizerFast`` reads the same ``tokenizer.json``.
@@ -26,7 +31,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_transformers4_keys", "legacy_config", "legacy_rope_keys", "legacy_tokenizer_class", "TRANSFORMERS4_TOKENIZERS"]
+__all__ = ["add_transformers4_keys", "legacy_config", "legacy_rope_keys", "legacy_tokenizer_class", "TRANSFORMERS4_TOKENIZERS",
+           "comparable_rope"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +95,22 @@ def legacy_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
     return _flat_rope(parameters)
 
 
+def _per_type_rope(config: dict[str, Any]) -> bool:
+    parameters = config.get("rope_parameters")
+    return isinstance(parameters, dict) and bool(parameters) and set(parameters) <= {_GLOBAL, _LOCAL}
+
+
 def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` plus the 4.x keys (RoPE, ``torch_dtype``), in every nested sub-config too (``text_config``).
 
     A RoPE key already present is never overwritten (a config that has both spellings keeps what it says);
-    ``torch_dtype`` always follows ``dtype``, the key transformers 5 writes for what the folder holds.
+    ``torch_dtype`` always follows ``dtype``, the key transformers 5 writes for what the folder holds. A
+    per-attention-type ``rope_parameters`` (Gemma 3) gives way to the top-level keys (see the module's notes).
+
+    >>> legacy_config({"model_type": "gemma3_text", "rope_parameters": {
+    ...     "full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+    ...     "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}})
+    {'model_type': 'gemma3_text', 'rope_theta': 1000000.0, 'rope_local_base_freq': 10000.0}
     """
     out = dict(config)
     for key, value in config.items():
@@ -101,9 +118,38 @@ def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
             out[key] = legacy_config(value)
     for key, value in legacy_rope_keys(config).items():
         out.setdefault(key, value)
+    if _per_type_rope(config) and "rope_theta" in out:
+        del out["rope_parameters"]
     if "dtype" in config and isinstance(config["dtype"], str):
         out["torch_dtype"] = config["dtype"]  # 5.x's dtype is what the folder holds; a stale torch_dtype would lie
     return out
+
+
+def comparable_rope(parameters: Any) -> Any:
+    """``rope_parameters`` without 4.x's duplicate spelling of the type (``"type"`` equal to ``"rope_type"``), per
+    attention type too, so that two readings of the same settings compare equal."""
+    if not isinstance(parameters, dict):
+        return parameters
+    if all(isinstance(v, dict) for v in parameters.values()) and parameters:
+        return {k: comparable_rope(v) for k, v in parameters.items()}
+    return {k: v for k, v in parameters.items() if not (k == "type" and v == parameters.get("rope_type"))}
+
+
+def _reads_same_rope(config: dict[str, Any], legacy: dict[str, Any]) -> bool:
+    """Whether transformers 5 holds the same ``rope_parameters`` for ``legacy`` as for ``config`` (always true when
+    ``legacy`` keeps them)."""
+    if "rope_parameters" in legacy or "rope_parameters" not in config:
+        return True
+    from transformers import AutoConfig
+
+    def rope(values: dict[str, Any]) -> Any:
+        fields = {k: v for k, v in values.items() if k != "model_type"}
+        return comparable_rope(AutoConfig.for_model(values["model_type"], **fields).rope_parameters)
+
+    try:
+        return rope(config) == rope(legacy)
+    except (KeyError, ValueError, TypeError):
+        return False
 
 
 def legacy_tokenizer_class(name: str | None) -> str | None:
@@ -131,7 +177,13 @@ def add_transformers4_keys(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if config_file.is_file():
         config = json.loads(config_file.read_text())
         legacy = legacy_config(config)
+        if not _reads_same_rope(config, legacy):
+            logger.warning("%s: transformers 5 would not read the same RoPE settings from the transformers 4.x keys; "
+                           "rope_parameters kept as written (vLLM on transformers 4.x may refuse this config).", config_file)
+            legacy = {**legacy, "rope_parameters": config["rope_parameters"]}
         added["config"] = {k: v for k, v in legacy.items() if config.get(k, object()) != v}
+        if "rope_parameters" in config and "rope_parameters" not in legacy:
+            added["config"]["rope_parameters"] = None  # removed: the top-level keys say the same
         if legacy != config:
             config_file.write_text(json.dumps(legacy, indent=2, sort_keys=True) + "\n")
     tokenizer_file = folder / "tokenizer_config.json"

@@ -15,6 +15,7 @@ from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 from optimum_superweight.export.compat import (
     TRANSFORMERS4_TOKENIZERS,
     add_transformers4_keys,
+    comparable_rope,
     legacy_config,
     legacy_tokenizer_class,
 )
@@ -73,8 +74,36 @@ def test_transformers4_reading_matches_transformers5(config):
         else:
             assert read[key] == value, key
     assert legacy_config(saved)["torch_dtype"] == saved["dtype"]
-    # Not this module's doing: every 5.x key stays as it was.
-    assert all(legacy_config(saved)[k] == v for k, v in saved.items())
+    # Every 5.x key stays as it was, except a per-attention-type rope_parameters, which the top-level keys replace.
+    kept = {k: v for k, v in saved.items() if not (k == "rope_parameters" and "full_attention" in v)}
+    assert all(legacy_config(saved)[k] == v for k, v in kept.items())
+
+
+def read_like_vllm_on_transformers4(config: dict) -> dict:
+    """vLLM 0.16's ``patch_rope_parameters`` on transformers 4.x: the top-level ``rope_theta`` (4.x's default when
+    absent) is written into ``rope_parameters`` (a new ``{"rope_type": "default"}`` when there is none); the dict, or each
+    of its per-attention-type dicts when all its keys are attention types, must then hold a ``rope_type``."""
+    parameters = dict(config.get("rope_parameters") or {"rope_type": "default"})
+    parameters["rope_theta"] = config.get("rope_theta", _DEFAULT_THETA[config["model_type"]])
+    nested = set(parameters) <= {"full_attention", "sliding_attention"}
+    for layer in (parameters.values() if nested else [parameters]):
+        if "rope_type" not in layer:
+            raise ValueError("rope_parameters should have a 'rope_type' key")
+    return parameters
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.model_type}")
+def test_vllm_on_transformers4_accepts_and_transformers5_reads_back(config):
+    from transformers import AutoConfig
+
+    saved = config.to_dict()
+    legacy = legacy_config(saved)
+    read_like_vllm_on_transformers4(legacy)
+    if "full_attention" in saved["rope_parameters"]:  # the control: the nested dict beside rope_theta is refused
+        with pytest.raises(ValueError, match="rope_type"):
+            read_like_vllm_on_transformers4({**legacy, "rope_parameters": saved["rope_parameters"]})
+    again = AutoConfig.for_model(legacy["model_type"], **{k: v for k, v in legacy.items() if k != "model_type"})
+    assert comparable_rope(again.rope_parameters) == comparable_rope(config.rope_parameters)
 
 
 def test_negative_control_plain_transformers5_config_misread():
