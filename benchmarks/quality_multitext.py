@@ -226,10 +226,18 @@ class ModelRun:
         self.super_weights: list[Any] = []
         self.detection_seconds = 0.0
 
-    def detect(self) -> None:
+    def detect(self, earlier: dict[str, Any] | None = None) -> None:
+        """Detect the super weights, or take them from ``earlier`` (a result of this script for the same model:
+        detection reads only the model and the default configuration, so it finds the same ones)."""
         from optimum_superweight import SuperWeightConfig
         from optimum_superweight.detection import detect_super_weights
+        from optimum_superweight.records import SuperWeight
 
+        if earlier is not None and earlier.get("source") == self.source and "super_weights" in earlier:
+            self.super_weights = [SuperWeight.from_dict(sw) for sw in earlier["super_weights"]]
+            self.detection_seconds = float(earlier.get("detection_seconds", 0.0))
+            self.log(f"[{self.key}] super weights {[sw.paper_notation() for sw in self.super_weights]} (from the earlier run)")
+            return
         config = SuperWeightConfig()
         start = time.perf_counter()
         report = detect_super_weights(self.model, self.tokenizer, prompts=config.detection_prompts,
@@ -431,17 +439,18 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     wanted = set(args.rows.split(",")) if args.rows else None
     run = ModelRun(args.child, tokens=args.tokens, window=args.window, batch_size=args.batch_size,
                    eval_dtype=args.eval_dtype, texts=tuple(args.texts.split(",")), bos=args.bos, log=log)
-    reused, reused_date, partial = {}, None, False
+    reused, reused_date, partial, earlier = {}, None, False, None
     if args.reuse:
-        reused, reused_date, partial = reusable_rows(json.loads(Path(args.reuse).read_text(encoding="utf-8")), args.child,
-                                                     _protocol(args), run.add_bos)
+        previous = json.loads(Path(args.reuse).read_text(encoding="utf-8"))
+        earlier = previous.get("models", {}).get(args.child)
+        reused, reused_date, partial = reusable_rows(previous, args.child, _protocol(args), run.add_bos)
         if partial:  # only the rows asked for, each measured on the texts the earlier run did not have
             reused = {key: row for key, row in reused.items() if wanted is None or key in wanted}
         log(f"[{args.child}] reusing {sorted(reused)} from the run of {reused_date}" + (" (texts in common)" if partial else "")
             if reused else f"[{args.child}] nothing to reuse in {args.reuse} (another protocol)")
     log(f"[{args.child}] {len(run.modules)} matrices, {run.n_weights:,} weights; tokens per text "
         + ", ".join(f"{k}: {len(v)}" for k, v in run.ids.items()))
-    run.detect()
+    run.detect(earlier)
     for row in ROWS:
         if args.child not in row.models or not (wanted is None or row.key in wanted or row.key in reused):
             continue
@@ -535,9 +544,14 @@ def _goal_checks(model: dict[str, Any]) -> dict[str, Any]:
         if "quantize_over_rtn" in default:
             checks["default_quantize_time_le_3x_rtn"] = default["quantize_over_rtn"] <= 3.0
             checks["default_load_time_le_3x_rtn (detection included)"] = default["load_over_rtn"] <= 3.0
+    if default and "q4_k_m_imatrix" in rows:  # issue 24: at or below llama.cpp's calibrated Q4_K_M on every text
+        checks["default_le_q4_k_m_imatrix"] = all(default["ratio"][t] <= rows["q4_k_m_imatrix"]["ratio"][t] for t in default["ratio"])
     if "default_3bit" in rows:
         three = rows["default_3bit"]
         checks["3bit_le_x2.0"] = three["ratio_max"] <= 2.0 and three["bits_per_weight"] <= 3.5 + 5e-4
+        checks["3bit_le_x1.25"] = three["ratio_max"] <= 1.25 and three["bits_per_weight"] <= 3.5 + 5e-4
+        if "q3_k_m_imatrix" in rows:
+            checks["3bit_below_q3_k_m_imatrix"] = all(three["ratio"][t] < rows["q3_k_m_imatrix"]["ratio"][t] for t in three["ratio"])
     if "per_channel" in rows and "rtn_per_channel" in rows:
         ours, plain = rows["per_channel"], rows["rtn_per_channel"]
         checks["per_channel_halves_rtn_increase"] = all(
@@ -549,7 +563,7 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
     """The multi-text section of ``benchmarks/RESULTS.md`` from ``results/quality_multitext.json``."""
     meta = result["meta"]
     lines = [
-        "## Quality on unseen text: three domains, two model families",
+        f"## Quality on unseen text: {len(result['texts'])} texts, {len(result['models'])} model families",
         "",
         f"Produced by `{meta['command']}` on {meta['date']}"
         + (f" in {meta['total_seconds'] / 60:.1f} min" if not meta.get("combined_from") else "")
@@ -567,10 +581,11 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
         f"Every decoder `nn.Linear` quantized in float32 by each method, dequantized, and evaluated in "
         f"**{meta['eval_dtype']}** (dense; the same path for every row); perplexity on the first "
         + ", ".join(f"{n:,} ({m})" for m, n in meta.get("model_tokens", {"all": meta["tokens"]}).items())
-        + f" tokens of each text in windows of {meta['window']} tokens, each preceded by BOS; ratio = perplexity / full-precision "
+        + f" tokens of each text in windows of {meta['window']} tokens, each preceded by the BOS token where the model's "
+        "tokenizer adds one (each model says which); ratio = perplexity / full-precision "
         "perplexity on the same tokens. Bits/weight count codes, scales, zero-points and exact super weights over the "
         "quantized matrices. Quantize time: quantize only (detection, shared by every `ours` row, listed apart), measured "
-        "on a shared 2-core machine with both models running at once: compare rows of one model as ratios to RTN.",
+        "on a shared 2-core machine with several model processes at once: compare rows of one model as ratios to RTN.",
         "",
         "| text | domain | source | license | tokens (" + " / ".join(result["models"]) + ") |",
         "|---|---|---|---|---|",
@@ -613,7 +628,7 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
                       f"x{default['load_over_rtn']:.2f} the RTN default's; quantization alone x{default['quantize_over_rtn']:.2f}."]
         checks = model.get("goals", {})
         if checks:
-            lines += ["", "Goals (issue 14): " + "; ".join(f"{k.replace('_', ' ')}: **{'yes' if v else 'no'}**"
+            lines += ["", "Goals (issues 14, 24): " + "; ".join(f"{k.replace('_', ' ')}: **{'yes' if v else 'no'}**"
                                                           for k, v in checks.items()) + "."]
         lines.append("")
     notes = result.get("notes") or []
@@ -827,7 +842,7 @@ def main(argv=None) -> int:
     if args.combine:
         output = Path(args.output) if args.output else DEFAULT_OUTPUT
         result = combine(args.combine)
-        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto", "llama.cpp rows:")
+        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto", "llama.cpp rows")
         earlier = [note for f in args.combine for note in json.loads(Path(f).read_text(encoding="utf-8")).get("notes", [])]
         args.note = list(dict.fromkeys(n for n in earlier + list(args.note) if not n.startswith(fixed)))
         result["meta"]["command"] = "python3 benchmarks/quality_multitext.py --combine " + " ".join(Path(f).name for f in args.combine)
@@ -910,6 +925,12 @@ def finish(result: dict[str, Any], output: Path, args: argparse.Namespace, start
         "run: the other ftypes reuse its tensor types and land back on its grid; even Q4_0's grid (twice Q5_0's step on the same "
         "blocks of 32) nests in the reference's Q5_0 tensors, so part of the weights come back unchanged there (each row's "
         "`extra.unchanged_fraction`): an advantage to llama.cpp, not against it.",
+        "llama.cpp rows with an importance matrix: `llama-imatrix -c 512 --no-ppl` of the same F32 GGUF on the package's own "
+        "calibration text (its `calibration_tokens` of the built-in text, decoded; llama.cpp re-tokenizes it, BOS first only "
+        "where the model's vocabulary adds one), then `llama-quantize --imatrix` (each row's `extra.imatrix`; the matrix is "
+        "computed once per model run and its time charged to the first such row). On Gemma 3 and Qwen2.5-Coder (Q4_K_M "
+        "references) the k-quant ftypes would land back on the reference grid, so only IQ4_XS runs there (IQ4_NL where a "
+        "width is not a multiple of 256: Gemma 3's 640). Qwen2.5-Coder's 1536-wide inputs are multiples of 256.",
     ] + list(args.note)
     if result.get("scaling"):
         result["scaling_plot"] = scaling_plot(result, output.parent)
