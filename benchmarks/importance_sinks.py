@@ -40,10 +40,16 @@ def _spread(energy: torch.Tensor) -> float:
 def measure(model, names: list[str], ids: list[int], bos_id: int | None, window: int) -> list[dict[str, Any]]:
     """Per layer: max/median channel importance of the three statistics, and the first position's token norm over
     the median token norm."""
-    from optimum_superweight.models.calibration import DEFAULT_TOKEN_NORM_CLIP, _run_with_input_hooks, clip_token_norms
+    from optimum_superweight.models.calibration import (
+        DEFAULT_TOKEN_NORM_CLIP,
+        _run_with_input_hooks,
+        clip_token_norms,
+        fitting_window,
+    )
 
     sums: dict[str, dict[str, Any]] = {}
-    length = window + (bos_id is not None)
+    # The windows the calibration runs (shortened where the model's positions or sliding window are fewer).
+    length = fitting_window(model, window, bos_id) + (bos_id is not None)
 
     def accumulate(name: str, flat: torch.Tensor) -> None:
         x = flat.reshape(-1, length, flat.shape[-1])
