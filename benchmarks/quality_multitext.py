@@ -212,6 +212,12 @@ class ModelRun:
         # BOS before each window where the tokenizer adds one (--bos tokenizer), or wherever it names one (always).
         self.adds_bos = tokenizer_adds_bos(self.tokenizer)
         self.add_bos = self.adds_bos if bos == "tokenizer" else getattr(self.tokenizer, "bos_token_id", None) is not None
+        # The window perplexity() really uses: shortened where the model's config names fewer positions (Gemma 3's
+        # sliding_window counts as one since main 03a641e), so runs before and after that differ.
+        from optimum_superweight.detection.inputs import context_length
+
+        limit = context_length(self.model)
+        self.effective_window = window if limit is None else max(1, min(window, limit - self.add_bos))
         self.modules = target_modules(self.model)
         self.eval_modules = target_modules(self.eval_model)
         # Rows quantize self.model in place and put these modules back (no copy of a 7 GB model): a checksum per
@@ -400,7 +406,7 @@ class ModelRun:
                     ("the tokenizer adds no BOS token" if bos is not None else "the tokenizer has no BOS token")
                     + ": windows start with text (the first text token is not scored)")
         return {"model": self.info, "source": self.source, "quantized_matrices": len(self.modules),
-                "quantized_weights": self.n_weights, "tokens": counts,
+                "quantized_weights": self.n_weights, "tokens": counts, "effective_window": self.effective_window,
                 "bos": {"token": bos, "id": getattr(self.tokenizer, "bos_token_id", None), "tokenizer_adds_bos": self.adds_bos,
                         "added": self.add_bos, "handling": handling},
                 "super_weights": [sw.to_dict() for sw in self.super_weights], "detection_seconds": self.detection_seconds,
@@ -411,11 +417,12 @@ class ModelRun:
 REUSABLE_KINDS = ("fp", "rtn", "nf4", "hqq", "torchao", "llama_cpp")
 
 
-def reusable_rows(previous: dict[str, Any], model: str, protocol: dict[str, Any],
-                  added_bos: bool | None = None) -> tuple[dict[str, dict], str | None, bool]:
+def reusable_rows(previous: dict[str, Any], model: str, protocol: dict[str, Any], added_bos: bool | None = None,
+                  effective_window: int | None = None) -> tuple[dict[str, dict], str | None, bool]:
     """Rows of ``model`` in an earlier result that this run may reuse (peer/reference kinds only) and whether they are
     whole: same protocol; or ``partial`` (third value True): the same but for the texts, with the same BOS handling
-    (``added_bos``, this run's), whose texts in common are reused and the others measured."""
+    (``added_bos``, this run's) and window (``effective_window``: runs that did not record it used the protocol's),
+    whose texts in common are reused and the others measured."""
     earlier = previous.get("models", {}).get(model)
     date = (earlier or {}).get("date") or previous.get("meta", {}).get("date")
     if earlier is None:
@@ -426,7 +433,9 @@ def reusable_rows(previous: dict[str, Any], model: str, protocol: dict[str, Any]
     loose = lambda p: {k: v for k, v in p.items() if k not in ("texts_keys", "bos")}  # noqa: E731
     # Runs before --bos existed put the tokenizer's BOS token before every window.
     earlier_bos = earlier.get("bos", {}).get("added", earlier.get("bos", {}).get("id") is not None)
-    if added_bos is None or loose(earlier.get("protocol", {})) != loose(protocol) or earlier_bos != added_bos:
+    earlier_window = earlier.get("effective_window", earlier.get("protocol", {}).get("window"))
+    if (added_bos is None or loose(earlier.get("protocol", {})) != loose(protocol) or earlier_bos != added_bos
+            or earlier_window != effective_window):
         return {}, None, False
     return rows, date, True
 
@@ -443,7 +452,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     if args.reuse:
         previous = json.loads(Path(args.reuse).read_text(encoding="utf-8"))
         earlier = previous.get("models", {}).get(args.child)
-        reused, reused_date, partial = reusable_rows(previous, args.child, _protocol(args), run.add_bos)
+        reused, reused_date, partial = reusable_rows(previous, args.child, _protocol(args), run.add_bos, run.effective_window)
         if partial:  # only the rows asked for, each measured on the texts the earlier run did not have
             reused = {key: row for key, row in reused.items() if wanted is None or key in wanted}
         log(f"[{args.child}] reusing {sorted(reused)} from the run of {reused_date}" + (" (texts in common)" if partial else "")
