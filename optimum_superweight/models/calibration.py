@@ -8,7 +8,14 @@ matrix, which halves time and memory.
 The calibration text is the *end* of :func:`~optimum_superweight.evaluation.builtin_text`, while the
 package's perplexity protocol scores its *first* 4096 tokens: calibration and evaluation are disjoint, so
 quality numbers are not measured on the text the codes were tuned on. Without a tokenizer, fixed
-pseudo-random token ids (seeded) are used. Everything is deterministic.
+pseudo-random token ids (seeded) are used. Everything is deterministic. Each window starts with the BOS token
+only when the tokenizer adds one to what it encodes (:func:`tokenizer_adds_bos`), as the model is run.
+
+The statistics bound each token's share (:data:`DEFAULT_TOKEN_NORM_CLIP`): a token whose input vector is far
+longer than the batch's median token (the attention sink, which carries the massive activations: the BOS token,
+or a window's first token in a model without one) is scaled down to that bound before it is accumulated. A
+plain mean of squares lets that one token in every window decide the weight of the few massive channels, a
+hundred thousand times the median channel's, so the weighted fit serves the sink token and neglects the others.
 
     >>> from optimum_superweight.testing import build_tiny_model
     >>> model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
@@ -32,7 +39,8 @@ from ..evaluation import DEFAULT_MAX_TOKENS, builtin_text, tokenize_text
 
 __all__ = [
     "calibration_token_ids", "model_calibration_ids", "collect_hessians", "collect_input_energy", "collect_input_absmax",
-    "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW", "fitting_window",
+    "DEFAULT_CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_WINDOW", "DEFAULT_TOKEN_NORM_CLIP", "fitting_window",
+    "clip_token_norms", "tokenizer_adds_bos",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,10 @@ DEFAULT_CALIBRATION_WINDOW = 512
 # the text is always enough, and tokenizing only that tail keeps calibration fast.
 _CHARS_PER_TOKEN_BOUND = 8
 _FALLBACK_SEED = 1234
+#: A calibration token's input vector is scaled down to at most this multiple of the median token norm of its batch
+#: (per layer) before it enters the statistics. Ordinary tokens stay within a few medians; the attention sink's
+#: vector is tens to hundreds of medians long (measured in benchmarks/RESULTS.md, "Importance and the attention sink").
+DEFAULT_TOKEN_NORM_CLIP = 8.0
 
 
 def calibration_token_ids(
@@ -78,6 +90,45 @@ def calibration_token_ids(
     tail = text[boundary + 2 if boundary >= 0 else tail_start :]
     ids = tokenize_text(tokenizer, tail, max_tokens=None)
     return ids[-n_tokens:]
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` starts what it encodes with its BOS token (Llama 2/3, Gemma do; SmolLM2's and Qwen2.5's
+    tokenizers do not, though they name a BOS token): calibration and evaluation windows follow it.
+
+    >>> tokenizer_adds_bos(None)
+    False
+    """
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if bos is None:
+        return False
+    try:
+        encoded = tokenizer("a", add_special_tokens=True)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode text adds nothing we can rely on
+        return False
+    ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+    ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
+    return bool(ids) and ids[0] == bos
+
+
+def clip_token_norms(flat: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """``flat`` ``[tokens, features]`` with every row longer than ``clip`` x the median row norm scaled down to that
+    length (its direction kept); ``clip=None`` returns ``flat`` itself.
+
+    >>> x = torch.ones(5, 4); x[0] *= 100
+    >>> clip_token_norms(x, 8.0).norm(dim=1).tolist()
+    [16.0, 2.0, 2.0, 2.0, 2.0]
+    """
+    if clip is None:
+        return flat
+    if not clip > 0:
+        raise ValueError(f"clip={clip!r} is invalid: expected a positive multiple of the median token norm, or None.")
+    norms = flat.norm(dim=1)
+    bound = clip * norms.median()
+    if not bool((norms > bound).any()):
+        return flat
+    factor = torch.where(norms > bound, bound / norms.clamp_min(torch.finfo(flat.dtype).tiny), torch.ones_like(norms))
+    return flat * factor.unsqueeze(1)
 
 
 def fitting_window(model: nn.Module, window: int, bos_id: int | None = None) -> int:
@@ -118,9 +169,10 @@ def _run_with_input_hooks(
     bos_id: int | None,
     accumulate: Any,
     caller: str,
+    token_clip: float | None = None,
 ) -> dict[str, str]:
     """Run the model over the calibration windows, calling ``accumulate(name, flat_float32_input)`` for each
-    named layer; returns ``{module: module whose input it shares}`` for layers reading another's input."""
+    named layer (each token's row clipped by :func:`clip_token_norms` at ``token_clip``); returns ``{module: module whose input it shares}`` for layers reading another's input."""
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -145,7 +197,7 @@ def _run_with_input_hooks(
                 return
             last[0], last[1] = x, name
             seen.add(name)
-            accumulate(name, x.detach().reshape(-1, x.shape[-1]).to(torch.float32))
+            accumulate(name, clip_token_norms(x.detach().reshape(-1, x.shape[-1]).to(torch.float32), token_clip))
 
         return record
 
@@ -181,7 +233,8 @@ def _body_holding(model: nn.Module, layers: list[nn.Module]) -> nn.Module:
 
 def model_calibration_ids(model: nn.Module, tokenizer: Any, n_tokens: int) -> tuple[list[int], int | None]:
     """:func:`calibration_token_ids` for ``model`` (its vocabulary bounds the fixed ids used without a tokenizer)
-    and the BOS id each calibration window starts with (``None`` without a tokenizer)."""
+    and the BOS id each calibration window starts with: ``None`` without a tokenizer or when the tokenizer adds no
+    BOS token to what it encodes (:func:`tokenizer_adds_bos`), so that the windows look like the model's input."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = calibration_token_ids(tokenizer, n_tokens, vocab_size=vocab)
     if tokenizer is not None and len(ids) < min(n_tokens, DEFAULT_CALIBRATION_WINDOW):
@@ -192,7 +245,7 @@ def model_calibration_ids(model: nn.Module, tokenizer: Any, n_tokens: int) -> tu
             "to calibrate on text).", len(ids), min(n_tokens, DEFAULT_CALIBRATION_WINDOW), n_tokens,
         )
         return calibration_token_ids(None, n_tokens, vocab_size=vocab), None
-    return ids, (getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None)
+    return ids, (tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None)
 
 
 def _input_statistics(
@@ -206,6 +259,7 @@ def _input_statistics(
     fold: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
     mean: bool,
     caller: str,
+    token_clip: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """One statistic of each named layer's inputs: ``fold(total_or_None, flat_input)`` over the calibration
     batches, divided by the number of tokens when ``mean``; layers reading one input share one tensor."""
@@ -218,7 +272,7 @@ def _input_statistics(
 
     alias = _run_with_input_hooks(
         model, list(module_names), token_ids, window=window, batch_size=batch_size, bos_id=bos_id,
-        accumulate=accumulate, caller=caller,
+        accumulate=accumulate, caller=caller, token_clip=token_clip,
     )
     if mean:
         for name, total in totals.items():
@@ -253,15 +307,17 @@ def collect_hessians(
     window: int = DEFAULT_CALIBRATION_WINDOW,
     batch_size: int = 4,
     bos_id: int | None = None,
+    token_clip: float | None = DEFAULT_TOKEN_NORM_CLIP,
 ) -> dict[str, torch.Tensor]:
     """``E[x xᵀ]`` (float32 ``[in, in]``) of the inputs of each named linear layer over the calibration tokens.
 
     The tokens are cut into windows of ``window`` (a trailing partial window is dropped), each optionally
-    preceded by ``bos_id``. Modules reading the same input tensor get the same (shared) matrix object.
-    Conv1D-style layers work too: their input's last dimension is ``in_features`` either way.
+    preceded by ``bos_id``. Each token's input is clipped to ``token_clip`` x its batch's median token norm first
+    (:func:`clip_token_norms`; ``None``: the plain mean). Modules reading the same input tensor get the same
+    (shared) matrix object. Conv1D-style layers work too: their input's last dimension is ``in_features`` either way.
     """
     return _input_statistics(model, module_names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id,
-                             fold=_add_second_moment, mean=True, caller="collect_hessians")
+                             fold=_add_second_moment, mean=True, caller="collect_hessians", token_clip=token_clip)
 
 
 @torch.no_grad()
@@ -273,10 +329,11 @@ def collect_input_energy(
     window: int = DEFAULT_CALIBRATION_WINDOW,
     batch_size: int = 4,
     bos_id: int | None = None,
+    token_clip: float | None = DEFAULT_TOKEN_NORM_CLIP,
 ) -> dict[str, torch.Tensor]:
     """Mean squared input ``E[x²]`` (float32 ``[in]``, the diagonal of :func:`collect_hessians`' matrix) of each
-    input channel of each named linear layer over the calibration tokens (windows as in :func:`collect_hessians`;
-    layers reading the same input share one tensor). What the activation-weighted grid refinement reads
+    input channel of each named linear layer over the calibration tokens (windows and ``token_clip`` as in
+    :func:`collect_hessians`; layers reading the same input share one tensor). What the activation-weighted grid refinement reads
     (:func:`optimum_superweight.tensor.hqq.refine_group_grids`): ``in`` floats per layer instead of ``in²``.
 
     >>> from optimum_superweight.testing import build_tiny_model
@@ -286,7 +343,7 @@ def collect_input_energy(
     torch.Size([128])
     """
     return _input_statistics(model, module_names, token_ids, window=window, batch_size=batch_size, bos_id=bos_id,
-                             fold=_add_energy, mean=True, caller="collect_input_energy")
+                             fold=_add_energy, mean=True, caller="collect_input_energy", token_clip=token_clip)
 
 
 @torch.no_grad()
