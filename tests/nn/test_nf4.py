@@ -137,6 +137,20 @@ def test_input_gradient_flows_and_nothing_stored_is_trainable():
     assert all(not p.requires_grad for n, p in layer.named_parameters() if n != "bias")
 
 
+def test_training_after_an_inference_call_still_has_the_input_gradient():
+    """bitsandbytes' CPU inference layout (made at the first eval-mode call) has no backward: plain ``Linear4bit``
+    then gives no input gradient at all; ours converts back before a training call."""
+    _, layer = _layer()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 128))
+    layer.train()
+    x = torch.randn(4, 128, requires_grad=True)
+    layer(x).sum().backward()
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(x.grad, layer.dequantize_weight().sum(0).expand(4, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_model_dtype_cast_keeps_absmax_and_exact_values_float32():
     dense, layer = _layer()
     layer.to(torch.bfloat16)
