@@ -3,16 +3,18 @@
 Setups (each in a fresh subprocess, so its peak RSS is its own):
 
 - ``ours``: ``SuperWeightConfig()`` (4-bit, super weights exact), LoRA through ``optimum_superweight.peft``;
-- ``ours-nf4``: our bitsandbytes NF4 form with exact super weights (built on another branch: this row is
-  skipped with a note until ``SuperWeightConfig`` has the option);
+- ``ours-nf4``: ``SuperWeightConfig(weight_format="bnb-nf4")``, bitsandbytes' own NF4 layers with exact super
+  weights, LoRA through PEFT's own QLoRA layer (plain ``LoraConfig``);
 - ``bnb``: plain bitsandbytes QLoRA, ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``.
 
 All load SmolLM2-135M-Instruct (``optimum_superweight.default_model_path()``) in bfloat16, put LoRA (r=8,
 alpha=16, all linear layers) on it, train ``--steps`` AdamW steps (``--lr``, default 1e-3) on packed chunks of the
 Debian ``fortunes-min`` text (fortune-mod's fortunes, literature quotes and riddles; BSD licence, see
-/usr/share/doc/fortunes-min/copyright), and measure seconds per step (after a warm-up step), peak RSS, the
-final training loss (mean of the last 5 steps) and held-out perplexity (every 10th record, never trained on)
-before and after. Writes ``benchmarks/results/finetune.json`` and prints a table.
+/usr/share/doc/fortunes-min/copyright), and measure seconds per step (after a warm-up step), the final training
+loss (mean of the last 5 steps), held-out perplexity (every 10th record, never trained on) before and after, and
+memory by phase: the process's peak RSS, the peak while loading (quantizing), what is live before and after
+training (after ``gc`` and glibc's ``malloc_trim``: freed heap that glibc keeps would count otherwise), the peak
+during the training steps alone, and our kernels' prepared layouts. Writes ``benchmarks/results/finetune.json`` and prints a table.
 
     python3 benchmarks/finetune.py                       # ours, ours-nf4, bnb; 60 steps each
     python3 benchmarks/finetune.py --setups ours bnb --steps 40 --seq-len 128 --batch 4
@@ -65,9 +67,18 @@ def split(tokenizer, seq_len: int):
 
 
 def perplexity(model, data, batch: int) -> float:
+    """Held-out perplexity, computed with the model in training mode (no dropout in any setup here: LoRA dropout
+    0, SmolLM2's 0), under ``no_grad``.
+
+    Not eval mode: bitsandbytes (0.50.2) converts a ``Linear4bit`` to its CPU inference layout at the first
+    eval-mode forward and never back, and a later training forward then runs ``gemv_4bit``, which has no autograd
+    kernel: no gradient flows through the frozen layers (torch only warns), so the adapters train on wrong
+    gradients (held-out perplexity 65.34 -> 66.99 in the first run of this benchmark) and the steps look fast
+    because the base layers' backward is skipped. Our NF4 layer undoes that layout when it trains; plain
+    bitsandbytes does not."""
     import torch
 
-    model.eval()
+    model.train()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch):
@@ -111,6 +122,51 @@ def lora(model, setup: str):
     return get_peft_model(model, config)
 
 
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak since start or the last reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _settle() -> float:
+    """Collect garbage, give freed heap back to the system (glibc ``malloc_trim``) and reset the peak: the resident
+    memory then is what is live, and the next peak is that phase's own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    return _status_mib("VmRSS")
+
+
+def kernel_state_mib(model) -> float:
+    """MiB held by our kernels' prepared layouts (``_kernel_states``: repacked codes, float32 scales...), counting
+    no tensor that shares the layer's own codes."""
+    import dataclasses
+
+    import torch
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif dataclasses.is_dataclass(obj):
+            for field in dataclasses.fields(obj):
+                yield from tensors(getattr(obj, field.name))
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                yield from tensors(item)
+
+    total = 0
+    for module in model.modules():
+        own = {t.untyped_storage().data_ptr() for t in module.parameters(recurse=False)}
+        for _key, state in module.__dict__.get("_kernel_states", {}).values():
+            total += sum(t.numel() * t.element_size() for t in tensors(state) if t.untyped_storage().data_ptr() not in own)
+    return total / 2**20
+
+
 def run_setup(args) -> dict:
     import torch
     from transformers import AutoTokenizer
@@ -125,10 +181,12 @@ def run_setup(args) -> dict:
     start = time.perf_counter()
     model = load(args.setup, path)
     load_s = time.perf_counter() - start
+    load_peak = _status_mib("VmHWM")
     model = lora(model, args.setup)
     ppl_before = perplexity(model, held, args.batch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     losses, times = [], []
+    live_before = _settle()
     model.train()
     for step in range(args.steps):
         rows = train[(step * args.batch) % len(train) :][: args.batch]
@@ -139,11 +197,17 @@ def run_setup(args) -> dict:
         optimizer.zero_grad()
         times.append(time.perf_counter() - tick)
         losses.append(loss.item())
+    train_peak = _status_mib("VmHWM")
+    live_after = _settle()
     ppl_after = perplexity(model, held, args.batch)
     return {
         "setup": args.setup, "steps": args.steps, "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr,
         "load_s": load_s, "s_per_step": sum(times[1:]) / max(1, len(times) - 1),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # ru_maxrss follows VmHWM's resets: the process's peak is the largest phase peak.
+        "peak_rss_mib": max(load_peak, train_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "load_peak_mib": load_peak,
+        "live_before_train_mib": live_before, "train_peak_mib": train_peak, "live_after_train_mib": live_after,
+        "kernel_state_mib": kernel_state_mib(model),
         "first_loss": sum(losses[:5]) / len(losses[:5]), "final_loss": sum(losses[-5:]) / len(losses[-5:]),
         "ppl_before": ppl_before, "ppl_after": ppl_after, "train_chunks": len(train), "held_chunks": len(held),
         "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0],
@@ -184,14 +248,20 @@ def backward_timing(tokens: int = 512, repeats: int = 5) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setup | s/step | peak RSS MiB | loss first5 -> last5 | held-out ppl before -> after |", "|---|---|---|---|---|"]
+    lines = [
+        "| setup | s/step | peak RSS MiB (process) | load peak | live before training | training peak | live after "
+        "| kernel layouts | loss first5 -> last5 | held-out ppl before -> after | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['setup']} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {r['setup']} | skipped: {r['skipped']} |" + " |" * 9)
             continue
         lines.append(
-            f"| {r['setup']} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['first_loss']:.3f} -> "
-            f"{r['final_loss']:.3f} | {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} |"
+            f"| {r['setup']} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['load_peak_mib']:.0f} | "
+            f"{r['live_before_train_mib']:.0f} | {r['train_peak_mib']:.0f} | {r['live_after_train_mib']:.0f} | "
+            f"{r['kernel_state_mib']:.0f} | {r['first_loss']:.3f} -> {r['final_loss']:.3f} | "
+            f"{r['ppl_before']:.2f} -> {r['ppl_after']:.2f} | {r['loadavg']:.1f} |"
         )
     return "\n".join(lines)
 

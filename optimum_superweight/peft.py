@@ -22,6 +22,27 @@ Reload an adapter saved with ``peft_model.save_pretrained(path)`` on top of a re
 or :func:`load_adapter` (the same call). ``peft_model.merge_and_unload()`` returns a dense model whose super
 weights hold their exact values (see :mod:`optimum_superweight.nn.lora`); ``.dequantize()`` on it then drops
 the quantization config, so it saves and reloads as a plain full-precision model (and can be quantized again).
+
+**Why a prepare call, and not the plain ``LoraConfig``** (checked against PEFT 0.21.2's source; PEFT reads nothing
+from the model or from transformers' quantizer that could carry the mapping):
+
+- ``"all-linear"`` keeps ``(torch.nn.Linear, Conv1D)`` instances and tuner layers named "Linear"
+  (``peft/tuners/tuners_utils.py`` ``_maybe_include_all_linear_layers``, ``linear_classes`` at line 2445).
+- The LoRA class comes from a fixed list of dispatchers (``peft/tuners/lora/model.py`` ``_create_new_module``,
+  lines 499-548): the config's ``_custom_modules`` first, then checks for third-party types (bitsandbytes, EETQ,
+  AQLM, GPTQModel, HQQ, INC, torchao, Megatron, Transformer Engine), then ``dispatch_default``
+  (``peft/tuners/lora/layer.py`` line 2750), which gives any ``nn.Linear`` subclass PEFT's dense ``lora.Linear``.
+- That class merges by writing into ``base_layer.weight.data`` (``layer.py`` lines 1001 and 1008): here the packed
+  codes, so an ``nn.Linear`` subclass could train but never merge exactly, and its adapter would not be masked at
+  the super weights (what makes the merged model equal the adapted one with the stored exact values).
+- ``_custom_modules`` is an attribute set in ``LoraConfig.__post_init__`` (``peft/tuners/lora/config.py`` line
+  1115), not a dataclass field, so ``adapter_config.json`` never carries it and ``PeftModel.from_pretrained``
+  needs the mapping again (:func:`load_adapter`).
+
+The plain calls fail loudly rather than train the wrong layers: ``"all-linear"`` finds no target, a name list
+raises PEFT's "Target module ... is not supported". The bitsandbytes NF4 form (``weight_format="bnb-nf4"``) needs
+none of this: its layer is bitsandbytes' ``Linear4bit``, so the plain calls use PEFT's QLoRA layer (see
+:mod:`optimum_superweight.nn.nf4` for merging it).
 """
 
 from __future__ import annotations

@@ -266,3 +266,12 @@ def test_smollm2_lora_steps_lower_the_loss(smollm2_path):
     assert losses[-1] < losses[0]
     after = _packed_state(peft_model.base_model.model)
     assert all(torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
+
+
+@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "down_proj"]], ids=["all-linear", "names"])
+def test_plain_lora_config_is_refused_loudly_on_the_default_form(tiny_llama, target):
+    """PEFT cannot reach our LoRA class without the config's mapping (see optimum_superweight.peft): the plain call
+    must fail, never adapt only the layers left dense. If a PEFT release changes this, the prepare call may go."""
+    model = _quantized(tiny_llama, bits=4, group_size=32)
+    with pytest.raises(ValueError):  # PEFT's NoMatchingPeftModuleError is a ValueError too
+        get_peft_model(model, LoraConfig(r=4, target_modules=target))

@@ -95,6 +95,8 @@ class SuperWeightNF4Linear(ExactSuperWeightLayer, bnb.nn.Linear4bit):
 
     # -- state: bitsandbytes' QuantState follows the stored tensors -------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight" and getattr(self, "_ready", False) and isinstance(value, bnb.nn.Params4bit):
+            self._refuse_requantized(value)
         if name == "weight" and getattr(self, "_ready", False) and isinstance(value, torch.Tensor) and not (
             isinstance(value, bnb.nn.Params4bit) and value.quant_state is not None
         ):
@@ -108,6 +110,28 @@ class SuperWeightNF4Linear(ExactSuperWeightLayer, bnb.nn.Linear4bit):
         super().__setattr__(name, value)
         if name in ("weight", ABSMAX) and getattr(self, "_ready", False) and "weight" in self._parameters:
             self._sync_quant_state()
+
+    def _refuse_requantized(self, value: "bnb.nn.Params4bit") -> None:
+        """Refuse codes that bitsandbytes quantized itself (their own absmax in their ``QuantState``).
+
+        PEFT's merge of a LoRA adapter into a bitsandbytes 4-bit layer (``merge_adapter``, ``merge_and_unload``)
+        dequantizes the codes, adds the update and assigns a freshly quantized ``Params4bit``. Taken as is, the
+        layer's stored absmax would describe codes it no longer holds (wrong outputs, silently); adopted, the
+        super weights' coordinates would hold a rounded update and the checkpoint would no longer verify.
+        """
+        state = value.quant_state
+        if state is None or "weight" not in self._parameters:
+            return
+        own = self.weight_absmax.data
+        absmax = state.absmax
+        if getattr(state, "nested", False) or absmax.shape != own.shape or not torch.equal(absmax.to(own), own):
+            raise ValueError(
+                "SuperWeightNF4Linear: a weight re-quantized by bitsandbytes was assigned (PEFT's merge of a LoRA "
+                "adapter into a 4-bit layer does this). Its codes would carry the update rounded to NF4 and no longer "
+                "match the layer's stored absmax and exact super weights; the layer is left unchanged. To merge, "
+                "make the model dense first: model.dequantize() (super weights exact), then "
+                "PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()."
+            )
 
     def _sync_quant_state(self) -> None:
         state = QuantState(

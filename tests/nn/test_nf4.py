@@ -137,6 +137,20 @@ def test_input_gradient_flows_and_nothing_stored_is_trainable():
     assert all(not p.requires_grad for n, p in layer.named_parameters() if n != "bias")
 
 
+def test_training_after_an_inference_call_still_has_the_input_gradient():
+    """bitsandbytes' CPU inference layout (made at the first eval-mode call) has no backward: plain ``Linear4bit``
+    then gives no input gradient at all; ours converts back before a training call."""
+    _, layer = _layer()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 128))
+    layer.train()
+    x = torch.randn(4, 128, requires_grad=True)
+    layer(x).sum().backward()
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(x.grad, layer.dequantize_weight().sum(0).expand(4, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_model_dtype_cast_keeps_absmax_and_exact_values_float32():
     dense, layer = _layer()
     layer.to(torch.bfloat16)
@@ -280,3 +294,40 @@ def test_peft_wraps_the_layer_with_its_bitsandbytes_lora_and_trains(tiny_llama_d
     # the input gradient through the NF4 layer: q_proj's LoRA A sees it only through down_proj of earlier layers
     assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_A" in n)
     assert wrapped.get_base_layer().dequantize_weight()[ROW, COL] == exact
+
+
+def test_plain_peft_calls_train_save_reload_and_merge_through_dequantize(tiny_llama_dir, tmp_path):
+    """No prepare call: "all-linear" and a name list find the layers (bitsandbytes' ``Linear4bit`` is an
+    ``nn.Linear``), the adapter reloads with ``PeftModel.from_pretrained`` alone, PEFT's 4-bit merge is refused
+    without touching the layer, and the dense route merges with the super weight at its exact value plus the update."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=_config())
+    model.save_pretrained(tmp_path / "q")
+    exact = model.get_submodule(MODULE).super_weight_values.clone()
+    names = {n for n, m in model.named_modules() if isinstance(m, SuperWeightNF4Linear)}
+    by_list = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q"), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
+    )
+    assert {n.split(".")[-1] for n, m in by_list.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "down_proj"}
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if hasattr(m, "lora_A")} == names
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    lora.train()
+    lora(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    lora.eval()
+    adapted = _logits(lora)
+    lora.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "q"), tmp_path / "adapter")
+    assert torch.equal(_logits(reloaded), adapted)
+    with pytest.raises(ValueError, match="re-quantized by bitsandbytes"):
+        lora.merge_and_unload()
+    assert torch.equal(_logits(lora), adapted)  # the refused merge left every layer as it was
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    dense.dequantize()
+    merged = peft.PeftModel.from_pretrained(dense, tmp_path / "adapter").merge_and_unload()
+    assert type(merged.get_submodule(MODULE)) is nn.Linear
+    delta = lora.get_submodule(f"base_model.model.{MODULE}").get_delta_weight("default")[ROW, COL]
+    assert merged.get_submodule(MODULE).weight[ROW, COL].item() == pytest.approx((exact + delta).item(), abs=1e-6)
+    assert torch.allclose(_logits(merged), adapted, atol=0.02)  # bitsandbytes' kernel against the dense weight
