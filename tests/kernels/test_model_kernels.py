@@ -58,10 +58,11 @@ def test_float32_model_reports_reference_and_opt_in(tiny_llama_dir):
     assert set(kernel_summary(model)) == {"cpu-tiled" if _prefill_kernel() == "cpu-tiled" else "reference"}
     ids = torch.tensor([[5, 17, 33]])
     exact = _logits(model, ids)
+    policy = kernels.float32_policy()
     kernels.set_float32_policy("bfloat16")
     try:
         assert set(kernel_summary(model)) == {"cpu-int4+bf16-cast"}
         cast = _logits(model, ids)
     finally:
-        kernels.set_float32_policy("reference")
+        kernels.set_float32_policy(policy)
     assert cast.dtype == torch.float32 and _rel(cast, exact) < 2e-2
