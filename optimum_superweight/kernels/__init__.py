@@ -133,10 +133,14 @@ def _env_threshold() -> int:
     return threshold
 
 
+def _env_reference_only() -> bool:
+    return os.environ.get("OPTIMUM_SUPERWEIGHT_KERNELS", "").strip().lower() == "reference"
+
+
 _settings = {
     "float32": _env_policy(),
     "threshold": _env_threshold(),
-    "reference_only": os.environ.get("OPTIMUM_SUPERWEIGHT_KERNELS", "").strip().lower() == "reference",
+    "reference_only": _env_reference_only(),
     "generation": 0,  # bumped on every settings change: invalidates cached selections
 }
 _announced: set[str] = set()

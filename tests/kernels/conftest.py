@@ -4,8 +4,6 @@ change, or one leaked by a test elsewhere, would otherwise decide what a later t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from optimum_superweight import kernels
@@ -23,6 +21,6 @@ def _set(values: dict) -> None:
 def _kernel_settings_from_the_environment():
     saved = {key: kernels._settings[key] for key in _KEYS}
     _set({"float32": kernels._env_policy(), "threshold": kernels._env_threshold(),
-          "reference_only": os.environ.get("OPTIMUM_SUPERWEIGHT_KERNELS", "").strip().lower() == "reference"})
+          "reference_only": kernels._env_reference_only()})
     yield
     _set(saved)
