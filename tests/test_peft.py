@@ -133,6 +133,22 @@ def test_backward_keeps_no_dense_weight_and_gives_no_gradient_to_the_format(tiny
     assert all(not p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
 
 
+def test_adapters_drop_the_decode_layouts_that_training_never_uses(tiny_llama):
+    from optimum_superweight import prepare_kernels
+
+    model = _quantized(tiny_llama, bits=4, group_size=32).to(torch.bfloat16)
+    prepare_kernels(model)  # what a load does: decode and prefill layouts for every layer
+    layers = [m for m in model.modules() if isinstance(m, SuperWeightLinear)]
+    assert all(m.__dict__.get("_kernel_states") for m in layers)
+    ids = torch.arange(2, 10).reshape(1, 8)
+    with torch.no_grad():
+        before = model(ids).logits
+    peft_model = _lora(model)
+    assert not any(m.__dict__.get("_kernel_states") for m in layers)  # the adapters' wrap released them
+    with torch.no_grad():
+        assert torch.equal(peft_model(ids).logits, before)  # rebuilt on demand, same outputs (B starts at zero)
+
+
 def test_bfloat16_autocast_and_gradient_checkpointing(tiny_llama):
     model = _quantized(tiny_llama, bits=4, group_size=32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -88,6 +88,7 @@ __all__ = [
     "linear_forward",
     "kernel_summary",
     "prepare_kernels",
+    "release_kernel_layouts",
     "set_float32_policy",
     "float32_policy",
     "set_dense_threshold",
@@ -529,6 +530,29 @@ def prepare_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> dict[
     if speed is not None:
         logger.info("%s", speed)
     return summary
+
+
+def release_kernel_layouts(model: nn.Module) -> int:
+    """Drop the kernel layouts (repacked codes, float32 scales...) that ``model``'s quantized layers built at load or
+    at earlier calls; each is rebuilt at the next call that needs it. Returns how many were dropped.
+
+    Layouts live as long as their layer. Training uses the prefill layouts only, so the decode layouts that
+    :func:`prepare_kernels` builds at load are memory a training run never uses (``nn/lora.py`` drops them when
+    an adapter wraps a layer); the kernel choices and speed verdicts are kept.
+
+    >>> from optimum_superweight.nn.linear import SuperWeightLinear
+    >>> model = torch.nn.Sequential(SuperWeightLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32))
+    >>> _ = prepare_kernels(model, torch.bfloat16)
+    >>> release_kernel_layouts(model) >= 1, release_kernel_layouts(model)
+    (True, 0)
+    """
+    dropped = 0
+    for module in model.modules():
+        states = module.__dict__.get("_kernel_states")
+        if states:
+            dropped += len(states)
+            states.clear()
+    return dropped
 
 
 def kernel_label(module: nn.Module) -> str:

@@ -34,6 +34,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ..kernels import release_kernel_layouts
 from .linear import SuperWeightLinear
 
 __all__ = ["SuperWeightLoraLinear"]
@@ -75,6 +76,9 @@ class SuperWeightLoraLinear(nn.Module, LoraLayer):
         self._input_dtype: torch.dtype | None = None  # the model's activations (the merged layer's dtype)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        # Training runs prefill-sized calls only: the decode layouts built at load would sit unused through a
+        # training run. Dropped here, they come back (lazily) at the first call that needs one.
+        release_kernel_layouts(base)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
