@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,6 +283,25 @@ def test_optimum_cli_exposes_the_commands():
     assert all(f" {c} " in result.stdout for c in ("detect", "quantize", "push", "card"))  # the real sub-commands in the help
     assert "CODES 0 0 2" in result.stdout and "No known super weights" in result.stderr
     assert not (REPO / "optimum" / "__init__.py").exists() and not (REPO / "optimum" / "commands" / "__init__.py").exists()
+
+
+def test_optimum_cli_registers_once_with_two_copies_on_the_path(tmp_path):
+    """A clone on PYTHONPATH beside an editable install of another clone puts two folders holding superweight.py
+    on the namespace path; optimum-cli must still start, with the command registered once."""
+    copy = tmp_path / "optimum" / "commands" / "register"
+    copy.mkdir(parents=True)
+    shutil.copy(REPO / "optimum" / "commands" / "register" / "superweight.py", copy / "superweight.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    script = (
+        "import sys, importlib.util\n"
+        "spec = importlib.util.find_spec('optimum.commands.register')\n"
+        "assert sum(1 for p in set(spec.submodule_search_locations) if p.endswith('register')) >= 2, spec\n"
+        "from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', '--help']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "superweight" in result.stdout
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
@@ -54,4 +55,18 @@ class SuperWeightCommand(BaseOptimumCLICommand):
             sys.exit(code)
 
 
-REGISTER_COMMANDS = [SuperWeightCommand]
+def __getattr__(name: str) -> list:
+    """``REGISTER_COMMANDS``, once per optimum-cli start even when this folder is on the namespace path twice.
+
+    optimum-cli walks every folder of the ``optimum.commands.register`` namespace and reads ``REGISTER_COMMANDS`` of
+    each file it finds there; with two copies of this package on the path (a clone on ``PYTHONPATH`` beside an
+    editable install of another one) both names resolve to this one module, and registering the command twice
+    stops optimum-cli with "conflicting subparser". The command is therefore listed only when optimum-cli is
+    walking this module's own folder (its loop variable, read from the caller); any other caller gets it always.
+    """
+    if name != "REGISTER_COMMANDS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    walking = sys._getframe(1).f_locals.get("register_path")
+    if isinstance(walking, (str, Path)) and Path(walking).resolve() != Path(__file__).resolve().parent:
+        return []
+    return [SuperWeightCommand]
