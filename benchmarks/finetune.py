@@ -5,7 +5,10 @@ Setups (each in a fresh subprocess, so its peak RSS is its own):
 - ``ours``: ``SuperWeightConfig()`` (4-bit, super weights exact), LoRA through ``optimum_superweight.peft``;
 - ``ours-nf4``: ``SuperWeightConfig(weight_format="bnb-nf4")``, bitsandbytes' own NF4 layers with exact super
   weights, LoRA through PEFT's own QLoRA layer (plain ``LoraConfig``);
-- ``bnb``: plain bitsandbytes QLoRA, ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``.
+- ``bnb``: plain bitsandbytes QLoRA, ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``;
+- ``ours-saved``: ``ours`` quantized and saved once by another process, then loaded with a plain
+  ``from_pretrained(folder)`` (quantize once, fine-tune many times): the same model without the quantizing
+  process's leftovers in the training process.
 
 All load SmolLM2-135M-Instruct (``optimum_superweight.default_model_path()``) in bfloat16, put LoRA (r=8,
 alpha=16, all linear layers) on it, train ``--steps`` AdamW steps (``--lr``, default 1e-3) on packed chunks of the
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "finetune.json"
 FORTUNES = Path("/usr/share/games/fortunes")
-SETUPS = ("ours", "ours-nf4", "bnb")
+SETUPS = ("ours", "ours-nf4", "bnb", "ours-saved")
+CHECKPOINT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimum_superweight" / "finetune-checkpoint"
 
 
 def fortune_records() -> list[str]:
@@ -100,10 +105,25 @@ def load(setup: str, path: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config, device_map="cpu")
     from optimum_superweight import SuperWeightConfig
 
+    if setup == "ours-saved":
+        return AutoModelForCausalLM.from_pretrained(saved_checkpoint(path), dtype=torch.bfloat16)
     options = {}
     if setup == "ours-nf4":
         options = nf4_options()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=SuperWeightConfig(**options))
+
+
+def saved_checkpoint(path: str) -> str:
+    """The ``ours`` model saved once (by a separate process, so that quantizing leaves nothing in the caller)."""
+    folder = CHECKPOINT
+    if not (folder / "config.json").is_file():
+        code = (
+            "import sys, torch; from transformers import AutoModelForCausalLM; from optimum_superweight import SuperWeightConfig\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, quantization_config=SuperWeightConfig())\n"
+            "m.save_pretrained(sys.argv[2])\n"
+        )
+        subprocess.run([sys.executable, "-c", code, path, str(folder)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return str(folder)
 
 
 def nf4_options() -> dict:
@@ -115,7 +135,7 @@ def lora(model, setup: str):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    if setup == "ours":  # bitsandbytes' Linear4bit (bnb and our NF4 form) is a layer PEFT already knows
+    if setup in ("ours", "ours-saved"):  # bitsandbytes' Linear4bit (bnb and our NF4 form) is a layer PEFT already knows
         from optimum_superweight.peft import prepare_lora_config
 
         config = prepare_lora_config(config, model)
@@ -291,6 +311,7 @@ def main() -> None:
         print(json.dumps(run_setup(args)))
         return
     rows = []
+    shutil.rmtree(CHECKPOINT, ignore_errors=True)  # ours-saved: saved by this run's code
     for setup in args.setups:
         command = [sys.executable, __file__, "--setup", setup, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                    "--batch", str(args.batch), "--lr", str(args.lr), "--eval-chunks", str(args.eval_chunks)]
