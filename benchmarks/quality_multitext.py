@@ -815,6 +815,16 @@ def _spawn(args: argparse.Namespace, model: str, rows: str | None, out: Path) ->
     return process
 
 
+def _exit_reason(code: int) -> str:
+    """``"exit 1"``, or ``"killed by SIGKILL (out of memory?)"`` for a negative :class:`subprocess.Popen` return code."""
+    if code >= 0:
+        return f"exit {code}"
+    import signal
+
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    return f"killed by {name}" + (" (out of memory? see dmesg)" if name == "SIGKILL" else "")
+
+
 def combine(files: list[str]) -> dict[str, Any]:
     """One result from several runs of this script (e.g. the peers' rows run before the package's were ready):
     rows merged per model, which must share one protocol; every row says which run it came from."""
@@ -885,9 +895,11 @@ def main(argv=None) -> int:
         scaling = scaling_curve(widths=(64, 128) if args.quick else SCALING_WIDTHS)
     if not args.sequential:
         codes = [process.wait() for process in processes]
-    failed = [jobs[i] for i, code in enumerate(codes) if code != 0]
+    failed = [(*jobs[i], _exit_reason(code)) for i, code in enumerate(codes) if code != 0]
     if failed:
-        print(f"model run(s) failed: {failed}", file=sys.stderr)
+        # A child killed by a signal prints nothing (the kernel's OOM killer sends SIGKILL): say so, and where each job
+        # left the rows it finished (it writes them after every row).
+        print(f"model run(s) failed: {failed}; rows finished before that: {[str(out) for out in outs]}", file=sys.stderr)
         return 1
     merged = merge_jobs([(model, json.loads(out.read_text(encoding="utf-8"))) for (model, _), out in zip(jobs, outs)])
     result: dict[str, Any] = {

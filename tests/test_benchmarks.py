@@ -222,6 +222,15 @@ def test_r_lazyload_reader_reads_character_vectors(tmp_path):
     assert read_r_lazyload(tmp_path / "Rdata") == objects
 
 
+def test_multitext_names_a_killed_model_job():
+    """A model job killed by the OOM killer prints nothing itself: the driver must say it was killed."""
+    import quality_multitext
+
+    killed = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert "SIGKILL" in quality_multitext._exit_reason(killed.returncode)
+    assert quality_multitext._exit_reason(1) == "exit 1"
+
+
 def test_multitext_quality_runs_end_to_end(tmp_path):
     """benchmarks/quality_multitext.py --quick: every row on the tiny model and every available text; no timing
     assertions. Peers whose library is missing are reported as failed rows, never crash the run."""
