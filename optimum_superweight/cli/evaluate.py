@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_protocol_arguments(parser)
     parser.add_argument(
         "--progress", action="store_true",
-        help="kept for old scripts: the bar is shown by default (stderr; off with HF_HUB_DISABLE_PROGRESS_BARS=1 or TQDM_DISABLE=1)",
+        help="kept for old scripts: the bar is shown by default (stderr; off with HF_HUB_DISABLE_PROGRESS_BARS=1 or "
+        "TQDM_DISABLE=1)",
     )
     parser.set_defaults(func=run_perplexity, check=check)
 

@@ -162,7 +162,8 @@ def _verify(out: Path, plan: AwqPlan) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(out / "model.safetensors"))
-    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized), desc="AWQ export: checking layers", unit="layer")
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized), desc="AWQ export: checking layers",
+                          unit="layer")
     for name, codes in layers:
         q = unpack_awq(state[f"{name}.qweight"]).to(torch.float32)  # [in, out]
         z = unpack_awq(state[f"{name}.qzeros"]).to(torch.float32)  # [groups, out]

@@ -171,8 +171,8 @@ def _load_dense(dense_folder: Path, serving: torch.dtype):
 @torch.no_grad()
 def _set_parameters(model: torch.nn.Module, plan: CompressedTensorsPlan, serving: torch.dtype) -> None:
     modules = dict(model.named_modules())
-    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized), desc="compressed-tensors export: setting layers",
-                          unit="layer")
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized),
+                          desc="compressed-tensors export: setting layers", unit="layer")
     for name, codes in layers:
         module = modules[name]
         # The dense weight holds d * (c - center) exactly; compressed-tensors' quantize() divides it by our scale
@@ -188,8 +188,8 @@ def _verify_packed(model: torch.nn.Module, plan: CompressedTensorsPlan) -> None:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     modules = dict(model.named_modules())
-    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized), desc="compressed-tensors export: checking codes",
-                          unit="layer")
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized),
+                          desc="compressed-tensors export: checking codes", unit="layer")
     for name, codes in layers:
         module = modules[name]
         unpacked = unpack_from_int32(module.weight_packed.data, plan.bits, torch.Size([codes.out_features, codes.in_features]))
@@ -210,8 +210,8 @@ def decompress_check(out: Path, plan: CompressedTensorsPlan, serving: torch.dtyp
     files = sorted(Path(out).glob("*.safetensors"))
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {key: h for h in handles for key in h.keys()}
-    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized), desc="compressed-tensors export: decoding layers",
-                          unit="layer")
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized),
+                          desc="compressed-tensors export: decoding layers", unit="layer")
     for name, codes in layers:
         local = {leaf: where[f"{name}.{leaf}"].get_tensor(f"{name}.{leaf}")
                  for leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")

@@ -214,7 +214,8 @@ def resolve_layers(
         chosen[codes.name] = exact
     if pending:
         importance, report.importance = input_importance(model, tokenizer, list(pending)) if model is not None else ({}, "uniform")
-        for name, codes in progress_bar(pending.items(), total=len(pending), desc="export: re-fitting layers", unit="layer"):
+        refits = progress_bar(pending.items(), total=len(pending), desc="export: re-fitting layers", unit="layer")
+        for name, codes in refits:
             chosen[name] = refit_layer(codes, target, importance.get(name))
             report.refitted.append(name)
     ordered = {c.name: chosen[c.name] for c in all_codes if c.name in chosen}

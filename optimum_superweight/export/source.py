@@ -95,7 +95,8 @@ def _dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
                 if leaf in _OWN_SUFFIXES:
                     continue
                 if leaf == "weight":
-                    # A fresh tensor (never tied): kept out of the tie check, whose addresses a freed temporary could reuse.
+                    # A fresh tensor (never tied): kept out of the tie check, whose addresses a freed temporary
+                    # could reuse.
                     state[key] = quantized[prefix].dequantize_weight(torch.float32).to(dtype).contiguous()
                     bar.update()
                     continue

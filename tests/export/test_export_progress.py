@@ -25,7 +25,8 @@ STEPS = {
                            "compressed-tensors export: decoding layers"],
     "gguf": ["export: dequantizing layers", "GGUF export: converting tensors", "Writing:"],
 }
-OURS = {"export:", "AWQ export", "compressed-tensors export", "GGUF export", "Compressing model", "Writing:", "perplexity"}
+OURS = {"export:", "AWQ export", "compressed-tensors export", "GGUF export", "Compressing model", "Writing:",
+        "perplexity"}
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +44,8 @@ def shown_at_once(monkeypatch):
 @pytest.fixture()
 def float_offsets(tiny_llama_dir, tmp_path):
     """Float offsets: AWQ re-fits every layer but the super weight's (calibration, re-fit, effect all run)."""
-    return quantize_tiny(tiny_llama_dir, tmp_path / "f", group_size=32, symmetric=False, zero_point="float", method="hqq")
+    return quantize_tiny(tiny_llama_dir, tmp_path / "f", group_size=32, symmetric=False, zero_point="float",
+                         method="hqq")
 
 
 def _checkpoint(fmt, request):
@@ -73,8 +75,9 @@ def test_each_long_step_of_an_export_shows_a_bar(fmt, tmp_path, request, capsys)
 
 
 # Each switch once and each format once: all of them are read by one function (progress.progress_enabled).
-@pytest.mark.parametrize(("fmt", "switch"), [("awq", "HF_HUB_DISABLE_PROGRESS_BARS"), ("compressed-tensors", "TQDM_DISABLE"),
-                                             ("gguf", "transformers")])
+@pytest.mark.parametrize(("fmt", "switch"), [
+    ("awq", "HF_HUB_DISABLE_PROGRESS_BARS"), ("compressed-tensors", "TQDM_DISABLE"), ("gguf", "transformers"),
+])
 def test_no_export_bar_with_a_switch_off(fmt, switch, tmp_path, request, monkeypatch, capsys):
     checkpoint = _checkpoint(fmt, request)
     capsys.readouterr()
