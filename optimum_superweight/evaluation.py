@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .detection.inputs import context_length
+from .progress import progress_bar
 
 __all__ = [
     "PerplexityResult",
@@ -202,7 +203,7 @@ def perplexity(
     stride: int | None = None,
     batch_size: int = 4,
     add_bos: bool = True,
-    progress: bool = False,
+    progress: bool = True,
     token_ids: Sequence[int] | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on ``text`` (default: :func:`builtin_text`) with the package's protocol.
@@ -217,7 +218,8 @@ def perplexity(
             the tokens not already scored by the previous window are scored.
         batch_size: Windows per forward call; the last (shorter) window is padded on the right and masked.
         add_bos: Prepend ``tokenizer.bos_token_id`` to each window; ignored (no BOS) when the tokenizer has none.
-        progress: Show a tqdm progress bar.
+        progress: A bar over the batches (:func:`~optimum_superweight.progress.progress_bar`: on stderr once the
+            evaluation has run a moment, off with transformers' and tqdm's usual switches); ``False``: none.
         token_ids: Already tokenized text (skips tokenization; ``max_tokens`` still applies).
 
     Returns:
@@ -261,13 +263,9 @@ def perplexity(
     total_nll = 0.0  # float64 accumulation keeps the result independent of batching order
     total_tokens = 0
     batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
-    iterator: Any = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="perplexity", unit="batch")
+    bar = progress_bar(total=len(batches), desc="perplexity", unit="batch") if progress else None
     try:
-        for batch in iterator:
+        for batch in batches:
             prefix = 1 if use_bos else 0
             length = max(end - begin for begin, end, _ in batch) + prefix
             input_ids = torch.zeros((len(batch), length), dtype=torch.long)
@@ -291,7 +289,11 @@ def perplexity(
                 total_nll += float(nll.double())
                 total_tokens += int((targets != -100).sum())
             del outputs
+            if bar is not None:
+                bar.update()
     finally:
+        if bar is not None:
+            bar.close()
         if was_training:
             model.train()
 

@@ -1,4 +1,4 @@
-"""Progress bars of the steps that can take minutes: detection passes, calibration, choosing codes, exports.
+"""Progress bars of the steps that can take minutes: detection passes, calibration, choosing codes, exports, evaluation.
 
 One convention, transformers' own: a tqdm bar on stderr, shown unless progress bars are switched off the usual
 ways: ``transformers.utils.logging.disable_progress_bar()``, ``HF_HUB_DISABLE_PROGRESS_BARS=1`` (read here at
@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["DELAY_S", "progress_enabled", "progress_bar", "forward_progress"]
+__all__ = ["DELAY_S", "progress_enabled", "progress_bar", "forward_progress", "routed_tqdm"]
 
 #: Seconds a step runs before its bar appears (tqdm's ``delay``).
 DELAY_S = 2.0
@@ -55,6 +55,9 @@ class _NoBar:
     def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
         pass
 
+    def reset(self, total: int | None = None) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -65,9 +68,12 @@ class _NoBar:
         pass
 
 
-def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it") -> Any:
-    """A tqdm bar (``desc``, ``unit``, ``total``; over ``iterable`` if given) on stderr, or a bar that does nothing when
-    :func:`progress_enabled` is false. Use it as a context manager (or close it).
+def progress_bar(
+    iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it", unit_scale: bool = False
+) -> Any:
+    """A tqdm bar (``desc``, ``unit``, ``total``; over ``iterable`` if given; ``unit_scale``: counts as k, M, G) on
+    stderr, or a bar that does nothing when :func:`progress_enabled` is false. Use it as a context manager (or close
+    it).
 
     >>> for item in progress_bar([1, 2], desc="saving", unit="file"):
     ...     pass
@@ -78,7 +84,8 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
 
     # disable=False: tqdm's default (None) hides bars when stderr is not a terminal, e.g. in a log file or a CI
     # job, where a user waiting on a long step needs them most; the switches above are the way to turn them off.
-    return tqdm(iterable, total=total, desc=desc, unit=unit, delay=DELAY_S, disable=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, delay=DELAY_S, disable=False,
+                dynamic_ncols=True)
 
 
 @contextlib.contextmanager
@@ -104,3 +111,32 @@ def forward_progress(modules: Iterable[Any], *, desc: str, unit: str = "layer", 
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextlib.contextmanager
+def routed_tqdm(module: Any, name: str = "tqdm") -> Iterator[None]:
+    """While the block runs, the bars a library makes with its module-level ``tqdm`` (``module.<name>``) come from
+    :func:`progress_bar`: they follow the same switches and :data:`DELAY_S` as ours (a library's plain tqdm reads
+    ``TQDM_DISABLE`` once, at import, and ignores transformers' switch).
+
+    >>> import types
+    >>> library = types.SimpleNamespace(tqdm=lambda iterable, desc=None: iterable)
+    >>> with routed_tqdm(library):
+    ...     done = [item for item in library.tqdm([1, 2], desc="Compressing model")]
+    """
+    original = getattr(module, name, None)
+    if original is None:  # a version of the library without that name: its bars (if any) stay its own
+        yield
+        return
+
+    def bar(iterable: Iterable | None = None, desc: str | None = None, total: int | None = None, *_: Any,
+            unit: str = "it", unit_scale: bool = False, **__: Any) -> Any:  # tqdm's order of the first three
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        return progress_bar(iterable, total=total, desc=desc or "", unit=unit, unit_scale=bool(unit_scale))
+
+    setattr(module, name, bar)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)

@@ -72,3 +72,70 @@ def test_progress_bar_off_is_a_plain_iterable(monkeypatch):
     assert list(bar) == [1, 2, 3]
     bar.update()
     bar.close()
+
+
+def test_routed_library_bars_follow_our_switches_and_are_restored(monkeypatch, capsys):
+    import types
+
+    made = []
+    library = types.SimpleNamespace(tqdm=lambda *args, **kwargs: made.append(kwargs))
+    with progress.routed_tqdm(library):
+        assert list(library.tqdm([1, 2, 3], desc="Compressing model")) == [1, 2, 3]
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+        assert list(library.tqdm([4], "Writing", unit="byte", unit_scale=True)) == [4]
+    assert "Compressing model" in capsys.readouterr().err  # the first bar, shown; the second, off: nothing
+    library.tqdm(desc="own")
+    assert made == [{"desc": "own"}]  # the library's own tqdm is back
+    with progress.routed_tqdm(types.SimpleNamespace()):  # a library version without the name: nothing to route
+        pass
+
+
+def _perplexity() -> float:
+    from optimum_superweight import perplexity
+    from optimum_superweight.testing import tiny_tokenizer
+
+    model = build_tiny_model("llama", super_weights=[(1, 5, 7)])
+    return perplexity(model, tiny_tokenizer(), max_tokens=256, window=64, batch_size=1).ppl
+
+
+def test_perplexity_shows_a_bar_by_default(capsys):
+    _perplexity()
+    captured = capsys.readouterr()
+    assert "perplexity" in captured.err and "4/4" in captured.err  # 256 tokens in windows of 64, one per batch
+    assert "perplexity" not in captured.out
+
+
+@pytest.mark.parametrize("switch", ["HF_HUB_DISABLE_PROGRESS_BARS", "transformers"])
+def test_perplexity_bar_follows_the_switches(switch, monkeypatch, capsys):
+    if switch == "transformers":
+        hf_logging.disable_progress_bar()
+    else:
+        monkeypatch.setenv(switch, "1")
+    _perplexity()
+    assert "perplexity" not in capsys.readouterr().err
+
+
+def test_saving_shows_transformers_bar_over_the_shards_and_none_when_off(tiny_llama_dir, tmp_path, capsys):
+    """The time of a save is in writing the shards (a bar of transformers' own, following the same switches); the
+    all-or-nothing staging around it only renames files and canonicalizes headers."""
+    from transformers import AutoModelForCausalLM
+
+    config = SuperWeightConfig(bits=4, method="rtn", super_weights=[{"module": "model.layers.1.mlp.down_proj", "row": 5,
+                                                                     "col": 7}])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    capsys.readouterr()
+    model.save_pretrained(tmp_path / "on")
+    assert "Writing model shards" in capsys.readouterr().err
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(tmp_path / "off")
+    assert "%|" not in capsys.readouterr().err
+
+
+def test_cli_quantize_stdout_has_no_bar(tiny_llama_dir, tmp_path, capsys):
+    from optimum_superweight.cli import main
+
+    assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--method", "rtn",
+                 "--super-weight", "model.layers.1.mlp.down_proj:5,7"]) == 0
+    captured = capsys.readouterr()
+    assert "choosing codes" in captured.err and "Writing model shards" in captured.err
+    assert "%|" not in captured.out and captured.out.startswith("quantized ")

@@ -48,7 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "BOS, unless told otherwise. Works on superweight checkpoints and plain models alike.",
     )
     _add_protocol_arguments(parser)
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument(
+        "--progress", action="store_true",
+        help="kept for old scripts: the bar is shown by default (stderr; off with HF_HUB_DISABLE_PROGRESS_BARS=1 or "
+        "TQDM_DISABLE=1)",
+    )
     parser.set_defaults(func=run_perplexity, check=check)
 
     parser = subparsers.add_parser(
@@ -130,7 +134,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     result = perplexity(
         model, tokenizer, text, max_tokens=_max_tokens(args), window=args.window, stride=args.stride,
-        batch_size=args.batch_size, add_bos=not args.no_bos, progress=args.progress,
+        batch_size=args.batch_size, add_bos=not args.no_bos,
     )
     print(f"{args.model}: {result}")
     if args.json_path:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..progress import progress_bar
 from .codes import ModuleCodes, exactly_representable
 from .compressed_tensors import fused_siblings
 from .errors import require
@@ -141,7 +142,7 @@ def _state(dense_folder: Path, plan: AwqPlan, dtype: torch.dtype) -> tuple[dict[
     state = load_file(str(dense_folder / "model.safetensors"))
     out: dict[str, torch.Tensor] = {}
     rounded: dict[str, int] = {}
-    for key, tensor in state.items():
+    for key, tensor in progress_bar(state.items(), total=len(state), desc="AWQ export: packing tensors", unit="tensor"):
         prefix, _, leaf = key.rpartition(".")
         if prefix in plan.quantized and leaf == "weight":
             for suffix, packed in _layer_tensors(plan.quantized[prefix]).items():
@@ -161,7 +162,9 @@ def _verify(out: Path, plan: AwqPlan) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(out / "model.safetensors"))
-    for name, codes in plan.quantized.items():
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized), desc="AWQ export: checking layers",
+                          unit="layer")
+    for name, codes in layers:
         q = unpack_awq(state[f"{name}.qweight"]).to(torch.float32)  # [in, out]
         z = unpack_awq(state[f"{name}.qzeros"]).to(torch.float32)  # [groups, out]
         s = state[f"{name}.scales"].to(torch.float32)

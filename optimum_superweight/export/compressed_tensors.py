@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..progress import progress_bar, routed_tqdm
 from .codes import ModuleCodes, exactly_representable
 from .errors import require
 from .readme import refit_section, super_weight_section
@@ -169,7 +171,9 @@ def _load_dense(dense_folder: Path, serving: torch.dtype):
 @torch.no_grad()
 def _set_parameters(model: torch.nn.Module, plan: CompressedTensorsPlan, serving: torch.dtype) -> None:
     modules = dict(model.named_modules())
-    for name, codes in plan.quantized.items():
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized),
+                          desc="compressed-tensors export: setting layers", unit="layer")
+    for name, codes in layers:
         module = modules[name]
         # The dense weight holds d * (c - center) exactly; compressed-tensors' quantize() divides it by our scale
         # and recovers our codes (checked after compression).
@@ -184,7 +188,9 @@ def _verify_packed(model: torch.nn.Module, plan: CompressedTensorsPlan) -> None:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     modules = dict(model.named_modules())
-    for name, codes in plan.quantized.items():
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized),
+                          desc="compressed-tensors export: checking codes", unit="layer")
+    for name, codes in layers:
         module = modules[name]
         unpacked = unpack_from_int32(module.weight_packed.data, plan.bits, torch.Size([codes.out_features, codes.in_features]))
         expected = codes.codes.to(torch.int16) - codes.center
@@ -204,7 +210,9 @@ def decompress_check(out: Path, plan: CompressedTensorsPlan, serving: torch.dtyp
     files = sorted(Path(out).glob("*.safetensors"))
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {key: h for h in handles for key in h.keys()}
-    for name, codes in plan.quantized.items():
+    layers = progress_bar(plan.quantized.items(), total=len(plan.quantized),
+                          desc="compressed-tensors export: decoding layers", unit="layer")
+    for name, codes in layers:
         local = {leaf: where[f"{name}.{leaf}"].get_tensor(f"{name}.{leaf}")
                  for leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
                  if f"{name}.{leaf}" in where}
@@ -326,7 +334,8 @@ def export_compressed_tensors(
     apply_quantization_config(dense_model, config, show_progress=False)
     _set_parameters(dense_model, plan, serving)
     compressor = ModelCompressor.from_pretrained_model(dense_model, quantization_format="pack-quantized")
-    compressor.compress_model(dense_model)
+    with routed_tqdm(sys.modules[type(compressor).__module__]):  # its "Compressing model" bar, under our switches
+        compressor.compress_model(dense_model)
     _verify_packed(dense_model, plan)
     dense_model.save_pretrained(out)
     compressor.update_config(str(out))

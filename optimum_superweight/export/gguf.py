@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..progress import progress_bar, routed_tqdm
 from .codes import ModuleCodes, exactly_representable
 from .errors import NotExpressibleError, require
 from .gguf_types import EMBEDDING_TYPES, CarriedSuperWeight, carry_super_weights, dense_type_for, file_type_label
@@ -255,9 +256,25 @@ def _exporting_class(base: type, plan: _Plan, metadata: Callable[[Any], None], p
                 return add_tensor(name, tensor, *a, raw_dtype=raw_dtype, **kw)
 
             writer.add_tensor = add_ours
+            write_tensors = writer.write_tensors_to_file
+
+            def write_tensors_to_file(*, progress: bool = False) -> None:
+                # gguf-py's own "Writing" bar (bytes), made by `from tqdm import tqdm` at the call: under our switches.
+                with routed_tqdm(importlib.import_module("tqdm")):
+                    write_tensors(progress=progress)
+
+            writer.write_tensors_to_file = write_tensors_to_file
             # The converter writes every tensor as F32 placeholders: label the file by what it holds.
             writer.add_file_type = lambda ftype: add_file_type(int(gguf.LlamaFileType[plan.label]))
             plan.has_output = any(self._gguf_name(key) == "output.weight" for key in plan.shapes)
+
+        def get_tensors(self):
+            # The converter reads, converts and (for our layers) encodes each tensor as it is drawn from here.
+            total = len(getattr(self, "model_tensors", ())) or None
+            with progress_bar(total=total, desc="GGUF export: converting tensors", unit="tensor") as bar:
+                for item in super().get_tensors():
+                    yield item
+                    bar.update()
 
         def _gguf_name(self, key: str) -> str | None:
             try:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import DEFAULT_IMPORTANCE_TOKENS
+from ..progress import forward_progress, progress_bar
 from ..tensor.hqq import hqq_quantize_weight
 from ..tensor.packing import unpack_codes
 from .codes import ModuleCodes, exactly_representable
@@ -180,7 +181,9 @@ def input_importance(model: nn.Module, tokenizer: Any, names: list[str], n_token
 
     ids, bos = model_calibration_ids(model, tokenizer, n_tokens)
     window = min(512, max(len(ids) // 2, 16))
-    energy = collect_input_energy(model, names, ids, window=window, bos_id=bos)
+    modules = dict(model.named_modules())
+    with forward_progress([modules[name] for name in names], desc="export: calibration", unit="layer"):
+        energy = collect_input_energy(model, names, ids, window=window, bos_id=bos)
     return energy, f"activations ({len(ids)} calibration tokens)"
 
 
@@ -211,7 +214,8 @@ def resolve_layers(
         chosen[codes.name] = exact
     if pending:
         importance, report.importance = input_importance(model, tokenizer, list(pending)) if model is not None else ({}, "uniform")
-        for name, codes in pending.items():
+        refits = progress_bar(pending.items(), total=len(pending), desc="export: re-fitting layers", unit="layer")
+        for name, codes in refits:
             chosen[name] = refit_layer(codes, target, importance.get(name))
             report.refitted.append(name)
     ordered = {c.name: chosen[c.name] for c in all_codes if c.name in chosen}

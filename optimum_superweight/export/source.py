@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..nn.linear import SuperWeightLinear
+from ..progress import progress_bar
 from ..nn.w8a8 import SuperWeightW8A8Linear
 from ..records import SuperWeight
 from .compat import add_transformers4_keys
@@ -87,19 +88,22 @@ def _dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     quantized = {name: module for name, module in model.named_modules() if isinstance(module, SuperWeightLinear)}
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, tensor in model.state_dict().items():
-        prefix, _, leaf = key.rpartition(".")
-        if prefix in quantized:
-            if leaf in _OWN_SUFFIXES:
-                continue
-            if leaf == "weight":
-                # A fresh tensor (never tied): kept out of the tie check, whose addresses a freed temporary could reuse.
-                state[key] = quantized[prefix].dequantize_weight(torch.float32).to(dtype).contiguous()
-                continue
-        if tensor.data_ptr() in seen and tensor.numel():
-            continue  # a tied weight: transformers re-ties it on load
-        seen.add(tensor.data_ptr())
-        state[key] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+    with progress_bar(total=len(quantized), desc="export: dequantizing layers", unit="layer") as bar:
+        for key, tensor in model.state_dict().items():
+            prefix, _, leaf = key.rpartition(".")
+            if prefix in quantized:
+                if leaf in _OWN_SUFFIXES:
+                    continue
+                if leaf == "weight":
+                    # A fresh tensor (never tied): kept out of the tie check, whose addresses a freed temporary
+                    # could reuse.
+                    state[key] = quantized[prefix].dequantize_weight(torch.float32).to(dtype).contiguous()
+                    bar.update()
+                    continue
+            if tensor.data_ptr() in seen and tensor.numel():
+                continue  # a tied weight: transformers re-ties it on load
+            seen.add(tensor.data_ptr())
+            state[key] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
     return state
 
 
