@@ -40,6 +40,9 @@ FORMATS = ("awq", "compressed-tensors", "gguf")
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    held_out = getattr(embeddings, "held_out_values", None)  # packed embeddings (embedding_bits=8): the model's dtype
+    if held_out is not None:
+        return held_out.dtype
     if embeddings is not None and embeddings.weight.is_floating_point():
         return embeddings.weight.dtype
     return torch.float32
