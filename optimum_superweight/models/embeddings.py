@@ -114,7 +114,7 @@ def pack_embeddings(model: nn.Module, config: SuperWeightConfig, records: Iterab
             f"'{pair.output_name}' to modules_to_not_convert, or leave embedding_bits=None."
         )
     channels = _channels(config, records, pair.input.weight.shape[1])
-    embedding = SuperWeightEmbedding.from_embedding(pair.input, channels, pair.input_name)
+    embedding = _loaded_as(pair.input, SuperWeightEmbedding.from_embedding(pair.input, channels, pair.input_name))
     set_module(model, pair.input_name, embedding)
     if pair.output is not None:
         if pair.tied:
@@ -124,8 +124,17 @@ def pack_embeddings(model: nn.Module, config: SuperWeightConfig, records: Iterab
             _declare_tied(model, pair)
         else:
             head = SuperWeightHead.from_linear(pair.output, channels, pair.output_name)
-        set_module(model, pair.output_name, head)
+        set_module(model, pair.output_name, _loaded_as(pair.output, head))
     return channels
+
+
+def _loaded_as(source: nn.Module, packed: nn.Module) -> nn.Module:
+    """The packed tensors carry transformers' loaded flag of the weight they were packed from (quantize-on-load checks
+    that every quantized tensor was loaded)."""
+    if getattr(source.weight, "_is_hf_initialized", False):
+        for tensor in packed.parameters():
+            tensor._is_hf_initialized = True
+    return packed
 
 
 def build_embedding_skeleton(model: nn.Module, config: SuperWeightConfig) -> None:

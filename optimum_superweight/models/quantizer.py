@@ -80,7 +80,7 @@ class SuperWeightQuantizer(HfQuantizer):
     # -- hooks ----------------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
-            build_quantized_skeleton(model, self.quantization_config)
+            build_quantized_skeleton(model, self.quantization_config, embeddings=True)
             self._index = read_checkpoint_index(kwargs.get("checkpoint_files"))
             if self._index is not None:  # before transformers casts, drops or re-initialises a tensor
                 check_checkpoint_layout(model, self._index)

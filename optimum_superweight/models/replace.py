@@ -305,17 +305,20 @@ def quantized_layer(
     )
 
 
-def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.Module:
-    """Swap targeted layers for empty :class:`SuperWeightLinear` modules shaped like a saved checkpoint.
+def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig, *, embeddings: bool = False) -> nn.Module:
+    """Swap targeted layers for empty :class:`SuperWeightLinear` modules shaped like a saved checkpoint, and with
+    ``embeddings`` (a compressed checkpoint's reload, not quantize-on-load) the packed embeddings of
+    ``embedding_bits=8``.
 
     Called on the meta-device model before weights load, so loading is plain assignment by name.
     """
+    if embeddings:
+        build_embedding_skeleton(model, config)  # before the targets: the packed head is no target
     if config.modules_to_not_convert is None:
         raise ValueError(
             "This superweight checkpoint's config lacks 'modules_to_not_convert'; it was not written by "
             "optimum-superweight's save_pretrained. Re-quantize the full-precision model."
         )
-    build_embedding_skeleton(model, config)  # embedding_bits=8: packed embeddings and head (not targets below)
     targets = modules_to_convert(model, config.modules_to_not_convert)
     counts: dict[str, int] = {}
     for sw in config.get_super_weights():
