@@ -107,12 +107,21 @@ def export(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             result["transformers4"] = add_transformers4_keys(staging)
+            _note_packed_embeddings(model, staging / "README.md")
         else:
             from .gguf import export_gguf
 
             result = export_gguf(all_codes, dense, staging, records=records, allow_requantize=allow_requantize, **options)
     result["path"] = str(out)
     return result
+
+
+def _note_packed_embeddings(model: nn.Module, readme: Path) -> None:
+    from .readme import packed_embeddings_section
+
+    section = packed_embeddings_section(model)
+    if section is not None and readme.is_file():
+        readme.write_text(readme.read_text().rstrip("\n") + "\n\n" + section + "\n")
 
 
 @contextmanager

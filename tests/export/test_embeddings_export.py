@@ -39,6 +39,7 @@ def test_compressed_tensors_plain_transformers_bit_equal(packed_checkpoint, tmp_
     stored = load_file(tmp_path / "ct" / "model.safetensors")
     assert stored["model.embed_tokens.weight"].dtype == torch.float32 and ("lm_head.weight" in stored) is not tied
     assert not any("held_out" in k for k in stored)
+    assert f"hidden channels [{ROW}] exact" in (tmp_path / "ct" / "README.md").read_text()
     loaded = load_isolated(tmp_path / "ct", tmp_path)  # plain transformers, without this package
     dense = _dense(checkpoint)
     with torch.no_grad():
