@@ -58,6 +58,9 @@ DEFAULT_HESSIAN_TOKENS = 8192
 WEIGHT_FORMATS = ("affine", "bnb-nf4")
 #: Activation quantization (W8A8): widths and scale modes (see :mod:`optimum_superweight.kernels.w8a8`).
 ACTIVATION_BITS = (None, 8)
+#: Storage of the input embeddings and the output head: the model's dtype (``None``) or 8-bit codes per row
+#: (see :mod:`optimum_superweight.nn.embedding`).
+EMBEDDING_BITS = (None, 8)
 #: Prompt the paper's authors used to find super weights (defined once, in prompts.py).
 DEFAULT_DETECTION_PROMPT = PAPER_PROMPT
 
@@ -170,6 +173,7 @@ FIELDS: dict[str, Validator] = {
     "max_holdout_channels": _int_range(0, 256),
     "activation_holdout": _optional(_mapping_of(_name, _INDICES[0], "module names to lists of channel indices >= 0")),
     "smoothquant_alpha": _optional(_number(0, 1), " (typically 0.5)"),
+    "embedding_bits": _choice(EMBEDDING_BITS),
     "digests": _optional(_mapping_of(
         _name, lambda v: isinstance(v, str) and v.partition(":")[0] in DIGEST_ALGORITHMS and len(v) < 1024,
         f"module names to '<algorithm>:<hex>' digests ({', '.join(DIGEST_ALGORITHMS)}; written by save_pretrained)",
@@ -387,6 +391,13 @@ class SuperWeightConfig(QuantizationConfigMixin):
             (folded into the preceding norm's weight, or up_proj's row for down_proj) and its weight column
             multiplied by it, which leaves the full-precision model's function unchanged. Llama-style decoder
             layers only. ``None``: no migration.
+        embedding_bits: ``None`` (default: the input embeddings and the output head stay in the model's dtype) or
+            ``8``: both stored as 8-bit codes with one float32 scale per vocabulary row, dequantized row by row as
+            tokens are looked up; the super-activation channels (``super_activation_channels``, default the super
+            weights' rows, recorded at quantization) are held out of every row's scale and stored exactly. A tied
+            head stays tied and is stored once. The head must be excluded from the low-bit layers
+            (``modules_to_not_convert``, the default). See :mod:`optimum_superweight.nn.embedding`; measured in
+            ``benchmarks/RESULTS.md`` ("8-bit embeddings and head").
         digests: Written by ``save_pretrained``, checked at load: one content digest per quantized module
             (:func:`optimum_superweight.format.layer_digest`). Leave ``None``.
         format_version: The checkpoint's tensor layout (:data:`optimum_superweight.format.FORMAT_VERSION`).
@@ -425,6 +436,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         max_holdout_channels: int = 8,
         activation_holdout: dict[str, list[int]] | None = None,
         smoothquant_alpha: float | None = None,
+        embedding_bits: int | None = None,
         digests: dict[str, str] | None = None,
         zero_point: str | None = None,
         weight_format: str = "affine",

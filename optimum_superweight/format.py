@@ -14,7 +14,16 @@ tensor                      dtype                      shape                pres
 ``<m>.super_weight_indices`` int32, in the matrix       ``[k, 2]``           the module has k > 0 super weights
 ``<m>.super_weight_values`` float32, finite            ``[k]``              the module has k > 0 super weights
 ``<m>.bias``                the model's float dtype    ``[out]``            the original layer had one
+``<m>.held_out_columns``    int32, sorted, distinct    ``[c]``              a packed embedding or head
+``<m>.held_out_values``     the model's float dtype    ``[out, c]``         a packed embedding or head
 ==========================  =========================  ===================  ============================
+
+With ``embedding_bits=8`` the input embeddings and the output head (``[vocab, hidden]``, one row per token) are
+stored as 8-bit symmetric codes with one float32 scale per row (``bits=8``, ``group_size=-1``, ``symmetric``,
+``scale_dtype="float32"``; :mod:`optimum_superweight.nn.embedding`), except the hidden channels of the super
+activation (``super_activation_channels``): those columns hold the zero code and are stored exactly in
+``held_out_values`` (``held_out_columns`` names them; ``c`` may be 0). ``held_out_values`` is the module's first
+floating tensor, so ``model.dtype`` (transformers' first floating parameter) stays the model's dtype.
 
 With ``weight_format="bnb-nf4"`` a layer is bitsandbytes' NF4 ``Linear4bit`` (:mod:`optimum_superweight.nn.nf4`):
 ``weight`` holds its packed codes as bitsandbytes lays them out, uint8 ``[ceil(out*in/2), 1]``, and
@@ -73,6 +82,9 @@ __all__ = [
     "SUPER_WEIGHT_INDICES",
     "SUPER_WEIGHT_VALUES",
     "BIAS",
+    "HELD_OUT_COLUMNS",
+    "HELD_OUT_VALUES",
+    "EMBEDDING_FORMAT",
     "SCALE_DTYPES",
     "TENSORS",
     "QUANTIZED_ONLY",
@@ -111,6 +123,10 @@ OFFSET = "weight_offset"
 SUPER_WEIGHT_INDICES = "super_weight_indices"
 SUPER_WEIGHT_VALUES = "super_weight_values"
 BIAS = "bias"
+HELD_OUT_COLUMNS = "held_out_columns"
+HELD_OUT_VALUES = "held_out_values"
+#: The grid of a packed embedding or head (``embedding_bits=8``): 8-bit symmetric codes, one float32 scale per row.
+EMBEDDING_FORMAT = {"bits": 8, "group_size": -1, "symmetric": True, "scale_dtype": "float32"}
 
 #: ``scale_dtype`` names and the torch dtype each stores.
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -150,6 +166,8 @@ class LayerFormat:
     zero_point: str = "uint8"
     #: ``"affine"`` (this package's groups) or ``"bnb-nf4"`` (bitsandbytes' NF4 layer), see ``SuperWeightConfig``.
     weight_format: str = "affine"
+    #: A packed embedding or head (``embedding_bits=8``): how many columns are stored exactly; ``None`` otherwise.
+    held_out_columns: int | None = None
 
     @property
     def nf4(self) -> bool:
@@ -176,6 +194,7 @@ class LayerFormat:
             num_super_weights=module.num_super_weights, bias=module.bias is not None,
             zero_point=getattr(module, "zero_point", None) or "uint8",
             weight_format=getattr(module, "weight_format", "affine"),
+            held_out_columns=getattr(module, "num_held_out_columns", None),
         )
 
 
@@ -265,6 +284,15 @@ def _check_finite(fmt: LayerFormat, tensor: torch.Tensor) -> str | None:
     return None
 
 
+def _check_columns(fmt: LayerFormat, columns: torch.Tensor) -> str | None:
+    values = [int(c) for c in columns.tolist()]
+    if any(not 0 <= c < fmt.in_features for c in values):
+        return f"holds {values} outside the {fmt.in_features} hidden channels"
+    if values != sorted(set(values)):
+        return f"holds {values}; accepted are distinct channels in increasing order"
+    return None
+
+
 #: The format table (see the module docstring); rows in storage and digest order.
 TENSORS: tuple[TensorSpec, ...] = (
     TensorSpec(WEIGHT, lambda f: True, lambda f: torch.uint8,
@@ -284,6 +312,10 @@ TENSORS: tuple[TensorSpec, ...] = (
                lambda f: (f.num_super_weights,), "super_weights", _check_finite),
     TensorSpec(BIAS, lambda f: f.bias, lambda f: None, lambda f: (f.out_features,), "the model's own config",
                _check_finite),
+    TensorSpec(HELD_OUT_COLUMNS, lambda f: f.held_out_columns is not None, lambda f: torch.int32,
+               lambda f: (f.held_out_columns,), "embedding_bits/super_activation_channels", _check_columns),
+    TensorSpec(HELD_OUT_VALUES, lambda f: f.held_out_columns is not None, lambda f: None,
+               lambda f: (f.out_features, f.held_out_columns), "embedding_bits/super_activation_channels", _check_finite),
 )
 #: Tensor names that only a quantized layer stores (a dense layer has ``weight`` and ``bias`` too).
 QUANTIZED_ONLY: frozenset[str] = frozenset(s.name for s in TENSORS) - {WEIGHT, BIAS}
@@ -408,6 +440,8 @@ def _unexplained(name: str, fmt: LayerFormat) -> str:
         )
     if name == BIAS:
         return "the model's config builds this layer without a bias"
+    if name in (HELD_OUT_COLUMNS, HELD_OUT_VALUES):
+        return "config.json's field 'embedding_bits' does not pack this module (it is a linear layer of the usual format)"
     return "no field of config.json explains such a tensor (unexpected tensor; the checkpoint was altered)"
 
 
@@ -431,7 +465,18 @@ def check_layer_values(
 
 
 def check_held_out_codes(module: str, fmt: LayerFormat, tensors: Mapping[str, torch.Tensor | None]) -> None:
-    """The packed code at every super weight is its group's zero code (the matrix is exactly 0 there)."""
+    """The packed code at every super weight (and in every held-out column of a packed embedding) is its group's zero
+    code (the matrix is exactly 0 there)."""
+    if fmt.held_out_columns:
+        columns = tensors[HELD_OUT_COLUMNS].to(torch.int64)
+        bad = tensors[WEIGHT][:, 0, columns] != 2 ** (fmt.bits - 1)  # 8-bit codes are stored one per byte
+        if bool(bad.any()):
+            row, i = _first(bad)
+            raise CheckpointFormatError(
+                f"{module}.{WEIGHT} holds code {int(tensors[WEIGHT][row, 0, columns[i]])} at row {row} of held-out column "
+                f"{int(columns[i])}, where the format stores the zero code {2 ** (fmt.bits - 1)}: the held-out columns "
+                "or the packed weight were altered."
+            )
     if fmt.nf4 and fmt.num_super_weights:
         indices = tensors[SUPER_WEIGHT_INDICES].to(torch.int64)
         codes = nf4_code_at(tensors[WEIGHT], indices[:, 0] * fmt.in_features + indices[:, 1])

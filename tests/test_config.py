@@ -154,6 +154,7 @@ _HOSTILE = {
     "max_holdout_channels": [-1, 257, True, 8.0, None],
     "activation_holdout": [[1, 2], {"m": 5}, {"m": [-1]}, {1: [1]}, {"m": ["1"]}, "m"],
     "smoothquant_alpha": [0, 1, -0.5, True, "0.5", float("inf")],
+    "embedding_bits": [4, 16, 0, True, 8.0, "8", [8]],
     "digests": ["crc32:0", {"m": 5}, {"m": "md5:00"}, {"m": None}, [["m", "crc32:0"]], {"": "crc32:0"}],
 }
 

@@ -40,6 +40,9 @@ FORMATS = ("awq", "compressed-tensors", "gguf")
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    held_out = getattr(embeddings, "held_out_values", None)  # packed embeddings (embedding_bits=8): the model's dtype
+    if held_out is not None:
+        return held_out.dtype
     if embeddings is not None and embeddings.weight.is_floating_point():
         return embeddings.weight.dtype
     return torch.float32
@@ -104,12 +107,21 @@ def export(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             result["transformers4"] = add_transformers4_keys(staging)
+            _note_packed_embeddings(model, staging / "README.md")
         else:
             from .gguf import export_gguf
 
             result = export_gguf(all_codes, dense, staging, records=records, allow_requantize=allow_requantize, **options)
     result["path"] = str(out)
     return result
+
+
+def _note_packed_embeddings(model: nn.Module, readme: Path) -> None:
+    from .readme import packed_embeddings_section
+
+    section = packed_embeddings_section(model)
+    if section is not None and readme.is_file():
+        readme.write_text(readme.read_text().rstrip("\n") + "\n\n" + section + "\n")
 
 
 @contextmanager

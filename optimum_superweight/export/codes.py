@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn.embedding import SuperWeightHead
 from ..nn.linear import SuperWeightLinear
 from ..tensor.packing import unpack_codes
 from ..tensor.quantize import QuantizedWeight, restore_exact
@@ -136,9 +137,13 @@ def module_codes(name: str, module: SuperWeightLinear) -> ModuleCodes:
 
 
 def quantized_modules(model: nn.Module) -> Iterator[ModuleCodes]:
-    """:func:`module_codes` of every :class:`SuperWeightLinear` in ``model``, in module order."""
+    """:func:`module_codes` of every :class:`SuperWeightLinear` in ``model``, in module order.
+
+    A packed output head (``embedding_bits=8``) is not among them: its held-out columns are no affine group, so the
+    writers take it, like the embeddings, from the dense folder (dequantized; GGUF re-quantizes both to its
+    embedding types, Q8_0 by default)."""
     for name, module in model.named_modules():
-        if isinstance(module, SuperWeightLinear):
+        if isinstance(module, SuperWeightLinear) and not isinstance(module, SuperWeightHead):
             yield module_codes(name, module)
 
 

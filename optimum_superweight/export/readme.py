@@ -12,7 +12,7 @@ from typing import Any
 
 from .refit import RefitReport
 
-__all__ = ["refit_section", "super_weight_section", "awq_card"]
+__all__ = ["refit_section", "super_weight_section", "awq_card", "packed_embeddings_section"]
 
 
 def refit_section(report: RefitReport) -> str:
@@ -77,3 +77,22 @@ def awq_card(plan: Any, records: list, dtype: str, source: str | None, notes: li
         lines += ["", f"Dense layers stored in {dtype}, which rounds some of their (dequantized) values; super weights "
                   "are checked exact: " + ", ".join(f"`{n}`: {k} values" for n, k in sorted(changed.items()))]
     return "\n".join(lines) + "\n"
+
+
+def packed_embeddings_section(model: Any) -> str | None:
+    """What an export says about a checkpoint with ``embedding_bits=8`` (``None`` without it): the embeddings and head
+    are written dequantized in the export's dense dtype, the super-activation channels at their exact values.
+
+    >>> packed_embeddings_section(object()) is None
+    True
+    """
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if getattr(config, "embedding_bits", None) is None:
+        return None
+    return (
+        "## Embeddings and head\n\nThe checkpoint stores the input embeddings and the output head in 8 bits per row "
+        f"(`embedding_bits=8`; hidden channels {list(config.super_activation_channels or [])} exact). This format has "
+        "no such tensor: they are written dequantized in the dense dtype (the exact channels included), so this "
+        "export is as large as one of a checkpoint without the option. Sizes and perplexity: benchmarks/RESULTS.md "
+        "(\"8-bit embeddings and head\")."
+    )

@@ -15,16 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.embeddings import is_tied_head
+from ..nn.embedding import SuperWeightEmbedding
 from ..nn.linear import SuperWeightLinear
-from ..progress import progress_bar
 from ..nn.w8a8 import SuperWeightW8A8Linear
+from ..progress import progress_bar
 from ..records import SuperWeight
 from .compat import add_transformers4_keys
 
 __all__ = ["load_source", "super_weight_records", "write_dense_folder", "tokenizer_of"]
 
-# Tensors of a SuperWeightLinear that only our format knows.
-_OWN_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_offset", "super_weight_indices", "super_weight_values")
+# Tensors of a SuperWeightLinear (or a packed embedding or head, embedding_bits=8) that only our format knows.
+_OWN_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_offset", "super_weight_indices", "super_weight_values",
+                 "held_out_columns", "held_out_values")
 
 
 def load_source(model_or_folder: Any) -> tuple[nn.Module, str | None]:
@@ -85,12 +88,18 @@ def tokenizer_of(folder: str | None, tokenizer: Any = None) -> Any:
 
 
 def _dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    quantized = {name: module for name, module in model.named_modules() if isinstance(module, SuperWeightLinear)}
+    # Packed embeddings and head (embedding_bits=8) are written dequantized, like every other quantized layer; a tied
+    # packed head is its embeddings' tensors: left out, transformers re-ties it on load.
+    quantized = {name: module for name, module in model.named_modules()
+                 if isinstance(module, (SuperWeightLinear, SuperWeightEmbedding))}
+    tied_heads = {name for name, module in quantized.items() if is_tied_head(module)}
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    with progress_bar(total=len(quantized), desc="export: dequantizing layers", unit="layer") as bar:
+    with progress_bar(total=len(quantized) - len(tied_heads), desc="export: dequantizing layers", unit="layer") as bar:
         for key, tensor in model.state_dict().items():
             prefix, _, leaf = key.rpartition(".")
+            if prefix in tied_heads:
+                continue
             if prefix in quantized:
                 if leaf in _OWN_SUFFIXES:
                     continue

@@ -123,9 +123,10 @@ def _dense_16bit_bytes(model: Any) -> int | None:
     counted: set[int] = set()
     total = 0
     for module in model.modules():
-        if is_quantized_layer(module):
+        own = {id(p) for p in module.parameters(recurse=False)}
+        if is_quantized_layer(module) and not own <= counted:  # a tied packed head (embedding_bits=8) counts once
             total += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
-            counted.update(id(p) for p in module.parameters(recurse=False))
+            counted.update(own)
     for parameter in model.parameters():
         if id(parameter) not in counted:
             counted.add(id(parameter))

@@ -30,7 +30,14 @@ from ..tensor.rows import single_intra_op_thread
 from .loading import SuperWeightQuantize, plan_low_memory
 from .plan import fit_to_model, plan_targets
 from .saving import attach_save_hook
-from .replace import build_quantized_skeleton, dequantize_model, quantize_model, record_results, resolve_dtype
+from .replace import (
+    build_quantized_skeleton,
+    dequantize_model,
+    pack_embeddings_step,
+    quantize_model,
+    record_results,
+    resolve_dtype,
+)
 from .verify import check_checkpoint_layout, layer_digests, read_checkpoint_index, verify_quantized_model
 
 __all__ = ["SuperWeightQuantizer", "register"]
@@ -73,7 +80,7 @@ class SuperWeightQuantizer(HfQuantizer):
     # -- hooks ----------------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
-            build_quantized_skeleton(model, self.quantization_config)
+            build_quantized_skeleton(model, self.quantization_config, embeddings=True)
             self._index = read_checkpoint_index(kwargs.get("checkpoint_files"))
             if self._index is not None:  # before transformers casts, drops or re-initialises a tensor
                 check_checkpoint_layout(model, self._index)
@@ -100,7 +107,9 @@ class SuperWeightQuantizer(HfQuantizer):
             raise ValueError(
                 "Quantizing while loading failed: " + "; ".join(plan.errors or [f"never received {missing[:3]}"])
             )
-        record_results(model, plan.config, plan.result())
+        with torch.no_grad():
+            result = pack_embeddings_step(model, plan.config, plan.result())
+        record_results(model, plan.config, result)
         self.quantization_config = model.config.quantization_config
         verify_quantized_model(model, self.quantization_config, loaded_by_transformers=True)
         # No prepare_kernels here: kernel states (float32 copies of scales and offsets) would raise the load's

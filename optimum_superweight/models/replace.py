@@ -25,6 +25,7 @@ nothing below imports this.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ from ..tensor.rows import (
     single_intra_op_thread,
 )
 from .calibration import collect_hessians, collect_input_energy, model_calibration_ids
+from .embeddings import build_embedding_skeleton, dequantize_embeddings, pack_embeddings
 from .modules import as_linear, features, set_module
 from .nf4 import build_nf4_skeleton, quantize_model_nf4
 from .plan import (
@@ -72,6 +74,7 @@ __all__ = [
     "choose_codes",
     "build_modules",
     "record_results",
+    "pack_embeddings_step",
     "quantized_layer",
     "build_quantized_skeleton",
     "dequantize_model",
@@ -117,7 +120,17 @@ def quantize_model(
         records = config.get_super_weights() if super_weights is None else super_weights
         plan = plan_quantization(model, skip, targets, records)
         result = variation.quantize(model, config, plan, tokenizer=tokenizer, hessians=hessians)
+        result = pack_embeddings_step(model, config, result)
     return record_results(model, config, result)
+
+
+def pack_embeddings_step(model: nn.Module, config: SuperWeightConfig, result: QuantizationResult) -> QuantizationResult:
+    """With ``config.embedding_bits``: the input embeddings and the head packed (:mod:`.embeddings`), the held-out
+    super-activation channels added to ``result`` (recorded as ``super_activation_channels``); else ``result``."""
+    if config.embedding_bits is None:
+        return result
+    channels = pack_embeddings(model, config, result.super_weights)
+    return dataclasses.replace(result, super_activation_channels=channels)
 
 
 @dataclass(frozen=True)
@@ -292,11 +305,15 @@ def quantized_layer(
     )
 
 
-def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig) -> nn.Module:
-    """Swap targeted layers for empty :class:`SuperWeightLinear` modules shaped like a saved checkpoint.
+def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig, *, embeddings: bool = False) -> nn.Module:
+    """Swap targeted layers for empty :class:`SuperWeightLinear` modules shaped like a saved checkpoint, and with
+    ``embeddings`` (a compressed checkpoint's reload, not quantize-on-load) the packed embeddings of
+    ``embedding_bits=8``.
 
     Called on the meta-device model before weights load, so loading is plain assignment by name.
     """
+    if embeddings:
+        build_embedding_skeleton(model, config)  # before the targets: the packed head is no target
     if config.modules_to_not_convert is None:
         raise ValueError(
             "This superweight checkpoint's config lacks 'modules_to_not_convert'; it was not written by "
@@ -354,8 +371,10 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """Replace every quantized layer (:class:`SuperWeightLinear`, the NF4 layer) by a dense ``nn.Linear`` (super weights exact)."""
+    """Replace every quantized layer (:class:`SuperWeightLinear`, the NF4 layer) by a dense ``nn.Linear`` (super weights
+    exact), and packed embeddings (``embedding_bits=8``) by a dense embedding and head."""
     dtype = resolve_dtype(dtype)
+    dequantize_embeddings(model, dtype)  # embedding_bits=8: dense embeddings, a tied head tied again
     for name, module in list(model.named_modules()):
         if is_quantized_layer(module):
             set_module(model, name, module.to_linear(dtype))

@@ -30,6 +30,7 @@ from ..config import SuperWeightConfig
 from ..format import (
     BIAS,
     DIGEST_ALGORITHM,
+    HELD_OUT_VALUES,
     DIGESTS_METADATA_KEY,
     QUANTIZED_ONLY,
     WEIGHT,
@@ -45,6 +46,7 @@ from ..format import (
 )
 from ..nn.layers import is_quantized_layer
 from ..nn.linear import SuperWeightLinear
+from .embeddings import is_tied_head, verify_embeddings
 
 __all__ = ["read_checkpoint_index", "check_checkpoint_layout", "verify_quantized_model", "layer_digests"]
 
@@ -86,8 +88,8 @@ def check_checkpoint_layout(model: nn.Module, index: Mapping[str, StoredTensor])
     modules = dict(model.named_modules())
     by_module = _stored_by_module(index)
     for name, module in modules.items():
-        if not is_quantized_layer(module):
-            continue
+        if not is_quantized_layer(module) or is_tied_head(module):
+            continue  # a tied packed head's tensors are stored (and checked) under the embeddings
         stored = by_module.get(name, {})
         weight = stored.get(WEIGHT)
         if not QUANTIZED_ONLY & set(stored) and (weight is None or len(weight.shape) == 2):
@@ -230,6 +232,7 @@ def verify_quantized_model(
             )
         if not is_quantized_layer(module):
             _verify_dense_super_weights(name, module, records)
+    verify_embeddings(model, config)
     if pre_quantized:
         _verify_digests(model, config, index, metadata)
 
@@ -295,20 +298,21 @@ def _verify_dense_super_weights(name: str, module: nn.Module, records: list) -> 
 # -- digests -------------------------------------------------------------------------------------------------
 def _layer_tensors_as_stored(name: str, module: SuperWeightLinear, index: Mapping[str, StoredTensor] | None):
     tensors = module.stored_tensors()
-    bias = tensors.get(BIAS)
-    entry = None if index is None else index.get(f"{name}.{BIAS}")
-    if bias is not None and entry is not None and safetensors_dtype_name(bias.dtype) != entry.dtype:
-        # Loaded in another dtype than written (dtype=...): digest the bias as stored.
-        from safetensors import safe_open
+    for leaf in (BIAS, HELD_OUT_VALUES):  # the tensors stored in the model's dtype
+        tensor = tensors.get(leaf)
+        entry = None if index is None else index.get(f"{name}.{leaf}")
+        if tensor is not None and entry is not None and safetensors_dtype_name(tensor.dtype) != entry.dtype:
+            # Loaded in another dtype than written (dtype=...): digest the tensor as stored.
+            from safetensors import safe_open
 
-        with safe_open(entry.file, framework="pt") as handle:
-            tensors[BIAS] = handle.get_tensor(f"{name}.{BIAS}")
+            with safe_open(entry.file, framework="pt") as handle:
+                tensors[leaf] = handle.get_tensor(f"{name}.{leaf}")
     return tensors
 
 
 def layer_digests(model: nn.Module) -> dict[str, str]:
     """The content digest of every quantized module of ``model`` (what save_pretrained records in config.json)."""
-    layers = [(n, m) for n, m in model.named_modules() if is_quantized_layer(m)]
+    layers = [(n, m) for n, m in model.named_modules() if is_quantized_layer(m) and not is_tied_head(m)]
     return dict(_parallel_digests([(n, m.stored_tensors()) for n, m in layers]))
 
 
@@ -342,7 +346,8 @@ def _verify_digests(
                 "field 'digests' is missing; the checkpoint's config.json was edited."
             )
         return  # written before digests existed: every other check applied
-    layers = {n: m for n, m in model.named_modules() if is_quantized_layer(m)}
+    # A tied packed head is its embeddings' tensors: digested once, under the embeddings.
+    layers = {n: m for n, m in model.named_modules() if is_quantized_layer(m) and not is_tied_head(m)}
     extra = sorted(set(digests) - set(layers))
     if extra:
         raise CheckpointFormatError(
