@@ -24,9 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--requantize",
         action="store_true",
-        help="re-fit layers the format cannot hold exactly from their dequantized weights, for the layers' outputs on "
-        "the calibration text (weighted grids, GPTQ error feedback; default: refuse with an error naming them); the "
-        "output's README says which and what it cost",
+        help="re-fit layers the format cannot hold exactly from their dequantized weights, weighted by activations on "
+        "the calibration text (default: refuse with an error naming them); the output's README says which and what it cost",
     )
     parser.add_argument(
         "--dtype",

@@ -61,9 +61,8 @@ def export(
         out: Output folder (compressed-tensors) or ``.gguf`` file (GGUF).
         format: ``"awq"``, ``"compressed-tensors"`` or ``"gguf"``.
         tokenizer: Shipped with the export; by default the one saved next to the checkpoint.
-        allow_requantize: Re-fit layers the format cannot hold exactly instead of raising (AWQ, compressed-tensors:
-            from their dequantized weights, for the layers' outputs on the calibration text when a tokenizer is
-            available: :mod:`.refit`).
+        allow_requantize: Re-fit layers the format cannot hold exactly (from their dequantized weights, weighted
+            by activations on the calibration text when a tokenizer is available) instead of raising.
         **options: Format options. AWQ: ``dtype`` of dense tensors (``"auto"``: float16 unless it would round a
             super weight). compressed-tensors: ``dtype``
             (``"auto"`` = the model's), ``zero_point`` (the form re-fitted layers take: ``"uint8"`` or

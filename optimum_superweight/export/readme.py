@@ -24,7 +24,7 @@ def refit_section(report: RefitReport) -> str:
     else:
         lines.append(
             f"{len(report.refitted)} layer(s) could not be held as they are and were **re-fitted** on request "
-            "(`--requantize`): fitted again from their dequantized weights with optimum-superweight's optimizers "
+            "(`--requantize`): fitted again from their dequantized weights with optimum-superweight's weighted optimizer "
             f"({report.method or 'HQQ grids'}; statistics: {report.importance}), super weights held out and "
             "exact. Their codes and scales are new; every other quantized layer holds the checkpoint's own."
         )

@@ -7,16 +7,15 @@ its input size (a group then splits into whole groups that repeat its scale and 
 
 Anything else must change form: float offsets (``w = s·q + m``, the default ``zero_point="float"``) have no
 integer zero, other widths have no packing. :func:`refit_layer` fits such a layer again from its dequantized
-weight, super weights held out and exact, in two steps: the package's weighted optimizer
-(:func:`~optimum_superweight.tensor.hqq.hqq_quantize_weight` in the target form: HQQ grids refined for the output
-error weighted by each input channel's mean squared activation) chooses each group's scale and zero-point, then
-GPTQ's error feedback (:func:`~optimum_superweight.tensor.gptq.gptq_on_grid`) chooses the codes on that grid under
-the layer's whole input second moment ``H = E[x xᵀ]``, so that the layer's *output* stays close to the checkpoint's
-(the rounding error of one column is compensated by the columns after it). ``H`` is measured by running the
-checkpoint on the package's calibration text (:func:`input_hessians`, a bounded share of layers at a time); without a
-tokenizer every channel weighs alike and the codes are the grid's nearest, with a warning. :func:`measure_effect`
-scores the checkpoint and the exported weights on held-out text (the start of the built-in text; calibration reads
-its end), so the export says what the re-fit cost.
+weight with the package's weighted optimizer (:func:`~optimum_superweight.tensor.hqq.hqq_quantize_weight` in the
+target form: HQQ grids refined for the output error weighted by each input channel's mean squared activation),
+super weights held out and exact. The importance is measured by running the checkpoint on the package's
+calibration text (:func:`input_importance`); without a tokenizer it is uniform, with a warning. Given a layer's
+whole input second moment (:func:`input_hessians`), :func:`refit_layer` also chooses the codes on that grid by
+GPTQ's error feedback (:func:`~optimum_superweight.tensor.gptq.gptq_on_grid`); the export does not: on held-out
+text it did not beat the nearest codes (benchmarks/RESULTS.md, "Export with `--requantize`").
+:func:`measure_effect` scores the checkpoint and the exported weights on held-out text (the start of the built-in
+text; calibration reads its end), so the export says what the re-fit cost.
 
 >>> target = TargetForm(bits=4, group_size=64, variants=("zero_point", "symmetric"), refit_form="uint8")
 >>> target.describe()
@@ -40,8 +39,8 @@ from ..tensor.hqq import hqq_quantize_weight
 from ..tensor.packing import unpack_codes
 from .codes import ModuleCodes, exactly_representable
 
-__all__ = ["TargetForm", "RefitReport", "target_group", "express", "regroup", "refit_layer", "input_hessians",
-           "measure_effect", "resolve_layers", "REFIT_METHOD"]
+__all__ = ["TargetForm", "RefitReport", "target_group", "express", "regroup", "refit_layer", "input_importance",
+           "input_hessians", "measure_effect", "resolve_layers", "REFIT_METHOD"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +48,10 @@ logger = logging.getLogger(__name__)
 EFFECT_TOKENS = 1024
 #: Calibration tokens (the end of the built-in text) the re-fit's importance is measured on: the quantizer's own.
 IMPORTANCE_TOKENS = DEFAULT_IMPORTANCE_TOKENS
-#: GPTQ's damping of the re-fit's error feedback (a fraction of the mean of ``diag(H)``).
+#: GPTQ's damping of the error feedback (a fraction of the mean of ``diag(H)``) when :func:`refit_layer` is given ``H``.
 REFIT_DAMP = 0.01
-#: Bytes of input second moments (``in_features² `` float32 per layer) held at once: layers are re-fitted in chunks
-#: of at most this much, one calibration pass each (SmolLM2's 207 layers fit in one).
-HESSIAN_BUDGET_BYTES = 2 << 30
-#: How :func:`refit_layer` chooses codes when it has the layer's input statistics (the export's README says it).
-REFIT_METHOD = ("grids by the weighted HQQ fit, codes by GPTQ error feedback on each layer's input second moment "
-                "(the checkpoint's own dequantized weight as the target)")
+#: How the export's re-fit chooses codes (its README says it).
+REFIT_METHOD = "grids by the weighted HQQ fit, each weight's nearest code on its grid"
 
 
 @dataclass(frozen=True)
@@ -160,22 +155,24 @@ def express(codes: ModuleCodes, target: TargetForm) -> tuple[ModuleCodes | None,
 
 @torch.no_grad()
 def refit_layer(
-    codes: ModuleCodes, target: TargetForm, hessian: torch.Tensor | None, *, error_feedback: bool = True
+    codes: ModuleCodes, target: TargetForm, importance: torch.Tensor | None = None, *, hessian: torch.Tensor | None = None,
 ) -> ModuleCodes:
     """``codes`` fitted again in ``target``'s form from its dequantized weight, super weights held out and exact.
 
-    ``hessian`` (``[in_features, in_features]``, ``E[x xᵀ]`` of the layer's inputs on calibration text): its
-    diagonal weighs the grid fit, then GPTQ's error feedback under the whole matrix chooses the codes on that grid
-    (``error_feedback=False``: the grid's nearest codes, the plain re-fit); ``None`` weighs every channel alike and
-    keeps the nearest codes.
+    ``importance`` (``[in_features]``, each input channel's mean squared activation) weighs the grid fit; ``None``
+    weighs every channel alike, or by ``diag(hessian)``. ``hessian`` (``[in, in]``, ``E[x xᵀ]`` of the layer's inputs)
+    also has GPTQ's error feedback choose the codes on that grid for the layer's output (not what the export does:
+    see the module doc); without it each weight takes its nearest code.
     """
     dense = codes.dequantize()
-    weights = torch.ones(codes.in_features) if hessian is None else torch.diagonal(hessian).detach().to("cpu", torch.float32).clone()
+    if importance is None and hessian is not None:
+        importance = torch.diagonal(hessian)
+    weights = torch.ones(codes.in_features) if importance is None else importance.detach().to("cpu", torch.float32).clone()
     fitted = hqq_quantize_weight(
         dense, bits=target.bits, group_size=target.group_size, symmetric=target.refit_form == "symmetric",
         zero_point="uint8", scale_dtype=target.scale_dtype, holdout=codes.super_indices, importance=weights,
     )
-    if hessian is not None and error_feedback:
+    if hessian is not None:
         fitted = gptq_on_grid(dense, hessian.detach().to("cpu"), fitted, holdout=codes.super_indices, damp=REFIT_DAMP)
     layout = fitted.layout
     unpacked = unpack_codes(fitted.packed, layout.bits, layout.effective_group_size).reshape(layout.out_features, -1)
@@ -188,38 +185,31 @@ def refit_layer(
     )
 
 
+def input_importance(model: nn.Module, tokenizer: Any, names: list[str], n_tokens: int = IMPORTANCE_TOKENS) -> tuple[dict[str, torch.Tensor], str]:
+    """Each named layer's per-input-channel mean squared activation, measured by running ``model`` (the
+    checkpoint as quantized) on the package's calibration text; ``({}, "uniform")`` without a tokenizer."""
+    return _input_statistics(model, tokenizer, names, n_tokens, whole=False)
+
+
 def input_hessians(model: nn.Module, tokenizer: Any, names: list[str], n_tokens: int = IMPORTANCE_TOKENS) -> tuple[dict[str, torch.Tensor], str]:
     """Each named layer's input second moment ``E[x xᵀ]`` (float32 ``[in, in]``; layers reading one input share one),
-    measured by running ``model`` (the checkpoint as quantized) on the package's calibration text;
-    ``({}, "uniform")`` without a tokenizer."""
+    measured like :func:`input_importance` (whose values are its diagonal); ``({}, "uniform")`` without a tokenizer."""
+    return _input_statistics(model, tokenizer, names, n_tokens, whole=True)
+
+
+def _input_statistics(model: nn.Module, tokenizer: Any, names: list[str], n_tokens: int, *, whole: bool) -> tuple[dict[str, torch.Tensor], str]:
     if not names:
         return {}, "none"
     if tokenizer is None:
-        logger.warning("optimum-superweight export: no tokenizer, so the re-fit weighs every input channel alike and "
-                       "keeps each weight's nearest code (pass tokenizer= or save one next to the checkpoint to fit "
-                       "for the layers' outputs on calibration text).")
+        logger.warning("optimum-superweight export: no tokenizer, so the re-fit weighs every input channel alike "
+                       "(pass tokenizer= or save one next to the checkpoint to weigh them by their activations).")
         return {}, "uniform"
-    from ..models.calibration import collect_hessians, model_calibration_ids
+    from ..models.calibration import collect_hessians, collect_input_energy, model_calibration_ids
 
     ids, bos = model_calibration_ids(model, tokenizer, n_tokens)
     window = min(512, max(len(ids) // 2, 16))
-    hessians = collect_hessians(model, names, ids, window=window, bos_id=bos)
-    return hessians, f"activations ({len(ids)} calibration tokens)"
-
-
-def _chunks(pending: list[ModuleCodes], budget: int) -> list[list[ModuleCodes]]:
-    """``pending`` in model order, cut so that each chunk's input second moments take at most ``budget`` bytes
-    (counted per layer, an upper bound where layers share one); a layer over the budget is a chunk of its own."""
-    chunks: list[list[ModuleCodes]] = [[]]
-    used = 0
-    for codes in pending:
-        size = 4 * codes.in_features ** 2
-        if chunks[-1] and used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(codes)
-        used += size
-    return chunks
+    collect = collect_hessians if whole else collect_input_energy
+    return collect(model, names, ids, window=window, bos_id=bos), f"activations ({len(ids)} calibration tokens)"
 
 
 def resolve_layers(
@@ -247,15 +237,12 @@ def resolve_layers(
         if _group(exact) != _group(codes):
             report.regrouped.append(codes.name)
         chosen[codes.name] = exact
-    for chunk in _chunks(list(pending.values()), HESSIAN_BUDGET_BYTES) if pending else []:
-        names = [codes.name for codes in chunk]
-        hessians, report.importance = input_hessians(model, tokenizer, names) if model is not None else ({}, "uniform")
-        for codes in chunk:
-            chosen[codes.name] = refit_layer(codes, target, hessians.get(codes.name))
-            report.refitted.append(codes.name)
-        del hessians
     if pending:
-        report.method = REFIT_METHOD if report.importance != "uniform" else "grids by the HQQ fit, nearest codes"
+        importance, report.importance = input_importance(model, tokenizer, list(pending)) if model is not None else ({}, "uniform")
+        report.method = REFIT_METHOD
+        for name, codes in pending.items():
+            chosen[name] = refit_layer(codes, target, importance.get(name))
+            report.refitted.append(name)
     ordered = {c.name: chosen[c.name] for c in all_codes if c.name in chosen}
     return ordered, report
 
