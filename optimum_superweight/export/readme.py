@@ -25,7 +25,7 @@ def refit_section(report: RefitReport) -> str:
         lines.append(
             f"{len(report.refitted)} layer(s) could not be held as they are and were **re-fitted** on request "
             "(`--requantize`): fitted again from their dequantized weights with optimum-superweight's weighted optimizer "
-            f"(HQQ grids refined for the output error, importance: {report.importance}), super weights held out and "
+            f"({report.method or 'HQQ grids'}; statistics: {report.importance}), super weights held out and "
             "exact. Their codes and scales are new; every other quantized layer holds the checkpoint's own."
         )
         effect = report.effect

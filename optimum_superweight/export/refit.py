@@ -10,7 +10,10 @@ integer zero, other widths have no packing. :func:`refit_layer` fits such a laye
 weight with the package's weighted optimizer (:func:`~optimum_superweight.tensor.hqq.hqq_quantize_weight` in the
 target form: HQQ grids refined for the output error weighted by each input channel's mean squared activation),
 super weights held out and exact. The importance is measured by running the checkpoint on the package's
-calibration text (:func:`input_importance`); without a tokenizer it is uniform, with a warning.
+calibration text (:func:`input_importance`); without a tokenizer it is uniform, with a warning. Given a layer's
+whole input second moment (:func:`input_hessians`), :func:`refit_layer` also chooses the codes on that grid by
+GPTQ's error feedback (:func:`~optimum_superweight.tensor.gptq.gptq_on_grid`); the export does not: on held-out
+text it did not beat the nearest codes (benchmarks/RESULTS.md, "Export with `--requantize`").
 :func:`measure_effect` scores the checkpoint and the exported weights on held-out text (the start of the built-in
 text; calibration reads its end), so the export says what the re-fit cost.
 
@@ -32,12 +35,13 @@ from torch import nn
 
 from ..config import DEFAULT_IMPORTANCE_TOKENS
 from ..progress import forward_progress, progress_bar
+from ..tensor.gptq import gptq_on_grid
 from ..tensor.hqq import hqq_quantize_weight
 from ..tensor.packing import unpack_codes
 from .codes import ModuleCodes, exactly_representable
 
 __all__ = ["TargetForm", "RefitReport", "target_group", "express", "regroup", "refit_layer", "input_importance",
-           "measure_effect", "resolve_layers"]
+           "input_hessians", "measure_effect", "resolve_layers", "REFIT_METHOD"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ logger = logging.getLogger(__name__)
 EFFECT_TOKENS = 1024
 #: Calibration tokens (the end of the built-in text) the re-fit's importance is measured on: the quantizer's own.
 IMPORTANCE_TOKENS = DEFAULT_IMPORTANCE_TOKENS
+#: GPTQ's damping of the error feedback (a fraction of the mean of ``diag(H)``) when :func:`refit_layer` is given ``H``.
+REFIT_DAMP = 0.01
+#: How the export's re-fit chooses codes (its README says it).
+REFIT_METHOD = "grids by the weighted HQQ fit, each weight's nearest code on its grid"
 
 
 @dataclass(frozen=True)
@@ -67,17 +75,19 @@ class TargetForm:
 @dataclass
 class RefitReport:
     """What changed: ``refitted`` layers (new codes; ``reasons`` says why), ``regrouped`` layers (same values,
-    smaller groups), the importance used, and the measured effect (``None`` when nothing was re-fitted)."""
+    smaller groups), the statistics used (``importance``), how the codes were chosen (``method``), and the measured
+    effect (``None`` when nothing was re-fitted)."""
 
     refitted: list[str] = field(default_factory=list)
     regrouped: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     importance: str | None = None
+    method: str | None = None
     effect: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"refitted": list(self.refitted), "regrouped": list(self.regrouped), "reasons": dict(self.reasons),
-                "importance": self.importance, "effect": self.effect}
+                "importance": self.importance, "method": self.method, "effect": self.effect}
 
 
 def _group(codes: ModuleCodes) -> int:
@@ -145,18 +155,26 @@ def express(codes: ModuleCodes, target: TargetForm) -> tuple[ModuleCodes | None,
 
 
 @torch.no_grad()
-def refit_layer(codes: ModuleCodes, target: TargetForm, importance: torch.Tensor | None) -> ModuleCodes:
+def refit_layer(
+    codes: ModuleCodes, target: TargetForm, importance: torch.Tensor | None = None, *, hessian: torch.Tensor | None = None,
+) -> ModuleCodes:
     """``codes`` fitted again in ``target``'s form from its dequantized weight, super weights held out and exact.
 
-    ``importance`` (``[in_features]``, each input channel's mean squared activation) weighs the fit; ``None``
-    weighs every channel alike.
+    ``importance`` (``[in_features]``, each input channel's mean squared activation) weighs the grid fit; ``None``
+    weighs every channel alike, or by ``diag(hessian)``. ``hessian`` (``[in, in]``, ``E[x xᵀ]`` of the layer's inputs)
+    also has GPTQ's error feedback choose the codes on that grid for the layer's output (not what the export does:
+    see the module doc); without it each weight takes its nearest code.
     """
     dense = codes.dequantize()
-    weights = torch.ones(codes.in_features) if importance is None else importance.detach().to("cpu", torch.float32)
+    if importance is None and hessian is not None:
+        importance = torch.diagonal(hessian)
+    weights = torch.ones(codes.in_features) if importance is None else importance.detach().to("cpu", torch.float32).clone()
     fitted = hqq_quantize_weight(
         dense, bits=target.bits, group_size=target.group_size, symmetric=target.refit_form == "symmetric",
         zero_point="uint8", scale_dtype=target.scale_dtype, holdout=codes.super_indices, importance=weights,
     )
+    if hessian is not None:
+        fitted = gptq_on_grid(dense, hessian.detach().to("cpu"), fitted, holdout=codes.super_indices, damp=REFIT_DAMP)
     layout = fitted.layout
     unpacked = unpack_codes(fitted.packed, layout.bits, layout.effective_group_size).reshape(layout.out_features, -1)
     symmetric = target.refit_form == "symmetric"
@@ -171,20 +189,31 @@ def refit_layer(codes: ModuleCodes, target: TargetForm, importance: torch.Tensor
 def input_importance(model: nn.Module, tokenizer: Any, names: list[str], n_tokens: int = IMPORTANCE_TOKENS) -> tuple[dict[str, torch.Tensor], str]:
     """Each named layer's per-input-channel mean squared activation, measured by running ``model`` (the
     checkpoint as quantized) on the package's calibration text; ``({}, "uniform")`` without a tokenizer."""
+    return _input_statistics(model, tokenizer, names, n_tokens, whole=False)
+
+
+def input_hessians(model: nn.Module, tokenizer: Any, names: list[str], n_tokens: int = IMPORTANCE_TOKENS) -> tuple[dict[str, torch.Tensor], str]:
+    """Each named layer's input second moment ``E[x xᵀ]`` (float32 ``[in, in]``; layers reading one input share one),
+    measured like :func:`input_importance` (whose values are its diagonal); ``({}, "uniform")`` without a tokenizer."""
+    return _input_statistics(model, tokenizer, names, n_tokens, whole=True)
+
+
+def _input_statistics(model: nn.Module, tokenizer: Any, names: list[str], n_tokens: int, *, whole: bool) -> tuple[dict[str, torch.Tensor], str]:
     if not names:
         return {}, "none"
     if tokenizer is None:
         logger.warning("optimum-superweight export: no tokenizer, so the re-fit weighs every input channel alike "
                        "(pass tokenizer= or save one next to the checkpoint to weigh them by their activations).")
         return {}, "uniform"
-    from ..models.calibration import collect_input_energy, model_calibration_ids
+    from ..models.calibration import collect_hessians, collect_input_energy, model_calibration_ids
 
     ids, bos = model_calibration_ids(model, tokenizer, n_tokens)
     window = min(512, max(len(ids) // 2, 16))
     modules = dict(model.named_modules())
+    collect = collect_hessians if whole else collect_input_energy
     with forward_progress([modules[name] for name in names], desc="export: calibration", unit="layer"):
-        energy = collect_input_energy(model, names, ids, window=window, bos_id=bos)
-    return energy, f"activations ({len(ids)} calibration tokens)"
+        statistics = collect(model, names, ids, window=window, bos_id=bos)
+    return statistics, f"activations ({len(ids)} calibration tokens)"
 
 
 def resolve_layers(
@@ -214,6 +243,7 @@ def resolve_layers(
         chosen[codes.name] = exact
     if pending:
         importance, report.importance = input_importance(model, tokenizer, list(pending)) if model is not None else ({}, "uniform")
+        report.method = REFIT_METHOD
         refits = progress_bar(pending.items(), total=len(pending), desc="export: re-fitting layers", unit="layer")
         for name, codes in refits:
             chosen[name] = refit_layer(codes, target, importance.get(name))

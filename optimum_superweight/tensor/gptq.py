@@ -58,6 +58,7 @@ __all__ = [
     "gptq_quantize_weight",
     "gptq_quantize_weights",
     "gptq_fixed_grid",
+    "gptq_on_grid",
     # re-exported from .clip (imported from here before the clip search had its own module)
     "clip_quantize_weight",
     "search_group_params",
@@ -252,6 +253,47 @@ def gptq_fixed_grid(
                           block_size=block_size, act_order=act_order)
     dense = (codes - (2 ** (bits - 1) if zero is None else zero)) * scale.to(torch.float32)
     return torch.where(held, original, dense)
+
+
+@torch.no_grad()
+def gptq_on_grid(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: QuantizedWeight,
+    *,
+    holdout: torch.Tensor | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+) -> QuantizedWeight:
+    """GPTQ codes for ``weight`` on the scales (and integer zero-points) of ``grid``, a quantization of the same
+    shape chosen by another method (its codes are not read): that method picks each group's grid, the error
+    feedback under ``hessian`` picks the codes within it. The result stores ``grid``'s scales and zero-points as
+    they are; ``holdout`` as in :func:`gptq_quantize_weight`. Float-offset grids (``w = s·q + m``) have no integer
+    code lattice the sweep could round to and are refused.
+
+    >>> from optimum_superweight.tensor.quantize import quantize_weight
+    >>> w = torch.randn(4, 16); grid = quantize_weight(w, bits=4, group_size=8, symmetric=False)
+    >>> torch.equal(gptq_on_grid(w, torch.eye(16), grid).scale, grid.scale)
+    True
+    """
+    layout = grid.layout
+    if grid.offset is not None:
+        raise ValueError("gptq_on_grid needs a symmetric or integer zero-point grid, got float offsets.")
+    if weight.dim() != 2 or tuple(weight.shape) != (layout.out_features, layout.in_features):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the grid's "
+                         f"{(layout.out_features, layout.in_features)}.")
+    original = weight.detach().to(torch.float32)
+    device = original.device
+    H = _patched_hessian(hessian, layout.in_features, device)
+    held = holdout_dense(tuple(original.shape), holdout, device)
+    col_group = torch.arange(layout.in_features, device=device) // layout.effective_group_size
+    scale_cols = grid.scale.to(device, torch.float32)[:, col_group]
+    zero_cols = None if grid.symmetric else grid.zero_point.to(device, torch.float32)[:, col_group]
+    codes = _column_sweep(original, H, scale_cols, zero_cols, held, bits=layout.bits, damp=damp,
+                          block_size=block_size, act_order=act_order)
+    zero = None if grid.symmetric else grid.zero_point.to(device)
+    return pack_group_codes(codes, held, grid.scale.to(device), zero, layout, grid.symmetric)
 
 
 def gptq_quantize_weights(
