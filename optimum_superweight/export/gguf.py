@@ -10,7 +10,8 @@ gguf-py and compared with our weights; a mismatch is an error.
 
 A layer that holds super weights keeps its block type: the block of 32 around each super weight is re-fitted
 so that the super weight is exact (:mod:`.gguf_types`); ``super_weight_type`` writes such layers dense instead.
-Token embeddings and output head take the type llama.cpp's quantizer gives them, and ``general.file_type``
+Token embeddings and output head take the type llama.cpp's quantizer gives them (the k-quants written by
+llama.cpp's own quantizer, :mod:`.ggml_quants`), and ``general.file_type``
 names the type of most layer weights. The super weights' coordinates go to the metadata under ``superweight.*``.
 """
 
