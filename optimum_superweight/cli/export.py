@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--embedding-type", default="auto", metavar="TYPE",
-        help="gguf: embeddings and output head (auto: llama.cpp's own choice, e.g. Q8_0; keep: as --dense-type; or Q8_0, Q5_0, F16, ...)",
+        help="gguf: embeddings and output head (auto: llama.cpp's own choice, e.g. Q6_K / Q8_0; keep: as --dense-type; or Q8_0, Q6_K, Q5_0, Q4_K, F16, ...)",
     )
     parser.add_argument(
         "--dense-type", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0"], help="gguf: type of embeddings etc."

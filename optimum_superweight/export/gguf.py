@@ -10,7 +10,8 @@ gguf-py and compared with our weights; a mismatch is an error.
 
 A layer that holds super weights keeps its block type: the block of 32 around each super weight is re-fitted
 so that the super weight is exact (:mod:`.gguf_types`); ``super_weight_type`` writes such layers dense instead.
-Token embeddings and output head take the type llama.cpp's quantizer gives them, and ``general.file_type``
+Token embeddings and output head take the type llama.cpp's quantizer gives them (the k-quants written by
+llama.cpp's own quantizer, :mod:`.ggml_quants`), and ``general.file_type``
 names the type of most layer weights. The super weights' coordinates go to the metadata under ``superweight.*``.
 """
 
@@ -31,9 +32,10 @@ import numpy as np
 import torch
 
 from ..progress import progress_bar, routed_tqdm
+from . import ggml_quants
 from .codes import ModuleCodes, exactly_representable
 from .errors import NotExpressibleError, require
-from .gguf_types import EMBEDDING_TYPES, CarriedSuperWeight, carry_super_weights, dense_type_for, file_type_label
+from .gguf_types import EMBEDDING_TYPES, K_QUANT_FALLBACK, CarriedSuperWeight, carry_super_weights, dense_type_for, file_type_label
 from .gguf_types import embedding_type as llama_cpp_embedding_type
 
 __all__ = ["export_gguf", "ENCODINGS", "GGUFEncoding", "encode", "find_converter", "CONVERTER_ENV", "SUPER_WEIGHT_TYPES"]
@@ -223,19 +225,25 @@ class _Plan:
 
 
 def _quantize_embedding(plan: _Plan, new_name: str, data: torch.Tensor) -> None:
-    """Quantize ``token_embd`` / ``output`` with gguf-py (the converter's own path), recording the rounding."""
+    """Quantize ``token_embd`` / ``output`` (k-quants with llama.cpp's quantizer, others with gguf-py), recording the rounding."""
     gguf = _gguf()
     if plan.embedding_type == "auto":
         type_name, reason = llama_cpp_embedding_type(new_name, int(data.shape[-1]), plan.has_output)
     else:
         type_name, reason = plan.embedding_type, "requested"
-    values = data.to(torch.float32).numpy()
+    values = data.to(torch.float32).numpy().reshape(-1, data.shape[-1])
     qtype = gguf.GGMLQuantizationType[type_name]
-    raw = gguf.quants.quantize(values, qtype)
-    error = np.abs(gguf.quants.dequantize(raw, qtype).reshape(values.shape) - values)
+    if type_name in K_QUANT_FALLBACK:
+        raw, quantizer = ggml_quants.quantize(values, type_name), "llama.cpp (ggml_quantize_chunk)"
+    else:
+        raw, quantizer = gguf.quants.quantize(values, qtype), "gguf-py"
+    worst = total = 0.0
+    for begin in range(0, len(values), 8192):  # in slices: a 150k-row vocabulary dequantized whole takes GBs
+        error = np.abs(gguf.quants.dequantize(raw[begin : begin + 8192], qtype).reshape(-1, values.shape[1]) - values[begin : begin + 8192])
+        worst, total = max(worst, float(error.max())), total + float(error.sum(dtype=np.float64))
     plan.written[new_name] = (raw, type_name)
-    plan.embeddings[new_name] = {"type": type_name, "reason": reason, "exact": bool(error.max() == 0),
-                                 "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean())}
+    plan.embeddings[new_name] = {"type": type_name, "reason": reason, "quantizer": quantizer, "exact": worst == 0,
+                                 "max_abs_error": worst, "mean_abs_error": total / max(values.size, 1)}
 
 
 def _exporting_class(base: type, plan: _Plan, metadata: Callable[[Any], None], pre_tokenizer: str | None) -> type:
@@ -371,6 +379,8 @@ def _check_options(super_weight_type: str, dense_type: str, requantize_type: str
         return embedding_type
     if embedding_type.upper() not in EMBEDDING_TYPES:
         raise ValueError(f"embedding_type={embedding_type!r} is invalid: expected 'auto', 'keep' or one of {list(EMBEDDING_TYPES)}.")
+    if embedding_type.upper() in K_QUANT_FALLBACK and (missing := ggml_quants.unavailable_reason()):
+        raise ggml_quants.GGMLUnavailableError(f"embedding_type={embedding_type!r} needs llama.cpp's quantizer: {missing}.")
     return embedding_type.upper()
 
 

@@ -5,9 +5,10 @@ Three choices the GGUF writer (:mod:`.gguf`) delegates here:
 - **Embeddings and output head** take the type llama.cpp's own quantizer (``llama-quantize``, Q4_K_M and
   the other 4-bit levels) gives them: the output head, or the token embeddings when they are tied to it,
   Q6_K when the row length is a multiple of 256 and Q8_0 otherwise; untied token embeddings Q4_K, or Q5_0
-  when the row length is not a multiple of 256. gguf-py has no Q6_K / Q4_K quantizer, so where llama.cpp
-  would pick those this module writes the next type up it can write exactly as llama.cpp's reference
-  quantizer does (Q8_0 / Q5_0) and says so in :func:`embedding_type`'s reason.
+  when the row length is not a multiple of 256. The k-quants are written by llama.cpp's own quantizer
+  (:mod:`.ggml_quants`, the ``libggml-base`` of the llama.cpp build), byte for byte what ``llama-quantize``
+  writes; where that library is absent, gguf-py (which has no Q6_K / Q4_K quantizer) writes the next type up
+  (Q8_0 / Q5_0) and :func:`embedding_type`'s reason says why.
 - **The file type label** (``general.file_type``) names the type that holds most of the decoder layers'
   weights, as llama.cpp labels its own files (its Q4_K_M files hold Q6_K / Q8_0 embeddings too).
 - **A super weight inside a quantized tensor** (:func:`carry_super_weights`): the tensor keeps its block type;
@@ -19,6 +20,8 @@ Three choices the GGUF writer (:mod:`.gguf`) delegates here:
 
 >>> embedding_type("output.weight", columns=576, has_output=True)
 ('Q8_0', "llama.cpp's quantizer picks Q8_0 for the output head when rows are not a multiple of 256 (576)")
+>>> embedding_type("output.weight", columns=1536, has_output=True, k_quants=False)[0]
+'Q8_0'
 """
 
 from __future__ import annotations
@@ -29,17 +32,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["embedding_type", "file_type_label", "carry_super_weights", "CarriedSuperWeight", "EMBEDDING_TYPES"]
+__all__ = ["embedding_type", "file_type_label", "carry_super_weights", "CarriedSuperWeight", "EMBEDDING_TYPES", "K_QUANT_FALLBACK"]
 
 _QK_K = 256  # super-block of llama.cpp's k-quants
 _BLOCK = 32  # block of Q4_0 / Q4_1 / Q8_0
 #: Types that ``embedding_type=`` may name explicitly; ``"auto"`` is llama.cpp's choice, ``"keep"`` the dense type.
-EMBEDDING_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_1", "Q4_0", "F16", "BF16", "F32")
-_WRITABLE = {"Q6_K": "Q8_0", "Q4_K": "Q5_0"}  # llama.cpp's pick -> what gguf-py writes in its place
+EMBEDDING_TYPES = ("Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q4_K", "Q4_1", "Q4_0", "F16", "BF16", "F32")
+#: Types only llama.cpp's quantizer (:mod:`.ggml_quants`) writes -> what gguf-py writes in their place.
+K_QUANT_FALLBACK = {"Q6_K": "Q8_0", "Q4_K": "Q5_0"}
 
 
-def embedding_type(gguf_name: str, columns: int, has_output: bool) -> tuple[str, str]:
-    """``(type, reason)`` for ``token_embd.weight`` / ``output.weight`` as llama.cpp's 4-bit levels choose it."""
+def embedding_type(gguf_name: str, columns: int, has_output: bool, k_quants: bool | None = None) -> tuple[str, str]:
+    """``(type, reason)`` for ``token_embd.weight`` / ``output.weight`` as llama.cpp's 4-bit levels choose it.
+
+    ``k_quants``: whether llama.cpp's quantizer can write Q6_K / Q4_K here (default: whether
+    :func:`.ggml_quants.available`); without it the gguf-py types of :data:`K_QUANT_FALLBACK` take their place.
+    """
     if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not has_output):
         role = "output head" if gguf_name == "output.weight" else "token embeddings (tied to the output head)"
         picked, fallback = "Q6_K", "Q8_0"
@@ -49,8 +57,17 @@ def embedding_type(gguf_name: str, columns: int, has_output: bool) -> tuple[str,
         raise ValueError(f"gguf_name={gguf_name!r} is invalid: expected 'token_embd.weight' or 'output.weight'.")
     if columns % _QK_K:
         return fallback, f"llama.cpp's quantizer picks {fallback} for the {role} when rows are not a multiple of 256 ({columns})"
-    written = _WRITABLE[picked]
-    return written, f"llama.cpp's quantizer picks {picked} for the {role}; gguf-py cannot write {picked}, so {written}"
+    missing = None
+    if k_quants is None:
+        from .ggml_quants import unavailable_reason
+
+        missing = unavailable_reason()
+    elif not k_quants:
+        missing = "llama.cpp's quantizer is not used (k_quants=False)"
+    if missing is None:
+        return picked, f"llama.cpp's quantizer picks {picked} for the {role}; written by llama.cpp's own ggml_quantize_chunk"
+    written = K_QUANT_FALLBACK[picked]
+    return written, f"llama.cpp's quantizer picks {picked} for the {role}; {missing}, and gguf-py cannot write {picked}, so {written}"
 
 
 def file_type_label(elements_by_type: dict[str, int]) -> str:

@@ -125,8 +125,8 @@ def test_dense_super_weight_layer_and_kept_embeddings_on_request(tiny_checkpoint
     back = gguf.quants.dequantize(down.data, down.tensor_type).reshape(codes[MODULE].out_features, -1)
     assert np.array_equal(back, codes[MODULE].dequantize().numpy())  # the whole layer, bit-exact
     assert tensors["token_embd.weight"].tensor_type.name in ("F16", "BF16", "F32") and not result["embeddings"]
-    with pytest.raises(ValueError, match="embedding_type='q6_k' is invalid"):
-        export(tiny_checkpoint, out, format="gguf", converter=converter, embedding_type="q6_k")
+    with pytest.raises(ValueError, match="embedding_type='q3_k' is invalid"):
+        export(tiny_checkpoint, out, format="gguf", converter=converter, embedding_type="q3_k")
 
 
 def test_missing_converter_names_what_to_install(tiny_checkpoint, tmp_path, monkeypatch):
@@ -173,7 +173,13 @@ def test_embedding_types_follow_llama_quantize():
     assert embedding_type("output.weight", 576, has_output=True)[0] == "Q8_0"  # 576 % 256: llama.cpp falls back
     assert embedding_type("token_embd.weight", 640, has_output=False)[0] == "Q8_0"  # tied: treated as the head
     assert embedding_type("token_embd.weight", 576, has_output=True)[0] == "Q5_0"  # untied: Q4_K's fallback
-    assert embedding_type("output.weight", 1024, has_output=True) == ("Q8_0", "llama.cpp's quantizer picks Q6_K for the output head; gguf-py cannot write Q6_K, so Q8_0")
+    assert embedding_type("output.weight", 1024, has_output=True, k_quants=False) == (
+        "Q8_0", "llama.cpp's quantizer picks Q6_K for the output head; llama.cpp's quantizer is not used (k_quants=False), "
+        "and gguf-py cannot write Q6_K, so Q8_0")
+    assert embedding_type("token_embd.weight", 1024, has_output=True, k_quants=False)[0] == "Q5_0"
+    assert embedding_type("token_embd.weight", 1024, has_output=False, k_quants=True)[0] == "Q6_K"  # tied
+    written = embedding_type("token_embd.weight", 512, has_output=True, k_quants=True)
+    assert written == ("Q4_K", "llama.cpp's quantizer picks Q4_K for the token embeddings; written by llama.cpp's own ggml_quantize_chunk")
     with pytest.raises(ValueError, match="gguf_name='blk.0.attn_q.weight'"):
         embedding_type("blk.0.attn_q.weight", 64, has_output=True)
 
