@@ -146,6 +146,10 @@ ROWS: tuple[RowSpec, ...] = (
             {"bits": 3, "statistic": "plain"}),
     RowSpec("uint8_3bit", "ours, `SuperWeightConfig(bits=3, zero_point=\"uint8\")`", "ours", {"bits": 3, "zero_point": "uint8"}),
     RowSpec("per_channel", "ours, `SuperWeightConfig(group_size=-1)`", "ours", {"group_size": -1}),
+    # Widths allocated per module within a budget (models/allocation.py): next to the fixed 4-bit and 3-bit rows.
+    *(RowSpec(f"alloc_{round(target * 100)}", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` (width and group "
+              "size per module from the measured sensitivity)", "ours", {"target_bits_per_weight": target})
+      for target in (4.5, 4.0, 3.5)),
     RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
             {"bits": 4, "group_size": -1}),
     RowSpec("rtn_g64", "ours, RTN int4 sym g64 (the old default, `method=\"rtn\"`)", "ours",
@@ -180,6 +184,19 @@ ROWS: tuple[RowSpec, ...] = (
 
 
 # ---- one model -------------------------------------------------------------------------------------------
+
+
+def _width_summary(widths: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """How many modules of each projection type (the name's last part) got each ``bits/group_size``.
+
+    >>> _width_summary({"model.layers.0.mlp.down_proj": (4, 64), "model.layers.1.mlp.down_proj": (3, 64)})
+    {'down_proj': {'3/64': 1, '4/64': 1}}
+    """
+    summary: dict[str, dict[str, int]] = {}
+    for name, (bits, group_size) in sorted(widths.items()):
+        counts = summary.setdefault(name.rpartition(".")[2], {})
+        counts[f"{bits}/{group_size}"] = counts.get(f"{bits}/{group_size}", 0) + 1
+    return {kind: dict(sorted(counts.items())) for kind, counts in summary.items()}
 
 
 def add_ratios(row: dict[str, Any], fp_ppl: dict[str, float]) -> None:
@@ -288,6 +305,7 @@ class ModelRun:
             # Cast at once to the evaluation dtype (what replaced_weights does anyway): half the memory of float32.
             denses = {name: m.dequantize_weight(torch.float32).to(self.eval_dtype) for name, m in layers.items()}
             stored = sum(m.storage_bytes() for m in layers.values())
+            widths = {name: (m.bits, m.group_size) for name, m in layers.items()}
         finally:
             for name, module in self.modules.items():
                 set_module(self.model, name, module)
@@ -296,8 +314,11 @@ class ModelRun:
             self._check_reference()
         settings = {k: v for k, v in config.to_dict().items()
                     if k in ("method", "importance", "calibration_tokens", "bits", "group_size", "symmetric", "scale_dtype", "clip_search", "clip_objective",
-                             "zero_point", "optimizer", "iterations", "weight_format")}
-        return denses, stored, seconds, {"config": settings}
+                             "zero_point", "optimizer", "iterations", "weight_format", "target_bits_per_weight")}
+        extra: dict[str, Any] = {"config": settings}
+        if config.target_bits_per_weight is not None:  # which widths the allocation chose, per projection type
+            extra["widths"] = _width_summary(widths)
+        return denses, stored, seconds, extra
 
     def _check_reference(self) -> None:
         changed = [name for name, m in self.modules.items()
