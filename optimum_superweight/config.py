@@ -826,7 +826,9 @@ class SuperWeightConfig(QuantizationConfigMixin):
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point or offset)."""
+        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point or offset), at the
+        config's ``bits`` and ``group_size`` (a module listed in ``module_widths`` costs what its own width does:
+        :func:`optimum_superweight.models.allocation.layer_cost_bits`)."""
         if self.group_size == -1:
             return float(self.bits)
         scale_bits = 32 if self.scale_dtype == "float32" else 16
