@@ -150,6 +150,10 @@ ROWS: tuple[RowSpec, ...] = (
     *(RowSpec(f"alloc_{round(target * 100)}", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` (width and group "
               "size per module from the measured sensitivity)", "ours", {"target_bits_per_weight": target})
       for target in (4.5, 4.0, 3.5)),
+    # The same without the 2-bit candidates (``"candidates"``: the allocation's CANDIDATES for this row only).
+    *(RowSpec(f"alloc_{round(target * 100)}_min3", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` with 3 to 8-bit "
+              "candidates only", "ours", {"target_bits_per_weight": target, "candidates": "min3"})
+      for target in (4.0, 3.5)),
     RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
             {"bits": 4, "group_size": -1}),
     RowSpec("rtn_g64", "ours, RTN int4 sym g64 (the old default, `method=\"rtn\"`)", "ours",
@@ -291,10 +295,16 @@ class ModelRun:
         from optimum_superweight.models.replace import quantize_model
         from optimum_superweight.nn.layers import is_quantized_layer
 
+        from optimum_superweight.models import allocation
+
         options = dict(options)
         statistic = options.pop("statistic", None)
+        candidates = allocation.CANDIDATES
+        if options.pop("candidates", None) == "min3":
+            candidates = tuple((b, g) for b, g in candidates if b >= 3)
         config = SuperWeightConfig(**options)
         start = time.perf_counter()
+        default_candidates, allocation.CANDIDATES = allocation.CANDIDATES, candidates
         try:
             hessians = self._plain_statistic(config) if statistic == "plain" else None
             quantize_model(self.model, config, list(self.super_weights), tokenizer=self.tokenizer, hessians=hessians)
@@ -307,6 +317,7 @@ class ModelRun:
             stored = sum(m.storage_bytes() for m in layers.values())
             widths = {name: (m.bits, m.group_size) for name, m in layers.items()}
         finally:
+            allocation.CANDIDATES = default_candidates
             for name, module in self.modules.items():
                 set_module(self.model, name, module)
             if hasattr(self.model.config, "quantization_config"):

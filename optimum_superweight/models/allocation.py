@@ -98,13 +98,15 @@ def measure_sensitivity(
     coordinates: Mapping[str, Sequence[tuple[int, int]]],
     energies: Mapping[str, torch.Tensor],
     *,
-    candidates: Sequence[tuple[int, int]] = CANDIDATES,
+    candidates: Sequence[tuple[int, int]] | None = None,
     rows: int = SAMPLE_ROWS,
 ) -> dict[str, list[LayerOption]]:
-    """Each layer's :class:`LayerOption` at every candidate width that fits it (see the module doc, step 2).
+    """Each layer's :class:`LayerOption` at every candidate width that fits it (``candidates``, by default
+    :data:`CANDIDATES`; see the module doc, step 2).
 
     ``energies`` holds each layer's inputs' mean squares ``E[x²]`` (``[in]``, or a matrix whose diagonal it is).
     """
+    candidates = CANDIDATES if candidates is None else tuple(candidates)
     samples, energy_of = {}, {}
     for name, linear in linears.items():
         weight, held = _sample(linear.weight.detach(), coordinates.get(name, []), rows)
