@@ -154,6 +154,11 @@ ROWS: tuple[RowSpec, ...] = (
     *(RowSpec(f"alloc_{round(target * 100)}_min3", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` with 3 to 8-bit "
               "candidates only", "ours", {"target_bits_per_weight": target, "candidates": "min3"})
       for target in (4.0, 3.5)),
+    # ... and with each layer's error weighted by the loss gradients of its outputs (``"sensitivity": "loss"``).
+    *(RowSpec(f"alloc_{round(target * 100)}_loss_min3", f"ours, `SuperWeightConfig(target_bits_per_weight={target})`, 3 to "
+              "8-bit candidates, errors weighted by the outputs' loss gradients (`allocation.SENSITIVITY = \"loss\"`)",
+              "ours", {"target_bits_per_weight": target, "candidates": "min3", "sensitivity": "loss"})
+      for target in (4.0, 3.5)),
     RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
             {"bits": 4, "group_size": -1}),
     RowSpec("rtn_g64", "ours, RTN int4 sym g64 (the old default, `method=\"rtn\"`)", "ours",
@@ -302,9 +307,11 @@ class ModelRun:
         candidates = allocation.CANDIDATES
         if options.pop("candidates", None) == "min3":
             candidates = tuple((b, g) for b, g in candidates if b >= 3)
+        sensitivity = options.pop("sensitivity", allocation.SENSITIVITY)
         config = SuperWeightConfig(**options)
         start = time.perf_counter()
         default_candidates, allocation.CANDIDATES = allocation.CANDIDATES, candidates
+        default_sensitivity, allocation.SENSITIVITY = allocation.SENSITIVITY, sensitivity
         try:
             hessians = self._plain_statistic(config) if statistic == "plain" else None
             quantize_model(self.model, config, list(self.super_weights), tokenizer=self.tokenizer, hessians=hessians)
@@ -317,7 +324,7 @@ class ModelRun:
             stored = sum(m.storage_bytes() for m in layers.values())
             widths = {name: (m.bits, m.group_size) for name, m in layers.items()}
         finally:
-            allocation.CANDIDATES = default_candidates
+            allocation.CANDIDATES, allocation.SENSITIVITY = default_candidates, default_sensitivity
             for name, module in self.modules.items():
                 set_module(self.model, name, module)
             if hasattr(self.model.config, "quantization_config"):

@@ -37,12 +37,18 @@ from ..format import BIAS, LayerFormat
 from ..progress import progress_bar
 from ..tensor.rows import LayerWeight, quantize_layers
 
-__all__ = ["CANDIDATES", "SAMPLE_ROWS", "LayerOption", "layer_cost_bits", "measure_sensitivity", "allocate",
+__all__ = ["CANDIDATES", "SAMPLE_ROWS", "SENSITIVITY", "SENSITIVITIES", "collect_output_gradients", "LayerOption", "layer_cost_bits", "measure_sensitivity", "allocate",
            "allocate_widths", "total_cost_bits"]
 
 #: The ``(bits, group_size)`` an allocation chooses from: code widths the packing and every kernel run (2, 3, 4 and
 #: 8 bits), groups of 32 to 128 inputs (a group wider than a layer's rows is skipped for that layer).
 CANDIDATES: tuple[tuple[int, int], ...] = ((2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (8, 64))
+#: What a layer's error is measured in: ``"relative"``, its activation-weighted output error over its output energy
+#: (a noise-to-signal ratio, no further pass), or ``"loss"``, the same error weighted per output channel by the mean
+#: squared gradient of the model's loss with respect to that output on the calibration text (a diagonal Fisher
+#: estimate of the loss increase: one forward and backward pass; needs the model). Read at call time.
+SENSITIVITY = "relative"
+SENSITIVITIES = ("relative", "loss")
 #: Rows of each layer on which the sensitivity is measured (evenly spaced; all rows of a smaller layer): the error
 #: is a sum over rows, so a sample estimates it, at a fraction of fitting the whole layer at every candidate.
 SAMPLE_ROWS = 128
@@ -78,13 +84,14 @@ def layer_cost_bits(config: SuperWeightConfig, out_features: int, in_features: i
 
 
 def _sample(weight: torch.Tensor, coordinates: Sequence[tuple[int, int]], rows: int):
-    """Evenly spaced rows of ``weight`` (all of them when it has at most ``rows``), the coordinates in them renumbered."""
+    """Evenly spaced rows of ``weight`` (all of them when it has at most ``rows``), the coordinates in them renumbered,
+    and the rows' indices."""
     out_features = weight.shape[0]
     if out_features <= rows:
-        return weight, list(coordinates)
+        return weight, list(coordinates), torch.arange(out_features)
     picked = torch.linspace(0, out_features - 1, rows).round().long().unique()
     position = {int(row): i for i, row in enumerate(picked.tolist())}
-    return weight[picked], [(position[r], c) for r, c in coordinates if r in position]
+    return weight[picked], [(position[r], c) for r, c in coordinates if r in position], picked
 
 
 def _candidates(in_features: int, candidates: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -100,18 +107,24 @@ def measure_sensitivity(
     *,
     candidates: Sequence[tuple[int, int]] | None = None,
     rows: int = SAMPLE_ROWS,
+    gradients: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, list[LayerOption]]:
     """Each layer's :class:`LayerOption` at every candidate width that fits it (``candidates``, by default
     :data:`CANDIDATES`; see the module doc, step 2).
 
-    ``energies`` holds each layer's inputs' mean squares ``E[x²]`` (``[in]``, or a matrix whose diagonal it is).
+    ``energies`` holds each layer's inputs' mean squares ``E[x²]`` (``[in]``, or a matrix whose diagonal it is);
+    ``gradients`` (optional) each layer's outputs' mean squared loss gradients ``[out]``
+    (:func:`collect_output_gradients`): the error is then in loss units, not relative to the output energy.
     """
     candidates = CANDIDATES if candidates is None else tuple(candidates)
     samples, energy_of = {}, {}
     for name, linear in linears.items():
-        weight, held = _sample(linear.weight.detach(), coordinates.get(name, []), rows)
+        weight, held, picked = _sample(linear.weight.detach(), coordinates.get(name, []), rows)
         energy = energies[name]
         energy = (energy.diagonal() if energy.dim() == 2 else energy).to(torch.float32).clamp_min(0.0)
+        if gradients is not None:  # [rows, in]: each weight's error in loss units (scaled back to the whole layer)
+            scale = linear.weight.shape[0] / len(picked)
+            energy = scale * gradients[name].to(torch.float32)[picked, None] * energy[None, :]
         samples[name], energy_of[name] = LayerWeight(weight, held, energies[name]), energy
     widths = sorted({w for linear in linears.values() for w in _candidates(linear.in_features, candidates)})
     errors: dict[str, dict[tuple[int, int], float]] = {name: {} for name in linears}
@@ -120,7 +133,8 @@ def measure_sensitivity(
             wanted = {n: s for n, s in samples.items() if (bits, group_size) in _candidates(s.weight.shape[1], candidates)}
             codes = quantize_layers(wanted, config.with_width(bits, group_size))
             for name, quantized in codes.items():
-                errors[name][(bits, group_size)] = _relative_error(samples[name], quantized.dequantize(), energy_of[name])
+                errors[name][(bits, group_size)] = _weighted_error(samples[name], quantized.dequantize(), energy_of[name],
+                                                                   relative=gradients is None)
             bar.update()
     options = {}
     for name, linear in linears.items():
@@ -131,14 +145,60 @@ def measure_sensitivity(
     return options
 
 
-def _relative_error(sample: LayerWeight, dense: torch.Tensor, energy: torch.Tensor) -> float:
-    """``Σ E[x_j²] (w - ŵ)²`` over the sample's weights (held-out ones exact), over ``Σ E[x_j²] w²``."""
+def _weighted_error(sample: LayerWeight, dense: torch.Tensor, weights: torch.Tensor, *, relative: bool) -> float:
+    """``Σ c_ij (w - ŵ)²`` over the sample's weights (held-out ones exact), ``c`` the input energy ``[in]`` (or the
+    loss weights ``[rows, in]``); ``relative``: over ``Σ c_ij w²``."""
     weight = sample.weight.to(torch.float32)
     diff = (weight - dense).square_()
     for row, col in sample.coordinates:
         diff[row, col] = 0.0
-    signal = float((weight.square() * energy).sum())
-    return float((diff * energy).sum()) / signal if signal > 0 else 0.0
+    error = float((diff * weights).sum())
+    if not relative:
+        return error
+    signal = float((weight.square() * weights).sum())
+    return error / signal if signal > 0 else 0.0
+
+
+@torch.no_grad()
+def collect_output_gradients(
+    model: nn.Module, names: Sequence[str], token_ids: Sequence[int], *, window: int = 512, bos_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each named linear layer's mean squared gradient of the model's next-token loss with respect to each of its
+    outputs (float32 ``[out]``), over windows of ``token_ids`` (each preceded by ``bos_id`` when given).
+
+    >>> from optimum_superweight.testing import build_tiny_model
+    >>> model = build_tiny_model("llama", super_weights=None)
+    >>> collect_output_gradients(model, ["model.layers.0.mlp.down_proj"], list(range(4, 132)), window=64)["model.layers.0.mlp.down_proj"].shape
+    torch.Size([64])
+    """
+    modules = {name: model.get_submodule(name) for name in names}
+    sums: dict[str, torch.Tensor] = {}
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
+             for name, module in modules.items()]
+    ids = torch.tensor(list(token_ids), dtype=torch.long)
+    windows = ids[: len(ids) // window * window].reshape(-1, window) if len(ids) >= window else ids[None]
+    if bos_id is not None:
+        windows = torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=torch.long), windows], dim=1)
+    device = next(model.parameters()).device
+    count = 0
+    try:
+        for row in windows:
+            captured.clear()
+            with torch.enable_grad():
+                logits = model(row[None].to(device)).logits.float()
+                loss = nn.functional.cross_entropy(logits[0, :-1], row[1:].to(device), reduction="sum")
+                outputs = [captured[n] for n in names]
+                grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+            for name, grad in zip(names, grads):
+                if grad is not None:
+                    total = grad.float().square().reshape(-1, grad.shape[-1]).sum(0)
+                    sums[name] = total if name not in sums else sums[name] + total
+            count += row.numel() - 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: sums.get(name, torch.zeros(modules[name].weight.shape[0])).cpu() / max(count, 1) for name in names}
 
 
 def _lower_hull(options: Sequence[LayerOption]) -> list[LayerOption]:
@@ -218,9 +278,11 @@ def allocate_widths(
     linears: Mapping[str, nn.Linear],
     coordinates: Mapping[str, Sequence[tuple[int, int]]],
     energies: Mapping[str, torch.Tensor] | None,
+    gradients: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Each layer's ``{"bits", "group_size"}`` within ``config.target_bits_per_weight`` (what ``module_widths``
-    records), from its sensitivity on the calibration statistics ``energies``.
+    records), from its sensitivity on the calibration statistics ``energies`` (and, for ``SENSITIVITY = "loss"``, the
+    outputs' loss ``gradients`` of :func:`collect_output_gradients`).
 
     >>> allocate_widths(SuperWeightConfig(target_bits_per_weight=4.0), linears, coordinates, energies)  # doctest: +SKIP
     {'model.layers.0.self_attn.q_proj': {'bits': 3, 'group_size': 32}, ...}
@@ -232,7 +294,7 @@ def allocate_widths(
     if missing:
         raise ValueError(f"No calibration statistics for module '{missing[0]}': the allocation's sensitivity reads "
                          "each layer's input mean squares (importance='activations').")
-    options = measure_sensitivity(config, linears, coordinates, energies)
+    options = measure_sensitivity(config, linears, coordinates, energies, gradients=gradients)
     weights = sum(linear.weight.numel() for linear in linears.values())
     try:
         choice = allocate(options, target * weights)

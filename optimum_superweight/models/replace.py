@@ -46,7 +46,7 @@ from ..tensor.rows import (
     quantize_layers,
     single_intra_op_thread,
 )
-from .allocation import allocate_widths
+from . import allocation
 from .calibration import collect_hessians, collect_input_energy, model_calibration_ids
 from .modules import as_linear, features, set_module
 from .nf4 import build_nf4_skeleton, quantize_model_nf4
@@ -145,7 +145,7 @@ def _quantize_weight_only(
 ) -> QuantizationResult:
     hessians = calibrate(model, config, plan.targets, tokenizer=tokenizer, hessians=hessians)
     linears = {name: as_linear(module) for name, module in plan.targets.items()}
-    widths = choose_widths(config, linears, plan.coordinates, hessians)
+    widths = choose_widths(config, linears, plan.coordinates, hessians, model=model, tokenizer=tokenizer)
     codes = choose_codes(config, linears, plan.coordinates, hessians, widths)
     build_modules(model, config, linears, plan.coordinates, codes, widths)
     return plan.result() if widths is None else replace(plan.result(), module_widths=widths)
@@ -156,10 +156,14 @@ def choose_widths(
     linears: dict[str, nn.Linear],
     coordinates: dict[str, list[tuple[int, int]]],
     hessians: dict[str, torch.Tensor] | None = None,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, dict[str, int]] | None:
     """Each layer's ``{"bits", "group_size"}``: ``config.module_widths`` as given (every name must be a layer to
     convert), else allocated within ``config.target_bits_per_weight`` (:mod:`.allocation`), else ``None`` (every
-    layer at the config's ``bits`` and ``group_size``)."""
+    layer at the config's ``bits`` and ``group_size``). With ``allocation.SENSITIVITY == "loss"`` the ``model``'s
+    loss gradients on the calibration text (``tokenizer`` encodes it) weigh each layer's error."""
     if config.module_widths is not None:
         unknown = sorted(set(config.module_widths) - set(linears))
         if unknown:
@@ -168,7 +172,11 @@ def choose_widths(
         return {name: {"bits": b, "group_size": g} for name in linears for b, g in [config.width_of(name)]}
     if config.target_bits_per_weight is None:
         return None
-    return allocate_widths(config, linears, coordinates, hessians)
+    gradients = None
+    if allocation.SENSITIVITY == "loss" and model is not None:
+        ids, bos = model_calibration_ids(model, tokenizer, config.algorithm.calibration_tokens)
+        gradients = allocation.collect_output_gradients(model, list(linears), ids, bos_id=bos)
+    return allocation.allocate_widths(config, linears, coordinates, hessians, gradients)
 
 
 def _smooth_for_w8a8(model: nn.Module, config: SuperWeightConfig, tokenizer: Any) -> None:
