@@ -776,7 +776,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
         """A copy at one uniform width (``bits``, ``group_size``), without ``module_widths`` or a target: what one
         module's codes are chosen with.
 
-        >>> SuperWeightConfig(target_bits_per_weight=4.0).with_width(3, 32).bits_per_weight
+        >>> SuperWeightConfig(target_bits_per_weight=4.0).with_width(3, 64).bits_per_weight
         3.5
         """
         copied = copy.deepcopy(self)

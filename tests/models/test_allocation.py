@@ -196,3 +196,20 @@ def test_widths_naming_a_module_the_model_does_not_convert_are_refused(tiny_llam
     config = SuperWeightConfig(method="rtn", module_widths={"model.layers.9.mlp.up_proj": {"bits": 8, "group_size": 32}})
     with pytest.raises(ValueError, match="module_widths names module 'model.layers.9.mlp.up_proj'"):
         quantize_model(tiny_llama, config)
+
+
+def test_loss_weighted_errors_leave_a_layer_the_loss_ignores_at_its_cheapest_width(tiny_llama):
+    from optimum_superweight.models.allocation import collect_output_gradients
+    from optimum_superweight.models.modules import as_linear
+
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+    linears = {n: as_linear(tiny_llama.get_submodule(n)) for n in names}
+    gradients = collect_output_gradients(tiny_llama, names, list(range(4, 132)), window=64)
+    assert all(g.shape == (linears[n].out_features,) and bool((g > 0).any()) for n, g in gradients.items())
+    gradients[names[1]] = torch.zeros_like(gradients[names[1]])  # its outputs do not move the loss
+    energies = {n: torch.ones(linears[n].in_features) for n in names}
+    config = SuperWeightConfig(target_bits_per_weight=8.0)
+    options = measure_sensitivity(config, linears, {}, energies, gradients=gradients, candidates=((2, 32), (8, 32)))
+    assert all(o.error == 0.0 for o in options[names[1]]) and options[names[0]][0].error > options[names[0]][1].error
+    choice = allocate(options, sum(max(o.cost_bits for o in opts) for opts in options.values()))
+    assert (choice[names[0]].bits, choice[names[1]].bits) == (8, 2)
