@@ -146,18 +146,19 @@ ROWS: tuple[RowSpec, ...] = (
             {"bits": 3, "statistic": "plain"}),
     RowSpec("uint8_3bit", "ours, `SuperWeightConfig(bits=3, zero_point=\"uint8\")`", "ours", {"bits": 3, "zero_point": "uint8"}),
     RowSpec("per_channel", "ours, `SuperWeightConfig(group_size=-1)`", "ours", {"group_size": -1}),
-    # Widths allocated per module within a budget (models/allocation.py): next to the fixed 4-bit and 3-bit rows.
-    *(RowSpec(f"alloc_{round(target * 100)}", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` (width and group "
-              "size per module from the measured sensitivity)", "ours", {"target_bits_per_weight": target})
+    # Widths allocated per module within a budget (models/allocation.py), next to the fixed 4-bit and 3-bit rows. The
+    # allocation's default (loss-weighted errors, 3 to 8-bit candidates) and the two variants measured before it:
+    # ``"sensitivity"`` and ``"candidates"`` set allocation.SENSITIVITY / CANDIDATES for that row only.
+    *(RowSpec(f"alloc_{round(target * 100)}_loss_min3", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` (the "
+              "allocation's default: errors weighted by the outputs' loss gradients, 3 to 8-bit candidates)", "ours",
+              {"target_bits_per_weight": target, "candidates": "min3", "sensitivity": "loss"})
       for target in (4.5, 4.0, 3.5)),
-    # The same without the 2-bit candidates (``"candidates"``: the allocation's CANDIDATES for this row only).
-    *(RowSpec(f"alloc_{round(target * 100)}_min3", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` with 3 to 8-bit "
-              "candidates only", "ours", {"target_bits_per_weight": target, "candidates": "min3"})
-      for target in (4.0, 3.5)),
-    # ... and with each layer's error weighted by the loss gradients of its outputs (``"sensitivity": "loss"``).
-    *(RowSpec(f"alloc_{round(target * 100)}_loss_min3", f"ours, `SuperWeightConfig(target_bits_per_weight={target})`, 3 to "
-              "8-bit candidates, errors weighted by the outputs' loss gradients (`allocation.SENSITIVITY = \"loss\"`)",
-              "ours", {"target_bits_per_weight": target, "candidates": "min3", "sensitivity": "loss"})
+    *(RowSpec(f"alloc_{round(target * 100)}", f"ours, `target_bits_per_weight={target}`, errors relative to each layer's "
+              "output energy, 2 to 8-bit candidates (first version)", "ours",
+              {"target_bits_per_weight": target, "candidates": "with2", "sensitivity": "relative"})
+      for target in (4.5, 4.0, 3.5)),
+    *(RowSpec(f"alloc_{round(target * 100)}_min3", f"ours, `target_bits_per_weight={target}`, relative errors, 3 to 8-bit "
+              "candidates", "ours", {"target_bits_per_weight": target, "candidates": "min3", "sensitivity": "relative"})
       for target in (4.0, 3.5)),
     RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
             {"bits": 4, "group_size": -1}),
@@ -304,9 +305,8 @@ class ModelRun:
 
         options = dict(options)
         statistic = options.pop("statistic", None)
-        candidates = allocation.CANDIDATES
-        if options.pop("candidates", None) == "min3":
-            candidates = tuple((b, g) for b, g in candidates if b >= 3)
+        candidates = {None: allocation.CANDIDATES, "min3": allocation.CANDIDATES,
+                      "with2": allocation.TWO_BIT_CANDIDATES + allocation.CANDIDATES}[options.pop("candidates", None)]
         sensitivity = options.pop("sensitivity", allocation.SENSITIVITY)
         config = SuperWeightConfig(**options)
         start = time.perf_counter()

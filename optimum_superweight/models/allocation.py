@@ -37,17 +37,20 @@ from ..format import BIAS, LayerFormat
 from ..progress import progress_bar
 from ..tensor.rows import LayerWeight, quantize_layers
 
-__all__ = ["CANDIDATES", "SAMPLE_ROWS", "SENSITIVITY", "SENSITIVITIES", "collect_output_gradients", "LayerOption", "layer_cost_bits", "measure_sensitivity", "allocate",
+__all__ = ["CANDIDATES", "TWO_BIT_CANDIDATES", "SAMPLE_ROWS", "SENSITIVITY", "SENSITIVITIES", "collect_output_gradients", "LayerOption", "layer_cost_bits", "measure_sensitivity", "allocate",
            "allocate_widths", "total_cost_bits"]
 
-#: The ``(bits, group_size)`` an allocation chooses from: code widths the packing and every kernel run (2, 3, 4 and
-#: 8 bits), groups of 32 to 128 inputs (a group wider than a layer's rows is skipped for that layer).
-CANDIDATES: tuple[tuple[int, int], ...] = ((2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (8, 64))
+#: The ``(bits, group_size)`` an allocation chooses from: code widths the packing and every kernel run (3, 4 and 8
+#: bits), groups of 32 to 128 inputs (a group wider than a layer's rows is skipped for that layer). Read at call time.
+CANDIDATES: tuple[tuple[int, int], ...] = ((3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (8, 64))
+#: 2-bit widths, left out of :data:`CANDIDATES`: with them the allocation measured worse on SmolLM2
+#: (``benchmarks/RESULTS.md``, "Widths per module under a budget").
+TWO_BIT_CANDIDATES: tuple[tuple[int, int], ...] = ((2, 32), (2, 64))
 #: What a layer's error is measured in: ``"relative"``, its activation-weighted output error over its output energy
 #: (a noise-to-signal ratio, no further pass), or ``"loss"``, the same error weighted per output channel by the mean
 #: squared gradient of the model's loss with respect to that output on the calibration text (a diagonal Fisher
 #: estimate of the loss increase: one forward and backward pass; needs the model). Read at call time.
-SENSITIVITY = "relative"
+SENSITIVITY = "loss"
 SENSITIVITIES = ("relative", "loss")
 #: Rows of each layer on which the sensitivity is measured (evenly spaced; all rows of a smaller layer): the error
 #: is a sum over rows, so a sample estimates it, at a fraction of fitting the whole layer at every candidate.
