@@ -411,8 +411,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
             :attr:`bits_per_weight` counts a layer (codes, scales, zero-points or offsets, exact super weights and
             their indices) over all quantized matrices. Each module then gets its own code width and group size
             from :data:`optimum_superweight.models.allocation.CANDIDATES`, chosen from a measured sensitivity (its
-            output error weighted by the calibration activations at each width, relative to its output energy)
-            so that the total stays within the budget (:mod:`optimum_superweight.models.allocation`); the choice is
+            output error at each width weighted by the calibration activations and by the loss gradients of its
+            outputs: one more forward and backward pass on the calibration text) so that the total stays within the budget (:mod:`optimum_superweight.models.allocation`); the choice is
             recorded in ``module_widths``. Needs ``importance="activations"`` (the calibration pass) and the
             ``"affine"`` format, weight-only, without ``low_memory``. ``None`` (default): every module at ``bits``
             and ``group_size``.

@@ -10,8 +10,11 @@ layer's ``(bits, group_size)`` after the calibration pass, then chooses every la
 2. **Sensitivity** (:func:`measure_sensitivity`): each layer's codes are chosen at every candidate width
    (:data:`CANDIDATES`, widths the packing and the kernels support) on an evenly spaced sample of its rows, with
    the config's own way of choosing codes; the error is the output error the calibration statistics predict,
-   ``Σ_ij E[x_j²] (w_ij - ŵ_ij)²`` (super weights exact, so not counted), divided by the layer's output energy
-   ``Σ_ij E[x_j²] w_ij²``: a noise-to-signal ratio, comparable between layers of any size or input scale.
+   ``Σ_ij g_i E[x_j²] (w_ij - ŵ_ij)²`` (super weights exact, so not counted), where ``g_i`` is the mean squared
+   gradient of the model's loss with respect to output ``i`` on the calibration text (:func:`collect_output_gradients`:
+   a diagonal estimate of the loss increase, comparable between layers; :data:`SENSITIVITY` ``"loss"``, the
+   default). Without gradients (``"relative"``) it is divided by the layer's output energy ``Σ_ij E[x_j²] w_ij²``
+   instead: a noise-to-signal ratio, which measured worse (``benchmarks/RESULTS.md``).
 3. **Allocation** (:func:`allocate`): minimise the sum of the layers' errors within the budget. Every layer starts
    at its cheapest width; upgrades along each layer's lower convex hull of (cost, error) are taken in order of
    error removed per extra bit (the Lagrangian solution at the budget), then what is left of the budget goes to
@@ -59,7 +62,7 @@ SAMPLE_ROWS = 128
 
 @dataclass(frozen=True)
 class LayerOption:
-    """One layer at one width: its stored ``cost_bits`` and its relative output ``error`` there."""
+    """One layer at one width: its stored ``cost_bits`` and its output ``error`` there (loss units or relative)."""
 
     bits: int
     group_size: int

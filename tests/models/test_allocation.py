@@ -14,6 +14,7 @@ from optimum_superweight import SuperWeightConfig
 from optimum_superweight.format import CheckpointFormatError
 from optimum_superweight.models.allocation import (
     CANDIDATES,
+    TWO_BIT_CANDIDATES,
     LayerOption,
     allocate,
     layer_cost_bits,
@@ -63,7 +64,7 @@ def test_cost_counts_what_the_built_layer_stores():
     from optimum_superweight.nn.linear import SuperWeightLinear
 
     linear = nn.Linear(100, 24)
-    for bits, group_size in CANDIDATES:
+    for bits, group_size in TWO_BIT_CANDIDATES + CANDIDATES:
         for config in (SuperWeightConfig(), SuperWeightConfig(method="rtn", symmetric=False), SuperWeightConfig(method="rtn")):
             layer = SuperWeightLinear.from_linear(linear, bits=bits, group_size=group_size, symmetric=config.symmetric,
                                                   zero_point=config.zero_point, super_weights=[(3, 4)])
@@ -112,8 +113,9 @@ def test_sensitivity_falls_with_width_and_ignores_the_input_scale(tiny_llama):
     linears = {n: as_linear(tiny_llama.get_submodule(n)) for n in names}
     energies = {n: torch.rand(linears[n].in_features, generator=torch.Generator().manual_seed(0)) + 0.1 for n in names}
     config = SuperWeightConfig(target_bits_per_weight=4.0)
-    options = measure_sensitivity(config, linears, {}, energies)
-    scaled = measure_sensitivity(config, linears, {}, {n: 1000.0 * e for n, e in energies.items()})
+    widths = TWO_BIT_CANDIDATES + CANDIDATES
+    options = measure_sensitivity(config, linears, {}, energies, candidates=widths)
+    scaled = measure_sensitivity(config, linears, {}, {n: 1000.0 * e for n, e in energies.items()}, candidates=widths)
     for name in names:
         error = {(o.bits, o.group_size): o.error for o in options[name]}
         assert error[(8, 64)] < error[(4, 64)] < error[(3, 64)] < error[(2, 64)]
