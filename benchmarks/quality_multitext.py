@@ -322,7 +322,7 @@ class ModelRun:
             # Cast at once to the evaluation dtype (what replaced_weights does anyway): half the memory of float32.
             denses = {name: m.dequantize_weight(torch.float32).to(self.eval_dtype) for name, m in layers.items()}
             stored = sum(m.storage_bytes() for m in layers.values())
-            widths = {name: (m.bits, m.group_size) for name, m in layers.items()}
+            widths = {name: (getattr(m, "bits", None), getattr(m, "group_size", None)) for name, m in layers.items()}
         finally:
             allocation.CANDIDATES, allocation.SENSITIVITY = default_candidates, default_sensitivity
             for name, module in self.modules.items():
