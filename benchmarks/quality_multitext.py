@@ -146,6 +146,20 @@ ROWS: tuple[RowSpec, ...] = (
             {"bits": 3, "statistic": "plain"}),
     RowSpec("uint8_3bit", "ours, `SuperWeightConfig(bits=3, zero_point=\"uint8\")`", "ours", {"bits": 3, "zero_point": "uint8"}),
     RowSpec("per_channel", "ours, `SuperWeightConfig(group_size=-1)`", "ours", {"group_size": -1}),
+    # Widths allocated per module within a budget (models/allocation.py), next to the fixed 4-bit and 3-bit rows. The
+    # allocation's default (loss-weighted errors, 3 to 8-bit candidates) and the two variants measured before it:
+    # ``"sensitivity"`` and ``"candidates"`` set allocation.SENSITIVITY / CANDIDATES for that row only.
+    *(RowSpec(f"alloc_{round(target * 100)}_loss_min3", f"ours, `SuperWeightConfig(target_bits_per_weight={target})` (the "
+              "allocation's default: errors weighted by the outputs' loss gradients, 3 to 8-bit candidates)", "ours",
+              {"target_bits_per_weight": target, "candidates": "min3", "sensitivity": "loss"})
+      for target in (4.5, 4.0, 3.5)),
+    *(RowSpec(f"alloc_{round(target * 100)}", f"ours, `target_bits_per_weight={target}`, errors relative to each layer's "
+              "output energy, 2 to 8-bit candidates (first version)", "ours",
+              {"target_bits_per_weight": target, "candidates": "with2", "sensitivity": "relative"})
+      for target in (4.5, 4.0, 3.5)),
+    *(RowSpec(f"alloc_{round(target * 100)}_min3", f"ours, `target_bits_per_weight={target}`, relative errors, 3 to 8-bit "
+              "candidates", "ours", {"target_bits_per_weight": target, "candidates": "min3", "sensitivity": "relative"})
+      for target in (4.0, 3.5)),
     RowSpec("rtn_per_channel", "plain RTN int4 sym per-channel (no super-weight handling)", "rtn",
             {"bits": 4, "group_size": -1}),
     RowSpec("rtn_g64", "ours, RTN int4 sym g64 (the old default, `method=\"rtn\"`)", "ours",
@@ -180,6 +194,19 @@ ROWS: tuple[RowSpec, ...] = (
 
 
 # ---- one model -------------------------------------------------------------------------------------------
+
+
+def _width_summary(widths: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """How many modules of each projection type (the name's last part) got each ``bits/group_size``.
+
+    >>> _width_summary({"model.layers.0.mlp.down_proj": (4, 64), "model.layers.1.mlp.down_proj": (3, 64)})
+    {'down_proj': {'3/64': 1, '4/64': 1}}
+    """
+    summary: dict[str, dict[str, int]] = {}
+    for name, (bits, group_size) in sorted(widths.items()):
+        counts = summary.setdefault(name.rpartition(".")[2], {})
+        counts[f"{bits}/{group_size}"] = counts.get(f"{bits}/{group_size}", 0) + 1
+    return {kind: dict(sorted(counts.items())) for kind, counts in summary.items()}
 
 
 def add_ratios(row: dict[str, Any], fp_ppl: dict[str, float]) -> None:
@@ -274,10 +301,17 @@ class ModelRun:
         from optimum_superweight.models.replace import quantize_model
         from optimum_superweight.nn.layers import is_quantized_layer
 
+        from optimum_superweight.models import allocation
+
         options = dict(options)
         statistic = options.pop("statistic", None)
+        candidates = {None: allocation.CANDIDATES, "min3": allocation.CANDIDATES,
+                      "with2": allocation.TWO_BIT_CANDIDATES + allocation.CANDIDATES}[options.pop("candidates", None)]
+        sensitivity = options.pop("sensitivity", allocation.SENSITIVITY)
         config = SuperWeightConfig(**options)
         start = time.perf_counter()
+        default_candidates, allocation.CANDIDATES = allocation.CANDIDATES, candidates
+        default_sensitivity, allocation.SENSITIVITY = allocation.SENSITIVITY, sensitivity
         try:
             hessians = self._plain_statistic(config) if statistic == "plain" else None
             quantize_model(self.model, config, list(self.super_weights), tokenizer=self.tokenizer, hessians=hessians)
@@ -288,7 +322,9 @@ class ModelRun:
             # Cast at once to the evaluation dtype (what replaced_weights does anyway): half the memory of float32.
             denses = {name: m.dequantize_weight(torch.float32).to(self.eval_dtype) for name, m in layers.items()}
             stored = sum(m.storage_bytes() for m in layers.values())
+            widths = {name: (getattr(m, "bits", None), getattr(m, "group_size", None)) for name, m in layers.items()}
         finally:
+            allocation.CANDIDATES, allocation.SENSITIVITY = default_candidates, default_sensitivity
             for name, module in self.modules.items():
                 set_module(self.model, name, module)
             if hasattr(self.model.config, "quantization_config"):
@@ -296,8 +332,11 @@ class ModelRun:
             self._check_reference()
         settings = {k: v for k, v in config.to_dict().items()
                     if k in ("method", "importance", "calibration_tokens", "bits", "group_size", "symmetric", "scale_dtype", "clip_search", "clip_objective",
-                             "zero_point", "optimizer", "iterations", "weight_format")}
-        return denses, stored, seconds, {"config": settings}
+                             "zero_point", "optimizer", "iterations", "weight_format", "target_bits_per_weight")}
+        extra: dict[str, Any] = {"config": settings}
+        if config.target_bits_per_weight is not None:  # which widths the allocation chose, per projection type
+            extra["widths"] = _width_summary(widths)
+        return denses, stored, seconds, extra
 
     def _check_reference(self) -> None:
         changed = [name for name, m in self.modules.items()

@@ -133,6 +133,17 @@ def _index(v: Any) -> bool:
 
 
 _INDICES = _list_of(_index, "indices from 0 to 2**31 - 1")
+#: ``target_bits_per_weight``: the storage budget of an allocation, in the units of ``bits_per_weight`` (codes,
+#: scales, zero-points or offsets, exact super weights and their indices, over the quantized matrices' weights).
+MIN_TARGET_BITS, MAX_TARGET_BITS = 2.0, 9.0
+#: The keys of one ``module_widths`` entry: the module's own code width and group size.
+WIDTH_KEYS = ("bits", "group_size")
+
+
+def _width(v: Any) -> bool:
+    """One ``module_widths`` value: ``{"bits": <a supported width>, "group_size": <a group size or -1>}``."""
+    return (isinstance(v, dict) and tuple(sorted(v)) == WIDTH_KEYS and FIELDS["bits"][0](v["bits"])
+            and FIELDS["group_size"][0](v["group_size"]))
 #: No model has anywhere near this many decoder layers; the model's own count is checked when it is known
 #: (:func:`optimum_superweight.models.plan.fit_to_model`).
 MAX_LAYERS = 4096
@@ -174,6 +185,14 @@ FIELDS: dict[str, Validator] = {
     "activation_holdout": _optional(_mapping_of(_name, _INDICES[0], "module names to lists of channel indices >= 0")),
     "smoothquant_alpha": _optional(_number(0, 1), " (typically 0.5)"),
     "embedding_bits": _choice(EMBEDDING_BITS),
+
+    "target_bits_per_weight": _optional(_number(MIN_TARGET_BITS, MAX_TARGET_BITS, open_low=False, open_high=False),
+                                        " (e.g. 4.5, 4.0, 3.5: widths allocated per module, models/allocation.py)"),
+    "module_widths": _optional(_mapping_of(
+        _name, lambda v: _width(v),
+        f"module names to {{'bits': one of {', '.join(map(str, SUPPORTED_BITS))}, 'group_size': 8 to {MAX_GROUP_SIZE} or -1}}"
+        " (written by an allocation, read at load)",
+    )),
     "digests": _optional(_mapping_of(
         _name, lambda v: isinstance(v, str) and v.partition(":")[0] in DIGEST_ALGORITHMS and len(v) < 1024,
         f"module names to '<algorithm>:<hex>' digests ({', '.join(DIGEST_ALGORITHMS)}; written by save_pretrained)",
@@ -219,6 +238,8 @@ class QuantizationResult:
     modules_to_not_convert: Sequence[str]
     super_activation_channels: Sequence[int] | None = None
     activation_holdout: dict[str, list[int]] | None = None
+    #: Each module's ``{"bits", "group_size"}`` where an allocation chose them (``None``: the config's widths).
+    module_widths: dict[str, dict[str, int]] | None = None
 
 
 def _reads_hessians(method: str, clip_search: bool, clip_objective: str) -> bool:
@@ -398,6 +419,20 @@ class SuperWeightConfig(QuantizationConfigMixin):
             head stays tied and is stored once. The head must be excluded from the low-bit layers
             (``modules_to_not_convert``, the default). See :mod:`optimum_superweight.nn.embedding`; measured in
             ``benchmarks/RESULTS.md`` ("8-bit embeddings and head").
+
+        target_bits_per_weight: A storage budget in bits per weight (e.g. ``4.5``, ``4.0``, ``3.5``), counted as
+            :attr:`bits_per_weight` counts a layer (codes, scales, zero-points or offsets, exact super weights and
+            their indices) over all quantized matrices. Each module then gets its own code width and group size
+            from :data:`optimum_superweight.models.allocation.CANDIDATES`, chosen from a measured sensitivity (its
+            output error at each width weighted by the calibration activations and by the loss gradients of its
+            outputs: one more forward and backward pass on the calibration text) so that the total stays within the budget (:mod:`optimum_superweight.models.allocation`); the choice is
+            recorded in ``module_widths``. Needs ``importance="activations"`` (the calibration pass) and the
+            ``"affine"`` format, weight-only, without ``low_memory``. ``None`` (default): every module at ``bits``
+            and ``group_size``.
+        module_widths: Module name -> ``{"bits": ..., "group_size": ...}``: that module's own width, instead of
+            ``bits`` and ``group_size`` (which still apply to modules not listed). Written by an allocation
+            (``target_bits_per_weight``) so that a saved checkpoint reloads with each module's layout; given by
+            hand, it is used as it is (no allocation). Same restrictions as ``target_bits_per_weight``.
         digests: Written by ``save_pretrained``, checked at load: one content digest per quantized module
             (:func:`optimum_superweight.format.layer_digest`). Leave ``None``.
         format_version: The checkpoint's tensor layout (:data:`optimum_superweight.format.FORMAT_VERSION`).
@@ -437,6 +472,9 @@ class SuperWeightConfig(QuantizationConfigMixin):
         activation_holdout: dict[str, list[int]] | None = None,
         smoothquant_alpha: float | None = None,
         embedding_bits: int | None = None,
+
+        target_bits_per_weight: float | None = None,
+        module_widths: dict[str, dict[str, int]] | None = None,
         digests: dict[str, str] | None = None,
         zero_point: str | None = None,
         weight_format: str = "affine",
@@ -558,6 +596,7 @@ class SuperWeightConfig(QuantizationConfigMixin):
                 "method='rtn' (optionally clip_search=True) to quantize while loading, or low_memory=False."
             )
         self._validate_activation_fields()
+        self._validate_widths()
         records = self.get_super_weights()  # validates every entry
         seen: set[tuple[str, int, int]] = set()
         for sw in records:
@@ -669,6 +708,8 @@ class SuperWeightConfig(QuantizationConfigMixin):
             recorded.super_activation_channels = list(result.super_activation_channels)
         if result.activation_holdout is not None:
             recorded.activation_holdout = {name: list(channels) for name, channels in result.activation_holdout.items()}
+        if result.module_widths is not None:
+            recorded.module_widths = {name: dict(width) for name, width in result.module_widths.items()}
         recorded.post_init()
         return recorded
 
@@ -720,6 +761,45 @@ class SuperWeightConfig(QuantizationConfigMixin):
                 raise _invalid(name, getattr(self, name), f"{value!r} with weight_format='bnb-nf4' (bitsandbytes' NF4 "
                                "layer: 4-bit blocks of 64 with a float32 absmax, chosen by its own absmax search)")
 
+    def _validate_widths(self) -> None:
+        """``target_bits_per_weight`` and ``module_widths``: affine weight-only layers quantized in memory; an
+        allocation also needs the calibration pass (``importance="activations"``) its sensitivity reads."""
+        for name in ("target_bits_per_weight", "module_widths"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            blocking = {"weight_format": "affine", "activation_bits": None, "low_memory": False}
+            for other, wanted in blocking.items():
+                if getattr(self, other) != wanted:
+                    raise _invalid(name, value, f"None with {other}={getattr(self, other)!r} (per-module widths are "
+                                   f"this package's affine weight-only layers, quantized in memory: {other}={wanted!r})")
+        if self.target_bits_per_weight is not None and self.module_widths is None and self.importance != "activations":
+            raise _invalid("target_bits_per_weight", self.target_bits_per_weight,
+                           f"None with importance={self.importance!r}: the allocation's sensitivity weighs each layer's "
+                           "error by its calibration activations (importance='activations', method='hqq')")
+
+    def width_of(self, module: str) -> tuple[int, int]:
+        """``(bits, group_size)`` of ``module``: its ``module_widths`` entry, else the config's ``bits`` and ``group_size``.
+
+        >>> SuperWeightConfig(module_widths={"a": {"bits": 3, "group_size": 32}}).width_of("a")
+        (3, 32)
+        """
+        width = (self.module_widths or {}).get(module)
+        return (self.bits, self.group_size) if width is None else (width["bits"], width["group_size"])
+
+    def with_width(self, bits: int, group_size: int) -> "SuperWeightConfig":
+        """A copy at one uniform width (``bits``, ``group_size``), without ``module_widths`` or a target: what one
+        module's codes are chosen with.
+
+        >>> SuperWeightConfig(target_bits_per_weight=4.0).with_width(3, 64).bits_per_weight
+        3.5
+        """
+        copied = copy.deepcopy(self)
+        copied.bits, copied.group_size = bits, group_size
+        copied.target_bits_per_weight = copied.module_widths = None
+        copied.post_init()
+        return copied
+
     def _validate_method_fields(self) -> None:
         if self.method == "hqq" and self.clip_search:
             raise _invalid(
@@ -761,7 +841,9 @@ class SuperWeightConfig(QuantizationConfigMixin):
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point or offset)."""
+        """Storage cost per weight of a row of ``group_size`` inputs: codes + scale (+ zero-point or offset), at the
+        config's ``bits`` and ``group_size`` (a module listed in ``module_widths`` costs what its own width does:
+        :func:`optimum_superweight.models.allocation.layer_cost_bits`)."""
         if self.group_size == -1:
             return float(self.bits)
         scale_bits = 32 if self.scale_dtype == "float32" else 16

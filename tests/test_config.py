@@ -155,6 +155,12 @@ _HOSTILE = {
     "activation_holdout": [[1, 2], {"m": 5}, {"m": [-1]}, {1: [1]}, {"m": ["1"]}, "m"],
     "smoothquant_alpha": [0, 1, -0.5, True, "0.5", float("inf")],
     "embedding_bits": [4, 16, 0, True, 8.0, "8", [8]],
+
+    "target_bits_per_weight": [0, 1.99, 9.5, -4.0, True, "4.0", float("inf"), float("nan"), [4.0]],
+    "module_widths": ["m", {"m": 4}, {"m": {"bits": 5, "group_size": 64}}, {"m": {"bits": 4}},
+                      {"m": {"bits": 4, "group_size": 64, "symmetric": True}}, {"": {"bits": 4, "group_size": 64}},
+                      {"m": {"bits": 4.0, "group_size": 64}}, {"m": {"bits": 4, "group_size": 4}},
+                      {"m": {"bits": True, "group_size": 64}}, [["m", {"bits": 4, "group_size": 64}]]],
     "digests": ["crc32:0", {"m": 5}, {"m": "md5:00"}, {"m": None}, [["m", "crc32:0"]], {"": "crc32:0"}],
 }
 

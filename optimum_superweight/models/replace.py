@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from ..tensor.rows import (
     quantize_layers,
     single_intra_op_thread,
 )
+from . import allocation
 from .calibration import collect_hessians, collect_input_energy, model_calibration_ids
 from .embeddings import build_embedding_skeleton, dequantize_embeddings, pack_embeddings
 from .modules import as_linear, features, set_module
@@ -71,6 +72,7 @@ __all__ = [
     "NF4",
     "variation_for",
     "calibrate",
+    "choose_widths",
     "choose_codes",
     "build_modules",
     "record_results",
@@ -156,9 +158,38 @@ def _quantize_weight_only(
 ) -> QuantizationResult:
     hessians = calibrate(model, config, plan.targets, tokenizer=tokenizer, hessians=hessians)
     linears = {name: as_linear(module) for name, module in plan.targets.items()}
-    codes = choose_codes(config, linears, plan.coordinates, hessians)
-    build_modules(model, config, linears, plan.coordinates, codes)
-    return plan.result()
+    widths = choose_widths(config, linears, plan.coordinates, hessians, model=model, tokenizer=tokenizer)
+    codes = choose_codes(config, linears, plan.coordinates, hessians, widths)
+    build_modules(model, config, linears, plan.coordinates, codes, widths)
+    return plan.result() if widths is None else replace(plan.result(), module_widths=widths)
+
+
+def choose_widths(
+    config: SuperWeightConfig,
+    linears: dict[str, nn.Linear],
+    coordinates: dict[str, list[tuple[int, int]]],
+    hessians: dict[str, torch.Tensor] | None = None,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+) -> dict[str, dict[str, int]] | None:
+    """Each layer's ``{"bits", "group_size"}``: ``config.module_widths`` as given (every name must be a layer to
+    convert), else allocated within ``config.target_bits_per_weight`` (:mod:`.allocation`), else ``None`` (every
+    layer at the config's ``bits`` and ``group_size``). With ``allocation.SENSITIVITY == "loss"`` the ``model``'s
+    loss gradients on the calibration text (``tokenizer`` encodes it) weigh each layer's error."""
+    if config.module_widths is not None:
+        unknown = sorted(set(config.module_widths) - set(linears))
+        if unknown:
+            raise ValueError(f"SuperWeightConfig.module_widths names module '{unknown[0]}', which is not a layer this "
+                             f"model converts ({len(linears)} layers, e.g. '{next(iter(linears), '')}').")
+        return {name: {"bits": b, "group_size": g} for name in linears for b, g in [config.width_of(name)]}
+    if config.target_bits_per_weight is None:
+        return None
+    gradients = None
+    if allocation.SENSITIVITY == "loss" and model is not None:
+        ids, bos = model_calibration_ids(model, tokenizer, config.algorithm.calibration_tokens)
+        gradients = allocation.collect_output_gradients(model, list(linears), ids, bos_id=bos)
+    return allocation.allocate_widths(config, linears, coordinates, hessians, gradients)
 
 
 def _smooth_for_w8a8(model: nn.Module, config: SuperWeightConfig, tokenizer: Any) -> None:
@@ -229,14 +260,25 @@ def choose_codes(
     linears: dict[str, nn.Linear],
     coordinates: dict[str, list[tuple[int, int]]],
     hessians: dict[str, torch.Tensor] | None = None,
+    widths: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, QuantizedWeight]:
-    """Each layer's codes, chosen as ``config`` asks (:func:`~optimum_superweight.tensor.methods.code_method`).
+    """Each layer's codes, chosen as ``config`` asks (:func:`~optimum_superweight.tensor.methods.code_method`), at
+    its own width in ``widths`` (module name -> ``{"bits", "group_size"}``, from :func:`choose_widths`) if given.
 
     Layers in row blocks, several blocks at once on one intra-op thread each
     (:func:`~optimum_superweight.tensor.rows.quantize_layers`: robust to a busy machine), or, for a
     method that quantizes layers reading one input together (GPTQ: one column sweep for q/k/v, gate/up), those
     layers in one call.
     """
+    if widths is not None:  # the layers of one width together, at that width
+        by_width: dict[tuple[int, int], list[str]] = {}
+        for name in linears:
+            by_width.setdefault((widths[name]["bits"], widths[name]["group_size"]), []).append(name)
+        codes = {}
+        for (bits, group_size), names in by_width.items():
+            codes.update(choose_codes(config.with_width(bits, group_size), {n: linears[n] for n in names}, coordinates,
+                                      hessians))
+        return {name: codes[name] for name in linears}
     method = code_method(config)
     if method.choose_shared is None:
         layers = {name: LayerWeight(linear.weight.detach(), coordinates.get(name, []),
@@ -266,10 +308,17 @@ def build_modules(
     linears: dict[str, nn.Linear],
     coordinates: dict[str, list[tuple[int, int]]],
     codes: dict[str, QuantizedWeight],
+    widths: dict[str, dict[str, int]] | None = None,
 ) -> None:
-    """Swap each layer of ``linears`` in ``model`` for its :class:`SuperWeightLinear` holding ``codes[name]``."""
+    """Swap each layer of ``linears`` in ``model`` for its :class:`SuperWeightLinear` holding ``codes[name]`` (at its
+    width in ``widths`` when given)."""
+    at_width: dict[tuple[int, int], SuperWeightConfig] = {}
     for name, linear in linears.items():
-        set_module(model, name, quantized_layer(linear, coordinates.get(name, []), config, codes[name], name=name))
+        layer_config = config
+        if widths is not None:
+            width = (widths[name]["bits"], widths[name]["group_size"])
+            layer_config = at_width.setdefault(width, config.with_width(*width))
+        set_module(model, name, quantized_layer(linear, coordinates.get(name, []), layer_config, codes[name], name=name))
 
 
 def record_results(model: nn.Module, config: SuperWeightConfig, result: QuantizationResult) -> nn.Module:
@@ -332,15 +381,22 @@ def build_quantized_skeleton(model: nn.Module, config: SuperWeightConfig, *, emb
         return build_w8a8_skeleton(model, config, targets, counts)
     if config.weight_format == "bnb-nf4":
         return build_nf4_skeleton(model, config, targets, counts)
+    unknown = sorted(set(config.module_widths or {}) - set(targets))
+    if unknown:
+        raise ValueError(
+            f"config.json's field 'module_widths' names module '{unknown[0]}', which is not a quantized module of this "
+            "model (it is absent or in 'modules_to_not_convert'); the checkpoint's config.json was edited."
+        )
     for name, module in targets.items():
         in_features, out_features = features(module)
+        bits, group_size = config.width_of(name)
         bias = module.bias
         skeleton = SuperWeightLinear(
             in_features,
             out_features,
             bias=bias is not None,
-            bits=config.bits,
-            group_size=config.group_size,
+            bits=bits,
+            group_size=group_size,
             symmetric=config.symmetric,
             scale_dtype=config.scale_dtype,
             num_super_weights=counts.get(name, 0),
