@@ -63,3 +63,21 @@ def tiny_llama_dir(tiny_llama, tmp_path):
     path = tmp_path / "tiny-llama"
     tiny_llama.save_pretrained(path)
     return path
+
+
+@pytest.fixture()
+def bars_shown_at_once(monkeypatch):
+    """Progress bars on, with no delay (the steps of tiny models are quicker than the real one), and the switches
+    that turn them off cleared; transformers' switch restored after."""
+    from transformers.utils import logging as hf_logging
+
+    from optimum_superweight import progress
+
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    yield
+    if not was_enabled:
+        hf_logging.disable_progress_bar()

@@ -9,19 +9,7 @@ from optimum_superweight import SuperWeightConfig, detect_super_weights, quantiz
 from optimum_superweight import progress
 from optimum_superweight.testing import build_tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def shown_at_once(monkeypatch):
-    monkeypatch.setattr(progress, "DELAY_S", 0.0)  # the steps of tiny models are quicker than the real delay
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()
-    yield
-    if not was_enabled:
-        hf_logging.disable_progress_bar()
+pytestmark = pytest.mark.usefixtures("one_thread", "bars_shown_at_once")
 
 
 def _quantize_and_detect() -> None:

@@ -8,13 +8,12 @@ import json
 import pytest
 from transformers.utils import logging as hf_logging
 
-from optimum_superweight import progress
 from optimum_superweight.cli import main
 from optimum_superweight.export import export
 
 from .conftest import quantize_tiny
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "bars_shown_at_once")
 
 #: The bars of each format's steps (the tiny model: 4 layers x 7 projections, one holding the super weight).
 STEPS = {
@@ -27,18 +26,6 @@ STEPS = {
 }
 OURS = {"export:", "AWQ export", "compressed-tensors export", "GGUF export", "Compressing model", "Writing:",
         "perplexity"}
-
-
-@pytest.fixture(autouse=True)
-def shown_at_once(monkeypatch):
-    monkeypatch.setattr(progress, "DELAY_S", 0.0)  # the steps of tiny models are quicker than the real delay
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()
-    yield
-    if not was_enabled:
-        hf_logging.disable_progress_bar()
 
 
 @pytest.fixture()
