@@ -254,6 +254,11 @@ def test_cli_card_reads_files_and_index(tmp_path, capsys):
     assert "malformed" in capsys.readouterr().err
 
 
+def _python(script: str, cwd, env: dict) -> subprocess.CompletedProcess:
+    """``python -c script`` in a fresh interpreter (what optimum-cli's start sees), output captured."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
 def test_optimum_cli_exposes_the_commands():
     """optimum-cli discovers optimum/commands/register/superweight.py (namespace package, no __init__.py)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -266,7 +271,7 @@ def test_optimum_cli_exposes_the_commands():
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "assert 'optimum_superweight' not in sys.modules, 'optimum-cli --help must not import the package'\n"
     )
-    top = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    top = _python(light, REPO, env)
     assert top.returncode == 0, top.stderr[-2000:]
     assert "superweight" in top.stdout and "export" in top.stdout
     # One process, three invocations (the package import is the slow part).
@@ -277,7 +282,7 @@ def test_optimum_cli_exposes_the_commands():
         "print('CODES', run('superweight', 'card', '--known', 'huggyllama/llama-7b'), run('superweight', '--help'),"
         " run('superweight', 'card', '--known', 'gpt2'))\n"
     )
-    result = subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    result = _python(heavy, REPO, env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "layers[2].mlp.down_proj.weight[3968, 7003]" in result.stdout
     assert all(f" {c} " in result.stdout for c in ("detect", "quantize", "push", "card"))  # the real sub-commands in the help
@@ -299,7 +304,7 @@ def test_optimum_cli_registers_once_with_two_copies_on_the_path(tmp_path):
         "from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli', '--help']\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    result = _python(script, tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "superweight" in result.stdout
 
