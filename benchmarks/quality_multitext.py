@@ -34,7 +34,9 @@ times are only comparable within one model's rows of one run (ratios to RTN are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import datetime as _dt
 import importlib.util
 import json
@@ -129,6 +131,37 @@ class RowSpec:
 #: It is 4.25 only where in_features is a multiple of 128 (Gemma 3); SmolLM2's 576-wide inputs pad to 4.6.
 LOW_BPW_OPTIONS: dict[str, Any] = {"group_size": 128}
 
+#: Issue 24's study of how to weigh the default's fit on a family where the weighting lost (Qwen2.5-Coder), run on the
+#: validation texts (--texts emma,matthew,tarfile; RESULTS.md "Weighting the fit: a study on validation texts"), not
+#: by --quick. ``importance_transform`` maps each layer's input energy before the fit (ModelRun._transformed_energies);
+#: ``refine_lp`` / ``refine_margin`` / ``offset_only`` swap in the variants of benchmarks/suite/refine_lp.py.
+_STUDY = (
+    *(RowSpec(f"w_pow{round(power * 100)}", f"ours, default with the importance raised to the power {power}", "ours",
+              {"importance_transform": f"pow:{power}"}) for power in (0.5, 0.25, 0)),
+    *(RowSpec(f"w_blend{round(mix * 100)}", f"ours, default with each group's importance (over its mean) mixed with "
+              f"uniform weights, {mix:.0%} uniform", "ours", {"importance_transform": f"blend:{mix}"}) for mix in (0.25, 0.5)),
+    *(RowSpec(f"w_cap{cap}", f"ours, default with each channel's importance capped at {cap}x its group's median", "ours",
+              {"importance_transform": f"cap:{cap}"}) for cap in (4, 16, 64)),
+    *(RowSpec(f"w_clip{clip}", f"ours, default with every calibration token clipped at {clip}x the median token norm "
+              "(the default: 8x)", "ours", {"importance_transform": f"clip:{clip}"}) for clip in (2, 4)),
+    *(RowSpec(f"w_only_{part}", f"ours, default weighting on the {part} modules only (data-free grids elsewhere)", "ours",
+              {"importance_transform": f"only:{part}"}) for part in ("mlp", "self_attn", "down_proj")),
+    *(RowSpec(f"w_lp{round(p * 100)}", f"ours, default with the weighted refinement's error |r|^{p} (IRLS, "
+              "benchmarks/suite/refine_lp.py) instead of r^2", "ours", {"refine_lp": p}) for p in (0.7, 1.0)),
+    *(RowSpec(f"w_margin{round(m * 100)}", f"ours, default refinement kept only in groups where it lowers the weighted "
+              f"error by more than {m:.0%} (the data-free grid elsewhere)", "ours", {"refine_margin": m}) for m in (0.1, 0.25, 0.5)),
+    RowSpec("data_free_offset", "ours, data-free grids fitting the offset only (the HQQ library's choice; ours fits "
+            "the scale too for 4-bit groups of 64)", "ours", {"importance": "none", "offset_only": True}),
+    RowSpec("w_offset_start", "ours, default refinement started from the offset-only data-free grid", "ours",
+            {"offset_only": True}),
+    RowSpec("w_off_lattice", "ours, default weighting only where the reference weights are not already on a grid of "
+            "16 levels per block of 32 (4-bit GGUF blocks dequantized): data-free grids there", "ours",
+            {"importance_transform": "lattice:16"}),
+    RowSpec("data_free_3bit", "ours, `SuperWeightConfig(bits=3, importance=\"none\")`", "ours", {"bits": 3, "importance": "none"}),
+)
+WEIGHTING_STUDY: tuple[RowSpec, ...] = tuple(
+    dataclasses.replace(row, models=("smollm2", "gemma3", "qwen_coder")) for row in _STUDY)
+
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("fp", "full precision", "fp"),
     RowSpec("default", "ours, default `SuperWeightConfig()`", "ours", {}),
@@ -136,6 +169,7 @@ ROWS: tuple[RowSpec, ...] = (
             "the tokenizer's BOS token before every window)", "ours", {"statistic": "plain"}),
     RowSpec("data_free", "ours, `SuperWeightConfig(importance=\"none\")` (data-free grids, no calibration pass)", "ours",
             {"importance": "none"}),
+    *WEIGHTING_STUDY,
     RowSpec("low_bpw", "ours, `SuperWeightConfig(group_size=128)`", "ours", LOW_BPW_OPTIONS),
     RowSpec("sym_g64", "ours, `SuperWeightConfig(symmetric=True)` (4.25 bits/weight)", "ours",
             {"symmetric": True, "group_size": 64}, ("smollm2", "tiny")),
@@ -293,6 +327,49 @@ class ModelRun:
         return collect_input_energy(self.model, list(self.modules), ids, bos_id=getattr(self.tokenizer, "bos_token_id", None),
                                     token_clip=None)
 
+    def _transformed_energies(self, config: Any, transform: str) -> dict[str, Any]:
+        """The default's calibration statistic (collected once per model), each layer's mapped by ``transform``:
+        ``pow:p`` raises it to the power ``p``; ``blend:m`` divides each group of ``config.group_size`` inputs by
+        its mean and mixes in ``m`` of uniform weight (``(1 - m) * e / mean + m``)."""
+        import torch
+
+        from optimum_superweight.models.calibration import collect_input_energy, model_calibration_ids
+
+        if getattr(self, "_energies", None) is None:
+            ids, bos = model_calibration_ids(self.model, self.tokenizer, config.calibration_tokens)
+            self._energies = collect_input_energy(self.model, list(self.modules), ids, bos_id=bos)
+        kind, _, value = transform.partition(":")
+        if kind == "only":  # the default's weighting on the modules whose name holds one of value's '|' parts only
+            self._transformed_energies(config, "pow:1")
+            return {n: e for n, e in self._energies.items() if any(part in n for part in value.split("|"))}
+        amount = float(value)
+        if kind == "clip":  # another token-norm clip than the default's, collected anew
+            ids, bos = model_calibration_ids(self.model, self.tokenizer, config.calibration_tokens)
+            return collect_input_energy(self.model, list(self.modules), ids, bos_id=bos, token_clip=amount)
+        out = {}
+        for name, energy in self._energies.items():
+            e = energy.to(torch.float32).clamp_min(0)
+            if kind == "pow":
+                out[name] = e.pow(amount)
+            elif kind == "blend":
+                groups = e.reshape(-1, config.group_size)
+                out[name] = ((1 - amount) * groups / groups.mean(-1, keepdim=True).clamp_min(1e-30) + amount).reshape(-1)
+            elif kind == "cap":
+                # No channel counts more than ``amount`` times its group's median channel.
+                groups = e.reshape(-1, config.group_size)
+                cap = amount * groups.median(-1, keepdim=True).values
+                out[name] = torch.minimum(groups, cap).reshape(-1)
+            elif kind == "lattice":
+                # Layers whose reference weight already sits on a grid of at most ``amount`` levels per block of 32
+                # (a reference dequantized from 4-bit GGUF blocks) get no weighting (data-free grids): the others do.
+                blocks = self.modules[name].weight.detach().reshape(-1, 32)[:4096].sort(-1).values
+                levels = 1 + (blocks.diff(dim=-1) != 0).sum(-1).float().median()
+                if float(levels) > amount:
+                    out[name] = e
+            else:
+                raise ValueError(f"importance_transform {transform!r}: expected 'pow:P', 'blend:M' or 'lattice:L'")
+        return out
+
     def _ours(self, options: dict[str, Any]):
         import torch
 
@@ -305,6 +382,10 @@ class ModelRun:
 
         options = dict(options)
         statistic = options.pop("statistic", None)
+        transform = options.pop("importance_transform", None)
+        refine_lp = options.pop("refine_lp", None)
+        refine_margin = options.pop("refine_margin", None)
+        offset_only = options.pop("offset_only", False)
         candidates = {None: allocation.CANDIDATES, "min3": allocation.CANDIDATES,
                       "with2": allocation.TWO_BIT_CANDIDATES + allocation.CANDIDATES}[options.pop("candidates", None)]
         sensitivity = options.pop("sensitivity", allocation.SENSITIVITY)
@@ -314,7 +395,14 @@ class ModelRun:
         default_sensitivity, allocation.SENSITIVITY = allocation.SENSITIVITY, sensitivity
         try:
             hessians = self._plain_statistic(config) if statistic == "plain" else None
-            quantize_model(self.model, config, list(self.super_weights), tokenizer=self.tokenizer, hessians=hessians)
+            if transform is not None:
+                hessians = self._transformed_energies(config, transform)
+            from suite import refine_lp as lp_refinement
+
+            patch = (lp_refinement.patched(refine_lp) if refine_lp is not None else
+                     lp_refinement.patched_margin(refine_margin) if refine_margin is not None else contextlib.nullcontext())
+            with patch, lp_refinement.offset_only_start() if offset_only else contextlib.nullcontext():
+                quantize_model(self.model, config, list(self.super_weights), tokenizer=self.tokenizer, hessians=hessians)
             seconds = time.perf_counter() - start
             layers = {name: m for name, m in self.model.named_modules() if is_quantized_layer(m)}
             if set(layers) != set(self.modules):

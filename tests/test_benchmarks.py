@@ -256,7 +256,7 @@ def test_multitext_quality_runs_end_to_end(tmp_path):
     result = json.loads(out.read_text())
     model = result["models"]["tiny"]
     rows = {row["key"]: row for row in model["rows"]}
-    assert set(rows) == {spec.key for spec in quality_multitext.ROWS}
+    assert set(rows) == {spec.key for spec in quality_multitext.ROWS if "tiny" in spec.models}
     assert rows["fp"]["ratio"] == {key: 1.0 for key in texts}
     for key in ("default", "low_bpw", "default_3bit", "per_channel", "rtn_per_channel", "rtn_g64", "nf4", "nf4_sw"):
         row = rows[key]
@@ -325,3 +325,23 @@ def test_llama_cpp_mapping_undoes_the_rotary_row_order_and_refuses_a_wrong_tenso
     _write_gguf(tmp_path / "bad.gguf", stored, heads, kv_heads, 1)
     with pytest.raises(ValueError, match="v_proj"):
         tensor_mapping(tmp_path / "bad.gguf", weights)
+
+
+def test_weighting_study_refinements_bracket_the_default_and_the_data_free_grid():
+    """benchmarks/suite/refine_lp.py (issue 24's study): a margin of 0 keeps the default's refined grids, a margin
+    of 1 the data-free ones; the lp refinement gives finite grids; the package's function is restored afterwards."""
+    from optimum_superweight.tensor import hqq
+    from suite import refine_lp
+
+    torch.manual_seed(0)
+    w, importance = torch.randn(16, 128), torch.rand(128) ** 4 * 100
+    default = hqq.hqq_quantize_weight(w, bits=4, group_size=64, importance=importance).dequantize(torch.float32)
+    data_free = hqq.hqq_quantize_weight(w, bits=4, group_size=64).dequantize(torch.float32)
+    for margin, expected in ((0.0, default), (1.0, data_free)):
+        with refine_lp.patched_margin(margin):
+            got = hqq.hqq_quantize_weight(w, bits=4, group_size=64, importance=importance).dequantize(torch.float32)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with refine_lp.patched(0.7):
+        lp = hqq.hqq_quantize_weight(w, bits=4, group_size=64, importance=importance).dequantize(torch.float32)
+    assert torch.isfinite(lp).all() and not torch.equal(lp, default)
+    assert hqq.refine_group_grids is refine_lp._ORIGINAL and hqq.fit_group_grids is refine_lp._ORIGINAL_FIT

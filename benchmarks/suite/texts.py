@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EvalText", "TEXT_LOADERS", "evaluation_texts", "read_r_lazyload"]
+__all__ = ["EvalText", "TEXT_LOADERS", "VALIDATION_LOADERS", "evaluation_texts", "read_r_lazyload"]
 
 
 @dataclass(frozen=True)
@@ -211,5 +211,43 @@ def kjv() -> EvalText:
 TEXT_LOADERS: dict[str, Callable[[], EvalText]] = {"austen": austen, "jargon": jargon, "python": python_source, "kjv": kjv}
 
 
+# ---- validation texts: for choosing between variants of a method, never for the tables' evaluation ----------
+
+
+def emma() -> EvalText:
+    rdb = debian_file("r-cran-janeaustenr", "/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
+    lines = read_r_lazyload(str(rdb)[: -len(".rdb")])["emma"]
+    return EvalText("emma", "literature: novel (another book than the evaluation's)", "Jane Austen, Emma (1815)",
+                    "Debian package r-cran-janeaustenr (janeaustenr 1.0.0 data, 'emma'), lines joined by newlines",
+                    "public domain text (package: MIT)", "\n".join(line or "" for line in lines))
+
+
+def matthew() -> EvalText:
+    program = debian_file("bible-kjv", "/usr/bin/bible")
+    data = debian_file("bible-kjv-text", "/usr/lib/bible.data")
+    span = "mat1:1-mat28:20"
+    result = subprocess.run([str(program), "-p", str(data.parent), "-l", "1000000", span], capture_output=True, text=True)
+    text = "\n".join(line.strip() for line in result.stdout.splitlines()).strip("\n")
+    if result.returncode != 0 or text.count("\n") < 500:
+        raise RuntimeError(f"{program} {span} gave too little text (rc {result.returncode}): {result.stderr.strip()[-300:]}")
+    return EvalText("matthew", "archaic English: scripture (another book than the evaluation's)",
+                    "The Bible, King James Version: Matthew", f"Debian packages bible-kjv-text and bible-kjv, `bible {span}`",
+                    "public domain text (reader: GPL-2+)", text)
+
+
+def tarfile_source() -> EvalText:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    version = ".".join(map(str, sys.version_info[:3]))
+    return EvalText("tarfile", "source code (Python, another module than the evaluation's)", f"CPython {version} Lib/tarfile.py",
+                    f"standard library of the running interpreter ({stdlib})", "PSF-2.0",
+                    (stdlib / "tarfile.py").read_text(encoding="utf-8"))
+
+
+#: Texts for choosing between variants (e.g. `benchmarks/quality_multitext.py --texts emma,matthew,tarfile`): other
+#: documents than the evaluation texts, of the same three registers, so that a choice is not tuned on the tables' texts.
+VALIDATION_LOADERS: dict[str, Callable[[], EvalText]] = {"emma": emma, "matthew": matthew, "tarfile": tarfile_source}
+
+
 def evaluation_texts(keys: tuple[str, ...] = tuple(TEXT_LOADERS)) -> list[EvalText]:
-    return [TEXT_LOADERS[key]() for key in keys]
+    loaders = {**TEXT_LOADERS, **VALIDATION_LOADERS}
+    return [loaders[key]() for key in keys]
