@@ -88,6 +88,15 @@ def _hidden_siblings(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".") and folder.name in p.name)
 
 
+def _holds_weights(folder: Path) -> bool:
+    """Whether a staging folder holds a weight file yet; False if the writer renamed or removed it meanwhile (a
+    folder listed a moment ago may be gone when it is scanned)."""
+    try:
+        return next(folder.rglob("*.safetensors"), None) is not None
+    except FileNotFoundError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     from optimum_superweight.testing import build_tiny_model, tiny_tokenizer
@@ -150,7 +159,7 @@ def test_quantize_killed_from_outside_while_writing(source, tmp_path):
     try:
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
-            if any(next(Path(tmp_path, name).rglob("*.safetensors"), None) for name in _hidden_siblings(output)):
+            if any(_holds_weights(tmp_path / name) for name in _hidden_siblings(output)):
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.002)
