@@ -161,12 +161,18 @@ def read_r_lazyload(base: str | os.PathLike[str]) -> dict[str, Any]:
 # ---- the texts ---------------------------------------------------------------------------------------------
 
 
-def austen() -> EvalText:
+def _janeaustenr(book: str, key: str, domain: str, title: str) -> EvalText:
+    """One novel of Debian's ``r-cran-janeaustenr`` (its R object ``book``), lines joined by newlines."""
     rdb = debian_file("r-cran-janeaustenr", "/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
-    lines = read_r_lazyload(str(rdb)[: -len(".rdb")])["prideprejudice"]
-    return EvalText("austen", "literature: novel, narration and dialogue", "Jane Austen, Pride and Prejudice (1813)",
-                    "Debian package r-cran-janeaustenr (janeaustenr 1.0.0 data, 'prideprejudice'), lines joined by newlines",
+    lines = read_r_lazyload(str(rdb)[: -len(".rdb")])[book]
+    return EvalText(key, domain, title,
+                    f"Debian package r-cran-janeaustenr (janeaustenr 1.0.0 data, '{book}'), lines joined by newlines",
                     "public domain text (package: MIT)", "\n".join(line or "" for line in lines))
+
+
+def austen() -> EvalText:
+    return _janeaustenr("prideprejudice", "austen", "literature: novel, narration and dialogue",
+                        "Jane Austen, Pride and Prejudice (1813)")
 
 
 def jargon() -> EvalText:
@@ -215,11 +221,7 @@ TEXT_LOADERS: dict[str, Callable[[], EvalText]] = {"austen": austen, "jargon": j
 
 
 def emma() -> EvalText:
-    rdb = debian_file("r-cran-janeaustenr", "/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
-    lines = read_r_lazyload(str(rdb)[: -len(".rdb")])["emma"]
-    return EvalText("emma", "literature: novel (another book than the evaluation's)", "Jane Austen, Emma (1815)",
-                    "Debian package r-cran-janeaustenr (janeaustenr 1.0.0 data, 'emma'), lines joined by newlines",
-                    "public domain text (package: MIT)", "\n".join(line or "" for line in lines))
+    return _janeaustenr("emma", "emma", "literature: novel (another book than the evaluation's)", "Jane Austen, Emma (1815)")
 
 
 def matthew() -> EvalText:
