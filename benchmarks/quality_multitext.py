@@ -327,27 +327,41 @@ class ModelRun:
         return collect_input_energy(self.model, list(self.modules), ids, bos_id=getattr(self.tokenizer, "bos_token_id", None),
                                     token_clip=None)
 
+    def _calibration_energies(self, config: Any, token_clip: float | None = None) -> dict[str, Any]:
+        """The default's calibration statistic (``token_clip`` None: the package's default clip), collected once per
+        model and clip."""
+        from optimum_superweight.models.calibration import (
+            DEFAULT_TOKEN_NORM_CLIP,
+            collect_input_energy,
+            model_calibration_ids,
+        )
+
+        clip = DEFAULT_TOKEN_NORM_CLIP if token_clip is None else token_clip
+        cache = self.__dict__.setdefault("_energies", {})
+        if clip not in cache:
+            ids, bos = model_calibration_ids(self.model, self.tokenizer, config.calibration_tokens)
+            cache[clip] = collect_input_energy(self.model, list(self.modules), ids, bos_id=bos, token_clip=clip)
+        return cache[clip]
+
     def _transformed_energies(self, config: Any, transform: str) -> dict[str, Any]:
-        """The default's calibration statistic (collected once per model), each layer's mapped by ``transform``:
-        ``pow:p`` raises it to the power ``p``; ``blend:m`` divides each group of ``config.group_size`` inputs by
-        its mean and mixes in ``m`` of uniform weight (``(1 - m) * e / mean + m``)."""
+        """The default's calibration statistic, each layer's mapped by ``transform`` (``kind:value``): ``pow:p`` raises
+        it to the power ``p``; ``blend:m`` divides each group of ``config.group_size`` inputs by its mean and mixes in
+        ``m`` of uniform weight (``(1 - m) * e / mean + m``); ``cap:c`` caps a channel at ``c`` x its group's median;
+        ``clip:c`` collects it with tokens clipped at ``c`` x the median token norm; ``only:a|b`` keeps the layers
+        whose name holds ``a`` or ``b``, ``lattice:l`` those whose reference weight has more than ``l`` levels per
+        block of 32 (:func:`suite.lattice.grid_levels`); a layer left out gets data-free grids."""
         import torch
 
-        from optimum_superweight.models.calibration import collect_input_energy, model_calibration_ids
+        from suite.lattice import grid_levels
 
-        if getattr(self, "_energies", None) is None:
-            ids, bos = model_calibration_ids(self.model, self.tokenizer, config.calibration_tokens)
-            self._energies = collect_input_energy(self.model, list(self.modules), ids, bos_id=bos)
         kind, _, value = transform.partition(":")
-        if kind == "only":  # the default's weighting on the modules whose name holds one of value's '|' parts only
-            self._transformed_energies(config, "pow:1")
-            return {n: e for n, e in self._energies.items() if any(part in n for part in value.split("|"))}
+        if kind == "only":
+            return {n: e for n, e in self._calibration_energies(config).items() if any(p in n for p in value.split("|"))}
         amount = float(value)
-        if kind == "clip":  # another token-norm clip than the default's, collected anew
-            ids, bos = model_calibration_ids(self.model, self.tokenizer, config.calibration_tokens)
-            return collect_input_energy(self.model, list(self.modules), ids, bos_id=bos, token_clip=amount)
+        if kind == "clip":
+            return self._calibration_energies(config, token_clip=amount)
         out = {}
-        for name, energy in self._energies.items():
+        for name, energy in self._calibration_energies(config).items():
             e = energy.to(torch.float32).clamp_min(0)
             if kind == "pow":
                 out[name] = e.pow(amount)
@@ -355,19 +369,13 @@ class ModelRun:
                 groups = e.reshape(-1, config.group_size)
                 out[name] = ((1 - amount) * groups / groups.mean(-1, keepdim=True).clamp_min(1e-30) + amount).reshape(-1)
             elif kind == "cap":
-                # No channel counts more than ``amount`` times its group's median channel.
                 groups = e.reshape(-1, config.group_size)
-                cap = amount * groups.median(-1, keepdim=True).values
-                out[name] = torch.minimum(groups, cap).reshape(-1)
+                out[name] = torch.minimum(groups, amount * groups.median(-1, keepdim=True).values).reshape(-1)
             elif kind == "lattice":
-                # Layers whose reference weight already sits on a grid of at most ``amount`` levels per block of 32
-                # (a reference dequantized from 4-bit GGUF blocks) get no weighting (data-free grids): the others do.
-                blocks = self.modules[name].weight.detach().reshape(-1, 32)[:4096].sort(-1).values
-                levels = 1 + (blocks.diff(dim=-1) != 0).sum(-1).float().median()
-                if float(levels) > amount:
+                if grid_levels(self.modules[name].weight) > amount:
                     out[name] = e
             else:
-                raise ValueError(f"importance_transform {transform!r}: expected 'pow:P', 'blend:M' or 'lattice:L'")
+                raise ValueError(f"importance_transform {transform!r}: expected pow, blend, cap, clip, only or lattice")
         return out
 
     def _ours(self, options: dict[str, Any]):
