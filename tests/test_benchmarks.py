@@ -345,3 +345,34 @@ def test_weighting_study_refinements_bracket_the_default_and_the_data_free_grid(
         lp = hqq.hqq_quantize_weight(w, bits=4, group_size=64, importance=importance).dequantize(torch.float32)
     assert torch.isfinite(lp).all() and not torch.equal(lp, default)
     assert hqq.refine_group_grids is refine_lp._ORIGINAL and hqq.fit_group_grids is refine_lp._ORIGINAL_FIT
+
+
+def test_grid_levels_tell_a_4bit_block_grid_from_a_trained_weight():
+    from suite.lattice import grid_levels
+
+    torch.manual_seed(0)
+    scales = torch.rand(64, 1) + 0.5
+    on_grid = (torch.randint(0, 16, (64, 32)) * scales - scales * 8).reshape(16, 128)  # Q4_1-like blocks of 32
+    assert grid_levels(on_grid) <= 16 < grid_levels(torch.randn(16, 128)) == 32
+
+
+def test_weighting_study_transforms_of_the_calibration_energy():
+    """quality_multitext's study rows (issue 24) map the default's statistic: pow:1 is the statistic itself, 'only'
+    keeps the named modules, a cap bounds every channel by its group's median."""
+    import quality_multitext
+    from optimum_superweight import SuperWeightConfig
+
+    run = quality_multitext.ModelRun("tiny", tokens=64, window=64, batch_size=4, eval_dtype="float32",
+                                     texts=("python",), log=lambda line: None)
+    config = SuperWeightConfig(group_size=32)
+    base = run._calibration_energies(config)
+    assert run._calibration_energies(config) is base  # collected once
+    identity = run._transformed_energies(config, "pow:1")
+    assert set(identity) == set(base) and all(torch.equal(identity[n], base[n].float()) for n in base)
+    only = run._transformed_energies(config, "only:mlp")
+    assert only and set(only) == {n for n in base if "mlp" in n}
+    for name, capped in run._transformed_energies(config, "cap:4").items():
+        groups = base[name].float().reshape(-1, 32)
+        assert (capped.reshape(-1, 32) <= 4 * groups.median(-1, keepdim=True).values + 1e-6).all()
+    with pytest.raises(ValueError, match="expected pow, blend"):
+        run._transformed_energies(config, "nope:1")
