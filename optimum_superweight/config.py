@@ -185,7 +185,6 @@ FIELDS: dict[str, Validator] = {
     "activation_holdout": _optional(_mapping_of(_name, _INDICES[0], "module names to lists of channel indices >= 0")),
     "smoothquant_alpha": _optional(_number(0, 1), " (typically 0.5)"),
     "embedding_bits": _choice(EMBEDDING_BITS),
-
     "target_bits_per_weight": _optional(_number(MIN_TARGET_BITS, MAX_TARGET_BITS, open_low=False, open_high=False),
                                         " (e.g. 4.5, 4.0, 3.5: widths allocated per module, models/allocation.py)"),
     "module_widths": _optional(_mapping_of(
@@ -419,7 +418,6 @@ class SuperWeightConfig(QuantizationConfigMixin):
             head stays tied and is stored once. The head must be excluded from the low-bit layers
             (``modules_to_not_convert``, the default). See :mod:`optimum_superweight.nn.embedding`; measured in
             ``benchmarks/RESULTS.md`` ("8-bit embeddings and head").
-
         target_bits_per_weight: A storage budget in bits per weight (e.g. ``4.5``, ``4.0``, ``3.5``), counted as
             :attr:`bits_per_weight` counts a layer (codes, scales, zero-points or offsets, exact super weights and
             their indices) over all quantized matrices. Each module then gets its own code width and group size
@@ -472,7 +470,6 @@ class SuperWeightConfig(QuantizationConfigMixin):
         activation_holdout: dict[str, list[int]] | None = None,
         smoothquant_alpha: float | None = None,
         embedding_bits: int | None = None,
-
         target_bits_per_weight: float | None = None,
         module_widths: dict[str, dict[str, int]] | None = None,
         digests: dict[str, str] | None = None,
