@@ -158,6 +158,22 @@ _STUDY = (
             "16 levels per block of 32 (4-bit GGUF blocks dequantized): data-free grids there", "ours",
             {"importance_transform": "lattice:16"}),
     RowSpec("data_free_3bit", "ours, `SuperWeightConfig(bits=3, importance=\"none\")`", "ours", {"bits": 3, "importance": "none"}),
+    RowSpec("w_mixed", "ours, default weighted by a calibration set of four registers (one window each of the package's "
+            "documentation text, quotes, verse and Python code: benchmarks/suite/calibration_mix.py)", "ours",
+            {"importance_transform": "calib:docs+quotes+verse+code"}),
+    RowSpec("w_mixed_stdlib", "ours, default weighted by the package's documentation text and Python code only (one "
+            "register each per window, both from the standard library)", "ours", {"importance_transform": "calib:docs+code"}),
+    RowSpec("w_gptq_mixed", "ours, default grids, codes chosen by GPTQ's error feedback under the second moments of "
+            "8,192 tokens of the four-register calibration set (`w_mixed`'s sources)", "ours",
+            {"gptq_feedback": "docs+quotes+verse+code"}),
+    RowSpec("df_gptq_mixed", "ours, data-free grids (`importance=\"none\"`), codes chosen by GPTQ's error feedback as in "
+            "`w_gptq_mixed`", "ours", {"importance": "none", "gptq_feedback": "docs+quotes+verse+code"}),
+    RowSpec("w_gptq_docs", "ours, default grids, codes chosen by GPTQ's error feedback on 8,192 tokens of the package's "
+            "documentation text only", "ours", {"gptq_feedback": "docs"}),
+    RowSpec("w_mixed_prose", "ours, default weighted by quotes and verse only (no documentation, no code)", "ours",
+            {"importance_transform": "calib:quotes+verse"}),
+    RowSpec("w_mixed_8k", "ours, `w_mixed` on 8,192 calibration tokens (four windows of each register)", "ours",
+            {"importance_transform": "calib:docs+quotes+verse+code", "calibration_tokens": 8192}),
 )
 WEIGHTING_STUDY: tuple[RowSpec, ...] = tuple(
     dataclasses.replace(row, models=("smollm2", "gemma3", "qwen_coder")) for row in _STUDY)
@@ -343,6 +359,16 @@ class ModelRun:
             cache[clip] = collect_input_energy(self.model, list(self.modules), ids, bos_id=bos, token_clip=clip)
         return cache[clip]
 
+    def _mixed_energies(self, config: Any, registers: list[str]) -> dict[str, Any]:
+        """The default's statistic (token clip and BOS as the package collects it) on windows drawn from several
+        registers (:mod:`suite.calibration_mix`) instead of the package's calibration text."""
+        from optimum_superweight.models.calibration import collect_input_energy, tokenizer_adds_bos
+        from suite.calibration_mix import mixed_calibration_ids
+
+        ids = mixed_calibration_ids(self.tokenizer, config.calibration_tokens, registers)
+        bos = self.tokenizer.bos_token_id if tokenizer_adds_bos(self.tokenizer) else None
+        return collect_input_energy(self.model, list(self.modules), ids, bos_id=bos)
+
     def _transformed_energies(self, config: Any, transform: str) -> dict[str, Any]:
         """The default's calibration statistic, each layer's mapped by ``transform`` (``kind:value``): ``pow:p`` raises
         it to the power ``p``; ``blend:m`` divides each group of ``config.group_size`` inputs by its mean and mixes in
@@ -355,6 +381,8 @@ class ModelRun:
         from suite.lattice import grid_levels
 
         kind, _, value = transform.partition(":")
+        if kind == "calib":
+            return self._mixed_energies(config, value.split("+"))
         if kind == "only":
             return {n: e for n, e in self._calibration_energies(config).items() if any(p in n for p in value.split("|"))}
         amount = float(value)
@@ -375,7 +403,7 @@ class ModelRun:
                 if grid_levels(self.modules[name].weight) > amount:
                     out[name] = e
             else:
-                raise ValueError(f"importance_transform {transform!r}: expected pow, blend, cap, clip, only or lattice")
+                raise ValueError(f"importance_transform {transform!r}: expected pow, blend, cap, clip, only, lattice or calib")
         return out
 
     def _ours(self, options: dict[str, Any]):
@@ -394,6 +422,7 @@ class ModelRun:
         refine_lp = options.pop("refine_lp", None)
         refine_margin = options.pop("refine_margin", None)
         offset_only = options.pop("offset_only", False)
+        feedback = options.pop("gptq_feedback", None)
         candidates = {None: allocation.CANDIDATES, "min3": allocation.CANDIDATES,
                       "with2": allocation.TWO_BIT_CANDIDATES + allocation.CANDIDATES}[options.pop("candidates", None)]
         sensitivity = options.pop("sensitivity", allocation.SENSITIVITY)
@@ -417,6 +446,9 @@ class ModelRun:
                 raise RuntimeError(f"package quantized {len(layers)} layers, expected {len(self.modules)}")
             # Cast at once to the evaluation dtype (what replaced_weights does anyway): half the memory of float32.
             denses = {name: m.dequantize_weight(torch.float32).to(self.eval_dtype) for name, m in layers.items()}
+            if feedback is not None:
+                denses.update(self._error_feedback(layers, feedback))
+                seconds = time.perf_counter() - start
             stored = sum(m.storage_bytes() for m in layers.values())
             widths = {name: (getattr(m, "bits", None), getattr(m, "group_size", None)) for name, m in layers.items()}
         finally:
@@ -433,6 +465,20 @@ class ModelRun:
         if config.target_bits_per_weight is not None:  # which widths the allocation chose, per projection type
             extra["widths"] = _width_summary(widths)
         return denses, stored, seconds, extra
+
+    def _error_feedback(self, layers: dict[str, Any], registers: str) -> dict[str, Any]:
+        """Issue 24 item 4: GPTQ's error feedback on the grids the row's quantization chose, under second moments of
+        the mixed calibration windows ``registers`` (``docs+quotes+...``, 8,192 tokens); collected with the
+        reference modules in place (:func:`suite.calibration_mix.mixed_hessians`)."""
+        from optimum_superweight.models.modules import set_module
+        from suite.calibration_mix import feedback_on_grids, mixed_hessians
+
+        for name, module in self.modules.items():
+            set_module(self.model, name, module)
+        out = {}
+        for name, hessian in mixed_hessians(self.model, self.tokenizer, list(self.modules), 8192, registers.split("+")):
+            out[name] = feedback_on_grids(self.modules[name], layers[name], hessian).to(self.eval_dtype)
+        return out
 
     def _check_reference(self) -> None:
         changed = [name for name, m in self.modules.items()

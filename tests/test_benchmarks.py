@@ -376,3 +376,38 @@ def test_weighting_study_transforms_of_the_calibration_energy():
         assert (capped.reshape(-1, 32) <= 4 * groups.median(-1, keepdim=True).values + 1e-6).all()
     with pytest.raises(ValueError, match="expected pow, blend"):
         run._transformed_energies(config, "nope:1")
+
+
+def test_error_feedback_study_keeps_the_grid_and_feeds_rounding_errors_forward():
+    """benchmarks/suite/calibration_mix.py (issue 24 item 4): with an identity second moment nothing is fed forward and
+    the sweep gives the layer's own round-to-nearest codes; with correlated inputs it lowers the output error on the
+    same grids; the super weight stays exact either way."""
+    from optimum_superweight.nn.linear import SuperWeightLinear
+    from suite.calibration_mix import feedback_on_grids
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 16, bias=False)
+    layer = SuperWeightLinear.from_linear(linear, bits=4, group_size=64, symmetric=False, zero_point="float",
+                                          super_weights=[(1, 2)])
+    own = layer.dequantize_weight(torch.float32)
+    torch.testing.assert_close(feedback_on_grids(linear, layer, torch.eye(128)), own, rtol=0, atol=1e-6)
+    x = torch.randn(4096, 8) @ torch.randn(8, 128) + 0.1 * torch.randn(4096, 128)  # strongly correlated inputs
+    hessian = x.T @ x / x.shape[0]
+    fed = feedback_on_grids(linear, layer, hessian)
+    w = linear.weight.detach()
+
+    def output_error(q):
+        return float(((w - q) @ hessian @ (w - q).T).trace())
+
+    assert output_error(fed) < 0.8 * output_error(own)
+    assert fed[1, 2] == w[1, 2]
+
+
+def test_mixed_calibration_fills_whole_windows_from_each_register():
+    from optimum_superweight.testing import tiny_tokenizer
+    from suite.calibration_mix import REGISTERS, mixed_calibration_ids
+
+    tokenizer = tiny_tokenizer()
+    ids = mixed_calibration_ids(tokenizer, 1024, ["docs", "code"], window=512)
+    assert len(ids) == 1024
+    assert tokenizer.decode(ids[:512]) in REGISTERS["docs"]() and tokenizer.decode(ids[512:]) in REGISTERS["code"]()

@@ -251,5 +251,7 @@ VALIDATION_LOADERS: dict[str, Callable[[], EvalText]] = {"emma": emma, "matthew"
 
 
 def evaluation_texts(keys: tuple[str, ...] = tuple(TEXT_LOADERS)) -> list[EvalText]:
-    loaders = {**TEXT_LOADERS, **VALIDATION_LOADERS}
+    from suite.calibration_mix import SIGNAL_LOADERS
+
+    loaders = {**TEXT_LOADERS, **VALIDATION_LOADERS, **SIGNAL_LOADERS}
     return [loaders[key]() for key in keys]
