@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -411,3 +412,35 @@ def test_mixed_calibration_fills_whole_windows_from_each_register():
     ids = mixed_calibration_ids(tokenizer, 1024, ["docs", "code"], window=512)
     assert len(ids) == 1024
     assert tokenizer.decode(ids[:512]) in REGISTERS["docs"]() and tokenizer.decode(ids[512:]) in REGISTERS["code"]()
+
+
+def test_multitext_model_job_stops_when_its_parent_is_killed(tmp_path):
+    """A killed benchmarks/quality_multitext.py run must not leave its model jobs (--child, up to 12 GB each) behind."""
+    import signal
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    pid_file = tmp_path / "child.pid"
+    child = (f"import sys, os, time; sys.path.insert(0, {str(BENCHMARKS)!r}); import quality_multitext; "
+             f"quality_multitext.die_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)"])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child_pid}/stat") as stat:  # reaped by init or a zombie: gone either way
+            if stat.read().split(") ")[1].startswith("Z"):
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the model job outlived its killed parent")
