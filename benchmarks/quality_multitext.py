@@ -134,7 +134,8 @@ LOW_BPW_OPTIONS: dict[str, Any] = {"group_size": 128}
 #: Issue 24's study of how to weigh the default's fit on a family where the weighting lost (Qwen2.5-Coder), run on the
 #: validation texts (--texts emma,matthew,tarfile; RESULTS.md "Weighting the fit: a study on validation texts"), not
 #: by --quick. ``importance_transform`` maps each layer's input energy before the fit (ModelRun._transformed_energies);
-#: ``refine_lp`` / ``refine_margin`` / ``offset_only`` swap in the variants of benchmarks/suite/refine_lp.py.
+#: ``refine_lp`` / ``refine_margin`` / ``offset_only`` swap in the variants of benchmarks/suite/refine_lp.py;
+#: ``gptq_feedback`` re-chooses the codes on the row's grids by error feedback (ModelRun._error_feedback, item 4).
 _STUDY = (
     *(RowSpec(f"w_pow{round(power * 100)}", f"ours, default with the importance raised to the power {power}", "ours",
               {"importance_transform": f"pow:{power}"}) for power in (0.5, 0.25, 0)),
@@ -343,31 +344,26 @@ class ModelRun:
         return collect_input_energy(self.model, list(self.modules), ids, bos_id=getattr(self.tokenizer, "bos_token_id", None),
                                     token_clip=None)
 
-    def _calibration_energies(self, config: Any, token_clip: float | None = None) -> dict[str, Any]:
-        """The default's calibration statistic (``token_clip`` None: the package's default clip), collected once per
-        model and clip."""
+    def _calibration_energies(self, config: Any, token_clip: float | None = None,
+                              registers: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The default's calibration statistic (``token_clip`` None: the package's default clip) on the package's
+        calibration text, or on windows of the ``registers`` of :mod:`suite.calibration_mix`; collected once per
+        model, clip and registers."""
         from optimum_superweight.models.calibration import (
             DEFAULT_TOKEN_NORM_CLIP,
             collect_input_energy,
             model_calibration_ids,
         )
+        from suite.calibration_mix import mixed_calibration_windows
 
         clip = DEFAULT_TOKEN_NORM_CLIP if token_clip is None else token_clip
         cache = self.__dict__.setdefault("_energies", {})
-        if clip not in cache:
-            ids, bos = model_calibration_ids(self.model, self.tokenizer, config.calibration_tokens)
-            cache[clip] = collect_input_energy(self.model, list(self.modules), ids, bos_id=bos, token_clip=clip)
-        return cache[clip]
-
-    def _mixed_energies(self, config: Any, registers: list[str]) -> dict[str, Any]:
-        """The default's statistic (token clip and BOS as the package collects it) on windows drawn from several
-        registers (:mod:`suite.calibration_mix`) instead of the package's calibration text."""
-        from optimum_superweight.models.calibration import collect_input_energy, tokenizer_adds_bos
-        from suite.calibration_mix import mixed_calibration_ids
-
-        ids = mixed_calibration_ids(self.tokenizer, config.calibration_tokens, registers)
-        bos = self.tokenizer.bos_token_id if tokenizer_adds_bos(self.tokenizer) else None
-        return collect_input_energy(self.model, list(self.modules), ids, bos_id=bos)
+        key = (clip, registers, config.calibration_tokens)
+        if key not in cache:
+            ids, bos = (model_calibration_ids(self.model, self.tokenizer, config.calibration_tokens) if registers is None
+                        else mixed_calibration_windows(self.tokenizer, config.calibration_tokens, list(registers)))
+            cache[key] = collect_input_energy(self.model, list(self.modules), ids, bos_id=bos, token_clip=clip)
+        return cache[key]
 
     def _transformed_energies(self, config: Any, transform: str) -> dict[str, Any]:
         """The default's calibration statistic, each layer's mapped by ``transform`` (``kind:value``): ``pow:p`` raises
@@ -382,7 +378,7 @@ class ModelRun:
 
         kind, _, value = transform.partition(":")
         if kind == "calib":
-            return self._mixed_energies(config, value.split("+"))
+            return self._calibration_energies(config, registers=tuple(value.split("+")))
         if kind == "only":
             return {n: e for n, e in self._calibration_energies(config).items() if any(p in n for p in value.split("|"))}
         amount = float(value)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -437,9 +437,12 @@ def test_multitext_model_job_stops_when_its_parent_is_killed(tmp_path):
             os.kill(child_pid, 0)
         except ProcessLookupError:
             break
-        with open(f"/proc/{child_pid}/stat") as stat:  # reaped by init or a zombie: gone either way
-            if stat.read().split(") ")[1].startswith("Z"):
-                break
+        try:
+            with open(f"/proc/{child_pid}/stat") as stat:  # a zombie waiting for init counts as gone
+                if stat.read().split(") ")[1].startswith("Z"):
+                    break
+        except FileNotFoundError:  # reaped between the two checks
+            break
         time.sleep(0.1)
     else:
         os.kill(child_pid, signal.SIGKILL)

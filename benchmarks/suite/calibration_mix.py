@@ -24,7 +24,8 @@ from typing import Any
 
 from suite.texts import debian_file
 
-__all__ = ["REGISTERS", "SIGNAL_LOADERS", "feedback_on_grids", "mixed_calibration_ids", "mixed_hessians"]
+__all__ = ["REGISTERS", "SIGNAL_LOADERS", "feedback_on_grids", "mixed_calibration_ids", "mixed_calibration_windows",
+           "mixed_hessians"]
 
 
 def _fortunes(*files: str) -> str:
@@ -74,15 +75,23 @@ def mixed_calibration_ids(tokenizer: Any, n_tokens: int, registers: list[str], *
     return ids
 
 
+def mixed_calibration_windows(tokenizer: Any, n_tokens: int, registers: list[str]) -> tuple[list[int], int | None]:
+    """:func:`mixed_calibration_ids` and the BOS id each window starts with, by the package's rule
+    (:func:`~optimum_superweight.models.calibration.tokenizer_adds_bos`), as ``model_calibration_ids`` returns them."""
+    from optimum_superweight.models.calibration import tokenizer_adds_bos
+
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    return mixed_calibration_ids(tokenizer, n_tokens, registers), bos
+
+
 def mixed_hessians(model: Any, tokenizer: Any, names: list[str], n_tokens: int, registers: list[str],
                    *, chunk_bytes: float = 4.5e9) -> Any:
     """``E[x xᵀ]`` of each named layer's input on the mixed calibration windows, yielded as ``(name, H)`` in passes
     over the model that each hold at most about ``chunk_bytes`` of matrices (a 1.5 B model's 28 ``down_proj``
     inputs alone are 9 GB in float32)."""
-    from optimum_superweight.models.calibration import collect_hessians, tokenizer_adds_bos
+    from optimum_superweight.models.calibration import collect_hessians
 
-    ids = mixed_calibration_ids(tokenizer, n_tokens, registers)
-    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    ids, bos = mixed_calibration_windows(tokenizer, n_tokens, registers)
     # Layers reading one input share one matrix (q/k/v, gate/up): count each input once. Widest inputs last, so
     # that the narrow ones all go in the first pass.
     order = sorted(names, key=lambda n: model.get_submodule(n).in_features)
